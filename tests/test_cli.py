@@ -1,0 +1,65 @@
+"""The cxrbench command: --help/--version, data sub-commands, one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from cxrbench import __version__
+from cxrbench.cli import main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "data" in out and "COMMAND" in out
+
+
+def test_console_script_is_installed():
+    exe = subprocess.run([sys.executable, "-m", "cxrbench.cli", "--version"], capture_output=True, text=True)
+    assert exe.returncode == 0 and "cxrbench" in exe.stdout
+
+
+def test_data_list(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "nih-chestxray14" in out and "mura" in out
+
+
+@pytest.mark.realdata
+def test_data_check_ok_and_missing(shared_data, tmp_path, capsys):
+    assert main(["data", "check", "nih", str(shared_data / "cxr" / "nih")]) == 0
+    assert "verdict: OK" in capsys.readouterr().out
+    copy = tmp_path / "nih"
+    copy.mkdir()
+    for f in (shared_data / "cxr" / "nih").iterdir():
+        (copy / f.name).symlink_to(f)
+    (copy / "00000030_001.png").unlink()
+    assert main(["data", "check", "nih-chestxray14", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "1 listed files are missing" in out and "00000030_001.png" in out and "INCOMPLETE" in out
+
+
+def test_data_phantoms_split_and_cache(tmp_path, capsys):
+    root = tmp_path / "ph"
+    assert main(["data", "phantoms", str(root), "-n", "10", "--size", "64"]) == 0
+    assert main(["data", "split", str(root), "--out", str(tmp_path / "split.csv"), "--seed", "3"]) == 0
+    split = pd.read_csv(tmp_path / "split.csv")
+    assert len(split) == 10 and set(split["split"]) <= {"train", "val", "test"}
+    assert main(["data", "cache", str(root), "--size", "32", "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    assert "10 decoded" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_code(tmp_path, capsys):
+    assert main(["data", "check", "no-such-dataset", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cxrbench: error: unknown dataset") and "Traceback" not in err
+    assert main(["data", "split", str(tmp_path / "absent"), "--out", str(tmp_path / "s.csv")]) == 1
+    assert "no such file or directory" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""Every notebook runs top to bottom under papermill with small parameters, and is committed clean."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+#: Small parameters per notebook, so the whole set runs in CI in a few minutes.
+SMALL_PARAMETERS: dict[str, dict] = {
+    "00_data_tour.ipynb": {"image_size": 96, "images_per_finding": 2, "findings_to_show": 3, "n_phantoms": 4},
+}
+
+
+def _notebooks() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def test_every_notebook_has_small_parameters_and_a_parameters_cell():
+    names = {p.name for p in _notebooks()}
+    assert names, "no notebooks found"
+    assert names <= set(SMALL_PARAMETERS), f"add small test parameters for {sorted(names - set(SMALL_PARAMETERS))}"
+    for path in _notebooks():
+        nb = json.loads(path.read_text())
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+        for name in SMALL_PARAMETERS[path.name]:
+            assert f"{name} =" in "".join(tagged[0]["source"]), f"{path.name}: no parameter {name}"
+
+
+def test_notebooks_are_committed_without_outputs():
+    for path in _notebooks():
+        nb = json.loads(path.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL_PARAMETERS))
+def test_notebook_runs_under_papermill(name, tmp_path):
+    import nbformat
+    import papermill as pm
+
+    out = tmp_path / name
+    pm.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=SMALL_PARAMETERS[name], cwd=str(NOTEBOOKS.parent),
+                        kernel_name="python3", progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    figures = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert figures, f"{name} drew no figure"

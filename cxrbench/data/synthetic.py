@@ -166,15 +166,24 @@ def _width(mask: np.ndarray) -> int:
 
 def _fit_heart(anat: _Anatomy, u: np.ndarray, v: np.ndarray, thorax_px: int,
                target: float) -> tuple[np.ndarray, float]:
-    """Scale the heart until its measured CTR is within 0.01 of ``target``; return its mask and scale."""
+    """Scale the heart until its measured CTR is near ``target`` and on the same side of 0.5.
+
+    Returns the heart mask and its scale. On coarse grids a pixel is worth several hundredths of CTR,
+    so the last steps nudge the scale until normal stays < 0.5 and enlarged > 0.5.
+    """
     scale = 1.0
     for _ in range(4):
         heart = anat.heart(u, v, scale)
         measured = _width(heart) / thorax_px
         if measured == 0 or abs(measured - target) < 0.01:
-            return heart, scale
+            break
         scale *= target / measured
-    return anat.heart(u, v, scale), scale
+    for _ in range(10):
+        heart = anat.heart(u, v, scale)
+        if (_width(heart) / thorax_px < 0.5) == (target < 0.5):
+            break
+        scale *= 0.98 if target < 0.5 else 1.02
+    return heart, scale
 
 
 def _band(d: np.ndarray, half: np.ndarray | float) -> np.ndarray:
@@ -219,6 +228,7 @@ def _ribs(anat: _Anatomy, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _clavicles(anat: _Anatomy, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Both clavicles: gently S-shaped bands rising laterally across the lung apices, (H, W) in [0, 1]."""
     out = 0.0
     for i, s in enumerate((-1, 1)):
         x = (s * (u - anat.shift) - 0.06) / 0.6
@@ -282,6 +292,49 @@ def _place_disc(rng: np.random.Generator, inside: Callable[[np.ndarray, np.ndarr
     raise RuntimeError(f"could not place a lesion of radius {radius:.3f} inside the lungs")
 
 
+def _add_round_lesion(img: np.ndarray, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, lung: np.ndarray,
+                      inside: Callable[[np.ndarray, np.ndarray], np.ndarray], radii: tuple[float, float],
+                      wobble: float, taken: list[tuple[float, float, float]]) -> np.ndarray:
+    """Add a bright, slightly lobulated sphere inside the lungs to ``img`` (in place); return its mask."""
+    radius = rng.uniform(*radii)
+    cu, cv = _place_disc(rng, inside, radius, taken)
+    taken.append((cu, cv, radius))
+    radius = max(radius, 3.0 / img.shape[0])  # at least 1.5 pixels on small grids
+    lobes = 1.0 + wobble * np.sin(3 * np.arctan2(v - cv, u - cu) + rng.uniform(0, 2 * np.pi))
+    d = np.hypot(u - cu, v - cv) / (radius * lobes)
+    img += rng.uniform(0.3, 0.38) * np.sqrt(np.clip(1.0 - d ** 2, 0.0, 1.0))  # a sphere's thickness
+    return (d <= 1.0) & lung
+
+
+def _add_effusion(img: np.ndarray, rng: np.random.Generator, anat: _Anatomy, u: np.ndarray, v: np.ndarray,
+                  lungs: list[np.ndarray], markings: np.ndarray) -> np.ndarray:
+    """Fill one lung base with fluid under a meniscus rising towards the chest wall (in place); return its mask."""
+    i = int(rng.integers(2))
+    a = (2 * i - 1) * (u - anat.shift)
+    level = anat.dome_top[i] + 0.3 * anat.dome_depth[i] - rng.uniform(0.05, 0.22)
+    surface = level - rng.uniform(0.06, 0.14) * np.clip(a / anat.lung_half[i], 0, 1.2) ** 2
+    fluid = lungs[i] & (v >= surface)
+    while fluid.sum() < 4 and surface.min() > anat.lung_top[i]:  # an enlarged heart can crowd the base
+        surface = surface - 0.05
+        fluid = lungs[i] & (v >= surface)
+    img += fluid * (0.36 + 0.06 * np.clip((v - surface) / 0.15, 0, 1) - markings)
+    return fluid
+
+
+def _add_pneumothorax(img: np.ndarray, rng: np.random.Generator, anat: _Anatomy, u: np.ndarray, v: np.ndarray,
+                      lungs: list[np.ndarray], markings: np.ndarray) -> np.ndarray:
+    """Collapse one lung towards its hilar base: a dark rim without markings behind a thin bright
+    pleural line (in place); return the rim's mask."""
+    i = int(rng.integers(2))
+    s, shrink = 2 * i - 1, rng.uniform(0.72, 0.85)
+    au, av = anat.shift + s * 0.1, anat.dome_top[i] + 0.05
+    collapsed = anat.lung_shape(au + (u - au) / shrink, av + (v - av) / shrink, s)
+    rim = lungs[i] & ~collapsed
+    pleura = collapsed & ~ndimage.binary_erosion(collapsed) & ndimage.binary_dilation(rim, iterations=2)
+    img += 0.04 * (lungs[i] & collapsed) - rim * (markings + 0.06) + 0.3 * pleura
+    return rim
+
+
 def _resolve(findings: Sequence[str]) -> list[str]:
     """Canonical supported finding names in NIH order; ValueError for anything else."""
     names = set()
@@ -313,6 +366,8 @@ def make_phantom(size: int = 256, *, findings: Sequence[str] = (), seed: int = 0
         raise TypeError("findings must be a sequence of names such as ['Nodule'], not a single string")
     if not isinstance(size, (int, np.integer)) or size < _MIN_SIZE:
         raise ValueError(f"size must be an integer >= {_MIN_SIZE}, got {size!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     wanted = _resolve(findings)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2 + len(SUPPORTED_FINDINGS))]
     anat, tex_rng = _draw_anatomy(streams[0]), streams[1]
@@ -342,48 +397,29 @@ def make_phantom(size: int = 256, *, findings: Sequence[str] = (), seed: int = 0
 
     img = 0.03 + (0.6 + 0.1 * (v + 1)) * body
     img = img - (0.4 - 0.08 * np.clip((v - anat.lung_top[0]) / 1.2, 0, 1)) * lung
-    img += 0.22 * texture * lung + 0.08 * hila + 0.12 * cardio + 0.1 * abdomen - 0.12 * bubble
-    img += 0.035 * _spine(anat, u, v) * body * ~below - 0.08 * ((np.abs(u - anat.shift) < 0.03) & (v < -0.25))
+    markings = 0.22 * texture + 0.08 * hila
+    trachea = (np.abs(u - anat.shift) < 0.03) & (v < -0.25)
+    img += markings * lung + 0.12 * cardio + 0.1 * abdomen - 0.12 * bubble
+    img += 0.035 * _spine(anat, u, v) * body * ~below - 0.08 * trachea
     img += (0.13 * post + 0.07 * ant) * body * (1 - 0.8 * abdomen) * (1 - 0.7 * cardio)
     img += 0.15 * _clavicles(anat, u, v) * body
 
     lesions: dict[str, np.ndarray] = {}
     taken: list[tuple[float, float, float]] = []
+
     def inside(pu: np.ndarray, pv: np.ndarray) -> np.ndarray:
         """In a lung, off the heart and mediastinum, and off the hila (where a nodule would hide)."""
         off_hila = np.minimum(np.hypot(pu - anat.shift + 0.17, pv), np.hypot(pu - anat.shift - 0.17, pv)) > 0.12
         return ((anat.lung_shape(pu, pv, -1) | anat.lung_shape(pu, pv, 1)) & ~anat.heart(pu, pv, heart_scale * 1.05)
                 & ~anat.mediastinum(pu, pv) & off_hila)
 
-    for name, (r_lo, r_hi), wobble in (("Mass", _MASS_RADIUS, 0.12), ("Nodule", _NODULE_RADIUS, 0.04)):
+    for name, radii, wobble in (("Mass", _MASS_RADIUS, 0.12), ("Nodule", _NODULE_RADIUS, 0.04)):
         if name in wanted:
-            rng = finding_rng[name]
-            radius = rng.uniform(r_lo, r_hi)
-            cu, cv = _place_disc(rng, inside, radius, taken)
-            taken.append((cu, cv, radius))
-            lobes = 1.0 + wobble * np.sin(3 * np.arctan2(v - cv, u - cu) + rng.uniform(0, 2 * np.pi))
-            d = np.hypot(u - cu, v - cv) / (radius * lobes)
-            lesions[name] = (d <= 1.0) & lung
-            img += rng.uniform(0.26, 0.34) * np.sqrt(np.clip(1.0 - d ** 2, 0.0, 1.0))  # a sphere's thickness
+            lesions[name] = _add_round_lesion(img, finding_rng[name], u, v, lung, inside, radii, wobble, taken)
     if "Effusion" in wanted:
-        rng = finding_rng["Effusion"]
-        i = int(rng.integers(2))
-        a = (2 * i - 1) * (u - anat.shift)
-        level = anat.dome_top[i] + 0.3 * anat.dome_depth[i] - rng.uniform(0.05, 0.22)
-        surface = level - rng.uniform(0.06, 0.14) * np.clip(a / anat.lung_half[i], 0, 1.2) ** 2  # meniscus
-        fluid = lungs[i] & (v >= surface)
-        lesions["Effusion"] = fluid
-        img += fluid * (0.36 + 0.06 * np.clip((v - surface) / 0.15, 0, 1) - 0.2 * texture)
+        lesions["Effusion"] = _add_effusion(img, finding_rng["Effusion"], anat, u, v, lungs, markings)
     if "Pneumothorax" in wanted:
-        rng = finding_rng["Pneumothorax"]
-        i = int(rng.integers(2))
-        s, shrink = 2 * i - 1, rng.uniform(0.72, 0.85)
-        au, av = anat.shift + s * 0.1, anat.dome_top[i] + 0.05  # the lung collapses towards its hilar base
-        collapsed = anat.lung_shape(au + (u - au) / shrink, av + (v - av) / shrink, s)
-        rim = lungs[i] & ~collapsed
-        lesions["Pneumothorax"] = rim
-        pleura = collapsed & ~ndimage.binary_erosion(collapsed) & ndimage.binary_dilation(rim, iterations=2)
-        img += rim * -(0.2 * texture + 0.06 + 0.08 * hila) + 0.04 * (lungs[i] & collapsed) + 0.3 * pleura
+        lesions["Pneumothorax"] = _add_pneumothorax(img, finding_rng["Pneumothorax"], anat, u, v, lungs, markings)
     if "Cardiomegaly" in wanted:
         lesions["Cardiomegaly"] = heart.copy()
 
@@ -402,8 +438,8 @@ def make_phantom_set(n: int, *, size: int = 256, seed: int = 0,
     :data:`DEFAULT_PREVALENCE`; findings left out never appear). Each phantom's own seed is kept in
     ``Phantom.seed``, so ``make_phantom(size, findings=p.findings, seed=p.seed)`` redraws it.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    if n < 0 or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"n and seed must be non-negative integers, got n={n!r}, seed={seed!r}")
     probs: dict[str, float] = {}
     for name, p in (DEFAULT_PREVALENCE if prevalence is None else prevalence).items():
         if not 0.0 <= float(p) <= 1.0:

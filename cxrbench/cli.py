@@ -125,7 +125,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 # parser
 
 #: Functions that add a sub-command; later features append theirs here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data]
+def _add_classifier(sub: argparse._SubParsersAction) -> None:
+    from .cli_classifier import add_classifier_commands
+
+    add_classifier_commands(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .data.manifests import ManifestError
         from .io import ImageReadError
 
-        known = (CommandError, ManifestError, ImageReadError, FileNotFoundError, KeyError, ValueError)
+        from .train.common import CheckpointError
+
+        known = (CommandError, ManifestError, ImageReadError, CheckpointError, FileNotFoundError, KeyError, ValueError)
         if isinstance(exc, known):
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"cxrbench: error: {msg}", file=sys.stderr)

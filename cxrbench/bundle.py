@@ -1,0 +1,281 @@
+"""The saved form of a trained model: safetensors weights + a JSON card, in one folder.
+
+::
+
+    my_model/
+        model.safetensors   tensors only; loading never unpickles anything
+        card.json           what the weights are and how to use them
+
+The card says everything needed to use the weights correctly, so a model cannot be fed with the
+wrong preprocessing or read with the wrong label order: the architecture and its arguments, the
+labels, the :class:`~cxrbench.preprocess.Preprocess`, calibration (operating points), an OOD cutoff,
+what it was trained on (data, split file, seed, hyper-parameters), its metrics, and the package
+versions. It also records the SHA-256 of the weights file, so a truncated or swapped file is caught.
+
+Architectures are built from a fixed registry (:data:`BUILDERS`), never from names imported out of a
+card, so loading a bundle cannot run code chosen by whoever wrote it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .preprocess import Preprocess
+
+__all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "load_bundle",
+           "save_bundle", "versions"]
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
+
+#: builder name in a card -> "module:callable" inside cxrbench
+BUILDERS: dict[str, str] = {
+    "classifier": "cxrbench.models.classifier:build_classifier",
+    "ali": "cxrbench.models.ali:ALI",
+    "autoencoder": "cxrbench.models.autoencoder:ConvAutoencoder",
+    "unet": "cxrbench.models.unet:UNet",
+}
+
+KINDS = ("classifier", "ood", "segmentation")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, corrupted, or does not match its card; the message names the file."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a bundle."""
+    import numpy
+    import torchvision
+
+    return {"cxrbench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class ModelCard:
+    """Everything about a model except its weights (``card.json``).
+
+    Attributes
+    ----------
+    kind : ``"classifier"``, ``"ood"`` or ``"segmentation"``.
+    builder : key of :data:`BUILDERS`; ``builder_kwargs`` are passed to it.
+    labels : output names, in output order (classifier); ``[]`` otherwise.
+    preprocess : :meth:`Preprocess.to_dict` of the preprocessing the model was trained with.
+    operating_points : finding -> threshold on the sigmoid output (``None`` where undefined), plus
+        ``"_method"`` / ``"_fitted_on"`` entries; empty before calibration.
+    ood : for OOD models: scorer, cutoff, how the cutoff was chosen.
+    training : data root, split file, seed, epochs, hyper-parameters, time.
+    metrics : evaluation results (e.g. per-finding AUC with spread, on which split).
+    """
+
+    kind: str
+    builder: str
+    builder_kwargs: dict[str, Any]
+    labels: list[str] = field(default_factory=list)
+    preprocess: dict[str, Any] = field(default_factory=lambda: Preprocess().to_dict())
+    operating_points: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    description: str = ""
+    versions: dict[str, str] = field(default_factory=versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    format: int = BUNDLE_FORMAT
+    weights_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise BundleError(f"unknown bundle kind {self.kind!r}; expected one of {KINDS}")
+        if self.builder not in BUILDERS:
+            raise BundleError(f"unknown builder {self.builder!r}; expected one of {sorted(BUILDERS)}")
+
+    @property
+    def preprocessing(self) -> Preprocess:
+        return Preprocess.from_dict(self.preprocess)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise BundleError(f"card has unknown fields {sorted(unknown)} (written by a newer cxrbench?)")
+        return cls(**d)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model (eval mode, on CPU) and its card."""
+
+    model: nn.Module
+    card: ModelCard
+    path: Path | None = None
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.card.preprocessing
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.card.labels)
+
+
+def build_model(builder: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Instantiate a registered architecture (never pretrained weights: the bundle brings its own)."""
+    if builder not in BUILDERS:
+        raise BundleError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
+    module_name, attr = BUILDERS[builder].split(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    kwargs = dict(kwargs)
+    if builder == "classifier":
+        kwargs["pretrained"] = False
+    return factory(**kwargs)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> Path:
+    """Write ``model``'s weights and ``card`` to the folder ``path``, atomically.
+
+    The folder is written next to its final place and renamed into it, so an interrupted save never
+    leaves a half-written bundle where a good one was.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "cxrbench_kind": card.kind})
+        card.weights_sha256 = _sha256(tmp / WEIGHTS_FILE)
+        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False, default=_json_default) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Only the card of a bundle (cheap: no weights read)."""
+    path = Path(path)
+    card_path = path / CARD_FILE
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle folder")
+    if not card_path.is_file():
+        raise BundleError(f"{path}: not a cxrbench bundle (no {CARD_FILE})")
+    try:
+        data = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{card_path}: corrupted card ({exc})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{card_path}: corrupted card (not a JSON object)")
+    if data.get("format", 0) > BUNDLE_FORMAT:
+        raise BundleError(f"{card_path}: bundle format {data.get('format')} is newer than this cxrbench supports "
+                          f"({BUNDLE_FORMAT}); upgrade cxrbench")
+    try:
+        return ModelCard.from_dict(data)
+    except TypeError as exc:
+        raise BundleError(f"{card_path}: incomplete card ({exc})") from None
+
+
+def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: bool = True) -> Bundle:
+    """Load a bundle folder into a model in eval mode.
+
+    Parameters
+    ----------
+    kind : if given, the bundle must be of this kind (``"classifier"``, ``"ood"``, ``"segmentation"``).
+    verify : check the weights' SHA-256 against the card (catches truncated or swapped files).
+
+    Raises
+    ------
+    BundleError
+        Missing folder/files, corrupted card or weights, checksum mismatch, wrong kind, or weights
+        that do not fit the card's architecture (with the first mismatching keys).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    card = read_card(path)
+    if kind is not None and card.kind != kind:
+        raise BundleError(f"{path}: a {card.kind} bundle, but a {kind} bundle is needed here")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{path}: weights file {WEIGHTS_FILE} is missing")
+    if verify and card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+        raise BundleError(f"{weights}: checksum does not match the card: the file is corrupted or was replaced")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{weights}: corrupted weights ({exc})") from None
+    model = build_model(card.builder, card.builder_kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+        raise BundleError(f"{weights}: weights do not fit the card's {card.builder}{card.builder_kwargs}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if card.kind == "classifier" and card.labels and getattr(model, "num_outputs", len(card.labels)) != len(card.labels):
+        raise BundleError(f"{path}: card lists {len(card.labels)} labels for a model with {model.num_outputs} outputs")
+    return Bundle(model, card, path)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"cannot write {type(obj).__name__} to a card")

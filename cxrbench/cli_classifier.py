@@ -1,0 +1,174 @@
+"""``cxrbench train classifier``, ``cxrbench evaluate`` and ``cxrbench predict``."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_classifier_commands", "expand_files", "train_subparsers"]
+
+
+def expand_files(items: list[str]) -> list[str]:
+    """Files from arguments: files as given, folders expanded to their images, globs expanded."""
+    from .data.manifests import IMAGE_SUFFIXES
+
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(ch in item for ch in "*?[") and not p.exists():
+            out += sorted(glob.glob(item, recursive=True))
+        else:
+            out.append(item)  # a missing file is reported per row, not fatal
+    return out
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from .data import load_manifest, load_split
+    from .train import ClassifierConfig, train_classifier
+
+    manifest = load_manifest(args.data, on_missing="drop")
+    cfg = ClassifierConfig(
+        arch=args.arch, image_size=args.size, in_channels=args.channels, normalize=args.normalize,
+        equalize=args.equalize, pretrained=args.pretrained, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, early_stopping_patience=args.patience, use_pos_weight=not args.no_pos_weight,
+        augment=not args.no_augment, seed=args.seed, num_workers=args.workers, device=args.device,
+        max_steps_per_epoch=args.max_steps, labels=args.labels, monitor=args.monitor,
+        eval_bootstrap=args.bootstrap)
+    split = load_split(args.split, manifest) if args.split else None
+    result = train_classifier(manifest, args.out, cfg, split=split, resume=args.resume, progress=not args.quiet,
+                              data_description=str(args.data))
+    if result.bundle is not None:
+        s = result.summary
+        macro = s.get("macro_auc", float("nan"))
+        print(f"best epoch {result.best_epoch} of {result.epochs_run}; test macro AUC {macro:.3f} "
+              f"({s.get('n_auc_defined', 0)} findings defined)")
+        print(f"bundle: {result.bundle}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .bundle import load_bundle
+    from .data import CXRDataset, load_manifest, load_split
+    from .inference import operating_points_of, predict_dataset, predictions_table
+    from .metrics import evaluate_predictions
+
+    bundle = load_bundle(args.bundle, kind="classifier")
+    manifest = load_manifest(args.data, on_missing="drop")
+    absent = [c for c in bundle.labels if c not in manifest.columns]
+    if absent:
+        raise ValueError(f"{args.data}: no label columns for {absent}; this data cannot evaluate this model")
+    if args.split:
+        s = load_split(args.split, manifest)
+        manifest = manifest[(s == args.subset).to_numpy()].reset_index(drop=True)
+        if manifest.empty:
+            raise ValueError(f"{args.split}: no '{args.subset}' images")
+    ds = CXRDataset(manifest, bundle.preprocess, label_columns=bundle.labels)
+    report = ds.build_cache(progress=not args.quiet)
+    if report.n_failed:
+        print(f"warning: {report.summary()}", file=sys.stderr)
+    ds = ds.readable()
+    preds = predict_dataset(bundle.model, ds, batch_size=args.batch_size, progress=not args.quiet)
+    ops = operating_points_of(bundle)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = predictions_table(ds.manifest["image_id"].tolist(), preds.logits, bundle.labels, ops)
+    table.to_csv(out / "predictions.csv", index=False)
+    evaluation, summary = evaluate_predictions(preds.labels, preds.probabilities, bundle.labels, ops,
+                                               n_boot=args.bootstrap, seed=args.seed)
+    evaluation.to_csv(out / "evaluation.csv", index=False)
+    cols = ["finding", "n_pos", "auc", "auc_std_half_splits", "auc_ci_low", "auc_ci_high", "f1", "note"]
+    print(evaluation[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"macro AUC {summary['macro_auc']:.3f} over {summary['n_auc_defined']} findings with positives; "
+          f"micro-F1 {summary['micro_f1']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
+          f"Hamming loss {summary['hamming_loss']:.3f} (at the bundle's operating points)")
+    print(f"wrote {out / 'predictions.csv'} and {out / 'evaluation.csv'} ({len(ds)} images)")
+    return 0 if np.isfinite(summary["macro_auc"]) else 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .inference import operating_points_of, predict_files, predictions_table
+
+    bundle = load_bundle(args.bundle, kind="classifier")
+    files = expand_files(args.files)
+    if not files:
+        raise ValueError("no input files")
+    logits, errors = predict_files(bundle.model, bundle.preprocess, files, batch_size=args.batch_size,
+                                   progress=not args.quiet)
+    table = predictions_table(files, logits, bundle.labels, operating_points_of(bundle), errors)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    for pos, reason in errors.items():
+        print(f"warning: {files[pos]}: {reason}", file=sys.stderr)
+    print(f"wrote {out}: {len(files) - len(errors)} predicted, {len(errors)} unreadable")
+    return 0 if len(errors) < len(files) else 1
+
+
+def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The ``train`` group (created once; model families add their sub-command to it)."""
+    existing = sub.choices.get("train")
+    if existing is not None:
+        return existing._cxrbench_sub  # type: ignore[attr-defined]
+    p = sub.add_parser("train", help="train a model (classifier, ...)")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="MODEL")
+    p._cxrbench_sub = tsub  # type: ignore[attr-defined]
+    return tsub
+
+
+def add_classifier_commands(sub: argparse._SubParsersAction) -> None:
+    tsub = train_subparsers(sub)
+    q = tsub.add_parser("classifier", help="train a multi-label classifier (Chester/CheXNet recipe defaults)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--data", required=True, help="dataset folder (any layout cxrbench reads)")
+    q.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, bundle/")
+    q.add_argument("--arch", default="densenet121", choices=("densenet121", "resnet18"))
+    q.add_argument("--size", type=int, default=224, help="input side in pixels")
+    q.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    q.add_argument("--normalize", default="minus1_1", choices=("zero_one", "minus1_1", "xrv", "imagenet"))
+    q.add_argument("--equalize", default="none", choices=("none", "hist", "clahe"))
+    q.add_argument("--pretrained", action="store_true", help="ImageNet weights (must be in the torch hub cache)")
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--patience", type=int, default=3, help="early stopping after this many epochs without improvement (0: off)")
+    q.add_argument("--monitor", default="val_loss", choices=("val_loss", "val_auc"))
+    q.add_argument("--no-pos-weight", action="store_true", help="plain BCE instead of per-finding pos_weight")
+    q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--labels", nargs="+", default=None, help="label columns (default: the dataset's)")
+    q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
+    q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test AUC CIs")
+    q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_train_classifier)
+
+    q = sub.add_parser("evaluate", help="per-finding AUC with spread and CI, F1 at the operating points")
+    q.add_argument("--bundle", required=True)
+    q.add_argument("--data", required=True, help="labelled dataset folder")
+    q.add_argument("--split", default=None, help="split CSV; evaluate only --subset of it")
+    q.add_argument("--subset", default="test")
+    q.add_argument("--out", required=True, help="folder for predictions.csv and evaluation.csv")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--bootstrap", type=int, default=1000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_evaluate)
+
+    q = sub.add_parser("predict", help="calibrated and raw probabilities for image files, to CSV")
+    q.add_argument("--bundle", required=True)
+    q.add_argument("files", nargs="+", help="image files, folders or globs")
+    q.add_argument("--out", required=True, help="CSV to write")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_predict)

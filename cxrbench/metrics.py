@@ -1,0 +1,368 @@
+"""Evaluation metrics: per-finding AUC with its spread, bootstrap CIs, micro/macro-F1, Hamming loss.
+
+Conventions
+-----------
+* Labels are ``0``/``1`` (no NaN), scores are finite floats; arrays are ``(N,)`` or ``(N, F)``.
+* An AUC that is undefined (no positives or no negatives) is **NaN with a reason**, never 0 or 0.5.
+* Spread: Chester Table 1 reports mean ± std of the AUC over 10 random half-size subsets of the
+  test set (:func:`auc_half_split_spread`); :func:`bootstrap_auc_ci` gives percentile CIs.
+* A sample is predicted positive when ``score >= threshold`` (scikit-learn's ROC convention).
+
+Point AUCs come from :func:`sklearn.metrics.roc_auc_score`. The resampled AUCs (1000 bootstrap
+samples x 14 findings) use a vectorised weighted Mann-Whitney statistic (ties count 1/2), which is
+exactly the AUC of the resampled data (tested against scikit-learn) and several hundred times
+faster than calling roc_auc_score in a loop (0.2 s vs ~100 s for 14 findings x 500 samples x 1000).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
+
+from cxrbench.calibration import OperatingPoints, _as_binary_labels, _as_scores
+
+__all__ = [
+    "AucSpread",
+    "BootstrapCI",
+    "MacroAUC",
+    "auc_half_split_spread",
+    "auc_or_nan",
+    "auc_per_finding",
+    "bootstrap_auc_ci",
+    "evaluate_predictions",
+    "macro_auc",
+    "multilabel_report",
+    "weighted_auc",
+]
+
+_MAX_CHUNK_ELEMENTS = 4_000_000  # resamples x samples per block: bounds memory to ~100 MB
+
+
+class AucSpread(NamedTuple):
+    """Mean and sample std (ddof=1) of AUC over half-size subsets; floats for (N,), (F,) arrays for (N, F)."""
+
+    mean: Any
+    std: Any
+    n_defined: Any  # subsets in which the AUC was defined
+
+
+class BootstrapCI(NamedTuple):
+    """Percentile bootstrap interval ``[low, high]``; floats for (N,), (F,) arrays for (N, F)."""
+
+    low: Any
+    high: Any
+    n_defined: Any  # bootstrap samples in which the AUC was defined
+
+
+class MacroAUC(NamedTuple):
+    """Mean AUC over the findings where it is defined."""
+
+    auc: float
+    n_defined: int
+    n_findings: int
+
+
+def _prepare(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Validate; return (N, F) labels, (N, F) scores and whether the input was 1-D."""
+    y = _as_binary_labels(y_true)
+    if y.ndim not in (1, 2) or y.shape[0] == 0:
+        raise ValueError(f"y_true must be (N,) or (N, F) with N > 0, got shape {y.shape}")
+    s = _as_scores(scores, y.shape)
+    one_d = y.ndim == 1
+    return (y[:, None], s[:, None], True) if one_d else (y, s, False)
+
+
+def _squeeze(values: np.ndarray, one_d: bool) -> Any:
+    return values.item() if one_d else values
+
+
+def auc_or_nan(y_true: Any, scores: Any) -> tuple[float, str]:
+    """ROC AUC of ``(N,)`` labels and scores, or ``(nan, reason)`` when one class is absent.
+
+    Returns ``(auc, note)``; ``note`` is ``""`` when the AUC is defined.
+    """
+    y, s, _ = _prepare(y_true, scores)
+    if y.shape[1] != 1:
+        raise ValueError("auc_or_nan takes 1-D arrays; use auc_per_finding for (N, F)")
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return math.nan, "no positives in this split"
+    if n_pos == y.shape[0]:
+        return math.nan, "no negatives in this split"
+    return float(roc_auc_score(y[:, 0], s[:, 0])), ""
+
+
+def auc_per_finding(y_true: Any, scores: Any, findings: Sequence[str]) -> pd.DataFrame:
+    """Per-finding ROC AUC: DataFrame with columns finding, n_pos, n_neg, auc (NaN if undefined), note."""
+    y, s, _ = _prepare(y_true, scores)
+    findings = tuple(findings)
+    if y.shape[1] != len(findings):
+        raise ValueError(f"{len(findings)} findings given for {y.shape[1]} columns")
+    rows = []
+    for j, finding in enumerate(findings):
+        auc, note = auc_or_nan(y[:, j], s[:, j])
+        n_pos = int(y[:, j].sum())
+        rows.append({"finding": finding, "n_pos": n_pos, "n_neg": y.shape[0] - n_pos, "auc": auc, "note": note})
+    return pd.DataFrame(rows, columns=["finding", "n_pos", "n_neg", "auc", "note"])
+
+
+def macro_auc(aucs: Any) -> MacroAUC:
+    """Mean of the defined (non-NaN) AUCs of ``(F,)`` findings, with how many were defined."""
+    values = np.asarray(aucs, dtype=float).ravel()
+    defined = ~np.isnan(values)
+    mean = float(values[defined].mean()) if defined.any() else math.nan
+    return MacroAUC(auc=mean, n_defined=int(defined.sum()), n_findings=int(values.size))
+
+
+def weighted_auc(y_true: Any, scores: Any, weights: Any) -> np.ndarray:
+    """AUC of ``(N,)`` labels/scores under each row of sample weights ``(B, N)`` (e.g. bootstrap counts).
+
+    Equals ``roc_auc_score(y, s, sample_weight=w)`` row by row (ties count 1/2). Returns ``(B,)``
+    float64; NaN where a row gives zero total weight to either class.
+    """
+    y = _as_binary_labels(y_true)
+    s = _as_scores(scores, y.shape)
+    w = np.asarray(weights, dtype=float)
+    if y.ndim != 1 or w.ndim != 2 or w.shape[1] != y.size:
+        raise ValueError(f"need y (N,), scores (N,), weights (B, N); got {y.shape}, {s.shape}, {w.shape}")
+    return _weighted_auc(y, s, np.ascontiguousarray(w.T))
+
+
+def _weighted_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted Mann-Whitney AUC for each column of ``w`` ``(N, B)``; returns ``(B,)``.
+
+    The rarer class is sorted and cumulated once; each sample of the other class looks up, by
+    binary search, the weight of rarer-class samples strictly below it and at equal score.
+    """
+    pos = y.astype(bool)
+    minor_is_pos = pos.sum() <= pos.size - pos.sum()
+    minor = pos if minor_is_pos else ~pos
+    order = np.argsort(s[minor], kind="mergesort")
+    minor_scores = s[minor][order]
+    cum = np.zeros((minor_scores.size + 1, w.shape[1]))
+    np.cumsum(w[np.flatnonzero(minor)[order]], axis=0, out=cum[1:])
+    major_scores = s[~minor]
+    below = cum[np.searchsorted(minor_scores, major_scores, side="left")]
+    below += cum[np.searchsorted(minor_scores, major_scores, side="right")]
+    major_w = w[~minor]
+    # sum over the other class of its weight x (minor weight below + half the tied minor weight)
+    pairs_minor_below = 0.5 * np.einsum("jb,jb->b", major_w, below)
+    denominator = cum[-1] * major_w.sum(axis=0)
+    numerator = denominator - pairs_minor_below if minor_is_pos else pairs_minor_below
+    out = np.full(w.shape[1], np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _resampled_aucs(y: np.ndarray, s: np.ndarray, weight_blocks: Any) -> np.ndarray:
+    """(B, F) AUCs from blocks of weights (N, b); the same resample is used for every finding (paired)."""
+    blocks = []
+    for w in weight_blocks:
+        blocks.append(np.stack([_weighted_auc(y[:, j], s[:, j], w) for j in range(y.shape[1])], axis=1))
+    return np.concatenate(blocks, axis=0)
+
+
+def _chunks(total: int, n: int) -> list[int]:
+    size = max(1, _MAX_CHUNK_ELEMENTS // max(n, 1))
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def auc_half_split_spread(y_true: Any, scores: Any, n_splits: int = 10, seed: int = 0) -> AucSpread:
+    """Mean ± std of the AUC over ``n_splits`` random half-size subsets (Chester Table 1).
+
+    Each subset draws ``N // 2`` rows without replacement (seeded by ``seed``); the same subsets
+    are used for every finding. Subsets where a finding lacks a class are skipped for it
+    (``n_defined`` says how many counted); std is the sample std (ddof=1), NaN with < 2 defined.
+    """
+    y, s, one_d = _prepare(y_true, scores)
+    if n_splits < 1:
+        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+    n = y.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 samples for half-splits, got {n}")
+    rng = np.random.default_rng(seed)
+
+    def blocks() -> Any:
+        for size in _chunks(n_splits, n):
+            w = np.zeros((n, size))
+            for column in range(size):
+                w[rng.choice(n, size=n // 2, replace=False), column] = 1.0
+            yield w
+
+    aucs = _resampled_aucs(y, s, blocks())
+    n_defined = (~np.isnan(aucs)).sum(axis=0)
+    mean = np.array([aucs[~np.isnan(aucs[:, j]), j].mean() if n_defined[j] else np.nan for j in range(y.shape[1])])
+    std = np.array(
+        [aucs[~np.isnan(aucs[:, j]), j].std(ddof=1) if n_defined[j] > 1 else np.nan for j in range(y.shape[1])]
+    )
+    return AucSpread(_squeeze(mean, one_d), _squeeze(std, one_d), _squeeze(n_defined, one_d))
+
+
+def bootstrap_auc_ci(
+    y_true: Any, scores: Any, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> BootstrapCI:
+    """Percentile bootstrap ``(1 - alpha)`` CI of the AUC, resampling rows with replacement.
+
+    ``y_true``/``scores`` are ``(N,)`` or ``(N, F)``; each bootstrap sample is shared by all findings.
+    Bootstrap samples with only one class are dropped for that finding (``n_defined`` counts the rest);
+    the interval is NaN when none is defined. Reproducible for a given ``seed``.
+    """
+    y, s, one_d = _prepare(y_true, scores)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    n = y.shape[0]
+    rng = np.random.default_rng(seed)
+
+    def blocks() -> Any:
+        for size in _chunks(n_boot, n):
+            rows = rng.integers(0, n, size=(size, n))  # row indices of each bootstrap sample
+            flat = (rows * size + np.arange(size)[:, None]).ravel()
+            yield np.bincount(flat, minlength=n * size).reshape(n, size).astype(float)  # (N, b) counts
+
+    aucs = _resampled_aucs(y, s, blocks())
+    n_defined = (~np.isnan(aucs)).sum(axis=0)
+    low, high = np.full(y.shape[1], np.nan), np.full(y.shape[1], np.nan)
+    for j in np.flatnonzero(n_defined):
+        low[j], high[j] = np.quantile(aucs[~np.isnan(aucs[:, j]), j], [alpha / 2, 1 - alpha / 2])
+    return BootstrapCI(_squeeze(low, one_d), _squeeze(high, one_d), _squeeze(n_defined, one_d))
+
+
+def multilabel_report(y_true: Any, y_pred_binary: Any) -> dict[str, float]:
+    """Micro-F1, macro-F1 and Hamming loss of ``(N, F)`` 0/1 labels vs 0/1 predictions (scikit-learn).
+
+    Findings with no positive label and no positive prediction have undefined F1; they are left out
+    of the macro average (``zero_division=nan``) and ``n_findings_in_macro_f1`` says how many counted.
+    """
+    y = _as_binary_labels(y_true)
+    p = _as_binary_labels(y_pred_binary, name="y_pred_binary")
+    if y.ndim != 2 or p.shape != y.shape:
+        raise ValueError(f"need (N, F) labels and predictions of the same shape, got {y.shape} and {p.shape}")
+    per_finding = f1_score(y, p, average=None, zero_division=np.nan)
+    defined = ~np.isnan(per_finding)
+    return {
+        "micro_f1": float(f1_score(y, p, average="micro", zero_division=np.nan)),
+        "macro_f1": float(per_finding[defined].mean()) if defined.any() else math.nan,
+        "hamming_loss": float(hamming_loss(y, p)),
+        "n_findings_in_macro_f1": int(defined.sum()),
+    }
+
+
+def _threshold_array(thresholds: Any, findings: tuple[str, ...]) -> np.ndarray:
+    if thresholds is None:
+        return np.full(len(findings), np.nan)
+    if isinstance(thresholds, OperatingPoints):
+        return thresholds.as_array(findings)
+    if isinstance(thresholds, Mapping):
+        missing = [f for f in findings if f not in thresholds]
+        if missing:
+            raise KeyError(f"no threshold for {missing}")
+        return np.array([float(thresholds[f]) for f in findings])
+    arr = np.broadcast_to(np.asarray(thresholds, dtype=float), (len(findings),))
+    return arr.astype(float)
+
+
+def evaluate_predictions(
+    y_true: Any,
+    scores: Any,
+    findings: Sequence[str],
+    thresholds: Any = None,
+    *,
+    n_splits: int = 10,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Evaluate ``(N, F)`` scores against ``(N, F)`` 0/1 labels, one row per finding.
+
+    Parameters
+    ----------
+    thresholds
+        Operating points for the thresholded metrics (``score >= threshold`` is positive):
+        an :class:`~cxrbench.calibration.OperatingPoints` fitted on the validation split, a
+        ``{finding: threshold}`` dict, an ``(F,)`` array or one float. ``None``: no F1/Hamming.
+
+    Returns
+    -------
+    table
+        Columns finding, n_pos, n_neg, auc, auc_mean_half_splits, auc_std_half_splits, auc_ci_low,
+        auc_ci_high, threshold, f1, sensitivity, specificity, note (why a value is NaN).
+    summary
+        macro_auc, n_auc_defined, n_findings, micro_f1, macro_f1, hamming_loss (over the findings
+        with a threshold), n_findings_thresholded, n_samples and the settings used.
+    """
+    y, s, one_d = _prepare(y_true, scores)
+    findings = tuple(findings)
+    if one_d or y.shape[1] != len(findings):
+        raise ValueError(f"need (N, F) arrays with F = len(findings) = {len(findings)}, got {np.shape(y_true)}")
+    n = y.shape[0]
+    table = auc_per_finding(y, s, findings)
+    spread = auc_half_split_spread(y, s, n_splits=n_splits, seed=seed)
+    ci = bootstrap_auc_ci(y, s, n_boot=n_boot, alpha=alpha, seed=seed)
+    thr = _threshold_array(thresholds, findings)
+    table["auc_mean_half_splits"] = spread.mean
+    table["auc_std_half_splits"] = spread.std
+    table["auc_ci_low"] = ci.low
+    table["auc_ci_high"] = ci.high
+    table["threshold"] = thr
+
+    has_thr = ~np.isnan(thr)
+    pred = (s >= np.where(has_thr, thr, np.inf)).astype(np.int8)
+    tp = (pred & y).sum(axis=0)
+    n_pos, n_neg = y.sum(axis=0), n - y.sum(axis=0)
+    fp = (pred & (1 - y)).sum(axis=0)
+    fn = n_pos - tp
+    # per-finding F1 = 2TP / (2TP + FP + FN) (sklearn's binary F1; computed directly because
+    # f1_score(average=None) treats a single (N, 1) column as a binary task with two classes)
+    denom = 2 * tp + fp + fn
+    f1 = np.where(has_thr & (denom > 0), 2 * tp / np.maximum(denom, 1), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["f1"] = f1
+        table["sensitivity"] = np.where(has_thr & (n_pos > 0), tp / np.maximum(n_pos, 1), np.nan)
+        table["specificity"] = np.where(has_thr & (n_neg > 0), 1 - fp / np.maximum(n_neg, 1), np.nan)
+
+    notes = []
+    for j in range(len(findings)):
+        parts = [table.at[j, "note"]] if table.at[j, "note"] else []
+        if not np.isnan(table.at[j, "auc"]):
+            if spread.n_defined[j] < n_splits:
+                parts.append(f"AUC undefined in {n_splits - spread.n_defined[j]}/{n_splits} half-splits")
+            if ci.n_defined[j] < n_boot:
+                parts.append(f"AUC undefined in {n_boot - ci.n_defined[j]}/{n_boot} bootstrap samples")
+        if not has_thr[j]:
+            parts.append("no threshold" if thresholds is None else "no operating point (NaN threshold)")
+        elif np.isnan(f1[j]):
+            parts.append("F1 undefined: no positives and none predicted")
+        notes.append("; ".join(parts))
+    table["note"] = notes
+    columns = [
+        "finding", "n_pos", "n_neg", "auc", "auc_mean_half_splits", "auc_std_half_splits", "auc_ci_low",
+        "auc_ci_high", "threshold", "f1", "sensitivity", "specificity", "note",
+    ]  # fmt: skip
+    table = table[columns]
+
+    macro = macro_auc(table["auc"].to_numpy())
+    if has_thr.any():
+        report = multilabel_report(y[:, has_thr], pred[:, has_thr])
+    else:
+        report = {"micro_f1": math.nan, "macro_f1": math.nan, "hamming_loss": math.nan, "n_findings_in_macro_f1": 0}
+    summary: dict[str, Any] = {
+        "macro_auc": macro.auc,
+        "n_auc_defined": macro.n_defined,
+        "n_findings": macro.n_findings,
+        **report,
+        "n_findings_thresholded": int(has_thr.sum()),
+        "n_samples": n,
+        "n_splits": n_splits,
+        "n_boot": n_boot,
+        "alpha": alpha,
+        "seed": seed,
+        "thresholds_fitted_on": thresholds.fitted_on if isinstance(thresholds, OperatingPoints) else None,
+    }
+    return table, summary

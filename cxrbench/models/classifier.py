@@ -1,0 +1,206 @@
+"""Classifier factory: CheXNet-style DenseNet-121 and 1-channel ResNet18, outputting logits.
+
+Both classes subclass torchvision's models, so their state-dict keys are torchvision's
+(``features.denseblock1.denselayer1.norm1.weight``, ``classifier.weight``; ``conv1.weight``,
+``fc.weight``) and torchvision ImageNet weights and CheXNet checkpoints load into them.
+Differences from torchvision: the forward uses a non-inplace final ReLU, every ``nn.ReLU`` is made
+non-inplace (in-place ReLUs break the backward hooks of Grad-CAM/saliency), optional dropout before
+the head (parameter-free, so it adds no state-dict key), and helper attributes
+(``arch``, ``in_channels``, ``num_outputs``, ``feature_dim``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.densenet import DenseNet
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from cxrbench.models.weights import adapt_first_conv, load_torchvision_backbone
+
+__all__ = [
+    "ARCHITECTURES",
+    "DenseNet121",
+    "ResNet18",
+    "build_classifier",
+    "classifier_layer",
+    "disable_inplace_relu",
+    "embed",
+    "feature_layer",
+]
+
+
+def disable_inplace_relu(model: nn.Module) -> nn.Module:
+    """Set ``inplace=False`` on every ``nn.ReLU`` of ``model`` (in place); return ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+class _HeadMixin:
+    """Shared pieces: spatial features -> pooled embedding -> dropout -> linear head (logits)."""
+
+    arch: str
+    first_conv_name: str
+    feature_layer_name: str
+    classifier_layer_name: str
+    head_dropout: nn.Module
+    pretrained_weights: str | None = None  # e.g. "DenseNet121_Weights.IMAGENET1K_V1", set by build_classifier
+
+    def forward_features(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Pooled features ``(B, D)`` float of an input ``(B, C, H, W)``."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), (1, 1)), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_outputs)`` of an input ``(B, in_channels, H, W)`` float."""
+        return self.get_submodule(self.classifier_layer_name)(self.head_dropout(self.embed(x)))
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.arch} expects input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+
+
+class DenseNet121(_HeadMixin, DenseNet):
+    """torchvision DenseNet-121 with logits head, non-inplace ReLUs and ``in_channels`` input channels.
+
+    ``features`` ends with ``norm5`` (no ReLU); the ReLU after it is applied, non-inplace, in
+    :meth:`forward_features`, so a hook on ``features`` sees the pre-ReLU maps ``(B, 1024, H/32, W/32)``.
+    """
+
+    arch = "densenet121"
+    first_conv_name = "features.conv0"
+    feature_layer_name = "features"
+    classifier_layer_name = "classifier"
+    feature_dim = 1024
+
+    def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_outputs)
+        self.num_outputs = num_outputs
+        self.in_channels = 3
+        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if in_channels != 3:
+            adapt_first_conv(self, in_channels)
+        disable_inplace_relu(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """ReLU'd final feature maps ``(B, 1024, h, w)``; h = w = H/32 for an ``(B, C, H, W)`` input."""
+        self._check_input(x)
+        return F.relu(self.features(x), inplace=False)
+
+
+class ResNet18(_HeadMixin, ResNet):
+    """torchvision ResNet18 with logits head, non-inplace ReLUs and ``in_channels`` input channels.
+
+    Note: torchvision's ``BasicBlock`` adds the shortcut in place (``out += identity``); a full
+    backward hook on a block's inner ``bn2`` would therefore fail, hooks on ``layer1..4`` are fine.
+    """
+
+    arch = "resnet18"
+    first_conv_name = "conv1"
+    feature_layer_name = "layer4"
+    classifier_layer_name = "fc"
+    feature_dim = 512
+
+    def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_outputs)
+        self.num_outputs = num_outputs
+        self.in_channels = 3
+        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if in_channels != 3:
+            adapt_first_conv(self, in_channels)
+        disable_inplace_relu(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Output of ``layer4``: ``(B, 512, h, w)``, h = w = H/32 for an ``(B, C, H, W)`` input."""
+        self._check_input(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def _forward_impl(self, x: Tensor) -> Tensor:  # keep torchvision's entry point consistent
+        return self.forward(x)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"densenet121": DenseNet121, "resnet18": ResNet18}
+
+
+def build_classifier(
+    arch: str = "densenet121",
+    num_outputs: int = 14,
+    in_channels: int = 1,
+    pretrained: bool = False,
+    dropout: float = 0.0,
+    *,
+    allow_download: bool = False,
+) -> nn.Module:
+    """Build a multi-label classifier that outputs ``num_outputs`` logits.
+
+    Parameters
+    ----------
+    arch
+        ``"densenet121"`` (CheXNet) or ``"resnet18"``.
+    num_outputs
+        Number of logits (14 for the NIH findings, :data:`cxrbench.labels.NIH_FINDINGS` order).
+    in_channels
+        Input channels; 1 for grey CXRs (the ImageNet first conv is then the sum of its RGB kernels).
+    pretrained
+        Load torchvision ImageNet weights into the backbone (the head stays random). The file must
+        be in the torch hub cache; else :class:`~cxrbench.models.weights.WeightsUnavailableError`
+        is raised immediately, unless ``allow_download=True``.
+    dropout
+        Dropout probability before the linear head, in [0, 1).
+
+    Returns a ``DenseNet121`` or ``ResNet18`` module with attributes ``arch``, ``in_channels``,
+    ``num_outputs``, ``feature_dim`` and ``pretrained_weights`` (a name or None).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    model = ARCHITECTURES[arch](num_outputs=num_outputs, in_channels=in_channels, dropout=dropout)
+    model.pretrained_weights = None
+    if pretrained:
+        from cxrbench.models.weights import TORCHVISION_WEIGHTS
+
+        load_torchvision_backbone(model, arch, allow_download=allow_download)
+        model.pretrained_weights = ".".join(TORCHVISION_WEIGHTS[arch])
+    return disable_inplace_relu(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DataParallel/DDP-style ``.module`` wrappers."""
+    while not hasattr(model, "feature_layer_name") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if not hasattr(model, "feature_layer_name"):
+        raise TypeError(f"{type(model).__name__} is not a cxrbench classifier (see build_classifier)")
+    return model
+
+
+def feature_layer(model: nn.Module) -> nn.Module:
+    """The last spatial feature module: DenseNet ``features`` (ends at ``norm5``), ResNet ``layer4``."""
+    inner = _unwrap(model)
+    return inner.get_submodule(inner.feature_layer_name)
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The linear head mapping pooled features ``(B, D)`` to logits ``(B, num_outputs)``."""
+    inner = _unwrap(model)
+    return inner.get_submodule(inner.classifier_layer_name)
+
+
+def embed(model: nn.Module, x: Tensor) -> Tensor:
+    """Pooled features ``(B, D)`` (D = 1024 DenseNet-121, 512 ResNet18) of ``x`` ``(B, C, H, W)`` float.
+
+    Runs with whatever grad mode and train/eval mode the caller set.
+    """
+    return _unwrap(model).embed(x)

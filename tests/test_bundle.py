@@ -1,0 +1,102 @@
+"""cxrbench.bundle: round trip, never unpickling, clear errors for corrupted or mismatched bundles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cxrbench.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
+from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.classifier import build_classifier
+from cxrbench.preprocess import Preprocess
+
+
+def _card(**kw) -> ModelCard:
+    base = dict(kind="classifier", builder="classifier",
+                builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
+                labels=list(NIH_FINDINGS), preprocess=Preprocess(size=32).to_dict(),
+                operating_points={"thresholds": {f: 0.3 for f in NIH_FINDINGS}})
+    base.update(kw)
+    return ModelCard(**base)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 14, 1).eval()
+    path = save_bundle(tmp_path / "b", model, _card())
+    return model, path
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, path = saved
+    bundle = load_bundle(path, kind="classifier")
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), bundle.model(x))
+    assert bundle.labels == list(NIH_FINDINGS) and bundle.preprocess == Preprocess(size=32)
+    card = json.loads((path / "card.json").read_text())
+    assert card["versions"]["torch"] == torch.__version__ and len(card["weights_sha256"]) == 64
+    assert not bundle.model.training
+
+
+def test_no_pickle_anywhere(saved):
+    _, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["card.json", "model.safetensors"]
+    assert b"\x80\x04" not in (path / "model.safetensors").read_bytes()[:8]  # not a pickle stream
+
+
+def test_corrupted_weights_are_caught(saved):
+    _, path = saved
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum"):
+        load_bundle(path)
+    (path / "model.safetensors").write_bytes(bytes(data[:1000]))
+    with pytest.raises(BundleError, match="corrupted weights"):
+        load_bundle(path, verify=False)
+
+
+def test_corrupted_or_missing_card(saved, tmp_path):
+    _, path = saved
+    (path / "card.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupted card"):
+        read_card(path)
+    with pytest.raises(BundleError, match="not a cxrbench bundle"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_bundle(tmp_path / "absent")
+
+
+def test_mismatched_architecture_and_kind(saved):
+    _, path = saved
+    card = json.loads((path / "card.json").read_text())
+    card["builder_kwargs"]["arch"] = "densenet121"
+    (path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="do not fit"):
+        load_bundle(path, verify=False)
+    card["builder_kwargs"] = {"arch": "resnet18", "num_outputs": 3, "in_channels": 1}
+    (path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="other shapes"):
+        load_bundle(path, verify=False)
+    card["builder_kwargs"]["num_outputs"] = 14
+    (path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="a classifier bundle, but a ood bundle"):
+        load_bundle(path, kind="ood", verify=False)
+
+
+def test_unknown_builder_or_fields_refused():
+    with pytest.raises(BundleError, match="unknown builder"):
+        _card(builder="os:system")
+    with pytest.raises(BundleError, match="unknown fields"):
+        ModelCard.from_dict({**_card().to_dict(), "exec": "rm -rf /"})
+
+
+def test_save_replaces_atomically(saved):
+    model, path = saved
+    save_bundle(path, model, _card(name="second"))
+    assert read_card(path).name == "second"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]

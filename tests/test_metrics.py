@@ -1,0 +1,186 @@
+"""Tests for cxrbench.metrics against scikit-learn on known arrays."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
+
+from cxrbench.calibration import fit_operating_points
+from cxrbench.metrics import (
+    auc_half_split_spread,
+    auc_or_nan,
+    auc_per_finding,
+    bootstrap_auc_ci,
+    evaluate_predictions,
+    macro_auc,
+    multilabel_report,
+    weighted_auc,
+)
+
+
+def _synthetic(n: int, n_findings: int, prevalence: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (n, F) and scores with AUC ~0.8, rounded to 2 decimals so ties occur."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, n_findings)) < prevalence).astype(int)
+    s = np.round(1 / (1 + np.exp(-rng.normal(1.2 * y - 0.6, 1.0))), 2)
+    return y, s
+
+
+def test_auc_per_finding_matches_sklearn_and_reports_undefined_as_nan() -> None:
+    y, s = _synthetic(120, 4)
+    y[:, 2] = 0  # no positives
+    y[:, 3] = 1  # no negatives
+    table = auc_per_finding(y, s, ["A", "B", "C", "D"])
+    assert list(table.columns) == ["finding", "n_pos", "n_neg", "auc", "note"]
+    for j in (0, 1):
+        assert table.auc[j] == pytest.approx(roc_auc_score(y[:, j], s[:, j]))
+        assert table.note[j] == ""
+    assert math.isnan(table.auc[2]) and table.note[2] == "no positives in this split"
+    assert math.isnan(table.auc[3]) and table.note[3] == "no negatives in this split"
+    assert (table.n_pos[2], table.n_neg[3]) == (0, 0)
+    assert auc_or_nan([0, 1, 1], [0.2, 0.1, 0.9]) == (pytest.approx(0.5), "")
+
+
+@pytest.mark.parametrize("prevalence", [0.2, 0.8])  # the rarer class is positives, then negatives
+def test_weighted_auc_equals_sklearn_on_resampled_data_with_ties(prevalence: float) -> None:
+    y, s = _synthetic(80, 1, prevalence=prevalence, seed=3)
+    y, s = y[:, 0], s[:, 0]
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 80, size=(6, 80))
+    counts = np.stack([np.bincount(r, minlength=80) for r in rows])
+    ours = weighted_auc(y, s, counts)
+    expected = [roc_auc_score(y[r], s[r]) for r in rows]
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+    weights = rng.uniform(0, 2, size=(3, 80))
+    np.testing.assert_allclose(
+        weighted_auc(y, s, weights), [roc_auc_score(y, s, sample_weight=w) for w in weights], atol=1e-12
+    )
+    only_negatives = np.where(y == 1, 0.0, 1.0)[None]
+    assert np.isnan(weighted_auc(y, s, only_negatives)).all()
+
+
+def test_bootstrap_ci_reproducible_contains_point_and_handles_rare_findings() -> None:
+    y, s = _synthetic(300, 3, seed=1)
+    y[:, 1] = 0
+    y[:5, 1] = 1  # 5 positives in 300: some bootstrap samples have none
+    y[:, 2] = 0  # never defined
+    first = bootstrap_auc_ci(y, s, n_boot=300, seed=11)
+    second = bootstrap_auc_ci(y, s, n_boot=300, seed=11)
+    other = bootstrap_auc_ci(y, s, n_boot=300, seed=12)
+    np.testing.assert_array_equal(first.low, second.low)
+    np.testing.assert_array_equal(first.high, second.high)
+    assert first.low[0] != other.low[0]
+    auc0 = roc_auc_score(y[:, 0], s[:, 0])
+    assert first.low[0] < auc0 < first.high[0]
+    assert 250 < first.n_defined[1] < 300  # P(no positive) = (295/300)^300 ~ 0.6 %: a few dropped
+    assert first.n_defined[0] == 300 and first.n_defined[2] == 0
+    assert math.isnan(first.low[2]) and math.isnan(first.high[2])
+    single = bootstrap_auc_ci(y[:, 0], s[:, 0], n_boot=300, seed=11)
+    assert isinstance(single.low, float) and single.low == pytest.approx(first.low[0])
+
+
+def test_bootstrap_percentiles_match_a_plain_sklearn_loop() -> None:
+    y, s = _synthetic(60, 1, seed=5)
+    ci = bootstrap_auc_ci(y[:, 0], s[:, 0], n_boot=50, alpha=0.1, seed=2)
+    rng = np.random.default_rng(2)  # same draws as the implementation: one (n_boot, N) index block
+    rows = rng.integers(0, 60, size=(50, 60))
+    aucs = [roc_auc_score(y[r, 0], s[r, 0]) for r in rows if 0 < y[r, 0].sum() < 60]
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(aucs, [0.05, 0.95])))
+
+
+def test_half_split_spread_matches_definition_and_is_reproducible() -> None:
+    y, s = _synthetic(200, 2, seed=2)
+    spread = auc_half_split_spread(y, s, n_splits=10, seed=4)
+    rng = np.random.default_rng(4)
+    aucs = []
+    for _ in range(10):
+        rows = rng.choice(200, size=100, replace=False)
+        aucs.append([roc_auc_score(y[rows, j], s[rows, j]) for j in range(2)])
+    aucs = np.array(aucs)
+    np.testing.assert_allclose(spread.mean, aucs.mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(spread.std, aucs.std(axis=0, ddof=1), atol=1e-12)
+    assert spread.n_defined.tolist() == [10, 10]
+    again = auc_half_split_spread(y, s, n_splits=10, seed=4)
+    np.testing.assert_array_equal(again.std, spread.std)
+
+
+def test_spread_and_ci_shrink_with_more_data() -> None:
+    y_small, s_small = _synthetic(200, 1, seed=7)
+    y_large, s_large = _synthetic(5000, 1, seed=7)
+    small = auc_half_split_spread(y_small[:, 0], s_small[:, 0], n_splits=10, seed=0)
+    large = auc_half_split_spread(y_large[:, 0], s_large[:, 0], n_splits=10, seed=0)
+    assert large.std < small.std / 2
+    ci_small = bootstrap_auc_ci(y_small[:, 0], s_small[:, 0], n_boot=200, seed=0)
+    ci_large = bootstrap_auc_ci(y_large[:, 0], s_large[:, 0], n_boot=200, seed=0)
+    assert (ci_large.high - ci_large.low) < (ci_small.high - ci_small.low) / 2
+
+
+def test_macro_auc_ignores_undefined_findings_and_counts_them() -> None:
+    result = macro_auc([0.8, np.nan, 0.6, np.nan])
+    assert result.auc == pytest.approx(0.7) and (result.n_defined, result.n_findings) == (2, 4)
+    assert math.isnan(macro_auc([np.nan]).auc)
+
+
+def test_multilabel_report_matches_sklearn() -> None:
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    p = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    report = multilabel_report(y, p)
+    assert report["micro_f1"] == pytest.approx(f1_score(y, p, average="micro"))
+    # third finding: no positives, none predicted -> undefined, left out (not counted as 0 or 1)
+    assert report["macro_f1"] == pytest.approx(f1_score(y[:, :2], p[:, :2], average="macro"))
+    assert report["n_findings_in_macro_f1"] == 2
+    assert report["hamming_loss"] == pytest.approx(hamming_loss(y, p)) == pytest.approx(2 / 12)
+    with pytest.raises(ValueError, match="same shape"):
+        multilabel_report(y, p[:, :2])
+
+
+def test_evaluate_predictions_table_and_summary() -> None:
+    findings = ["Atelectasis", "Effusion", "Hernia"]
+    y_val, s_val = _synthetic(400, 3, seed=8)
+    y_val[:, 2] = 0  # Hernia: no positives in validation -> NaN operating point
+    points = fit_operating_points(y_val, s_val, findings)
+    y, s = _synthetic(300, 3, seed=9)
+    table, summary = evaluate_predictions(y, s, findings, thresholds=points, n_boot=200)
+    assert list(table.finding) == findings and len(table) == 3
+    for column in ("n_pos", "n_neg", "auc", "auc_std_half_splits", "auc_ci_low", "auc_ci_high", "threshold", "f1", "note"):
+        assert column in table.columns
+    for j in range(3):
+        assert table.auc[j] == pytest.approx(roc_auc_score(y[:, j], s[:, j]))
+        assert table.auc_ci_low[j] < table.auc[j] < table.auc_ci_high[j]
+        assert 0 < table.auc_std_half_splits[j] < 0.1
+    thr = points.thresholds["Effusion"]
+    assert table.threshold[1] == thr
+    assert table.f1[1] == pytest.approx(f1_score(y[:, 1], s[:, 1] >= thr))
+    assert math.isnan(table.threshold[2]) and math.isnan(table.f1[2])
+    assert "no operating point" in table.note[2]
+    pred = (s[:, :2] >= points.as_array()[:2]).astype(int)
+    assert summary["micro_f1"] == pytest.approx(f1_score(y[:, :2], pred, average="micro"))
+    assert summary["hamming_loss"] == pytest.approx(hamming_loss(y[:, :2], pred))
+    assert summary["macro_auc"] == pytest.approx(table.auc.mean())
+    assert summary["n_findings_thresholded"] == 2 and summary["thresholds_fitted_on"] == "validation"
+
+
+def test_evaluate_predictions_undefined_auc_and_no_thresholds() -> None:
+    y, s = _synthetic(100, 2, seed=10)
+    y[:, 1] = 0
+    table, summary = evaluate_predictions(y, s, ["A", "B"], n_boot=50, n_splits=5)
+    assert math.isnan(table.auc[1]) and math.isnan(table.auc_ci_low[1]) and math.isnan(table.auc_std_half_splits[1])
+    assert table.note[1].startswith("no positives in this split")
+    assert table.auc[0] > 0.6 and summary["n_auc_defined"] == 1
+    assert summary["macro_auc"] == pytest.approx(table.auc[0])
+    assert math.isnan(summary["micro_f1"]) and table.f1.isna().all() and "no threshold" in table.note[0]
+    with pytest.raises(ValueError, match="len\\(findings\\)"):
+        evaluate_predictions(y, s, ["A"])
+
+
+def test_bootstrap_speed_14_findings_500_samples_1000_boots() -> None:
+    y, s = _synthetic(500, 14, prevalence=0.1, seed=0)
+    start = time.perf_counter()
+    ci = bootstrap_auc_ci(y, s, n_boot=1000, seed=0)
+    elapsed = time.perf_counter() - start
+    assert ci.low.shape == (14,) and np.all(ci.n_defined == 1000)
+    assert elapsed < 2.0, f"bootstrap took {elapsed:.2f} s"

@@ -1,0 +1,148 @@
+"""Classifier training: outputs, resume after a kill, DDP with 2 gloo ranks, evaluate/predict CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrbench.bundle import load_bundle
+from cxrbench.cli import main
+from cxrbench.data import load_manifest
+from cxrbench.data.synthetic import write_phantom_set
+from cxrbench.train import CheckpointError, ClassifierConfig, train_classifier
+
+TINY = dict(arch="resnet18", image_size=32, batch_size=8, eval_bootstrap=50, early_stopping_patience=0)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return write_phantom_set(tmp_path_factory.mktemp("ph") / "set", 40, size=64, seed=1)
+
+
+def test_training_writes_everything_and_a_usable_bundle(phantoms, tmp_path):
+    df = load_manifest(phantoms)
+    r = train_classifier(df, tmp_path / "run", ClassifierConfig(epochs=2, **TINY), progress=False,
+                         cache_dir=tmp_path / "cache")
+    out = tmp_path / "run"
+    for f in ("config.json", "split.csv", "metrics.csv", "checkpoint.pt", "best.safetensors",
+              "predictions_val.csv", "predictions_test.csv", "evaluation.csv", "bundle/card.json"):
+        assert (out / f).is_file(), f
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2] and np.isfinite(metrics["train_loss"]).all()
+    split = pd.read_csv(out / "split.csv")
+    assert split.groupby("patient_id")["split"].nunique().max() == 1
+    bundle = load_bundle(r.bundle, kind="classifier")
+    card = bundle.card
+    assert card.operating_points["fitted_on"] == "validation"
+    assert card.metrics["test"]["split"] == "test" and card.training["epochs_run"] == 2
+    # findings absent from the test split are reported as such, not as 0 or 0.5
+    ev = pd.read_csv(out / "evaluation.csv")
+    no_pos = ev[ev["n_pos"] == 0]
+    assert len(no_pos) and no_pos["auc"].isna().all() and no_pos["note"].str.contains("no positive").all()
+    preds = pd.read_csv(out / "predictions_test.csv")
+    assert {"Effusion", "Effusion_raw", "Effusion_label"} <= set(preds.columns)
+
+
+def test_resume_after_kill_reaches_the_same_epoch_count(phantoms, tmp_path):
+    """Kill a real training process mid-run, resume it, and end with every epoch logged once."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cxrbench.cli", "train", "classifier", "--data", str(phantoms), "--out", str(out),
+           "--arch", "resnet18", "--size", "32", "--epochs", "6", "--batch-size", "8", "--bootstrap", "20",
+           "--patience", "0", "-q"]
+    env = {**os.environ, "CXRBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        rows = len(pd.read_csv(out / "metrics.csv")) if (out / "metrics.csv").is_file() else 0
+        if rows >= 2 or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be interrupted: " + proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(pd.read_csv(out / "metrics.csv"))
+    assert 2 <= done_before < 6 and not (out / "bundle").exists()
+    res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "bundle" / "card.json").read_text())["training"]["epochs_run"] == 6
+
+
+def test_resume_refuses_other_settings(phantoms, tmp_path):
+    df = load_manifest(phantoms)
+    train_classifier(df, tmp_path / "run", ClassifierConfig(epochs=1, **TINY), progress=False, cache_dir=tmp_path / "c")
+    with pytest.raises(CheckpointError, match="other settings"):
+        train_classifier(df, tmp_path / "run", ClassifierConfig(epochs=2, lr=0.1, **TINY), progress=False,
+                         resume=True, cache_dir=tmp_path / "c")
+    # more epochs with the same settings is fine and continues at epoch 2
+    r = train_classifier(df, tmp_path / "run", ClassifierConfig(epochs=2, **TINY), progress=False, resume=True,
+                         cache_dir=tmp_path / "c")
+    assert [h["epoch"] for h in r.history] == [2]
+
+
+def test_early_stopping_and_plateau_decay(phantoms, tmp_path, monkeypatch):
+    import cxrbench.train.classifier as tc
+
+    losses = iter([1.0, 0.9, 0.95, 0.97, 0.99, 1.2, 1.3, 1.4])  # improves twice, then never
+    monkeypatch.setattr(tc, "_validate", lambda *a, **k: {"val_loss": next(losses), "val_auc": 0.5, "val_auc_defined": 1})
+    cfg = ClassifierConfig(epochs=8, max_steps_per_epoch=1, **{**TINY, "early_stopping_patience": 3, "plateau_patience": 1})
+    r = train_classifier(load_manifest(phantoms), tmp_path / "run", cfg, progress=False, cache_dir=tmp_path / "c")
+    assert r.stopped_early and r.epochs_run == 5 and r.best_epoch == 2
+    lrs = [h["lr"] for h in r.history]
+    assert lrs[:3] == [1e-3, 1e-3, 1e-3] and lrs[4] == pytest.approx(1e-4)  # x0.1 after a 2-epoch plateau
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_on_cpu(phantoms, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "cxrbench.cli", "train", "classifier", "--data", str(phantoms), "--out", str(out),
+           "--arch", "resnet18", "--size", "32", "--epochs", "1", "--batch-size", "4", "--bootstrap", "20",
+           "--device", "cpu", "-q"]
+    env = {**os.environ, "CXRBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    row = pd.read_csv(out / "metrics.csv").iloc[0]
+    split = pd.read_csv(out / "split.csv")
+    n_train = int((split["split"] == "train").sum())
+    assert row["world_size"] == 2
+    assert row["train_images"] <= (n_train + 1) // 2 + 1  # each rank saw half of the training images
+    assert load_bundle(out / "bundle").card.training["epochs_run"] == 1
+
+
+def test_evaluate_and_predict_commands(phantoms, tmp_path, capsys):
+    df = load_manifest(phantoms)
+    r = train_classifier(df, tmp_path / "run", ClassifierConfig(epochs=1, **TINY), progress=False,
+                         cache_dir=tmp_path / "c")
+    assert main(["evaluate", "--bundle", str(r.bundle), "--data", str(phantoms), "--split",
+                 str(tmp_path / "run" / "split.csv"), "--out", str(tmp_path / "ev"), "--bootstrap", "20", "-q"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "macro AUC" in out and (tmp_path / "ev" / "evaluation.csv").is_file()
+    ev = pd.read_csv(tmp_path / "ev" / "evaluation.csv")
+    assert len(ev) == 14 and {"auc_std_half_splits", "auc_ci_low", "auc_ci_high", "f1"} <= set(ev.columns)
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    files = [str(p) for p in sorted((phantoms / "images").glob("*.png"))[:3]] + [str(bad)]
+    assert main(["predict", "--bundle", str(r.bundle), *files, "--out", str(tmp_path / "p.csv"), "-q"]) == 0
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert list(preds.columns[:3]) == ["file", "Atelectasis", "Atelectasis_raw"] and len(preds) == 4
+    assert preds["error"].isna().sum() == 3 and "broken.png" in preds.loc[3, "file"]
+    assert isinstance(preds.loc[3, "error"], str) and np.isnan(preds.loc[3, "Effusion"])
+    raw, cal = preds.loc[:2, "Effusion_raw"], preds.loc[:2, "Effusion"]
+    thr = load_bundle(r.bundle).card.operating_points["thresholds"]["Effusion"]
+    if thr is not None:  # calibrated >= 0.5 exactly when raw >= operating point
+        assert ((cal >= 0.5) == (raw >= thr)).all()
+    with torch.no_grad():
+        assert np.isfinite(preds.loc[:2, "Effusion_raw"]).all()

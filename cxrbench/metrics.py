@@ -37,6 +37,7 @@ __all__ = [
     "evaluate_predictions",
     "macro_auc",
     "multilabel_report",
+    "threshold_comparison",
     "weighted_auc",
 ]
 
@@ -366,3 +367,31 @@ def evaluate_predictions(
         "thresholds_fitted_on": thresholds.fitted_on if isinstance(thresholds, OperatingPoints) else None,
     }
     return table, summary
+
+
+def threshold_comparison(y_true: Any, scores: Any, findings: Sequence[str], operating_points: Any) -> pd.DataFrame:
+    """F1, sensitivity and specificity at a flat 0.5 vs at each finding's operating point.
+
+    This is what calibration changes: a raw sigmoid of 0.5 means little for a finding with 2 %
+    prevalence; the operating point (fitted on validation) is where that finding's ROC curve is
+    furthest from the diagonal.
+    """
+    y, s, _ = _prepare(y_true, scores)
+    findings = tuple(findings)
+    opt = _threshold_array(operating_points, findings)
+    rows = []
+    for j, f in enumerate(findings):
+        row: dict[str, Any] = {"finding": f, "n_pos": int(y[:, j].sum()), "operating_point": opt[j]}
+        for name, thr in (("0.5", 0.5), ("opt", opt[j])):
+            if np.isnan(thr):
+                row.update({f"f1@{name}": np.nan, f"sens@{name}": np.nan, f"spec@{name}": np.nan})
+                continue
+            pred = s[:, j] >= thr
+            pos = y[:, j] == 1
+            tp, fp, fn = int((pred & pos).sum()), int((pred & ~pos).sum()), int((~pred & pos).sum())
+            denom = 2 * tp + fp + fn
+            row[f"f1@{name}"] = 2 * tp / denom if denom else np.nan
+            row[f"sens@{name}"] = tp / pos.sum() if pos.any() else np.nan
+            row[f"spec@{name}"] = 1 - fp / (~pos).sum() if (~pos).any() else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

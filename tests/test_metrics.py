@@ -184,3 +184,17 @@ def test_bootstrap_speed_14_findings_500_samples_1000_boots() -> None:
     elapsed = time.perf_counter() - start
     assert ci.low.shape == (14,) and np.all(ci.n_defined == 1000)
     assert elapsed < 2.0, f"bootstrap took {elapsed:.2f} s"
+
+
+def test_f1_with_a_single_thresholded_finding_and_threshold_comparison():
+    """Regression: one finding with a threshold (others NaN) must give one F1, not sklearn's two-class array."""
+    from cxrbench.metrics import threshold_comparison
+
+    y = np.array([[1, 0], [1, 0], [0, 0], [0, 1]])
+    s = np.array([[0.9, 0.2], [0.4, 0.1], [0.3, 0.3], [0.1, 0.8]])
+    table, _ = evaluate_predictions(y, s, ["A", "B"], [0.35, np.nan], n_boot=20)
+    assert table.loc[0, "f1"] == pytest.approx(1.0) and np.isnan(table.loc[1, "f1"])
+    cmp = threshold_comparison(y, s, ["A", "B"], [0.35, 0.5])
+    assert cmp.loc[0, "f1@0.5"] == pytest.approx(2 / 3)  # TP 1, FN 1
+    assert cmp.loc[0, "f1@opt"] == pytest.approx(1.0)
+    assert cmp.loc[1, "sens@opt"] == 1.0 and cmp.loc[1, "spec@opt"] == 1.0

@@ -9,9 +9,12 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
-#: Small parameters per notebook, so the whole set runs in CI in a few minutes.
+#: Small parameters per notebook, so the whole set runs in CI in a few minutes ("{tmp}": the test's tmp folder).
 SMALL_PARAMETERS: dict[str, dict] = {
     "00_data_tour.ipynb": {"image_size": 96, "images_per_finding": 2, "findings_to_show": 3, "n_phantoms": 4},
+    "01_train_classifier.ipynb": {"image_size": 48, "epochs": 2, "max_steps_per_epoch": 3, "bootstrap": 50,
+                                  "out_dir": "{tmp}/run01"},
+    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 3},
 }
 
 
@@ -47,10 +50,11 @@ def test_notebook_runs_under_papermill(name, tmp_path):
     import papermill as pm
 
     out = tmp_path / name
-    pm.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=SMALL_PARAMETERS[name], cwd=str(NOTEBOOKS.parent),
+    params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in SMALL_PARAMETERS[name].items()}
+    pm.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=params, cwd=str(NOTEBOOKS.parent),
                         kernel_name="python3", progress_bar=False)
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    figures = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    figures = [o for c in nb.cells for o in c.get("outputs", []) if {"image/png", "application/vnd.plotly.v1+json"} & set(o.get("data", {}))]
     assert figures, f"{name} drew no figure"

@@ -1,4 +1,4 @@
-"""Models: classifier factory (DenseNet-121, ResNet18) and weight loaders for outside formats.
+"""Models: classifier factory (DenseNet-121, ResNet18), OOD models (ALI, autoencoder), weight loaders.
 
 Names are imported lazily (PEP 562), so ``import cxrbench.models`` does not import torch until a
 name is used.
@@ -26,6 +26,13 @@ _LAZY: dict[str, str] = {
     "load_chexnet_checkpoint": "cxrbench.models.weights",
     "load_torchvision_backbone": "cxrbench.models.weights",
     "torchvision_weights_path": "cxrbench.models.weights",
+    # OOD models (64 px)
+    "ALI": "cxrbench.models.ali",
+    "ALIDiscriminator": "cxrbench.models.ali",
+    "ali_train_step": "cxrbench.models.ali",
+    "make_ali_optimizers": "cxrbench.models.ali",
+    "ConvAutoencoder": "cxrbench.models.autoencoder",
+    "ae_train_step": "cxrbench.models.autoencoder",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,256 @@
+"""The upload-and-explain app: ipywidgets around a :class:`~cxrbench.pipeline.Pipeline`.
+
+``notebooks/05_dashboard.ipynb`` builds a :class:`Dashboard` and displays it; Voila serves that
+notebook as a local web app. All logic is here so it can be driven without a browser: set
+``dashboard.upload.value`` (or call :meth:`Dashboard.analyze_bytes`) and read the widgets.
+
+Privacy: uploads are decoded in memory (never written to disk), the models run in this kernel, and
+the page loads nothing from outside (plotly.js comes from the local Jupyter extension).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .io import ImageReadError
+from .pipeline import Pipeline, Report
+
+__all__ = ["CALIBRATION_NOTE", "Dashboard", "png_bytes", "probability_figure"]
+
+CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operating point (the threshold that "
+                    "best separated positives from negatives on the validation split, Chester Eq. 1). "
+                    "Hover a bar for the raw model output. Not a diagnosis.")
+UPLOAD_ACCEPT = ".png,.jpg,.jpeg,.dcm,.dicom,.tif,.tiff,.bmp"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG of an ``(H, W)`` [0, 1] grey or ``(H, W, 3)`` uint8 RGB image (in memory)."""
+    from PIL import Image as PILImage
+
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def probability_figure(report: Report):
+    """Horizontal plotly bars of the calibrated probabilities, 0.5 marked, raw values on hover."""
+    import plotly.graph_objects as go
+
+    table = report.table().iloc[::-1]  # highest on top
+    colours = ["#c0392b" if v >= 0.5 else "#2e6da4" for v in table["calibrated"].fillna(0)]
+    fig = go.Figure(go.Bar(
+        x=table["calibrated"], y=table["finding"], orientation="h", marker_color=colours,
+        customdata=np.stack([table["raw"], table["operating_point"]], axis=1),
+        hovertemplate="%{y}<br>calibrated %{x:.3f}<br>raw %{customdata[0]:.3f}"
+                      "<br>operating point %{customdata[1]:.3f}<extra></extra>"))
+    fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",
+                  annotation_position="top")
+    fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=420, width=520,
+                      margin=dict(l=10, r=10, t=30, b=40), template="plotly_white")
+    return fig
+
+
+class Dashboard:
+    """The widgets and their callbacks. ``dashboard.widget`` is what a notebook displays.
+
+    Parameters
+    ----------
+    pipeline : the models (loaded once, before the first upload).
+    examples : display name -> image path, offered in the example picker.
+    """
+
+    METHODS = ("saliency", "gradcam", "cam", "saliency_per_finding")
+
+    def __init__(self, pipeline: Pipeline, examples: Mapping[str, str | Path] | None = None):
+        import ipywidgets as w
+
+        self.pipeline = pipeline
+        self.examples = {k: str(v) for k, v in (examples or {}).items()}
+        self.report: Report | None = None
+        self.figure = None
+        self._source: tuple[str, bytes] | None = None
+        self._quiet = False
+
+        self.upload = w.FileUpload(accept=UPLOAD_ACCEPT, multiple=False, description="Upload X-ray")
+        self.upload.add_class("cxr-upload")
+        self.example = w.Dropdown(options=["(choose an example)", *self.examples], description="or example")
+        self.example.add_class("cxr-example")
+        self.override = w.Checkbox(value=False, description="analyse even if not recognised as a chest X-ray",
+                                   indent=False, layout=w.Layout(width="auto"))
+        self.busy = w.HTML("")
+        self.busy.add_class("cxr-busy")
+        self.message = w.HTML("")
+        self.message.add_class("cxr-message")
+        self.verdict = w.HTML("")
+        self.verdict.add_class("cxr-verdict")
+        self.ood_images = w.HBox([])
+        self.ood_images.add_class("cxr-ood-images")
+        self.bars = w.Output()
+        self.bars.add_class("cxr-bars")
+        self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>")
+        self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
+        self.finding = w.Dropdown(options=list(pipeline.findings), description="finding", disabled=True)
+        self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
+        self.overlay = w.Image(format="png", layout=w.Layout(width="360px", height="360px"))
+        self.overlay.add_class("cxr-overlay")
+        self.timing = w.HTML("")
+        self.timing.add_class("cxr-timing")
+
+        self.upload.observe(self._on_upload, names="value")
+        self.example.observe(self._on_example, names="value")
+        self.override.observe(lambda _: self._rerun(), names="value")
+        self.method.observe(self._on_method, names="value")
+        self.finding.observe(lambda _: self._reexplain(), names="value")
+        self.opacity.observe(lambda _: self._draw_overlay(), names="value")
+
+        header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
+                        "this machine; nothing is uploaded anywhere else.</p>")
+        left = w.VBox([w.HBox([self.upload, self.example]), self.override, self.busy, self.message, self.verdict,
+                       self.ood_images])
+        right = w.VBox([self.bars, self.note, w.HBox([self.method, self.finding]), self.opacity, self.overlay])
+        self.widget = w.VBox([header, w.HBox([left, right]), self.timing])
+
+    # ------------------------------------------------------------------ entry points
+    def analyze_bytes(self, name: str, content: bytes) -> Report | None:
+        """Analyse an uploaded file's bytes (never written to disk). Errors become a message."""
+        return self._run((name, bytes(content)))
+
+    def analyze_path(self, path: str | Path) -> Report | None:
+        p = Path(path)
+        return self.analyze_bytes(p.name, p.read_bytes())
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_upload(self, change: dict[str, Any]) -> None:
+        files = change["new"]
+        if not files:
+            return
+        item = files[0]
+        self.analyze_bytes(item["name"], item["content"].tobytes() if hasattr(item["content"], "tobytes") else item["content"])
+
+    def _on_example(self, change: dict[str, Any]) -> None:
+        name = change["new"]
+        if name in self.examples:
+            self.analyze_path(self.examples[name])
+
+    def _on_method(self, change: dict[str, Any]) -> None:
+        self.finding.disabled = change["new"] == "saliency"
+        self._reexplain()
+
+    def _rerun(self) -> None:
+        if self._source is not None:
+            self._run()
+
+    def _reexplain(self) -> None:
+        if self._quiet or self.report is None or self.report.raw is None or self._source is None:
+            return
+        self._run()
+
+    # ------------------------------------------------------------------ work
+    def _run(self, source: tuple[str, bytes] | None = None) -> Report | None:
+        """Analyse ``source`` (or the current image again); it becomes current only if it succeeds."""
+        source = source or self._source
+        assert source is not None
+        name, content = source
+        self.busy.value = "<span class='cxr-spinner'>⏳ analysing…</span>"
+        t0 = time.perf_counter()
+        try:
+            targets = None if self.method.value == "saliency" else [self.finding.value]
+            report = self.pipeline.analyze(content, name=name, explain=self.method.value, targets=targets,
+                                           allow_ood=self.override.value)
+        except ImageReadError as exc:
+            self._error(f"Cannot read <b>{html.escape(exc.source)}</b>: {html.escape(exc.reason)}. "
+                        "The previous result is kept.")
+            return None
+        except Exception as exc:  # a message instead of a traceback, and nothing lost
+            self._error(f"Could not analyse <b>{html.escape(name)}</b>: {html.escape(str(exc))}. "
+                        "The previous result is kept.")
+            self._last_traceback = traceback.format_exc()
+            return None
+        finally:
+            self.busy.value = ""
+        self.message.value = ""
+        self.report, self._source = report, source
+        self._render(report, time.perf_counter() - t0)
+        return report
+
+    def _error(self, text: str) -> None:
+        self.message.value = f"<div style='color:#b00020'>{text}</div>"
+
+    def _render(self, report: Report, seconds: float) -> None:
+        import ipywidgets as w
+
+        self._render_verdict(report)
+        self.bars.clear_output(wait=True)
+        if report.raw is not None:
+            if self.method.value == "saliency":  # preselect the most probable finding for per-finding methods
+                self._quiet = True
+                self.finding.value = report.table()["finding"].iloc[0]
+                self._quiet = False
+            self.figure = probability_figure(report)
+            # set the output directly (works with or without a kernel capturing display calls)
+            spec = json.loads(self.figure.to_json())
+            spec["config"] = {"displaylogo": False, "responsive": True}
+            self.bars.outputs = ({"output_type": "display_data", "metadata": {},
+                                  "data": {"application/vnd.plotly.v1+json": spec,
+                                           "text/plain": "calibrated probabilities (plotly)"}},)
+        self._draw_overlay()
+        stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.timings.items() if k != "total")
+        self.timing.value = (f"<small>{html.escape(report.source)}: {seconds:.2f} s ({stages}) · "
+                             f"models: {html.escape(Path(str(self.pipeline.classifier.path)).name)}</small>")
+        if report.ood is not None:
+            imgs = [("input (64 px)", report.ood.input), ("reconstruction", report.ood.reconstruction),
+                    ("error", _error_overlay(report.ood.input, report.ood.error))]
+            self.ood_images.children = [w.VBox([w.HTML(f"<small>{t}</small>"),
+                                                w.Image(value=png_bytes(im), format="png",
+                                                        layout=w.Layout(width="128px", height="128px"))])
+                                        for t, im in imgs]
+        else:
+            self.ood_images.children = []
+
+    def _render_verdict(self, report: Report) -> None:
+        if report.ood is None:
+            self.verdict.value = "<p><i>No OOD gate loaded: every image is analysed.</i></p>"
+            return
+        o = report.ood
+        detail = f"{o.scorer} score {o.score:.3f} vs cutoff {o.cutoff:.3f}"
+        if o.in_distribution:
+            self.verdict.value = f"<p style='color:#1e7b34'>✔ Looks like a frontal chest X-ray ({detail}).</p>"
+        elif report.rejected:
+            self.verdict.value = (f"<p class='cxr-rejected' style='color:#b00020'><b>✘ Rejected: this does not look like a "
+                                  f"frontal chest X-ray</b> ({detail}). The model was not trained on images like this, "
+                                  "so no prediction is shown. Red marks where the reconstruction fails.</p>")
+        else:
+            self.verdict.value = (f"<p style='color:#b36b00'>⚠ Not recognised as a chest X-ray ({detail}); analysed "
+                                  "anyway because you asked. Treat the numbers with suspicion.</p>")
+
+    def _draw_overlay(self) -> None:
+        from .explain.overlay import overlay
+
+        r = self.report
+        if r is None or r.maps is None:
+            self.overlay.value = png_bytes(r.image) if r is not None else b""
+            return
+        k = 0
+        if r.method != "saliency" and self.finding.value in r.map_labels:
+            k = r.map_labels.index(self.finding.value)
+        self.overlay.value = png_bytes(overlay(r.image, r.maps[k], alpha=float(self.opacity.value)))
+
+
+def _error_overlay(image: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """The grey input with the reconstruction error in red (Chester Fig. 4/7)."""
+    grey = np.clip(image, 0, 1)
+    e = np.clip(error / max(float(np.percentile(error, 99)), 1e-6), 0, 1)
+    rgb = np.stack([grey, grey, grey], axis=-1) * (1 - 0.8 * e[..., None])
+    rgb[..., 0] += 0.8 * e
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)

@@ -1,0 +1,149 @@
+"""cxrbench.pipeline and cxrbench.dashboard without a browser: gate, calibration, explanation, errors."""
+
+from __future__ import annotations
+
+import datetime
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from cxrbench.bundle import ModelCard, load_bundle, save_bundle
+from cxrbench.io import ImageReadError
+from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.autoencoder import ConvAutoencoder
+from cxrbench.models.classifier import build_classifier
+from cxrbench.pipeline import Pipeline, RejectedImageError
+from cxrbench.preprocess import Preprocess
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    torch.manual_seed(0)
+    clf = build_classifier("resnet18", 14, 1).eval()
+    ops = {"thresholds": {f: 0.2 + 0.04 * i for i, f in enumerate(NIH_FINDINGS)}, "fitted_on": "validation"}
+    save_bundle(root / "clf", clf, ModelCard(kind="classifier", builder="classifier",
+                                             builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
+                                             labels=list(NIH_FINDINGS), preprocess=Preprocess(size=64).to_dict(),
+                                             operating_points=ops))
+    ae = ConvAutoencoder(latent_dim=16, base_channels=8).eval()
+    for name, thr in (("ood_open", 10.0), ("ood_closed", -1.0)):
+        save_bundle(root / name, ae, ModelCard(kind="ood", builder="autoencoder",
+                                               builder_kwargs={"latent_dim": 16, "base_channels": 8},
+                                               preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
+                                               ood={"cutoff": {"scorer": "ssim", "threshold": thr, "method": "test"}}))
+    return root
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(np.round(arr * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    from cxrbench.data.synthetic import make_phantom
+
+    return make_phantom(96, findings=["Nodule"], seed=3).image
+
+
+def test_report_with_gate_probabilities_and_saliency(bundles, image):
+    pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open")
+    r = pipe.analyze(_png(image), name="x.png", explain="saliency")
+    assert not r.rejected and r.in_distribution and r.source == "x.png"
+    assert r.raw.shape == (14,) and np.all((r.raw > 0) & (r.raw < 1))
+    # calibrated values follow Chester Eq. 1 at each operating point
+    opt = pipe.operating_points
+    expected = np.where(r.raw <= opt, r.raw / (2 * opt), 1 - (1 - r.raw) / (2 * (1 - opt)))
+    np.testing.assert_allclose(r.calibrated, expected, atol=1e-9)
+    assert r.maps.shape == (1, 64, 64) and r.map_labels == ["all findings"] and np.isfinite(r.maps).all()
+    assert r.image.shape == (64, 64) and r.ood.reconstruction.shape == (64, 64)
+    assert set(r.timings) >= {"read", "ood", "classify", "explain", "total"}
+    table = r.table()
+    assert list(table.columns) == ["finding", "calibrated", "raw", "operating_point"]
+    assert table["calibrated"].is_monotonic_decreasing
+    row = r.to_row()
+    assert row["in_distribution"] is True and row["error"] == "" and "Hernia_raw" in row
+
+
+def test_rejected_images_get_no_probabilities_unless_overridden(bundles, image):
+    pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed")
+    r = pipe.analyze(image, explain="saliency")
+    assert r.rejected and r.raw is None and r.maps is None and r.ood.error.shape == (64, 64)
+    assert r.table().empty and r.to_row()["error"] == "rejected by the OOD gate"
+    with pytest.raises(RejectedImageError, match="not recognised as a frontal chest X-ray"):
+        r.require_in_distribution()
+    forced = pipe.analyze(image, explain=None, allow_ood=True)
+    assert forced.overridden and forced.raw is not None and not forced.rejected
+
+
+def test_per_finding_explanations_and_targets(bundles, image):
+    pipe = Pipeline.from_paths(bundles / "clf")
+    r = pipe.analyze(image, explain="gradcam", targets=["Effusion", "Mass"])
+    assert r.ood is None and r.map_labels == ["Effusion", "Mass"] and r.maps.shape == (2, 64, 64)
+    top3 = pipe.analyze(image, explain="cam")
+    assert len(top3.map_labels) == 3 and top3.map_labels[0] == top3.table()["finding"].iloc[0]
+    with pytest.raises(ValueError, match="unknown findings"):
+        pipe.analyze(image, explain="gradcam", targets=["Broken_Arm"])
+
+
+def test_bad_inputs(bundles):
+    pipe = Pipeline.from_paths(bundles / "clf")
+    with pytest.raises(ImageReadError, match="notes.txt"):
+        pipe.analyze(b"hello", name="notes.txt")
+    with pytest.raises(ValueError, match="0-255"):
+        pipe.analyze(np.full((32, 32), 200.0, np.float32))
+    with pytest.raises(ValueError, match="expected an OOD bundle"):
+        from cxrbench.pipeline import Pipeline as P
+
+        P(load_bundle(bundles / "clf"), ood=load_bundle(bundles / "clf"))
+
+
+def test_batch_keeps_going_after_a_bad_file(bundles, image, tmp_path):
+    good = tmp_path / "a.png"
+    good.write_bytes(_png(image))
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"nope")
+    pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open")
+    reports, errors = pipe.analyze_batch([good, bad, good], progress=False)
+    assert reports[1] is None and set(errors) == {1} and reports[0].raw is not None and reports[2] is not None
+
+
+def test_dashboard_callbacks_without_a_browser(bundles, image):
+    from cxrbench.dashboard import Dashboard
+
+    dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open"))
+    dash.upload.value = ({"name": "chest.png", "type": "image/png", "size": 1, "content": memoryview(_png(image)),
+                          "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    assert dash.report is not None and dash.report.raw is not None
+    assert "frontal chest X-ray" in dash.verdict.value and len(dash.ood_images.children) == 3
+    assert bytes(dash.overlay.value)[:4] == b"\x89PNG" and dash.bars.outputs
+    assert "application/vnd.plotly.v1+json" in dash.bars.outputs[0]["data"]
+    bars = dash.figure.data[0]
+    assert len(bars.y) == 14 and max(bars.x) <= 1 and bars.customdata.shape == (14, 2)
+    first = dash.report
+    # a bad file: a message, no traceback, the previous result kept
+    dash.analyze_bytes("broken.dcm", b"\x00" * 200)
+    assert "Cannot read" in dash.message.value and "broken.dcm" in dash.message.value
+    assert dash.report is first
+    # switching method re-explains the same image for the selected finding
+    dash.method.value = "gradcam"
+    dash.finding.value = "Effusion"
+    assert dash.report is not first and dash.report.map_labels == ["Effusion"] and not dash.message.value
+    before = bytes(dash.overlay.value)
+    dash.opacity.value = 0.9
+    assert bytes(dash.overlay.value) != before
+
+
+def test_dashboard_rejection_message(bundles, image):
+    from cxrbench.dashboard import Dashboard
+
+    dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed"))
+    dash.analyze_bytes("hand.png", _png(image))
+    assert "Rejected" in dash.verdict.value and not dash.bars.outputs
+    dash.override.value = True
+    assert "analysed anyway" in dash.verdict.value and dash.report.raw is not None

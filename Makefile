@@ -7,11 +7,14 @@ STAMP := $(VENV)/.cxrbench-installed
 BUILD ?= build
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo data-tour benchmarks clean help
+PORT ?= 8866
+
+.PHONY: venv browser test test-fast demo demo-prepare data-tour benchmarks clean help
 
 help:
 	@echo "make test        create/refresh .venv, then run the whole test suite"
-	@echo "make demo        create/refresh .venv, then run the demo (see README)"
+	@echo "make demo        create/refresh .venv, train the demo bundles once, serve the dashboard on 127.0.0.1:$(PORT)"
+	@echo "make data-tour   execute notebooks/00_data_tour.ipynb into build/ (+ HTML)"
 	@echo "make benchmarks  speed and memory tables under build/benchmarks/"
 	@echo "make clean       remove build/ and caches (keeps .venv)"
 
@@ -24,14 +27,26 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: venv
+# Debian's Chromium for the browser tests (Playwright drives it; never `playwright install`).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "warning: chromium missing and cannot apt-get install it: browser tests will be skipped"; fi; }
+
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)
 
-# Until the dashboard exists, the demo is the executed data tour (notebook + HTML under build/).
-demo: data-tour
+# The dashboard on the demo bundles (trained by `cxrbench demo prepare` on $$CXRBENCH_DATA, default
+# ../shared/data/cxr, else synthetic phantoms; cached in build/demo), served by Voila on 127.0.0.1.
+demo: venv
+	$(VENV)/bin/cxrbench demo serve --port $(PORT)
+
+demo-prepare: venv
+	$(VENV)/bin/cxrbench demo prepare
 
 data-tour: venv
 	@mkdir -p $(BUILD)

@@ -131,7 +131,13 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:
     add_classifier_commands(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier]
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    from .cli_app import add_app_commands
+
+    add_app_commands(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:

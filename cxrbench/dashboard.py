@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from .io import ImageReadError
 from .pipeline import Pipeline, Report
 
-__all__ = ["CALIBRATION_NOTE", "Dashboard", "png_bytes", "probability_figure"]
+__all__ = ["CALIBRATION_NOTE", "Dashboard", "dashboard_from_environment", "png_bytes", "probability_figure"]
 
 CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operating point (the threshold that "
                     "best separated positives from negatives on the validation split, Chester Eq. 1). "
@@ -98,11 +99,12 @@ class Dashboard:
         self.ood_images.add_class("cxr-ood-images")
         self.bars = w.Output()
         self.bars.add_class("cxr-bars")
-        self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>")
+        self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>", layout=w.Layout(width="540px"))
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.finding = w.Dropdown(options=list(pipeline.findings), description="finding", disabled=True)
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
-        self.overlay = w.Image(format="png", layout=w.Layout(width="360px", height="360px"))
+        self.overlay = w.Image(format="png", layout=w.Layout(width="384px", height="384px", object_fit="contain",
+                                                             visibility="hidden"))
         self.overlay.add_class("cxr-overlay")
         self.timing = w.HTML("")
         self.timing.add_class("cxr-timing")
@@ -116,10 +118,12 @@ class Dashboard:
 
         header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
                         "this machine; nothing is uploaded anywhere else.</p>")
-        left = w.VBox([w.HBox([self.upload, self.example]), self.override, self.busy, self.message, self.verdict,
-                       self.ood_images])
-        right = w.VBox([self.bars, self.note, w.HBox([self.method, self.finding]), self.opacity, self.overlay])
-        self.widget = w.VBox([header, w.HBox([left, right]), self.timing])
+        left = w.VBox([self.upload, self.example, self.override, self.busy, self.message, self.verdict,
+                       self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity],
+                      layout=w.Layout(width="430px", min_width="430px", overflow="hidden"))
+        right = w.VBox([self.bars, self.note, self.overlay], layout=w.Layout(width="560px", min_width="560px"))
+        body = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        self.widget = w.VBox([header, body, self.timing])
 
     # ------------------------------------------------------------------ entry points
     def analyze_bytes(self, name: str, content: bytes) -> Report | None:
@@ -200,7 +204,7 @@ class Dashboard:
             self.figure = probability_figure(report)
             # set the output directly (works with or without a kernel capturing display calls)
             spec = json.loads(self.figure.to_json())
-            spec["config"] = {"displaylogo": False, "responsive": True}
+            spec["config"] = {"displaylogo": False, "responsive": False}
             self.bars.outputs = ({"output_type": "display_data", "metadata": {},
                                   "data": {"application/vnd.plotly.v1+json": spec,
                                            "text/plain": "calibrated probabilities (plotly)"}},)
@@ -238,6 +242,7 @@ class Dashboard:
         from .explain.overlay import overlay
 
         r = self.report
+        self.overlay.layout.visibility = "hidden" if r is None else "visible"
         if r is None or r.maps is None:
             self.overlay.value = png_bytes(r.image) if r is not None else b""
             return
@@ -254,3 +259,28 @@ def _error_overlay(image: np.ndarray, error: np.ndarray) -> np.ndarray:
     rgb = np.stack([grey, grey, grey], axis=-1) * (1 - 0.8 * e[..., None])
     rgb[..., 0] += 0.8 * e
     return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = "",
+                               demo_info: str | Path = "") -> Any:
+    """The dashboard for the bundles named here, else in ``$CXRBENCH_DEMO`` (JSON), else ``build/demo/demo.json``.
+
+    Returns the :class:`Dashboard`'s widget, or an HTML message that says how to get bundles.
+    """
+    import ipywidgets as w
+
+    from .demo import REPO
+
+    info: dict[str, Any] = {}
+    if os.environ.get("CXRBENCH_DEMO"):
+        info = json.loads(os.environ["CXRBENCH_DEMO"])
+    else:
+        path = Path(demo_info) if demo_info else REPO / "build" / "demo" / "demo.json"
+        if path.is_file():
+            info = json.loads(path.read_text())
+    classifier = classifier or info.get("classifier") or ""
+    if not classifier:
+        return w.HTML("<h3>No model bundles yet</h3><p>Run <code>make demo</code> or "
+                      "<code>cxrbench demo prepare</code> first, or pass a classifier bundle.</p>")
+    pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None, unet=unet or info.get("unet") or None)
+    return Dashboard(pipeline, examples=info.get("examples") or {})

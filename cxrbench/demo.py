@@ -1,0 +1,193 @@
+"""The demo: bundles trained by the project itself, example images, and a local Voila server.
+
+``cxrbench demo prepare`` trains the demo bundles once (a classifier and an OOD gate) on the data
+in ``$CXRBENCH_DATA`` — by default ``../shared/data/cxr`` when it exists, else synthetic phantoms —
+and caches them under ``build/demo`` (a fingerprint of the data and the settings decides whether to
+retrain). ``cxrbench demo serve`` starts Voila on 127.0.0.1 with the dashboard notebook and prints
+its URL. ``make demo`` does both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DemoSettings", "demo_data", "demo_examples", "prepare_demo", "serve", "wait_for_voila"]
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD_NOTEBOOK = REPO / "notebooks" / "05_dashboard.ipynb"
+READY_PATH = "/voila/labextensions/@jupyter-widgets/jupyterlab-manager/package.json"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo bundles are trained with (kept small: the first `make demo` must stay under 10 min)."""
+
+    arch: str = "resnet18"
+    image_size: int = 128
+    epochs: int = 6
+    batch_size: int = 16
+    ood_model: str = "autoencoder"
+    ood_epochs: int = 8
+    ood_percentile: float = 95.0
+    seed: int = 0
+
+
+def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """The demo's data folder and its kind: ``$CXRBENCH_DATA``, ``../shared/data/cxr``, else phantoms.
+
+    Returns ``(folder with the training images, kind)`` where kind is ``"shared"``, ``"custom"`` or
+    ``"phantoms"``.
+    """
+    from .data import default_cache_dir, shared_data_root
+    from .data.synthetic import write_phantom_set
+
+    data = data or os.environ.get("CXRBENCH_DATA")
+    if data:
+        path = Path(data)
+        if (path / "nih" / "manifest.csv").is_file():
+            return path / "nih", "shared"
+        return path, "custom"
+    shared = shared_data_root()
+    if shared is not None:
+        return shared / "cxr" / "nih", "shared"
+    root = default_cache_dir() / "demo-phantoms"
+    if not (root / "manifest.csv").is_file():
+        write_phantom_set(root, 160, size=256, seed=0)
+    return root, "phantoms"
+
+
+def demo_examples(train_dir: Path, kind: str, n_chest: int = 4) -> dict[str, str]:
+    """A few example images for the picker: chest X-rays with findings, and non-chest ones when available."""
+    from .data import load_manifest
+
+    examples: dict[str, str] = {}
+    df = load_manifest(train_dir, on_missing="drop")
+    labelled = df[df.get("finding_labels", "").astype(str) != "No Finding"] if "finding_labels" in df else df
+    for _, row in labelled.head(n_chest).iterrows():
+        label = str(row.get("finding_labels", ""))[:40]
+        examples[f"chest X-ray: {label or row['image_id']}"] = row["path"]
+    if kind == "shared":
+        cxr = train_dir.parent
+        for sub, title in (("nonchest", "not a chest X-ray"), ("pediatric", "paediatric chest X-ray")):
+            if (cxr / sub / "manifest.csv").is_file():
+                other = load_manifest(cxr / sub, on_missing="drop")
+                for _, row in other.head(2).iterrows():
+                    examples[f"{title}: {row['image_id']}"] = row["path"]
+    return examples
+
+
+def _fingerprint(train_dir: Path, settings: DemoSettings) -> str:
+    h = hashlib.sha1(json.dumps(asdict(settings), sort_keys=True).encode())
+    manifest = train_dir / "manifest.csv"
+    h.update(manifest.read_bytes() if manifest.is_file() else str(sorted(os.listdir(train_dir))[:1000]).encode())
+    h.update(str(train_dir.resolve()).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLike | None = None,
+                 settings: DemoSettings | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse) the demo bundles; returns ``{"classifier": path, "ood": path, "examples": {...}}``.
+
+    The result is also written to ``out/demo.json``, which the dashboard notebook reads.
+    """
+    from .data import load_manifest
+    from .train import ClassifierConfig, train_classifier
+
+    settings = settings or DemoSettings()
+    out = Path(out)
+    train_dir, kind = demo_data(data)
+    fingerprint = _fingerprint(train_dir, settings)
+    info_path = out / "demo.json"
+    if info_path.is_file() and not force:
+        info = json.loads(info_path.read_text())
+        if info.get("fingerprint") == fingerprint and all(
+                Path(info[k], "card.json").is_file() for k in ("classifier", "ood") if info.get(k)):
+            if progress:
+                print(f"demo bundles up to date in {out} (data: {train_dir}, {kind})")
+            return info
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    manifest = load_manifest(train_dir, on_missing="drop")
+    if progress:
+        print(f"training the demo bundles on {len(manifest)} images from {train_dir} ({kind}) ...")
+    cfg = ClassifierConfig(arch=settings.arch, image_size=settings.image_size, epochs=settings.epochs,
+                           batch_size=settings.batch_size, seed=settings.seed, early_stopping_patience=0,
+                           eval_bootstrap=200)
+    clf = train_classifier(manifest, out / "classifier_run", cfg, progress=progress, resume=True,
+                           data_description=f"{train_dir} ({kind})")
+    info: dict[str, Any] = {"fingerprint": fingerprint, "data": str(train_dir), "kind": kind,
+                            "classifier": str(clf.bundle), "ood": None, "settings": asdict(settings)}
+    try:
+        from .train.ood import OODConfig, train_ood  # the OOD gate (issue 4)
+    except ImportError:
+        train_ood = None
+    if train_ood is not None:
+        ocfg = OODConfig(model=settings.ood_model, epochs=settings.ood_epochs, percentile=settings.ood_percentile,
+                         seed=settings.seed)
+        ood = train_ood(manifest, out / "ood_run", ocfg, progress=progress, resume=True)
+        info["ood"] = str(ood.bundle)
+    info["examples"] = demo_examples(train_dir, kind)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    if progress:
+        print(f"demo bundles ready in {info['seconds']:.0f} s: {out}")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_voila(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Block until Voila answers on 127.0.0.1:port (the widget manager's package.json; starts no kernel)."""
+    deadline = time.time() + timeout
+    url = f"http://127.0.0.1:{port}{READY_PATH}"
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"voila exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    raise TimeoutError(f"voila did not answer on port {port} within {timeout:.0f} s")
+
+
+def voila_command(port: int, notebook: Path = DASHBOARD_NOTEBOOK, max_upload_mb: int = 64) -> list[str]:
+    """The Voila command line: local only, no browser, a taken port is an error (no silent move)."""
+    exe = Path(sys.executable).with_name("voila")
+    return [str(exe) if exe.exists() else "voila", str(notebook), "--no-browser", f"--port={port}",
+            "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light", "--template=cxrbench",
+            f"--Voila.tornado_settings={{'websocket_max_message_size': {max_upload_mb * 1024 * 1024}}}"]
+
+
+def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
+    env = {**os.environ, **(env or {})}
+    env["CXRBENCH_DEMO"] = json.dumps(info)
+    # our template (the lab template without CDN stylesheets) lives in cxrbench/voila/templates
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("JUPYTER_PATH", "")]))
+    proc = subprocess.Popen(voila_command(port), env=env, cwd=str(REPO))
+    if wait:
+        wait_for_voila(port, proc=proc)
+    return proc

@@ -245,10 +245,18 @@ def multilabel_report(y_true: Any, y_pred_binary: Any) -> dict[str, float]:
     p = _as_binary_labels(y_pred_binary, name="y_pred_binary")
     if y.ndim != 2 or p.shape != y.shape:
         raise ValueError(f"need (N, F) labels and predictions of the same shape, got {y.shape} and {p.shape}")
-    per_finding = f1_score(y, p, average=None, zero_division=np.nan)
+    # F1 by hand from the counts: scikit-learn reads a single (N, 1) column as a binary task with two
+    # classes and would average F1 over "0" and "1" (micro-F1 then equals accuracy)
+    tp = (y & p).sum(axis=0).astype(float)
+    fp = ((1 - y) & p).sum(axis=0).astype(float)
+    fn = (y & (1 - p)).sum(axis=0).astype(float)
+    denom = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_finding = np.where(denom > 0, 2 * tp / denom, np.nan)
     defined = ~np.isnan(per_finding)
+    micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
     return {
-        "micro_f1": float(f1_score(y, p, average="micro", zero_division=np.nan)),
+        "micro_f1": float(2 * tp.sum() / micro_denom) if micro_denom > 0 else math.nan,
         "macro_f1": float(per_finding[defined].mean()) if defined.any() else math.nan,
         "hamming_loss": float(hamming_loss(y, p)),
         "n_findings_in_macro_f1": int(defined.sum()),

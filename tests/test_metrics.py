@@ -198,3 +198,19 @@ def test_f1_with_a_single_thresholded_finding_and_threshold_comparison():
     assert cmp.loc[0, "f1@0.5"] == pytest.approx(2 / 3)  # TP 1, FN 1
     assert cmp.loc[0, "f1@opt"] == pytest.approx(1.0)
     assert cmp.loc[1, "sens@opt"] == 1.0 and cmp.loc[1, "spec@opt"] == 1.0
+
+
+def test_multilabel_report_with_one_finding_is_the_binary_f1():
+    """Regression: with (N, 1) labels sklearn averaged over both classes, so micro-F1 was accuracy."""
+    from cxrbench.metrics import multilabel_report
+
+    y = np.array([[1], [1], [0], [0], [0], [0]])
+    nothing = multilabel_report(y, np.zeros_like(y))
+    assert nothing["micro_f1"] == 0.0 and nothing["macro_f1"] == 0.0
+    some = multilabel_report(y, np.array([[1], [0], [1], [0], [0], [0]]))
+    assert some["micro_f1"] == pytest.approx(0.5) and some["macro_f1"] == pytest.approx(0.5)
+    multi = np.array([[1, 0], [0, 1], [1, 1]])
+    pred = np.array([[1, 0], [1, 1], [0, 1]])
+    r = multilabel_report(multi, pred)
+    assert r["micro_f1"] == pytest.approx(f1_score(multi, pred, average="micro"))
+    assert r["macro_f1"] == pytest.approx(f1_score(multi, pred, average="macro"))

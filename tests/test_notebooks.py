@@ -17,7 +17,12 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 3},
     # the Voila app: under papermill it must run and show a widget (driven in a browser by test_dashboard_browser.py)
     "05_dashboard.ipynb": {"demo_info": "{tmp}/absent.json"},
+    "06_hybrid_features.ipynb": {"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
+                                 "mlp_max_epochs": 20},
 }
+
+#: Notebooks run (with the parameters above and more checks) by their own test module.
+DEDICATED = {"06_hybrid_features.ipynb": "tests/test_hybrid.py"}
 
 #: Notebooks whose output is an app (widgets), not figures.
 WIDGET_NOTEBOOKS = {"05_dashboard.ipynb"}
@@ -49,7 +54,7 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.notebook
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SMALL_PARAMETERS))
+@pytest.mark.parametrize("name", sorted(set(SMALL_PARAMETERS) - set(DEDICATED)))
 def test_notebook_runs_under_papermill(name, tmp_path):
     import nbformat
     import papermill as pm

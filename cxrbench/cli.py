@@ -137,7 +137,13 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     add_app_commands(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app]
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .cli_export import add_export_commands
+
+    add_export_commands(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,8 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "05_dashboard.ipynb": {"demo_info": "{tmp}/absent.json"},
     "06_hybrid_features.ipynb": {"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
                                  "mlp_max_epochs": 20},
+    "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
+                                   "latency_batches": [1, 4], "write_web_app": False},
 }
 
 #: Notebooks run (with the parameters above and more checks) by their own test module.

@@ -1,0 +1,176 @@
+"""``cxrbench export``, ``cxrbench export-web`` and ``--backend onnx`` for ``predict`` / ``analyze``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["add_backend_option", "add_export_commands", "analyze_onnx", "predict_onnx"]
+
+
+def _parity_images(args: argparse.Namespace):
+    from .export import default_parity_images
+
+    if args.images:
+        from .cli_classifier import expand_files
+
+        files = expand_files(args.images)
+        if not files:
+            raise ValueError("--images matched no files")
+        return files[: args.n_images], "given images"
+    return default_parity_images(args.n_images)
+
+
+def _print_parity(parity) -> None:
+    cols = ["graph", "output", "n_images", "max_abs_diff", "mean_abs_diff", "tolerance", "passed"]
+    print(parity[cols].to_string(index=False, float_format=lambda v: f"{v:.2e}"))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .export import export_models
+
+    t0 = time.perf_counter()
+    images, source = _parity_images(args)
+    result = export_models(load_bundle(args.bundle, kind="classifier"), args.out,
+                           load_bundle(args.ood, kind="ood") if args.ood else None, images=images,
+                           tolerance=args.tolerance, opset=args.opset, threads=args.threads)
+    _print_parity(result.parity)
+    graphs = ", ".join(f"{g['file']} ({g['bytes'] / 1e6:.1f} MB)" for g in result.manifest["graphs"].values())
+    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} <= {args.tolerance:g}")
+    print(f"wrote {result.path}: {graphs} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _export_web(args: argparse.Namespace) -> int:
+    from .web import export_web, serve
+
+    t0 = time.perf_counter()
+    images = _parity_images(args)[0]
+    out = export_web(args.bundle, args.out, args.ood, images=images, tolerance=args.tolerance, npm_dir=args.npm_dir)
+    print(f"wrote the web app to {out} in {time.perf_counter() - t0:.1f} s; serve it over http, e.g.\n"
+          f"  python -m http.server -b 127.0.0.1 -d {out} 8000")
+    if args.serve is not None:
+        server = serve(out, args.serve, isolate=True)
+        print(f"serving on {server.url} (local only; images never leave the page). Ctrl-C stops it.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            server.close()
+    return 0
+
+
+def predict_onnx(args: argparse.Namespace) -> int:
+    """``cxrbench predict --backend onnx``: the same CSV as the torch backend, computed by ONNX Runtime."""
+    from .cli_classifier import expand_files
+    from .inference import operating_points_of, predict_files, predictions_table
+    from .onnx_backend import ensure_export, load_export
+
+    bundle = load_export(ensure_export(args.bundle, progress=not args.quiet)).classifier
+    files = expand_files(args.files)
+    if not files:
+        raise ValueError("no input files")
+    logits, errors = predict_files(bundle.model, bundle.preprocess, files, batch_size=args.batch_size,
+                                   progress=not args.quiet)
+    table = predictions_table(files, logits, bundle.labels, operating_points_of(bundle), errors)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    for pos, reason in errors.items():
+        print(f"warning: {files[pos]}: {reason}", file=sys.stderr)
+    print(f"wrote {out}: {len(files) - len(errors)} predicted, {len(errors)} unreadable (ONNX Runtime)")
+    return 0 if len(errors) < len(files) else 1
+
+
+def analyze_onnx(args: argparse.Namespace) -> int:
+    """``cxrbench analyze --backend onnx``: OOD gate, probabilities and CAM overlays from the exported graphs."""
+    import pandas as pd
+
+    from .cli_classifier import expand_files
+    from .dashboard import png_bytes
+    from .explain.overlay import overlay
+    from .onnx_backend import OnnxPipeline
+
+    explain = None if args.explain == "none" else args.explain
+    if explain not in (None, "cam"):
+        print(f"note: the ONNX backend explains with CAM (a forward graph), not {explain}", file=sys.stderr)
+        explain = "cam"
+    pipe = OnnxPipeline.from_paths(args.classifier, ood=args.ood, progress=not args.quiet)
+    files = expand_files(args.files)
+    if not files:
+        raise ValueError("no input files")
+    out = Path(args.out)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    reports, errors = pipe.analyze_batch(files, explain=explain, allow_ood=args.allow_ood, progress=not args.quiet)
+    rows = []
+    for i, (f, r) in enumerate(zip(files, reports)):
+        if r is None:
+            rows.append({"file": f, "error": errors[i]})
+            print(f"warning: {f}: {errors[i]}", file=sys.stderr)
+            continue
+        rows.append({**r.to_row(), "file": f})
+        if r.maps is not None:
+            png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
+            (out / "overlays" / f"{i:04d}_{Path(f).stem}.png").write_bytes(png)
+    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
+    pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
+    n_rej = sum(1 for r in reports if r is not None and r.rejected)
+    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the OOD gate "
+          "(ONNX Runtime)")
+    return 0 if len(errors) < len(files) else 1
+
+
+def add_backend_option(parser: argparse.ArgumentParser, onnx_func: Callable[[argparse.Namespace], int]) -> None:
+    """Give an existing command ``--backend {torch,onnx}``; ``onnx`` runs ``onnx_func`` instead of the command.
+
+    Does nothing when the command already has a ``--backend`` option (its owner then dispatches).
+    """
+    if "--backend" in parser._option_string_actions:
+        return
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is exported "
+                             "once and cached, parity-checked; an export folder is used as is)")
+    torch_func = parser.get_default("func")
+
+    def dispatch(args: argparse.Namespace) -> int:
+        return onnx_func(args) if args.backend == "onnx" else torch_func(args)
+
+    parser.set_defaults(func=dispatch)
+
+
+def _add_parity_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--images", nargs="+", default=None,
+                   help="parity-check images (files, folders, globs); default: real NIH images from the shared data")
+    q.add_argument("--n-images", type=int, default=8, help="how many parity images")
+    q.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| torch vs ONNX Runtime")
+
+
+def add_export_commands(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("export", help="export a classifier (+ OOD) bundle to ONNX, parity-checked against PyTorch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--bundle", required=True, help="classifier bundle")
+    q.add_argument("--ood", default=None, help="OOD bundle (ALI or autoencoder)")
+    q.add_argument("--out", required=True, help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
+    _add_parity_options(q)
+    q.add_argument("--opset", type=int, default=17)
+    q.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the check")
+    q.set_defaults(func=_export)
+
+    q = sub.add_parser("export-web", help="write a static web app that runs the models inside the browser",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--bundle", required=True, help="classifier bundle, or a folder written by 'cxrbench export'")
+    q.add_argument("--ood", default=None, help="OOD bundle for the gate")
+    q.add_argument("--out", required=True, help="folder for index.html, app.js, config.json, models/, onnxruntime-web")
+    _add_parity_options(q)
+    q.add_argument("--npm-dir", default=None, help="where onnxruntime-web is installed once "
+                                                   "(default $CXRBENCH_NPM_DIR or ~/.cache/cxrbench/npm)")
+    q.add_argument("--serve", type=int, default=None, metavar="PORT", help="then serve the app on 127.0.0.1:PORT")
+    q.set_defaults(func=_export_web)
+
+    for name, func in (("predict", predict_onnx), ("analyze", analyze_onnx)):
+        if name in sub.choices:
+            add_backend_option(sub.choices[name], func)

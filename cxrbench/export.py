@@ -1,0 +1,373 @@
+"""ONNX export of the Chester models, with a parity check against PyTorch on real images.
+
+``export_models`` writes one folder::
+
+    DIR/
+        classifier.onnx   x -> logits, probabilities (sigmoid), calibrated (Chester Eq. 1, operating points baked in)
+        cam.onnx          x -> the same three outputs + cam: per-finding CAM at input size (forward only)
+        ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM), ssim_raw, latent
+        export.json       what was exported: files, inputs/outputs, labels, preprocessing, thresholds, cutoff, parity
+        parity.csv        max/mean |torch - ONNX Runtime| per graph output
+
+Every graph has a dynamic batch axis and carries its bundle's card (``card.json``) in the model's
+``metadata_props`` (key ``cxrbench_card``), so an ``.onnx`` file alone says what it is and how to feed it.
+Graph inputs are the *model inputs* (after :class:`~cxrbench.preprocess.Preprocess`), exactly what the
+PyTorch model takes. The export is written next to ``DIR`` and only moved into place when the parity
+check passes: with a maximum absolute logit difference above the tolerance (default 1e-4) it fails
+with :class:`ParityError` and nothing is left behind.
+
+The exporter is the TorchScript-based ``torch.onnx.export(..., dynamo=False)``: the dynamo exporter
+needs ``onnxscript``, which is not a dependency (and is not needed for these static graphs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .bundle import Bundle, ModelCard, _json_default
+from .calibration import OperatingPoints, calibrate
+
+__all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
+           "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_models",
+           "image_pixels", "parity_check", "read_onnx_card"]
+
+DEFAULT_OPSET = 17
+CLASSIFIER_OUTPUTS = ("logits", "probabilities", "calibrated")
+CAM_OUTPUTS = (*CLASSIFIER_OUTPUTS, "cam")
+OOD_OUTPUTS = ("reconstruction", "latent_mean", "l1", "l2", "ssim", "ssim_raw", "latent")
+GRAPH_FILES = {"classifier": "classifier.onnx", "cam": "cam.onnx", "ood": "ood.onnx"}
+MANIFEST = "export.json"
+
+
+class ParityError(ValueError):
+    """ONNX Runtime disagrees with PyTorch beyond the tolerance; the message gives the worst outputs."""
+
+
+def calibration_constants(thresholds: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-finding constants of Chester Eq. 1 for in-graph calibration, each ``(F,)`` float32.
+
+    ``calibrated = clip(where(p <= opt, p * low, 1 - (1 - p) * high), 0, 1) + nan`` with ``low = 1/(2 opt)``
+    (0 when opt = 0), ``high = 1/(2 (1 - opt))`` (0 when opt = 1) and ``nan`` NaN where the finding has no
+    operating point: the same values as :func:`cxrbench.calibration.calibrate`.
+    """
+    o = np.asarray(thresholds, dtype=np.float64)
+    ok = np.isfinite(o)
+    safe = np.where(ok, o, 0.5)
+    with np.errstate(divide="ignore"):
+        low = np.where(ok & (safe > 0), 1.0 / (2.0 * safe), 0.0)
+        high = np.where(ok & (safe < 1), 1.0 / (2.0 * (1.0 - safe)), 0.0)
+    return {"opt": safe.astype(np.float32), "low": low.astype(np.float32), "high": high.astype(np.float32),
+            "nan": np.where(ok, 0.0, np.nan).astype(np.float32)}
+
+
+class CalibratedClassifier(nn.Module):
+    """A cxrbench classifier plus sigmoid and Chester Eq. 1 as graph operations (and optionally CAM).
+
+    ``forward(x)``: x ``(B, C, S, S)`` float32 model input -> logits ``(B, F)``, probabilities ``(B, F)``
+    in [0, 1], calibrated ``(B, F)`` in [0, 1] (NaN without an operating point) and, with ``cam=True``,
+    cam ``(B, F, S, S)``: ``sum_k w_fk relu(f_k)`` (Chester Eq. 4, no bias, logit units) bilinearly
+    upsampled to the input size, as :class:`cxrbench.explain.CAM` computes it before normalisation.
+    """
+
+    def __init__(self, model: nn.Module, thresholds: np.ndarray, *, cam: bool = False) -> None:
+        super().__init__()
+        from .models.classifier import classifier_layer
+
+        self.model = model
+        self.fc = classifier_layer(model)
+        self.cam = cam
+        for name, value in calibration_constants(thresholds).items():
+            self.register_buffer(name, torch.from_numpy(value))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.cam:
+            features = self.model.forward_features(x)  # (B, K, h, w), rectified as CAM uses them
+            logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+        else:
+            logits = self.model(x)
+        p = torch.sigmoid(logits)
+        calibrated = torch.where(p <= self.opt, p * self.low, 1.0 - (1.0 - p) * self.high).clamp(0.0, 1.0) + self.nan
+        if not self.cam:
+            return logits, p, calibrated
+        maps = torch.einsum("fk,bkhw->bfhw", self.fc.weight, features)
+        maps = F.interpolate(maps, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return logits, p, calibrated, maps
+
+
+class OODGraph(nn.Module):
+    """An OOD model (ALI or autoencoder) as one graph: reconstruction, latent mean and every score.
+
+    ``forward(x)``: x ``(B, 1, 64, 64)`` float32 in [0, 1] -> reconstruction ``(B, 1, 64, 64)``, latent_mean
+    ``(B, Z)``, then ``(B,)`` scores as :func:`cxrbench.ood.score_batch` defines them: l1, l2 (MSE), ssim
+    (1 - SSIM, data_range 1, 11-px window), ssim_raw, latent (||mu||_2).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from pytorch_msssim.ssim import _fspecial_gauss_1d
+
+        from .ood import SSIM_WIN_SIZE
+
+        self.model = model
+        # the window as a constant (pytorch-msssim builds it from x.shape[1], a dynamic value in the trace)
+        self.register_buffer("window", _fspecial_gauss_1d(SSIM_WIN_SIZE, 1.5)[None])  # (1, 1, 1, 11)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from pytorch_msssim import ssim
+
+        z = self.model.latent_mean(x)
+        recon = self.model.decode(z)
+        diff = (x - recon).flatten(1)
+        similarity = ssim(x, recon, data_range=1.0, size_average=False, win=self.window)
+        return (recon, z, diff.abs().mean(1), diff.pow(2).mean(1), 1.0 - similarity, similarity,
+                torch.linalg.vector_norm(z, dim=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# writing graphs
+
+
+def _thresholds(card: ModelCard) -> np.ndarray:
+    if not card.operating_points:
+        return np.full(len(card.labels), np.nan)
+    return OperatingPoints.from_dict(card.operating_points).as_array(card.labels)
+
+
+def _card_json(card: ModelCard) -> str:
+    return json.dumps(card.to_dict(), default=_json_default)
+
+
+def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str], *, graph: str,
+                  card: ModelCard, opset: int) -> dict[str, Any]:
+    """Trace ``module`` on ``example`` into ``path`` (dynamic batch), add metadata, check it."""
+    import onnx
+
+    module.eval()
+    with warnings.catch_warnings():  # the legacy exporter's deprecation notice, shape checks seen by the tracer
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                          output_names=list(outputs), do_constant_folding=True,
+                          dynamic_axes={name: {0: "batch"} for name in ("x", *outputs)})
+    proto = onnx.load(str(path))
+    meta = {"cxrbench_card": _card_json(card), "cxrbench_graph": graph, "cxrbench_version": __version__,
+            "cxrbench_outputs": json.dumps(list(outputs))}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name, proto.doc_string = "cxrbench", f"cxrbench {graph} graph of {card.name or card.builder}"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return {"file": path.name, "input": {"name": "x", "shape": ["batch", *example.shape[1:]]},
+            "outputs": list(outputs), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "bytes": path.stat().st_size}
+
+
+def read_onnx_card(path: str | os.PathLike) -> tuple[ModelCard, str]:
+    """The bundle card and graph kind (``"classifier"``, ``"cam"``, ``"ood"``) stored in an exported ``.onnx``."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "cxrbench_card" not in meta:
+        raise ValueError(f"{path}: not a cxrbench export (no 'cxrbench_card' in the model's metadata_props)")
+    return ModelCard.from_dict(json.loads(meta["cxrbench_card"])), meta.get("cxrbench_graph", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# parity
+
+
+def default_parity_images(n: int = 8) -> tuple[list[Any], str]:
+    """``n`` real NIH images from the shared data (paths), else synthetic phantoms (arrays); and which."""
+    from .data import load_manifest, shared_data_root
+
+    root = shared_data_root()
+    if root is not None and (root / "cxr" / "nih" / "manifest.csv").is_file():
+        paths = load_manifest(root / "cxr" / "nih", on_missing="drop")["path"].tolist()
+        return [str(p) for p in paths[:n]], f"NIH ChestX-ray14 ({root / 'cxr' / 'nih'})"
+    from .data.synthetic import make_phantom
+
+    return [make_phantom(256, seed=i).image for i in range(n)], "synthetic phantoms (no real data found)"
+
+
+def image_pixels(source: Any) -> np.ndarray:
+    """``(H, W)`` float [0, 1] pixels of a path / bytes (:func:`cxrbench.io.read_image`) or of an array as is."""
+    from .io import read_image
+
+    return np.asarray(source, dtype=np.float32) if isinstance(source, np.ndarray) else read_image(source).pixels
+
+
+def _compare(graph: str, output: str, ref: np.ndarray, got: np.ndarray, tolerance: float, scaled: bool) -> dict:
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        raise ParityError(f"{graph}/{output}: ONNX Runtime gave shape {got.shape}, PyTorch {ref.shape}")
+    same_nan = np.array_equal(np.isnan(ref), np.isnan(got))
+    ok = ~np.isnan(ref) & ~np.isnan(got)
+    diff = np.abs(ref[ok] - got[ok]) if ok.any() else np.zeros(1)
+    tol = tolerance * max(1.0, float(np.abs(ref[ok]).max())) if scaled and ok.any() else tolerance
+    return {"graph": graph, "output": output, "n_images": int(ref.shape[0]), "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "passed": bool(same_nan and diff.max() <= tol)}
+
+
+def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle | None = None,
+                 images: Sequence[Any] | None = None, *, tolerance: float = 1e-4, threads: int | None = None
+                 ) -> pd.DataFrame:
+    """Run PyTorch and ONNX Runtime on the same images (one batch) and compare every graph output.
+
+    Parameters
+    ----------
+    images : paths / bytes / ``(H, W)`` [0, 1] arrays; default :func:`default_parity_images`.
+    tolerance : largest allowed absolute difference: as is for logits (the gate of the issue); for the
+        other outputs scaled by ``max(1, max |reference|)`` (CAM values are sums over 512-1024 channels).
+
+    Returns one row per graph output: ``graph, output, n_images, max_abs_diff, mean_abs_diff, tolerance,
+    passed``. Calibrated outputs are compared with :func:`~cxrbench.calibration.calibrate` applied to
+    PyTorch's probabilities; NaN positions (no operating point) must match.
+    """
+    from .explain import get_explainer
+    from .onnx_backend import make_session
+    from .ood import score_batch
+
+    if images is None:
+        images = default_parity_images()[0]
+    if not len(images):
+        raise ValueError("parity_check needs at least one image")
+    export_dir = Path(export_dir)
+    pixels = [image_pixels(s) for s in images]
+    pp = classifier.preprocess
+    x = torch.from_numpy(np.stack([pp(p) for p in pixels]))
+    model = classifier.model.eval()
+    with torch.no_grad():
+        logits = model(x).numpy()
+    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    ref = {"logits": logits, "probabilities": probabilities,
+           "calibrated": calibrate(probabilities, _thresholds(classifier.card)),
+           "cam": get_explainer("cam", model)(x)}
+    rows = []
+    for graph in ("classifier", "cam"):
+        outputs = make_session(export_dir / GRAPH_FILES[graph], threads).run(None, {"x": x.numpy()})
+        for name, value in zip(CAM_OUTPUTS, outputs):
+            rows.append(_compare(graph, name, ref[name], value, tolerance, scaled=name != "logits"))
+    if ood is not None:
+        opp = ood.preprocess
+        x64 = torch.from_numpy(np.stack([opp(p) for p in pixels]))
+        ood_model = ood.model.eval()
+        with torch.no_grad():
+            oref = score_batch(ood_model, x64)
+            oref["reconstruction"] = ood_model.reconstruct(x64).numpy()
+            oref["latent_mean"] = ood_model.latent_mean(x64).numpy()
+        outputs = make_session(export_dir / GRAPH_FILES["ood"], threads).run(None, {"x": x64.numpy()})
+        rows += [_compare("ood", name, oref[name], value, tolerance, scaled=True)
+                 for name, value in zip(OOD_OUTPUTS, outputs)]
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole export
+
+
+@dataclass
+class ExportResult:
+    """Where the export went, what is in it (``manifest``, also ``export.json``) and its parity table."""
+
+    path: Path
+    manifest: dict[str, Any]
+    parity: pd.DataFrame
+
+    @property
+    def max_logit_diff(self) -> float:
+        rows = self.parity[self.parity["output"] == "logits"]
+        return float(rows["max_abs_diff"].max())
+
+
+def _atomic_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
+                  images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
+                  threads: int | None = None) -> ExportResult:
+    """Export a classifier bundle (and an OOD bundle) to ONNX in ``out`` and check parity.
+
+    Parameters
+    ----------
+    classifier, ood : loaded bundles (:func:`cxrbench.bundle.load_bundle`).
+    images : parity images (paths or ``(H, W)`` arrays in [0, 1]); default :func:`default_parity_images`.
+    tolerance : see :func:`parity_check`; the export fails above it.
+    opset : ONNX opset (17 or newer).
+    threads : ONNX Runtime intra-op threads for the check (None: its default).
+
+    Raises :class:`ParityError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
+    """
+    if classifier.card.kind != "classifier":
+        raise ValueError(f"{classifier.path}: expected a classifier bundle, got a {classifier.card.kind} bundle")
+    if ood is not None and ood.card.kind != "ood":
+        raise ValueError(f"{ood.path}: expected an OOD bundle, got a {ood.card.kind} bundle")
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or newer, got {opset}")
+    image_source = "given images"
+    if images is None:
+        images, image_source = default_parity_images()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
+    tmp = _atomic_dir(out)
+    try:
+        pp = classifier.preprocess
+        example = torch.randn(2, pp.channels, pp.size, pp.size)
+        thresholds = _thresholds(classifier.card)
+        graphs = {}
+        for graph, cam in (("classifier", False), ("cam", True)):
+            module = CalibratedClassifier(classifier.model.eval(), thresholds, cam=cam)
+            outputs = CAM_OUTPUTS if cam else CLASSIFIER_OUTPUTS
+            graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
+                                          card=classifier.card, opset=opset)
+        if ood is not None:
+            opp = ood.preprocess
+            example64 = torch.rand(2, 1, opp.size, opp.size)
+            graphs["ood"] = _export_graph(OODGraph(ood.model.eval()), example64, tmp / GRAPH_FILES["ood"], OOD_OUTPUTS,
+                                          graph="ood", card=ood.card, opset=opset)
+        parity = parity_check(tmp, classifier, ood, images, tolerance=tolerance, threads=threads)
+        failed = parity[~parity["passed"]]
+        if len(failed):
+            worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g}"
+                              for r in failed.itertuples())
+            raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: {worst}")
+        import onnxruntime
+
+        mean, std = pp.stats()
+        manifest = {
+            "format": 1, "cxrbench": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "opset": opset, "graphs": graphs, "classifier_bundle": str(classifier.path), "labels": classifier.labels,
+            "preprocess": pp.to_dict(), "normalize_mean": mean.tolist(), "normalize_std": std.tolist(),
+            "thresholds": [None if not np.isfinite(t) else float(t) for t in thresholds],
+            "ood_bundle": str(ood.path) if ood is not None else None,
+            "ood_preprocess": ood.preprocess.to_dict() if ood is not None else None,
+            "ood_cutoff": ood.card.ood.get("cutoff") if ood is not None else None,
+            "parity": {"images": len(images), "source": image_source, "tolerance": tolerance,
+                       "rows": parity.to_dict(orient="records")},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
+        parity.to_csv(tmp / "parity.csv", index=False)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out, manifest, parity)

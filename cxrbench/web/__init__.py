@@ -1,0 +1,200 @@
+"""The browser-only app: a static folder that runs the exported models inside the user's browser (Chester §5).
+
+``export_web`` writes::
+
+    OUT/
+        index.html, app.js          the page (this package's templates)
+        config.json                 labels, preprocessing, operating points, OOD cutoff, graph paths
+        models/                     a cxrbench ONNX export (cam.onnx, ood.onnx, ...; parity-checked)
+        ort.wasm.min.js, ort-wasm-simd-threaded.{mjs,wasm}   onnxruntime-web from npm, pinned (package.json)
+
+Nothing is fetched from elsewhere at run time (the page's Content-Security-Policy allows only its own
+origin), and the chosen image never leaves the page. WebAssembly needs the folder served over http, e.g.
+``python -m http.server -b 127.0.0.1 -d OUT`` or :func:`serve`.
+
+onnxruntime-web is installed once with npm (``npm ci`` against this package's lockfile) into
+``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm`` and copied from there.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..bundle import Bundle
+
+__all__ = ["ORT_FILES", "StaticServer", "export_web", "install_onnxruntime_web", "installed_onnxruntime_web",
+           "onnxruntime_web_version", "serve"]
+
+WEB_DIR = Path(__file__).resolve().parent
+TEMPLATES = ("index.html", "app.js")
+#: The files of onnxruntime-web the page needs: the WebAssembly-only bundle, its loader and the binary.
+ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+BROWSER_RESAMPLE = ("bilinear", "area", "bicubic", "lanczos")
+
+
+def onnxruntime_web_version() -> str:
+    """The pinned onnxruntime-web version (``cxrbench/web/package.json``)."""
+    return json.loads((WEB_DIR / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+
+
+def _npm_dir() -> Path:
+    env = os.environ.get("CXRBENCH_NPM_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cxrbench" / "npm"
+
+
+def installed_onnxruntime_web(npm_dir: str | os.PathLike | None = None) -> Path | None:
+    """The ``dist`` folder of the pinned onnxruntime-web if it is already installed, else None."""
+    folder = Path(npm_dir) if npm_dir else _npm_dir()
+    dist = folder / "node_modules" / "onnxruntime-web" / "dist"
+    installed = dist.parent / "package.json"
+    if installed.is_file() and json.loads(installed.read_text()).get("version") == onnxruntime_web_version() \
+            and all((dist / f).is_file() for f in ORT_FILES):
+        return dist
+    return None
+
+
+def install_onnxruntime_web(npm_dir: str | os.PathLike | None = None, *, quiet: bool = True) -> Path:
+    """Install the pinned onnxruntime-web with npm (once) and return its ``dist`` folder.
+
+    Raises ``RuntimeError`` when npm is missing or the install fails (the message has npm's output).
+    """
+    found = installed_onnxruntime_web(npm_dir)
+    if found is not None:
+        return found
+    folder = Path(npm_dir) if npm_dir else _npm_dir()
+    version = onnxruntime_web_version()
+    dist = folder / "node_modules" / "onnxruntime-web" / "dist"
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm is not installed: it is needed once to fetch onnxruntime-web "
+                           f"{version} (install Node.js 18+, or set CXRBENCH_NPM_DIR to a folder that has it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(WEB_DIR / name, folder / name)
+    cmd = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not all((dist / f).is_file() for f in ORT_FILES):
+        raise RuntimeError(f"'npm ci' in {folder} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    if not quiet:
+        print(f"installed onnxruntime-web {version} in {folder}")
+    return dist
+
+
+def _check_browser_preprocess(pp: dict[str, Any], what: str) -> None:
+    if pp["resample"] not in BROWSER_RESAMPLE:
+        raise ValueError(f"{what}: resample '{pp['resample']}' is not reproduced in the browser; "
+                         f"use one of {BROWSER_RESAMPLE}")
+    if pp["equalize"] not in ("none", "hist"):
+        raise ValueError(f"{what}: equalize '{pp['equalize']}' (CLAHE) is not reproduced in the browser; "
+                         "use 'none' or 'hist'")
+
+
+def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
+               ood: Bundle | str | os.PathLike | None = None, *, images: Sequence[Any] | None = None, tolerance: float = 1e-4, npm_dir: str | os.PathLike | None = None,
+               threads: int | None = None) -> Path:
+    """Write the static web app for a classifier (and an OOD gate) into ``out``.
+
+    Parameters
+    ----------
+    classifier : a loaded bundle, a bundle folder, or a folder written by ``cxrbench export`` (then ``ood``
+        must be None: the export brings its own).
+    ood : OOD bundle (or folder) for the gate; without it the page has no gate.
+    images, tolerance, threads : parity check of the ONNX export (see :func:`cxrbench.export.export_models`).
+    npm_dir : where onnxruntime-web is installed (default ``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm``).
+
+    Returns ``out``. Raises ``ValueError`` for preprocessing the browser cannot reproduce (CLAHE, nearest).
+    """
+    from ..bundle import load_bundle
+    from ..export import MANIFEST, export_models
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"{out} exists and is not a cxrbench web app; choose an empty or new folder")
+    models = out / "models"
+    if not isinstance(classifier, Bundle) and (Path(classifier) / MANIFEST).is_file():
+        if ood is not None:
+            raise ValueError(f"{classifier} is an ONNX export; it brings its own OOD graph (do not pass ood)")
+        manifest = json.loads((Path(classifier) / MANIFEST).read_text())
+        _check_browser_preprocess(manifest["preprocess"], "classifier")
+        if manifest.get("ood_preprocess"):
+            _check_browser_preprocess(manifest["ood_preprocess"], "OOD model")
+        dist = install_onnxruntime_web(npm_dir)
+        if Path(classifier).resolve() != models.resolve():
+            shutil.rmtree(models, ignore_errors=True)
+            shutil.copytree(classifier, models)
+    else:
+        clf = classifier if isinstance(classifier, Bundle) else load_bundle(classifier, kind="classifier")
+        gate = ood if isinstance(ood, Bundle) or ood is None else load_bundle(ood, kind="ood")
+        _check_browser_preprocess(clf.card.preprocess, "classifier")
+        if gate is not None:
+            _check_browser_preprocess(gate.card.preprocess, "OOD model")
+        dist = install_onnxruntime_web(npm_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = export_models(clf, models, gate, images=images, tolerance=tolerance, threads=threads).manifest
+    for name in TEMPLATES:
+        shutil.copyfile(WEB_DIR / name, out / name)
+    for name in ORT_FILES:
+        shutil.copyfile(dist / name, out / name)
+    graphs = {k: f"models/{v['file']}" for k, v in manifest["graphs"].items()}
+    config = {key: manifest.get(key) for key in ("labels", "preprocess", "normalize_mean", "normalize_std", "thresholds",
+                                                 "ood_preprocess", "ood_cutoff", "cxrbench", "opset")}
+    config.update(graphs=graphs, onnxruntime_web=onnxruntime_web_version(), parity=manifest.get("parity"))
+    if "ood" not in graphs:
+        config.update(ood_preprocess=None, ood_cutoff=None)
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return out
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Static files; cross-origin isolation headers (so WebAssembly may use threads); no request log."""
+
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".wasm": "application/wasm",
+                      ".mjs": "text/javascript", ".js": "text/javascript", ".onnx": "application/octet-stream"}
+
+    def end_headers(self) -> None:
+        if getattr(self.server, "isolate", False):
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+class StaticServer:
+    """A folder served on ``127.0.0.1`` from a background thread; ``url`` ends with ``/``. Use as a context manager."""
+
+    def __init__(self, folder: str | os.PathLike, port: int = 0, *, isolate: bool = False) -> None:
+        handler = functools.partial(_Handler, directory=str(folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd.isolate = isolate  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "StaticServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def serve(folder: str | os.PathLike, port: int = 0, *, isolate: bool = False) -> StaticServer:
+    """Serve a web app folder on 127.0.0.1 (``port`` 0: a free one). ``isolate`` sends COOP/COEP headers,
+    which lets onnxruntime-web use several WebAssembly threads."""
+    if not (Path(folder) / "index.html").is_file():
+        raise ValueError(f"{folder}: no index.html (write the app with 'cxrbench export-web' first)")
+    return StaticServer(folder, port, isolate=isolate)

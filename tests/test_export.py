@@ -1,0 +1,196 @@
+"""cxrbench.export and cxrbench.onnx_backend: graphs, card metadata, parity gate, the same Report on ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrbench.bundle import Bundle, ModelCard, load_bundle, save_bundle
+from cxrbench.calibration import calibrate
+from cxrbench.cli import main
+from cxrbench.export import CalibratedClassifier, ParityError, export_models, parity_check, read_onnx_card
+from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.autoencoder import ConvAutoencoder
+from cxrbench.models.classifier import ResNet18, build_classifier
+from cxrbench.onnx_backend import OnnxPipeline, load_export, make_session
+from cxrbench.pipeline import Pipeline
+from cxrbench.preprocess import Preprocess
+
+pytestmark = pytest.mark.realdata
+
+CLF_ARGS = {"arch": "resnet18", "num_outputs": 14, "in_channels": 1}
+THRESHOLDS = {f: (None if f == "Hernia" else 0.25 + 0.03 * i) for i, f in enumerate(NIH_FINDINGS)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _card(**kw) -> ModelCard:
+    return ModelCard(kind="classifier", builder="classifier", builder_kwargs=CLF_ARGS, labels=list(NIH_FINDINGS),
+                     preprocess=Preprocess(size=64).to_dict(),
+                     operating_points={"thresholds": THRESHOLDS, "fitted_on": "validation"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def files(nih_dir):
+    return sorted(str(p) for p in nih_dir.glob("*.png"))[:6]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, files):
+    """Bundles (ResNet18 at 64 px, a small autoencoder gate) exported through the CLI."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    save_bundle(root / "clf", build_classifier(**CLF_ARGS).eval(), _card())
+    save_bundle(root / "ood", ConvAutoencoder(latent_dim=16, base_channels=8).eval(),
+                ModelCard(kind="ood", builder="autoencoder", builder_kwargs={"latent_dim": 16, "base_channels": 8},
+                          preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
+                          ood={"cutoff": {"scorer": "ssim", "threshold": 0.55, "method": "test"}}))
+    code = main(["export", "--bundle", str(root / "clf"), "--ood", str(root / "ood"), "--out", str(root / "onnx"),
+                 "--images", *files[:3], "--threads", "1"])
+    assert code == 0
+    return root
+
+
+def test_export_writes_three_graphs_with_the_card_and_a_passing_parity_table(exported):
+    import onnx
+
+    out = exported / "onnx"
+    manifest = json.loads((out / "export.json").read_text())
+    assert set(manifest["graphs"]) == {"classifier", "cam", "ood"} and manifest["opset"] >= 17
+    cards = {"classifier": load_bundle(exported / "clf").card, "ood": load_bundle(exported / "ood").card}
+    for graph in ("classifier", "cam", "ood"):
+        stored, kind = read_onnx_card(out / f"{graph}.onnx")
+        assert kind == graph
+        assert stored == cards["ood" if graph == "ood" else "classifier"]
+        proto = onnx.load(str(out / f"{graph}.onnx"))
+        assert proto.opset_import[0].version >= 17
+        assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    parity = pd.read_csv(out / "parity.csv")
+    assert parity["passed"].all() and len(parity) == 14
+    logits = parity[parity["output"] == "logits"]
+    assert (logits["max_abs_diff"] <= 1e-4).all() and (logits["tolerance"] == 1e-4).all()
+    assert manifest["parity"]["source"] == "given images" and manifest["parity"]["images"] == 3
+    assert manifest["thresholds"][-1] is None and manifest["labels"] == list(NIH_FINDINGS)
+
+
+def test_graphs_run_at_any_batch_size_and_calibrate_like_chester_eq1(exported):
+    session = make_session(exported / "onnx" / "classifier.onnx", threads=1)
+    model = load_bundle(exported / "clf").model
+    ops = np.array([np.nan if v is None else v for v in THRESHOLDS.values()])
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 64, 64)
+        logits, p, cal = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(logits, model(x).numpy(), atol=1e-4)
+        np.testing.assert_allclose(cal, calibrate(p.astype(np.float64), ops), atol=1e-6)  # NaN where no operating point
+        assert np.isnan(cal[:, -1]).all() and np.isfinite(cal[:, :-1]).all()
+
+
+def test_in_graph_calibration_handles_operating_points_at_0_and_1():
+    model = build_classifier(**CLF_ARGS).eval()
+    ops = np.array([0.0, 1.0, np.nan, 0.5, 1e-3, 0.999, *[0.3] * 8])
+    graph = CalibratedClassifier(model, ops)
+    p = torch.rand(64, 14, dtype=torch.float64)
+    p[:4] = torch.tensor([0.0, 1.0, 0.5, 1e-3])[:, None]
+    q = p.float()
+    with torch.no_grad():
+        got = torch.where(q <= graph.opt, q * graph.low, 1 - (1 - q) * graph.high).clamp(0, 1) + graph.nan
+    np.testing.assert_allclose(got.numpy(), calibrate(p.float().double().numpy(), ops), atol=2e-6)
+
+
+def test_onnx_backend_gives_the_same_report_as_torch(exported, files):
+    torch_pipe = Pipeline.from_paths(exported / "clf", ood=exported / "ood")
+    onnx_pipe = OnnxPipeline.from_export(exported / "onnx", threads=1)
+    assert onnx_pipe.describe()["backend"] == "onnxruntime"
+    gate_verdicts = set()
+    for f in files:
+        a = torch_pipe.analyze(f, explain="cam", allow_ood=True)
+        b = onnx_pipe.analyze(f, explain="cam", allow_ood=True)
+        np.testing.assert_allclose(b.raw, a.raw, atol=1e-4)
+        np.testing.assert_allclose(b.calibrated, a.calibrated, atol=1e-4)  # NaN for Hernia in both
+        assert b.ood.scorer == a.ood.scorer and b.ood.in_distribution == a.ood.in_distribution
+        for name in ("l1", "l2", "ssim", "latent"):
+            assert abs(b.ood.scores[name] - a.ood.scores[name]) < 1e-5
+        np.testing.assert_allclose(b.ood.reconstruction, a.ood.reconstruction, atol=1e-5)
+        assert b.map_labels == a.map_labels and b.maps.shape == a.maps.shape == (3, 64, 64)
+        np.testing.assert_allclose(b.maps, a.maps, atol=1e-4)
+        np.testing.assert_array_equal(b.image, a.image)
+        gate_verdicts.add(a.ood.in_distribution)
+    rejected = onnx_pipe.analyze(files[0], explain=None)
+    assert rejected.rejected == (not rejected.ood.in_distribution)
+    with pytest.raises(ValueError, match="torch backend"):
+        onnx_pipe.analyze(files[0], explain="saliency", allow_ood=True)
+
+
+def test_cli_predict_and_analyze_with_backend_onnx_match_torch(exported, files, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache"))
+    assert main(["predict", "--bundle", str(exported / "clf"), *files[:3], "--out", str(tmp_path / "t.csv"), "-q"]) == 0
+    # a bundle folder is exported once into the cache; the export folder is used as it is
+    for bundle in (exported / "clf", exported / "onnx"):
+        assert main(["predict", "--backend", "onnx", "--bundle", str(bundle), *files[:3],
+                     "--out", str(tmp_path / "o.csv"), "-q"]) == 0
+        a, b = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "o.csv")
+        assert list(a.columns) == list(b.columns) and list(a["file"]) == list(b["file"])
+        num = a.select_dtypes("number").columns
+        np.testing.assert_allclose(b[num].to_numpy(), a[num].to_numpy(), atol=1e-4)
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
+    assert main(["analyze", "--backend", "onnx", "--classifier", str(exported / "onnx"), *files[:2],
+                 "--allow-ood", "--out", str(tmp_path / "an"), "-q"]) == 0
+    table = pd.read_csv(tmp_path / "an" / "analysis.csv")
+    assert len(table) == 2 and table["Atelectasis_raw"].notna().all()
+    assert len(list((tmp_path / "an" / "overlays").glob("*.png"))) == 2  # CAM overlays
+
+
+class _TracedDiffers(ResNet18):
+    """Adds 1e-3 to the logits only while being traced: the exported graph disagrees with PyTorch."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out + 1e-3 if torch.jit.is_tracing() else out
+
+
+def test_a_graph_that_disagrees_with_pytorch_fails_the_export_and_leaves_nothing(exported, files, tmp_path):
+    torch.manual_seed(0)
+    model = _TracedDiffers(num_outputs=14, in_channels=1).eval()
+    bundle = Bundle(model, _card(), exported / "clf")
+    with pytest.raises(ParityError, match=r"classifier/logits: max \|diff\| 0.001"):
+        export_models(bundle, tmp_path / "bad", images=files[:2], threads=1)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
+    # the parity table itself says which outputs disagree
+    good = load_bundle(exported / "clf")
+    with torch.no_grad():
+        good.model.fc.bias += 1e-2
+    table = parity_check(exported / "onnx", good, images=files[:2], threads=1)
+    failed = set(table.loc[~table["passed"], "output"])
+    assert {"logits", "probabilities"} <= failed and "cam" not in failed  # CAM leaves the bias out
+
+
+def test_errors_name_what_is_wrong(exported, tmp_path):
+    import onnx
+
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(exported / "onnx" / "ood.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    with pytest.raises(ValueError, match="not a cxrbench export"):
+        read_onnx_card(foreign)
+    with pytest.raises(ValueError, match="not a cxrbench ONNX export"):
+        load_export(exported / "clf")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a cxrbench ONNX export; choose"):
+        export_models(load_bundle(exported / "clf"), tmp_path / "busy")
+    with pytest.raises(ValueError, match="expected a classifier bundle"):
+        export_models(load_bundle(exported / "ood"), tmp_path / "x")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        OnnxPipeline.from_paths(exported / "onnx", device="cuda")

@@ -143,7 +143,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     add_export_commands(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app, _add_export]
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    from .cli_explain import add_explain_commands
+
+    add_explain_commands(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app, _add_export,
+                                                               _add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:

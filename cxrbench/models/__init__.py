@@ -33,6 +33,8 @@ _LAZY: dict[str, str] = {
     "make_ali_optimizers": "cxrbench.models.ali",
     "ConvAutoencoder": "cxrbench.models.autoencoder",
     "ae_train_step": "cxrbench.models.autoencoder",
+    # lung segmentation
+    "UNet": "cxrbench.models.unet",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,296 @@
+"""``cxrbench train unet``, ``cxrbench segment`` and ``cxrbench explain``.
+
+Both per-file commands read every file they are given; an unreadable file gets a row with its
+reason in the summary CSV and a warning on stderr, and the run goes on (exit code 1 only when no
+file could be processed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["add_explain_commands", "explain_files", "segment_files"]
+
+
+def _unique_stems(files: Sequence[str]) -> list[str]:
+    """File stems, made unique with a numeric suffix (two folders may hold ``a.png``)."""
+    seen: dict[str, int] = {}
+    out = []
+    for f in files:
+        stem = Path(f).stem or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        out.append(stem if n == 0 else f"{stem}_{n}")
+    return out
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# segment
+
+
+def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, threshold: float = 0.5,
+                  progress: bool = False) -> pd.DataFrame:
+    """Lung masks for image files with a segmentation bundle.
+
+    Each mask is written as ``OUT/<stem>_lung.png`` (uint8 0/255) at the size of the displayed crop
+    (the image's central square, source pixels). Returns the summary table written to
+    ``OUT/segment_summary.csv``: ``file, mask, side, lung_fraction, seconds, error``.
+    """
+    import pandas as pd
+
+    from .bundle import load_bundle
+    from .io import ImageReadError, read_image
+    from .models.unet import predict_lung_mask
+
+    bundle = load_bundle(bundle_path, kind="segmentation")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pp = bundle.preprocess
+    rows: list[dict[str, Any]] = []
+    items = list(zip(files, _unique_stems(files)))
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="segmenting", unit="img")
+    for f, stem in items:
+        row: dict[str, Any] = {"file": f, "mask": "", "side": np.nan, "lung_fraction": np.nan, "seconds": np.nan,
+                               "error": ""}
+        t0 = time.perf_counter()
+        try:
+            pixels = read_image(f).pixels
+            display = pp.replace(size=max(8, min(pixels.shape))).geometry(pixels)  # the square crop, no resize
+            mask, _ = predict_lung_mask(bundle.model, pp, display, threshold=threshold)
+        except (ImageReadError, ValueError) as exc:
+            row["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
+        else:
+            target = out / f"{stem}_lung.png"
+            _save_png(target, mask.astype(np.uint8) * 255)
+            row.update(mask=str(target), side=int(mask.shape[0]), lung_fraction=float(mask.mean()),
+                       seconds=time.perf_counter() - t0)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["file", "mask", "side", "lung_fraction", "seconds", "error"])
+    table["side"] = table["side"].astype("Int64")
+    table.to_csv(out / "segment_summary.csv", index=False)
+    return table
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .cli_classifier import expand_files
+
+    files = expand_files(args.files)
+    if not files:
+        raise ValueError("no input files")
+    table = segment_files(args.bundle, files, args.out, threshold=args.threshold, progress=not args.quiet)
+    failed = table[table["error"] != ""]
+    for f, reason in zip(failed["file"], failed["error"]):
+        print(f"warning: {f}: {reason}", file=sys.stderr)
+    print(f"wrote {len(table) - len(failed)} masks and {Path(args.out) / 'segment_summary.csv'} "
+          f"({len(failed)} unreadable)")
+    return 0 if len(failed) < len(table) else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# explain
+
+
+def _choose_targets(method: str, labels: list[str], names: Sequence[str] | None, ranking: np.ndarray,
+                    top: int) -> tuple[list[int] | None, list[str]]:
+    """Output indices to explain and the names of the maps."""
+    if names:
+        unknown = [n for n in names if n not in labels]
+        if unknown:
+            raise ValueError(f"unknown findings {unknown}; the bundle's findings are {labels}")
+        index = [labels.index(n) for n in names]
+    elif method == "saliency":
+        return None, ["all findings"]
+    else:
+        index = [int(i) for i in np.argsort(-np.nan_to_num(ranking, nan=-1.0), kind="stable")[:top]]
+    if method == "saliency":
+        return index, ["+".join(labels[i] for i in index)]
+    return index, [labels[i] for i in index]
+
+
+def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: str, *,
+                  targets: Sequence[str] | None = None, top: int = 3, sigma: float | None = None,
+                  cmap: str = "jet", alpha: float = 0.5, progress: bool = False) -> pd.DataFrame:
+    """Explanation maps and overlays for image files with a classifier bundle.
+
+    Per file (``stem`` = file name without suffix): ``OUT/<stem>_<method>.npy`` with the raw maps,
+    (F, S, S) float32 at the classifier's input size S, in the order of the ``targets`` column;
+    ``OUT/<stem>_<method>_<finding>.png`` overlays (RGB) on the displayed crop; for several findings
+    also ``OUT/<stem>_<method>_all.png`` (all findings at once, Chester Fig. 8).
+
+    ``targets``: finding names; default: the ``top`` most probable findings (calibrated when the
+    bundle has operating points), or all findings summed for ``method="saliency"``.
+    Returns the table written to ``OUT/explain_summary.csv``.
+    """
+    import pandas as pd
+    import torch
+
+    from .bundle import load_bundle
+    from .calibration import calibrate
+    from .explain import EXPLAINERS, get_explainer, overlay, overlay_all_findings
+    from .inference import operating_points_of
+    from .io import ImageReadError, read_image
+
+    if method not in EXPLAINERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {EXPLAINERS}")
+    bundle = load_bundle(bundle_path, kind="classifier")
+    labels, pp, model = bundle.labels, bundle.preprocess, bundle.model
+    ops = operating_points_of(bundle)
+    explainer = get_explainer(method, model, sigma=sigma)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    items = list(zip(files, _unique_stems(files)))
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc=f"explaining ({method})", unit="img")
+    for f, stem in items:
+        row: dict[str, Any] = {"file": f, "method": method, "targets": "", "raw_probabilities": "", "maps": "",
+                               "overlays": "", "seconds": np.nan, "error": ""}
+        t0 = time.perf_counter()
+        try:
+            display = pp.geometry(read_image(f).pixels)
+        except (ImageReadError, ValueError) as exc:
+            row["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
+            rows.append(row)
+            continue
+        x = torch.from_numpy(pp.intensity(display))[None]
+        with torch.no_grad():
+            prob = torch.sigmoid(model(x).float())[0].numpy()
+        ranking = prob
+        if ops is not None:
+            ranking = calibrate(prob[None], ops.as_array(labels))[0]
+        index, names = _choose_targets(method, labels, targets, ranking, top)
+        maps = explainer(x, targets=index)[0]
+        np.save(out / f"{stem}_{method}.npy", maps.astype(np.float32), allow_pickle=False)
+        written = []
+        for name, heat in zip(names, maps):
+            target = out / f"{stem}_{method}_{name.replace(' ', '_').replace('+', '-')}.png"
+            _save_png(target, overlay(display, heat, cmap=cmap, alpha=alpha))
+            written.append(target.name)
+        if len(names) > 1:
+            target = out / f"{stem}_{method}_all.png"
+            _save_png(target, overlay_all_findings(display, maps, names))
+            written.append(target.name)
+        chosen = index if index is not None else range(len(labels))
+        row.update(targets="|".join(names), raw_probabilities="|".join(f"{prob[i]:.4f}" for i in chosen),
+                   maps=f"{stem}_{method}.npy", overlays="|".join(written), seconds=time.perf_counter() - t0)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["file", "method", "targets", "raw_probabilities", "maps", "overlays", "seconds",
+                                        "error"])
+    table.to_csv(out / "explain_summary.csv", index=False)
+    return table
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .cli_classifier import expand_files
+
+    files = expand_files(args.files)
+    if not files:
+        raise ValueError("no input files")
+    table = explain_files(args.bundle, args.method, files, args.out, targets=args.targets, top=args.top,
+                          sigma=args.sigma, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+    failed = table[table["error"] != ""]
+    for f, reason in zip(failed["file"], failed["error"]):
+        print(f"warning: {f}: {reason}", file=sys.stderr)
+    print(f"explained {len(table) - len(failed)} images with {args.method}; wrote maps, overlays and "
+          f"{Path(args.out) / 'explain_summary.csv'} ({len(failed)} unreadable)")
+    return 0 if len(failed) < len(table) else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# train unet
+
+
+def _train_unet(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_manifest, load_split
+    from .train import UNetConfig, train_unet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    manifest = load_manifest(args.data, on_missing="drop")
+    cfg = UNetConfig(image_size=args.size, base_channels=args.base_channels, depth=args.depth, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, dice_weight=args.dice_weight, augment=not args.no_augment,
+                     seed=args.seed, device=args.device, max_steps_per_epoch=args.max_steps)
+    split = load_split(args.split, manifest) if args.split else None
+    result = train_unet(manifest, args.out, cfg, split=split, resume=args.resume, progress=not args.quiet,
+                        data_description=str(args.data))
+    s = result.summary
+    if s:
+        print(f"best epoch {result.best_epoch} of {result.epochs_run}; test Dice {s['dice_mean']:.4f} "
+              f"(sd {s['dice_std']:.4f}), IoU {s['iou_mean']:.4f} on {s['n_images']} images of "
+              f"{s['n_patients']} test patients")
+    print(f"bundle: {result.bundle}")
+    return 0
+
+
+def add_explain_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``train unet``, ``segment`` and ``explain``."""
+    from .cli_classifier import train_subparsers
+    from .explain import EXPLAINERS
+
+    tsub = train_subparsers(sub)
+    q = tsub.add_parser("unet", help="train the lung U-Net on image + mask pairs (mask 127 = ignore)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--data", required=True, help="folder with images/ and masks/ (e.g. shared/data/cxr/masks)")
+    q.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, bundle/")
+    q.add_argument("--size", type=int, default=128, help="input side in pixels")
+    q.add_argument("--base-channels", type=int, default=16)
+    q.add_argument("--depth", type=int, default=4)
+    q.add_argument("--epochs", type=int, default=30)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--dice-weight", type=float, default=1.0,
+                   help="weight of the soft Dice loss added to BCE (0: BCE only)")
+    q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
+    q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_train_unet)
+
+    q = sub.add_parser("segment", help="lung masks (PNG 0/255) for image files with a U-Net bundle")
+    q.add_argument("--bundle", required=True, help="segmentation bundle folder")
+    q.add_argument("files", nargs="+", help="image files, folders or globs")
+    q.add_argument("--out", required=True, help="folder for <stem>_lung.png and segment_summary.csv")
+    q.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lung")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_segment)
+
+    q = sub.add_parser("explain", help="explanation maps (.npy) and overlays (PNG) for image files")
+    q.add_argument("--bundle", required=True, help="classifier bundle folder")
+    q.add_argument("--method", default="saliency", choices=EXPLAINERS)
+    q.add_argument("files", nargs="+", help="image files, folders or globs")
+    q.add_argument("--out", required=True, help="folder for maps, overlays and explain_summary.csv")
+    q.add_argument("--targets", nargs="+", default=None, metavar="FINDING",
+                   help="findings to explain (default: the --top most probable; saliency: all findings summed)")
+    q.add_argument("--top", type=int, default=3)
+    q.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps, in pixels")
+    q.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays")
+    q.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_explain)

@@ -137,20 +137,26 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     add_app_commands(sub)
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    from .cli_export import add_export_commands
-
-    add_export_commands(sub)
-
-
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     from .cli_explain import add_explain_commands
 
     add_explain_commands(sub)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app, _add_export,
-                                                               _add_explain]
+def _add_ood(sub: argparse._SubParsersAction) -> None:
+    from .cli_ood import add_ood_commands
+
+    add_ood_commands(sub)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .cli_export import add_export_commands
+
+    add_export_commands(sub)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app, _add_explain,
+                                                               _add_ood, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,16 +15,18 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "01_train_classifier.ipynb": {"image_size": 48, "epochs": 2, "max_steps_per_epoch": 3, "bootstrap": 50,
                                   "out_dir": "{tmp}/run01"},
     "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 3},
-    "04_saliency_comparison.ipynb": {"work_dir": "{tmp}/run04", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 2,
-                                     "unet_size": 32, "unet_epochs": 1, "n_images": 3, "ig_steps": 4,
-                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_size": 48, "phantom_count": 24,
-                                     "phantom_epochs": 1, "phantom_test_images": 2},
+    "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
+                                   "latency_batches": [1, 4], "write_web_app": False},
     # the Voila app: under papermill it must run and show a widget (driven in a browser by test_dashboard_browser.py)
     "05_dashboard.ipynb": {"demo_info": "{tmp}/absent.json"},
     "06_hybrid_features.ipynb": {"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
                                  "mlp_max_epochs": 20},
-    "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
-                                   "latency_batches": [1, 4], "write_web_app": False},
+    "04_saliency_comparison.ipynb": {"work_dir": "{tmp}/run04", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 2,
+                                     "unet_size": 32, "unet_epochs": 1, "n_images": 3, "ig_steps": 4,
+                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_size": 48, "phantom_count": 24,
+                                     "phantom_epochs": 1, "phantom_test_images": 2},
+    "03_ood_cutoff_tradeoff.ipynb": {"epochs": 2, "max_steps": 2, "out_dir": "{tmp}/run03", "n_digits": 100,
+                                     "angles": [0, 45, 90], "n_bootstrap": 20},
 }
 
 #: Notebooks run (with the parameters above and more checks) by their own test module.

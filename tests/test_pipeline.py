@@ -147,3 +147,23 @@ def test_dashboard_rejection_message(bundles, image):
     assert "Rejected" in dash.verdict.value and not dash.bars.outputs
     dash.override.value = True
     assert "analysed anyway" in dash.verdict.value and dash.report.raw is not None
+
+
+def test_demo_bundles_are_trained_once_and_reused(tmp_path):
+    """`cxrbench demo prepare` on a small phantom set: a classifier and an OOD gate, cached by fingerprint."""
+    import json
+
+    from cxrbench.data.synthetic import write_phantom_set
+    from cxrbench.demo import DemoSettings, prepare_demo
+
+    data = write_phantom_set(tmp_path / "ph", 30, size=64, seed=2)
+    settings = DemoSettings(arch="resnet18", image_size=32, epochs=1, batch_size=8, ood_epochs=1)
+    info = prepare_demo(tmp_path / "demo", data=data, settings=settings, progress=False)
+    assert load_bundle(info["classifier"]).card.kind == "classifier"
+    assert load_bundle(info["ood"]).card.ood["cutoff"]["scorer"] == "ssim"
+    assert info["examples"] and json.loads((tmp_path / "demo" / "demo.json").read_text())["ood"] == info["ood"]
+    mtime = (tmp_path / "demo" / "demo.json").stat().st_mtime_ns
+    again = prepare_demo(tmp_path / "demo", data=data, settings=settings, progress=False)
+    assert again == info and (tmp_path / "demo" / "demo.json").stat().st_mtime_ns == mtime
+    pipe = Pipeline.from_paths(info["classifier"], ood=info["ood"])
+    assert pipe.analyze(list(info["examples"].values())[0], explain=None).ood is not None

@@ -1,0 +1,204 @@
+"""OOD training: outputs and bundle with a percentile cutoff, the gate in the Pipeline, ood-score, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from cxrbench.bundle import ModelCard, load_bundle, save_bundle
+from cxrbench.cli import main
+from cxrbench.data import load_manifest
+from cxrbench.data.synthetic import write_phantom_set
+from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.classifier import build_classifier
+from cxrbench.pipeline import Pipeline
+from cxrbench.preprocess import Preprocess
+from cxrbench.train import CheckpointError, OODConfig, train_ood
+
+TINY = dict(latent_dim=16, width=8, batch_size=8)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return write_phantom_set(tmp_path_factory.mktemp("ph") / "set", 40, size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ae_run(phantoms, tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ae") / "run"
+    result = train_ood(load_manifest(phantoms), out, OODConfig(epochs=3, **TINY), progress=False,
+                       cache_dir=out.parent / "cache")
+    return result
+
+
+def test_training_writes_metrics_scores_and_a_bundle_with_the_percentile_cutoff(ae_run):
+    out = ae_run.out_dir
+    for f in ("config.json", "split.csv", "metrics.csv", "checkpoint.pt", "best.safetensors", "scores_val.csv",
+              "scores_test.csv", "bundle/card.json", "bundle/model.safetensors"):
+        assert (out / f).is_file(), f
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    assert {"train_loss", "val_ssim_median", "val_l1", "val_l2", "images_per_s"} <= set(metrics.columns)
+    assert np.isfinite(metrics[["train_loss", "val_ssim_median", "val_l1"]].to_numpy()).all()
+    best_row = metrics.loc[metrics["val_ssim_median"].idxmax()]
+    assert metrics["best"].sum() >= 1 and ae_run.best_epoch == int(best_row["epoch"])
+    split = pd.read_csv(out / "split.csv")
+    assert split.groupby("patient_id")["split"].nunique().max() == 1 and set(split["split"]) == {"train", "val", "test"}
+
+    val = pd.read_csv(out / "scores_val.csv")
+    assert len(val) == (split["split"] == "val").sum()
+    np.testing.assert_allclose(val["ssim"], 1 - val["ssim_raw"], atol=1e-6)
+    card = load_bundle(ae_run.bundle, kind="ood").card
+    cutoff = card.ood["cutoff"]
+    assert cutoff["scorer"] == "ssim" and cutoff["percentile"] == 95.0 and cutoff["n_reference"] == len(val)
+    assert cutoff["threshold"] == pytest.approx(np.percentile(val["ssim"], 95))
+    assert "95th percentile" in cutoff["method"] and "validation" in card.ood["how_chosen"]
+    assert (val["is_ood"] == (val["ssim"] > cutoff["threshold"])).all()
+    summary = card.ood["validation_scores"]["ssim"]
+    assert summary["n"] == len(val) and summary["median"] == pytest.approx(np.median(val["ssim"]))
+    assert card.builder == "autoencoder" and card.builder_kwargs == {"latent_dim": 16, "base_channels": 8}
+    assert card.preprocess == Preprocess(size=64, normalize="zero_one").to_dict()
+    assert card.training["epochs_run"] == 3 and card.training["split_counts"]["val"] == len(val)
+    assert {"torch", "cxrbench"} <= set(card.versions)
+
+
+def _classifier_bundle(root: Path) -> Path:
+    torch.manual_seed(0)
+    clf = build_classifier("resnet18", 14, 1).eval()
+    card = ModelCard(kind="classifier", builder="classifier",
+                     builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
+                     labels=list(NIH_FINDINGS), preprocess=Preprocess(size=32).to_dict())
+    return save_bundle(root / "clf", clf, card)
+
+
+def test_bundle_gates_the_pipeline_consistently_with_ood_score(ae_run, phantoms, tmp_path, capsys):
+    digit = tmp_path / "digit.png"  # a clearly non-chest image next to phantom chests
+    from sklearn.datasets import load_digits
+
+    PILImage.fromarray((np.kron(load_digits().images[0], np.ones((8, 8))) * 255 / 16).astype(np.uint8)).save(digit)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    files = [str(p) for p in sorted((phantoms / "images").glob("*.png"))[:6]] + [str(digit), str(bad)]
+    csv = tmp_path / "scores.csv"
+    assert main(["ood-score", "--bundle", str(ae_run.bundle), *files, "--out", str(csv)]) == 0
+    table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    assert list(table.columns) == ["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "error"]
+    assert len(table) == len(files) and table["error"].isna().sum() == len(files) - 1
+    assert "broken.png" in table.loc[len(files) - 1, "file"] and np.isnan(table.loc[len(files) - 1, "score"])
+    assert "warning" in capsys.readouterr().err
+
+    ood = load_bundle(ae_run.bundle, kind="ood")
+    threshold = ood.card.ood["cutoff"]["threshold"]
+    pipe = Pipeline(load_bundle(_classifier_bundle(tmp_path), kind="classifier"), ood)
+    scored = table.iloc[:-1]
+    for row in scored.itertuples():
+        np.testing.assert_allclose(row.score, row.ssim)
+        assert bool(row.is_ood) == (row.score > threshold)
+        report = pipe.analyze(row.file, explain=None)
+        assert report.ood.score == pytest.approx(row.score, abs=1e-5)
+        assert report.rejected == (report.ood.score > threshold) == bool(row.is_ood)
+        assert (report.raw is None) == report.rejected
+    # the same weights with the cutoff at the median score: the gate splits the files at it
+    ordered = np.sort(scored["score"].to_numpy())
+    mid = float(ordered[2] + ordered[3]) / 2  # between two scores, so float noise cannot flip a verdict
+    card = ood.card
+    card.ood = {**card.ood, "cutoff": {**card.ood["cutoff"], "threshold": mid}}
+    pipe = Pipeline(pipe.classifier, load_bundle(save_bundle(tmp_path / "mid", ood.model, card), kind="ood"))
+    rejected = [pipe.analyze(f, explain=None).rejected for f in scored["file"]]
+    assert rejected == list(scored["score"] > mid) and 0 < sum(rejected) < len(rejected)
+    # every file unreadable -> exit code 1
+    assert main(["ood-score", "--bundle", str(ae_run.bundle), str(bad), "--out", str(tmp_path / "none.csv")]) == 1
+
+
+def test_ali_trains_and_its_bundle_scores(phantoms, tmp_path):
+    torch.manual_seed(0)
+    r = train_ood(load_manifest(phantoms), tmp_path / "ali", OODConfig(model="ali", epochs=2, **TINY),
+                  progress=False, cache_dir=tmp_path / "cache")
+    metrics = pd.read_csv(tmp_path / "ali" / "metrics.csv")
+    assert {"d_loss", "g_adv_loss", "recon_l1", "g_steps_fraction"} <= set(metrics.columns)
+    np.testing.assert_allclose(metrics["train_loss"], metrics["recon_l1"])
+    assert metrics["d_loss"].notna().all() and metrics["g_steps_fraction"].between(0, 1).all()
+    bundle = load_bundle(r.bundle, kind="ood")
+    assert bundle.card.builder == "ali" and bundle.card.training["config"]["lr"] == 5e-4
+    from cxrbench.ood import score_batch
+
+    x = torch.rand(3, 1, 64, 64)
+    assert np.isfinite(score_batch(bundle.model, x)["ssim"]).all()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_reaches_the_same_epoch_count(phantoms, tmp_path):
+    """Kill a real training process after >= 1 logged epoch, resume it, and log every epoch once."""
+    out, epochs = tmp_path / "run", 12
+    cmd = [sys.executable, "-m", "cxrbench.cli", "train", "ood", "--data", str(phantoms), "--out", str(out),
+           "--latent", "16", "--width", "8", "--batch-size", "8", "--epochs", str(epochs), "-q"]
+    env = {**os.environ, "CXRBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = len(pd.read_csv(out / "metrics.csv")) if (out / "metrics.csv").is_file() else 0
+        if rows >= 1 or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be interrupted: " + proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(out / "metrics.csv")
+    assert 1 <= len(before) < epochs and not (out / "bundle").exists()
+    res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bundle:" in res.stdout
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(1, epochs + 1))
+    # the epochs logged before the kill were kept, not run again (their timings are unchanged)
+    pd.testing.assert_frame_equal(metrics.iloc[:len(before)][before.columns], before)
+    assert json.loads((out / "bundle" / "card.json").read_text())["training"]["epochs_run"] == epochs
+
+
+def test_resume_refuses_other_settings_and_continues_with_more_epochs(phantoms, tmp_path):
+    df = load_manifest(phantoms)
+    kw = dict(progress=False, cache_dir=tmp_path / "c")
+    train_ood(df, tmp_path / "run", OODConfig(epochs=1, max_steps_per_epoch=1, **TINY), **kw)
+    with pytest.raises(CheckpointError, match="other settings"):
+        train_ood(df, tmp_path / "run", OODConfig(epochs=2, lr=0.1, max_steps_per_epoch=1, **TINY), resume=True, **kw)
+    with pytest.raises(CheckpointError, match="other settings"):
+        train_ood(df, tmp_path / "run", OODConfig(model="ali", epochs=2, max_steps_per_epoch=1, **TINY), resume=True,
+                  **kw)
+    # more epochs and another cutoff percentile are fine: it continues at epoch 2
+    r = train_ood(df, tmp_path / "run", OODConfig(epochs=2, percentile=90, max_steps_per_epoch=1, **TINY),
+                  resume=True, **kw)
+    assert [h["epoch"] for h in r.history] == [2] and r.cutoff.percentile == 90.0
+    assert list(pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"]) == [1, 2]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown OOD model"):
+        OODConfig(model="vae")
+    with pytest.raises(ValueError, match="unknown scorer"):
+        OODConfig(scorer="psnr")
+    with pytest.raises(ValueError, match="percentile"):
+        OODConfig(percentile=0)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        OODConfig(batch_size=1)
+    assert OODConfig().lr == 1e-3 and OODConfig(model="ali").lr == 5e-4
+    assert "epochs" not in OODConfig().resume_key() and "lr" in OODConfig().resume_key()

@@ -22,14 +22,12 @@ On CUDA it uses bf16 autocast and channels_last.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -38,23 +36,26 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..bundle import ModelCard, save_bundle
 from ..calibration import fit_operating_points
-from ..data import CXRDataset, load_split, patient_split, save_split
+from ..data import CXRDataset
 from ..inference import predict_dataset, predictions_table
 from ..metrics import evaluate_predictions
 from ..models.classifier import build_classifier
 from ..preprocess import Preprocess
 from .common import (
-    CheckpointError,
     MetricLog,
+    RunConfig,
     Stopwatch,
     autocast,
     init_distributed,
-    load_checkpoint,
+    load_best,
+    open_run,
     pick_device,
-    rng_state,
-    save_checkpoint,
+    restore_training_state,
+    run_split,
+    save_training_state,
+    save_weights,
     seed_everything,
-    set_rng_state,
+    training_record,
     wrap_ddp,
 )
 
@@ -62,8 +63,10 @@ __all__ = ["ClassifierConfig", "TrainResult", "cxr_augmentation", "train_classif
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(RunConfig):
     """Hyper-parameters of a classifier run (all JSON-serialisable)."""
+
+    RESUME_MAY_CHANGE = ("epochs", "num_workers", "device", "early_stopping_patience", "eval_bootstrap")
 
     arch: str = "densenet121"
     image_size: int = 224
@@ -109,21 +112,6 @@ class ClassifierConfig:
         return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,
                           channels=self.in_channels)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the original (epochs may grow)."""
-        d = self.to_dict()
-        for k in ("epochs", "num_workers", "device", "early_stopping_patience", "eval_bootstrap"):
-            d.pop(k)
-        return json.loads(json.dumps(d))
-
 
 @dataclass
 class TrainResult:
@@ -156,22 +144,6 @@ def _labels_of(manifest: pd.DataFrame, cfg: ClassifierConfig) -> list[str]:
     return labels
 
 
-def _split_for(manifest: pd.DataFrame, out: Path, cfg: ClassifierConfig, split: pd.Series | None, is_main: bool) -> pd.Series:
-    path = out / "split.csv"
-    if split is not None:
-        s = pd.Series(np.asarray(split), index=manifest.index, name="split")
-    elif path.is_file():
-        s = load_split(path, manifest)
-    else:
-        s = patient_split(manifest, cfg.fractions, seed=cfg.seed)
-    if is_main:
-        save_split(manifest, s, path, seed=cfg.seed, fractions=cfg.fractions)
-    for name in ("train", "val"):
-        if not (s == name).any():
-            raise ValueError(f"the split has no '{name}' images ({len(manifest)} images in all); use more data")
-    return s
-
-
 def train_classifier(
     manifest: pd.DataFrame,
     out_dir: str | os.PathLike,
@@ -201,7 +173,7 @@ def train_classifier(
     labels = _labels_of(manifest, cfg)
     seed_everything(cfg.seed + dist.rank)
     preprocess = cfg.preprocess()
-    s = _split_for(manifest, out, cfg, split, dist.is_main)
+    s = run_split(manifest, out, cfg.fractions, cfg.seed, split, write=dist.is_main)
 
     full = CXRDataset(manifest, preprocess, label_columns=labels, cache_dir=cache_dir)
     train_set = full.subset((s == "train").to_numpy())
@@ -237,25 +209,16 @@ def train_classifier(
     log = MetricLog(out / "metrics.csv")
     start_epoch, best_value, best_epoch, bad_epochs = 1, math.inf if mode == "min" else -math.inf, 0, 0
     history: list[dict[str, Any]] = []
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("config_key") != json.loads(json.dumps(cfg.resume_key())):
-            raise CheckpointError(f"{ckpt_path}: was written with other settings; start a new run folder "
-                                  "or use the same settings (only --epochs may change)")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        generator.set_state(ckpt["loader_rng"])
-        start_epoch = int(ckpt["epoch"]) + 1
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "loader_rng": generator}
+    ckpt = open_run(out, cfg, resume, write=dist.is_main)
+    if ckpt is not None:
+        start_epoch = restore_training_state(ckpt, model, stateful)
         best_value, best_epoch, bad_epochs = float(ckpt["best_value"]), int(ckpt["best_epoch"]), int(ckpt["bad_epochs"])
         if dist.is_main:
             log.truncate_after(start_epoch - 1)
             print(f"resuming {out} after epoch {start_epoch - 1} (best {cfg.monitor} {best_value:.4f} at epoch {best_epoch})")
     elif dist.is_main:
         log.truncate_after(0)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     stopped_early = False
     epoch = start_epoch - 1
@@ -277,7 +240,7 @@ def train_classifier(
         if improved:
             best_value, best_epoch, bad_epochs = value, epoch, 0
             if dist.is_main:
-                _save_weights(model, out / "best.safetensors")
+                save_weights(model, out / "best.safetensors")
         else:
             bad_epochs += 1
         row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
@@ -286,11 +249,8 @@ def train_classifier(
         history.append(row)
         if dist.is_main:
             log.append(row)
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "loader_rng": generator.get_state(),
-                "best_value": best_value, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "config_key": cfg.resume_key()})
+            save_training_state(out, epoch, model, stateful, cfg,
+                                best_value=best_value, best_epoch=best_epoch, bad_epochs=bad_epochs)
             if progress:
                 print(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
                       f"val macro AUC {val['val_auc']:.3f}, {row['images_per_s']:.1f} img/s")
@@ -345,23 +305,11 @@ def _validate(model, val_set, criterion, labels, device, cfg) -> dict[str, float
     return {"val_loss": loss, "val_auc": float(macro.auc), "val_auc_defined": int(macro.n_defined)}
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def _finish(result: TrainResult, model, full: CXRDataset, s: pd.Series, labels, cfg, preprocess, device,
             data_description) -> None:
     """Best weights -> operating points on val -> evaluation on test -> bundle."""
-    from safetensors.torch import load_file
-
     out = result.out_dir
-    if (out / "best.safetensors").is_file():
-        model.load_state_dict(load_file(str(out / "best.safetensors")))
-    model.eval()
+    load_best(model, out)
     parts = {}
     for name in ("val", "test"):
         ds = full.subset((s == name).to_numpy()).readable()
@@ -390,9 +338,7 @@ def _finish(result: TrainResult, model, full: CXRDataset, s: pd.Series, labels, 
         kind="classifier", builder="classifier",
         builder_kwargs={"arch": cfg.arch, "num_outputs": len(labels), "in_channels": cfg.in_channels, "dropout": cfg.dropout},
         labels=list(labels), preprocess=preprocess.to_dict(), operating_points=ops.to_dict(),
-        training={"data": data_description or str(full.manifest.attrs.get("root", "")), "n_images": len(full),
-                  "split_file": str(out / "split.csv"), "split_counts": s.value_counts().to_dict(),
-                  "seed": cfg.seed, "epochs_run": result.epochs_run, "config": cfg.to_dict()},
+        training=training_record(out, full.manifest, s, cfg, result.epochs_run, data_description),
         metrics=metrics, name=f"{cfg.arch}-{len(labels)}", description="trained with cxrbench train classifier")
     result.bundle = save_bundle(out / "bundle", model, card)
 

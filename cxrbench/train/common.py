@@ -10,31 +10,47 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from ..data import load_split, patient_split, save_split
+
 __all__ = [
+    "CHECKPOINT",
     "CheckpointError",
     "DistInfo",
     "MetricLog",
+    "RunConfig",
     "autocast",
     "dist_info",
     "init_distributed",
+    "load_best",
     "load_checkpoint",
+    "open_run",
     "pick_device",
+    "restore_training_state",
     "rng_state",
+    "run_split",
     "save_checkpoint",
+    "save_training_state",
+    "save_weights",
     "seed_everything",
     "set_rng_state",
+    "training_record",
 ]
+
+CHECKPOINT = "checkpoint.pt"
+BEST_WEIGHTS = "best.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -111,6 +127,135 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle ...
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# run folders: config, split, resume, best weights
+
+
+class RunConfig:
+    """Mixin for the dataclass configs of a training run (all fields JSON-serialisable).
+
+    ``RESUME_MAY_CHANGE`` names the fields a resumed run may change; every other field must match the
+    checkpoint's (:meth:`resume_key`).
+    """
+
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("epochs", "device")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the original, as plain JSON values."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.RESUME_MAY_CHANGE}
+        return json.loads(json.dumps(d))
+
+
+def open_run(out: Path, cfg: RunConfig, resume: bool, *, write: bool = True) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or ``None`` for a fresh run (then ``config.json`` is written).
+
+    A checkpoint written with other settings raises :class:`CheckpointError` naming the settings that
+    differ and those that may change.
+    """
+    path = out / CHECKPOINT
+    if resume and path.is_file():
+        ckpt = load_checkpoint(path)
+        saved, now = ckpt.get("config_key") or {}, cfg.resume_key()
+        if saved != now:
+            differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise CheckpointError(
+                f"{path}: was written with other settings ({', '.join(differ)} differ); start a new run folder "
+                f"or use the same settings (only {', '.join(cfg.RESUME_MAY_CHANGE)} may change)")
+        return ckpt
+    if write:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return None
+
+
+def _state_of(obj: Any) -> Any:
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, dict):
+        return {k: _state_of(v) for k, v in obj.items()}
+    return obj.state_dict()
+
+
+def _restore(obj: Any, state: Any) -> None:
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _restore(v, state[k])
+    else:
+        obj.load_state_dict(state)
+
+
+def save_training_state(out: Path, epoch: int, model: nn.Module, stateful: dict[str, Any],
+                        cfg: RunConfig, **extra: Any) -> Path:
+    """Atomically checkpoint a finished epoch: model, every optimizer / scheduler / generator named in
+    ``stateful`` (nested dicts allowed), the global random states, the config key and ``extra`` values."""
+    state = {"epoch": epoch, "model": model.state_dict(), **{k: _state_of(v) for k, v in stateful.items()},
+             "rng": rng_state(), "config_key": cfg.resume_key(), **extra}
+    return save_checkpoint(out / CHECKPOINT, state)
+
+
+def restore_training_state(ckpt: dict[str, Any], model: nn.Module, stateful: dict[str, Any]) -> int:
+    """Load what :func:`save_training_state` wrote back into ``model`` and ``stateful``; the next epoch."""
+    model.load_state_dict(ckpt["model"])
+    for k, v in stateful.items():
+        _restore(v, ckpt[k])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]) + 1
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Atomically write the model's weights as safetensors."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_best(model: nn.Module, out: Path) -> nn.Module:
+    """Load ``out/best.safetensors`` (the best epoch's weights) when there is one; eval mode."""
+    from safetensors.torch import load_file
+
+    if (out / BEST_WEIGHTS).is_file():
+        model.load_state_dict(load_file(str(out / BEST_WEIGHTS)))
+    return model.eval()
+
+
+def run_split(manifest: pd.DataFrame, out: Path, fractions: tuple[float, float, float], seed: int,
+              split: pd.Series | None = None, *, write: bool = True) -> pd.Series:
+    """The run's split: ``split`` if given, else ``out/split.csv`` (a resumed run), else a seeded patient
+    split; written to ``out/split.csv``. Raises when no image lands in train or val."""
+    path = out / "split.csv"
+    if split is not None:
+        s = pd.Series(np.asarray(split), index=manifest.index, name="split")
+    elif path.is_file():
+        s = load_split(path, manifest)
+    else:
+        s = patient_split(manifest, fractions, seed=seed)
+    if write:
+        save_split(manifest, s, path, seed=seed, fractions=fractions)
+    for name in ("train", "val"):
+        if not (s == name).any():
+            raise ValueError(f"the split has no '{name}' images ({len(manifest)} images in all); use more data")
+    return s
+
+
+def training_record(out: Path, manifest: pd.DataFrame, s: pd.Series, cfg: RunConfig, epochs_run: int,
+                    data_description: str = "", **extra: Any) -> dict[str, Any]:
+    """The ``training`` block of a bundle's card: data, split, seed, epochs and the full config."""
+    return {"data": data_description or str(manifest.attrs.get("root", "")), "n_images": int(len(manifest)),
+            "split_file": str(out / "split.csv"), "split_counts": s.value_counts().to_dict(),
+            "seed": getattr(cfg, "seed"), "epochs_run": epochs_run, "config": cfg.to_dict(), **extra}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,10 +21,9 @@ Interrupted runs resume from ``checkpoint.pt`` with ``resume=True`` and end at t
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,19 @@ from ..models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_opt
 from ..models.autoencoder import ConvAutoencoder, ae_train_step
 from ..ood import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
 from ..preprocess import Preprocess
-from .classifier import _save_weights, _split_for
 from .common import (
-    CheckpointError,
     MetricLog,
+    RunConfig,
     Stopwatch,
-    load_checkpoint,
+    load_best,
+    open_run,
     pick_device,
-    rng_state,
-    save_checkpoint,
+    restore_training_state,
+    run_split,
+    save_training_state,
+    save_weights,
     seed_everything,
-    set_rng_state,
+    training_record,
 )
 
 __all__ = ["OOD_MODELS", "OODConfig", "OODTrainResult", "score_summary", "train_ood"]
@@ -62,7 +63,7 @@ SCORE_COLUMNS: tuple[str, ...] = ("l1", "l2", "ssim", "ssim_raw", "latent")
 
 
 @dataclass
-class OODConfig:
+class OODConfig(RunConfig):
     """Hyper-parameters of an OOD-model run (all JSON-serialisable).
 
     The logged ``train_loss`` is the reconstruction L1 of the training batches (the autoencoder's loss;
@@ -72,6 +73,8 @@ class OODConfig:
     reconstruction weight (:data:`cxrbench.models.ali.DEFAULT_RECON_WEIGHT`); ``ae_loss`` the
     autoencoder's loss. ``percentile`` and ``scorer`` only shape the final cutoff.
     """
+
+    RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "percentile", "scorer")
 
     model: str = "autoencoder"
     latent_dim: int = 128
@@ -115,21 +118,6 @@ class OODConfig:
     def build_model(self) -> nn.Module:
         cls = ALI if self.model == "ali" else ConvAutoencoder
         return cls(**self.builder_kwargs())
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OODConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the original (epochs may grow; cutoff may change)."""
-        d = self.to_dict()
-        for k in ("epochs", "device", "num_workers", "percentile", "scorer"):
-            d.pop(k)
-        return json.loads(json.dumps(d))
 
 
 @dataclass
@@ -181,7 +169,7 @@ def train_ood(
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    s = _split_for(manifest, out, cfg, split, True)
+    s = run_split(manifest, out, cfg.fractions, cfg.seed, split)
     full = CXRDataset(manifest, cfg.preprocess(), label_columns=[], cache_dir=cache_dir)
     report = full.build_cache(workers=2, progress=progress)
     if report.n_failed:
@@ -203,20 +191,11 @@ def train_ood(
                         persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
 
     log = MetricLog(out / "metrics.csv")
-    ckpt_path = out / "checkpoint.pt"
     start_epoch, best_value, best_epoch, train_seconds = 1, -math.inf, 0, 0.0
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("config_key") != cfg.resume_key():
-            raise CheckpointError(f"{ckpt_path}: was written with other settings; start a new run folder "
-                                  "or use the same settings (only --epochs, --percentile, --scorer may change)")
-        model.load_state_dict(ckpt["model"])
-        for name, opt in opts.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        set_rng_state(ckpt["rng"])
-        loader_rng.set_state(ckpt["loader_rng"])
-        noise_rng.set_state(ckpt["noise_rng"])
-        start_epoch = int(ckpt["epoch"]) + 1
+    stateful = {"optimizers": opts, "loader_rng": loader_rng, "noise_rng": noise_rng}
+    ckpt = open_run(out, cfg, resume)
+    if ckpt is not None:
+        start_epoch = restore_training_state(ckpt, model, stateful)
         best_value, best_epoch = float(ckpt["best_value"]), int(ckpt["best_epoch"])
         train_seconds = float(ckpt["train_seconds"])
         history = [dict(r) for r in ckpt["history"]]
@@ -229,7 +208,6 @@ def train_ood(
     else:
         history = []
         log.truncate_after(0)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     first_new = len(history)
     epoch = start_epoch - 1
@@ -242,16 +220,12 @@ def train_ood(
         improved = val["val_ssim_median"] > best_value
         if improved:
             best_value, best_epoch = val["val_ssim_median"], epoch
-            _save_weights(model, out / "best.safetensors")
+            save_weights(model, out / "best.safetensors")
         row = {"epoch": epoch, **losses, **val, "lr": cfg.lr, "train_images": seen, "seconds": clock(),
                "images_per_s": seen / max(epoch_train_seconds, 1e-9), "best": int(improved)}
         history.append(row)
-        save_checkpoint(ckpt_path, {
-            "epoch": epoch, "model": model.state_dict(),
-            "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
-            "rng": rng_state(), "loader_rng": loader_rng.get_state(), "noise_rng": noise_rng.get_state(),
-            "best_value": best_value, "best_epoch": best_epoch, "train_seconds": train_seconds,
-            "history": history, "config_key": cfg.resume_key()})
+        save_training_state(out, epoch, model, stateful, cfg, best_value=best_value, best_epoch=best_epoch,
+                            train_seconds=train_seconds, history=history)
         log.append(row)  # after the checkpoint, so a logged epoch is always a resumable one
         if progress:
             print(f"epoch {epoch}/{cfg.epochs}: train loss {losses['train_loss']:.4f}, val median SSIM "
@@ -323,12 +297,8 @@ def _scores_table(model: nn.Module, ds: CXRDataset, name: str, device: torch.dev
 def _finish(result: OODTrainResult, model: nn.Module, full: CXRDataset, s: pd.Series, cfg: OODConfig,
             device: torch.device, data_description: str) -> None:
     """Best weights -> scores of val and test -> percentile cutoff on val -> bundle."""
-    from safetensors.torch import load_file
-
     out = result.out_dir
-    if (out / "best.safetensors").is_file():
-        model.load_state_dict(load_file(str(out / "best.safetensors")))
-    model.eval()
+    load_best(model, out)
     tables = {name: _scores_table(model, full.subset((s == name).to_numpy()).readable(), name, device)
               for name in ("val", "test")}
     cutoff = fit_cutoff(tables["val"][cfg.scorer].to_numpy(), cfg.percentile, cfg.scorer)
@@ -360,10 +330,8 @@ def _finish(result: OODTrainResult, model: nn.Module, full: CXRDataset, s: pd.Se
     card = ModelCard(
         kind="ood", builder=cfg.model, builder_kwargs=cfg.builder_kwargs(), labels=[],
         preprocess=cfg.preprocess().to_dict(), ood=ood_info,
-        training={"data": data_description or str(full.manifest.attrs.get("root", "")), "n_images": len(full),
-                  "split_file": str(out / "split.csv"), "split_counts": s.value_counts().to_dict(),
-                  "seed": cfg.seed, "epochs_run": result.epochs_run, "train_seconds": result.train_seconds,
-                  "config": cfg.to_dict()},
+        training=training_record(out, full.manifest, s, cfg, result.epochs_run, data_description,
+                                 train_seconds=result.train_seconds),
         metrics=metrics, name=f"{cfg.model}-z{cfg.latent_dim}-w{cfg.width}",
         description="OOD gate trained with cxrbench train ood; an image is OOD when its score > cutoff")
     result.bundle = save_bundle(out / "bundle", model, card)

@@ -20,11 +20,10 @@ What a run writes to its output folder::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..bundle import ModelCard, save_bundle
-from ..data import load_split, patient_split, save_split
 from ..io import ImageReadError
 from ..models.unet import (
     IGNORE_CODE,
@@ -47,26 +45,27 @@ from ..models.unet import (
     soft_dice_loss,
 )
 from ..preprocess import Preprocess
-from .classifier import _save_weights
 from .common import (
-    CheckpointError,
     MetricLog,
+    RunConfig,
     Stopwatch,
-    load_checkpoint,
+    load_best,
+    open_run,
     pick_device,
-    rng_state,
-    save_checkpoint,
+    restore_training_state,
+    run_split,
+    save_training_state,
+    save_weights,
     seed_everything,
-    set_rng_state,
+    training_record,
 )
 
 __all__ = ["MaskPairDataset", "PairAugmentation", "UNetConfig", "UNetTrainResult", "evaluate_unet", "load_mask_pairs",
            "train_unet"]
 
 
-
 @dataclass
-class UNetConfig:
+class UNetConfig(RunConfig):
     """Hyper-parameters of a U-Net run (all JSON-serialisable)."""
 
     image_size: int = 128
@@ -104,21 +103,6 @@ class UNetConfig:
 
     def preprocess(self) -> Preprocess:
         return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize, channels=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the original (epochs may grow)."""
-        d = self.to_dict()
-        for k in ("epochs", "device"):
-            d.pop(k)
-        return json.loads(json.dumps(d))
 
 
 @dataclass
@@ -213,21 +197,6 @@ class MaskPairDataset(Dataset):
 # the loop
 
 
-def _split_for(manifest: pd.DataFrame, out: Path, cfg: UNetConfig, split: pd.Series | None) -> pd.Series:
-    path = out / "split.csv"
-    if split is not None:
-        s = pd.Series(np.asarray(split), index=manifest.index, name="split")
-    elif path.is_file():
-        s = load_split(path, manifest)
-    else:
-        s = patient_split(manifest, cfg.fractions, seed=cfg.seed)
-    save_split(manifest, s, path, seed=cfg.seed, fractions=cfg.fractions)
-    for name in ("train", "val"):
-        if not (s == name).any():
-            raise ValueError(f"the split has no '{name}' images ({len(manifest)} pairs in all); use more data")
-    return s
-
-
 def train_unet(
     manifest: pd.DataFrame,
     out_dir: str | os.PathLike,
@@ -253,7 +222,7 @@ def train_unet(
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     manifest = manifest.reset_index(drop=True)
-    s = _split_for(manifest, out, cfg, split)
+    s = run_split(manifest, out, cfg.fractions, cfg.seed, split)
     preprocess = cfg.preprocess()
     images, labels, errors = load_mask_pairs(manifest, preprocess)
     for pos, reason in errors.items():
@@ -276,19 +245,11 @@ def train_unet(
                         drop_last=len(train_set) > cfg.batch_size)
 
     log = MetricLog(out / "metrics.csv")
-    ckpt_path = out / "checkpoint.pt"
     start_epoch, best_value, best_epoch = 1, -math.inf, 0
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("config_key") != cfg.resume_key():
-            raise CheckpointError(f"{ckpt_path}: was written with other settings; start a new run folder "
-                                  "or use the same settings (only --epochs may change)")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        generator.set_state(ckpt["loader_rng"])
-        start_epoch = int(ckpt["epoch"]) + 1
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "loader_rng": generator}
+    ckpt = open_run(out, cfg, resume)
+    if ckpt is not None:
+        start_epoch = restore_training_state(ckpt, model, stateful)
         best_value, best_epoch = float(ckpt["best_value"]), int(ckpt["best_epoch"])
         log.truncate_after(start_epoch - 1)
         if progress:
@@ -296,7 +257,6 @@ def train_unet(
                   f"(best val Dice {best_value:.4f} at epoch {best_epoch})")
     else:
         log.truncate_after(0)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     history: list[dict[str, Any]] = []
     epoch = start_epoch - 1
@@ -309,16 +269,13 @@ def train_unet(
         improved = val["val_dice"] > best_value
         if improved:
             best_value, best_epoch = val["val_dice"], epoch
-            _save_weights(model, out / "best.safetensors")
+            save_weights(model, out / "best.safetensors")
         row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
                "train_images": seen, "seconds": clock(), "images_per_s": seen / max(train_seconds, 1e-9),
                "best": int(improved)}
         history.append(row)
         log.append(row)
-        save_checkpoint(ckpt_path, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "loader_rng": generator.get_state(),
-            "best_value": best_value, "best_epoch": best_epoch, "config_key": cfg.resume_key()})
+        save_training_state(out, epoch, model, stateful, cfg, best_value=best_value, best_epoch=best_epoch)
         if progress:
             print(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
                   f"val Dice {val['val_dice']:.4f}, IoU {val['val_iou']:.4f}, {row['seconds']:.1f} s")
@@ -401,12 +358,8 @@ def _summary(table: pd.DataFrame) -> dict[str, Any]:
 def _finish(result: UNetTrainResult, model, manifest, s, readable, cfg: UNetConfig, preprocess, device,
             data_description: str) -> None:
     """Best weights -> per-image Dice/IoU on val and test -> bundle."""
-    from safetensors.torch import load_file
-
     out = result.out_dir
-    if (out / "best.safetensors").is_file():
-        model.load_state_dict(load_file(str(out / "best.safetensors")))
-    model.eval()
+    load_best(model, out)
     metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "best_val_dice": result.best_value}
     for name in ("val", "test"):
         rows = manifest[(s == name).to_numpy() & readable].reset_index(drop=True)
@@ -421,10 +374,8 @@ def _finish(result: UNetTrainResult, model, manifest, s, readable, cfg: UNetConf
         kind="segmentation", builder="unet",
         builder_kwargs={"in_channels": 1, "base_channels": cfg.base_channels, "depth": cfg.depth},
         labels=["lung"], preprocess=preprocess.to_dict(),
-        training={"data": data_description or str(manifest.attrs.get("root", "")), "n_images": int(len(manifest)),
-                  "split_file": str(out / "split.csv"), "split_counts": s.value_counts().to_dict(), "seed": cfg.seed,
-                  "epochs_run": result.epochs_run, "config": cfg.to_dict(), "threshold": cfg.threshold,
-                  "output": "(B, 1, H, W) logits; lung = sigmoid > threshold"},
+        training=training_record(out, manifest, s, cfg, result.epochs_run, data_description,
+                                 threshold=cfg.threshold, output="(B, 1, H, W) logits; lung = sigmoid > threshold"),
         metrics=metrics, name=f"unet-{cfg.base_channels}x{cfg.depth}-{cfg.image_size}px",
         description="lung U-Net trained with cxrbench train unet (mask value 127 ignored)")
     result.bundle = save_bundle(out / "bundle", model, card)

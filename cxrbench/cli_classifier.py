@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import sys
 from pathlib import Path
 
@@ -92,11 +91,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0 if np.isfinite(summary["macro_auc"]) else 1
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
+def write_predictions(bundle, args: argparse.Namespace, note: str = "") -> int:
+    """``cxrbench predict``'s work for a loaded classifier (a torch bundle or an ONNX Runtime one): the CSV
+    of calibrated and raw probabilities, a warning per unreadable file; exit 1 when none was readable."""
     from .inference import operating_points_of, predict_files, predictions_table
 
-    bundle = load_bundle(args.bundle, kind="classifier")
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
@@ -108,8 +107,14 @@ def _predict(args: argparse.Namespace) -> int:
     table.to_csv(out, index=False)
     for pos, reason in errors.items():
         print(f"warning: {files[pos]}: {reason}", file=sys.stderr)
-    print(f"wrote {out}: {len(files) - len(errors)} predicted, {len(errors)} unreadable")
+    print(f"wrote {out}: {len(files) - len(errors)} predicted, {len(errors)} unreadable{note}")
     return 0 if len(errors) < len(files) else 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+
+    return write_predictions(load_bundle(args.bundle, kind="classifier"), args)
 
 
 def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:

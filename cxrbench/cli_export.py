@@ -66,24 +66,11 @@ def _export_web(args: argparse.Namespace) -> int:
 
 def predict_onnx(args: argparse.Namespace) -> int:
     """``cxrbench predict --backend onnx``: the same CSV as the torch backend, computed by ONNX Runtime."""
-    from .cli_classifier import expand_files
-    from .inference import operating_points_of, predict_files, predictions_table
+    from .cli_classifier import write_predictions
     from .onnx_backend import ensure_export, load_export
 
     bundle = load_export(ensure_export(args.bundle, progress=not args.quiet)).classifier
-    files = expand_files(args.files)
-    if not files:
-        raise ValueError("no input files")
-    logits, errors = predict_files(bundle.model, bundle.preprocess, files, batch_size=args.batch_size,
-                                   progress=not args.quiet)
-    table = predictions_table(files, logits, bundle.labels, operating_points_of(bundle), errors)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    for pos, reason in errors.items():
-        print(f"warning: {files[pos]}: {reason}", file=sys.stderr)
-    print(f"wrote {out}: {len(files) - len(errors)} predicted, {len(errors)} unreadable (ONNX Runtime)")
-    return 0 if len(errors) < len(files) else 1
+    return write_predictions(bundle, args, " (ONNX Runtime)")
 
 
 def analyze_onnx(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
+from sklearn.metrics import hamming_loss, roc_auc_score
 
 from cxrbench.calibration import OperatingPoints, _as_binary_labels, _as_scores
 

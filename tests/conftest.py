@@ -25,11 +25,13 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
+    """One intra-op thread for every in-process test: the test inputs are tiny and the CI machine has
+    2 shared cores, where a second thread spins more than it helps (several times slower measured)."""
     try:
         import torch
     except ImportError:  # pragma: no cover
         return
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,6 @@ from cxrbench.explain import (
 )
 from cxrbench.explain.base import _resolve_layers, minmax_normalize, resize_maps, target_matrix
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine this is ~20x faster than spinning threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 FAST_OPTIONS = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3}}
 SIZE = 64  # ResNet18: 2x2 final features; the small DenseNet: 8x8

@@ -23,13 +23,6 @@ from cxrbench.explain.metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------------------------------
 # localisation on hand-made maps

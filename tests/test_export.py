@@ -26,13 +26,6 @@ CLF_ARGS = {"arch": "resnet18", "num_outputs": 14, "in_channels": 1}
 THRESHOLDS = {f: (None if f == "Hernia" else 0.25 + 0.03 * i) for i, f in enumerate(NIH_FINDINGS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _card(**kw) -> ModelCard:
     return ModelCard(kind="classifier", builder="classifier", builder_kwargs=CLF_ARGS, labels=list(NIH_FINDINGS),

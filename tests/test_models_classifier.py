@@ -33,14 +33,6 @@ TORCHVISION_FACTORY = {"densenet121": torchvision.models.densenet121, "resnet18"
 FEATURE_DIM = {"densenet121": 1024, "resnet18": 512}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """On a shared 2-core machine one intra-op thread is ~20x faster than two for these tiny inputs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorm non-trivial running stats and affine params so weight-loading checks can fail."""

@@ -29,13 +29,6 @@ from cxrbench.ood import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def smooth_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     """(n, 1, size, size) float32 in [0.1, 0.9]: random low-frequency patterns."""

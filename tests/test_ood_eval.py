@@ -22,13 +22,6 @@ from cxrbench.ood import CORRUPTIONS, SCORER_NAMES  # noqa: E402
 from cxrbench.preprocess import Preprocess  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class FlatGreyModel:
     """OOD-protocol toy: reconstructs every image as flat 0.5 grey; latent = (mean - 0.5, std) of the image."""

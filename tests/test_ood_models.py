@@ -23,14 +23,6 @@ from cxrbench.ood import OODModel
 WIDTH = 8  # tiny conv trunks keep the tests fast
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The CPU is shared: one intra-op thread is several times faster than oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def smooth_blobs(n: int, seed: int = 0) -> torch.Tensor:
     """(n, 1, 64, 64) float32 in [0, 1]: one or two Gaussian blobs per image."""

@@ -29,13 +29,6 @@ from cxrbench.train import CheckpointError, OODConfig, train_ood
 TINY = dict(latent_dim=16, width=8, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:

@@ -27,13 +27,6 @@ from cxrbench.train.unet import PairAugmentation, UNetConfig, load_mask_pairs, t
 TINY = dict(image_size=32, base_channels=4, depth=2, batch_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _lung_pair(rng: np.random.Generator, h: int = 40, w: int = 40,
                ignore: bool = False) -> tuple[np.ndarray, np.ndarray]:

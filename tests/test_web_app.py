@@ -49,8 +49,6 @@ def files(nih_dir):
 def bundles(tmp_path_factory, files):
     """ResNet18 at 224 px (operating points at the median raw probability), a gate with its cutoff at the median score."""
     root = tmp_path_factory.mktemp("web")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     pp = Preprocess(size=224)
     clf = build_classifier("resnet18", 14, 1).eval()
@@ -70,7 +68,6 @@ def bundles(tmp_path_factory, files):
         kind="ood", builder="autoencoder", builder_kwargs={"latent_dim": 16, "base_channels": 8},
         preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
         ood={"cutoff": {"scorer": "ssim", "threshold": float(np.median(scores["ssim"])), "method": "test: median"}}))
-    torch.set_num_threads(old)
     return root
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "demo_data", "demo_examples", "prepare_demo", "serve", "wait_for_voila"]
+__all__ = ["DemoSettings", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env", "wait_for_voila"]
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_NOTEBOOK = REPO / "notebooks" / "05_dashboard.ipynb"
@@ -173,21 +173,32 @@ def wait_for_voila(port: int, timeout: float = 60.0, proc: subprocess.Popen | No
     raise TimeoutError(f"voila did not answer on port {port} within {timeout:.0f} s")
 
 
-def voila_command(port: int, notebook: Path = DASHBOARD_NOTEBOOK, max_upload_mb: int = 64) -> list[str]:
-    """The Voila command line: local only, no browser, a taken port is an error (no silent move)."""
+def voila_command(port: int, notebook: Path = DASHBOARD_NOTEBOOK) -> list[str]:
+    """The Voila command line: local only, no browser, a taken port is an error (no silent move).
+
+    Uploads up to 64 MB (a large DICOM) come from ``cxrbench/voila/config/voila.json``, which
+    :func:`serve` puts on ``JUPYTER_CONFIG_PATH``; tornado's default websocket limit is 10 MB.
+    """
     exe = Path(sys.executable).with_name("voila")
     return [str(exe) if exe.exists() else "voila", str(notebook), "--no-browser", f"--port={port}",
-            "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light", "--template=cxrbench",
-            f"--Voila.tornado_settings={{'websocket_max_message_size': {max_upload_mb * 1024 * 1024}}}"]
+            "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light", "--template=cxrbench"]
 
 
-def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
+def voila_env(info: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment Voila runs in: the demo bundles, our template and our Voila config."""
     env = {**os.environ, **(env or {})}
     env["CXRBENCH_DEMO"] = json.dumps(info)
     # our template (the lab template without CDN stylesheets) lives in cxrbench/voila/templates
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("JUPYTER_PATH", "")]))
-    proc = subprocess.Popen(voila_command(port), env=env, cwd=str(REPO))
+    # and its config (the websocket message limit for uploads) in cxrbench/voila/config
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parent / "voila" / "config"), env.get("JUPYTER_CONFIG_PATH", "")]))
+    return env
+
+
+def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
+    proc = subprocess.Popen(voila_command(port), env=voila_env(info, env), cwd=str(REPO))
     if wait:
         wait_for_voila(port, proc=proc)
     return proc

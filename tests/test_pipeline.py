@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,21 @@ def test_demo_bundles_are_trained_once_and_reused(tmp_path):
     assert again == info and (tmp_path / "demo" / "demo.json").stat().st_mtime_ns == mtime
     pipe = Pipeline.from_paths(info["classifier"], ood=info["ood"])
     assert pipe.analyze(list(info["examples"].values())[0], explain=None).ood is not None
+
+
+def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
+    """The served app's settings as Voila itself parses them: 127.0.0.1, no port hopping, our template, and a
+    websocket message limit that lets a large DICOM through (tornado's default is 10 MB)."""
+    from voila.app import Voila
+
+    from cxrbench.demo import DASHBOARD_NOTEBOOK, voila_command, voila_env
+
+    env = voila_env({"classifier": "c", "ood": "o"}, {"JUPYTER_CONFIG_PATH": ""})
+    for key in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "CXRBENCH_DEMO"):
+        monkeypatch.setenv(key, env[key])
+    app = Voila()
+    app.initialize(voila_command(8999)[1:])
+    assert app.ip == "127.0.0.1" and app.port == 8999 and app.port_retries == 0
+    assert app.voila_configuration.template == "cxrbench"
+    assert Path(app.notebook_path).resolve() == DASHBOARD_NOTEBOOK.resolve()
+    assert app.tornado_settings["websocket_max_message_size"] == 64 * 1024 * 1024

@@ -283,4 +283,5 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
         return w.HTML("<h3>No model bundles yet</h3><p>Run <code>make demo</code> or "
                       "<code>cxrbench demo prepare</code> first, or pass a classifier bundle.</p>")
     pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None, unet=unet or info.get("unet") or None)
+    pipeline.warm_up()  # before the page shows: the first upload then costs what every later one does
     return Dashboard(pipeline, examples=info.get("examples") or {})

@@ -71,6 +71,15 @@ def test_report_with_gate_probabilities_and_saliency(bundles, image):
     assert row["in_distribution"] is True and row["error"] == "" and "Hernia_raw" in row
 
 
+def test_warm_up_runs_the_whole_chain_even_through_a_closed_gate(bundles, image):
+    pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed")  # rejects everything
+    assert not pipe._explainers
+    assert pipe.warm_up() > 0
+    assert "saliency" in pipe._explainers  # the explainer was built and run, not skipped by the gate
+    r = pipe.analyze(_png(image), name="x.png")
+    assert r.rejected and r.raw is None  # warming up did not open the gate
+
+
 def test_rejected_images_get_no_probabilities_unless_overridden(bundles, image):
     pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed")
     r = pipe.analyze(image, explain="saliency")

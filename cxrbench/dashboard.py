@@ -72,6 +72,8 @@ class Dashboard:
     """
 
     METHODS = ("saliency", "gradcam", "cam", "saliency_per_finding")
+    #: default display smoothing: gradient saliency is pixel-level speckle; σ = 2 px shows where it gathers
+    SMOOTHING = 2.0
 
     def __init__(self, pipeline: Pipeline, examples: Mapping[str, str | Path] | None = None):
         import ipywidgets as w
@@ -103,6 +105,8 @@ class Dashboard:
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.finding = w.Dropdown(options=list(pipeline.findings), description="finding", disabled=True)
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
+        self.smoothing = w.FloatSlider(value=self.SMOOTHING, min=0.0, max=8.0, step=0.5, description="smoothing",
+                                       tooltip="Gaussian σ in model-input pixels (display only; 0 = the raw map)")
         self.overlay = w.Image(format="png", layout=w.Layout(width="384px", height="384px", object_fit="contain",
                                                              visibility="hidden"))
         self.overlay.add_class("cxr-overlay")
@@ -115,11 +119,13 @@ class Dashboard:
         self.method.observe(self._on_method, names="value")
         self.finding.observe(lambda _: self._reexplain(), names="value")
         self.opacity.observe(lambda _: self._draw_overlay(), names="value")
+        self.smoothing.observe(lambda _: self._draw_overlay(), names="value")
 
         header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
                         "this machine; nothing is uploaded anywhere else.</p>")
         left = w.VBox([self.upload, self.example, self.override, self.busy, self.message, self.verdict,
-                       self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity],
+                       self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity,
+                       self.smoothing],
                       layout=w.Layout(width="430px", min_width="430px", overflow="hidden"))
         right = w.VBox([self.bars, self.note, self.overlay], layout=w.Layout(width="560px", min_width="560px"))
         body = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
@@ -213,8 +219,10 @@ class Dashboard:
         self.timing.value = (f"<small>{html.escape(report.source)}: {seconds:.2f} s ({stages}) · "
                              f"models: {html.escape(Path(str(self.pipeline.classifier.path)).name)}</small>")
         if report.ood is not None:
+            from .explain.overlay import error_overlay
+
             imgs = [("input (64 px)", report.ood.input), ("reconstruction", report.ood.reconstruction),
-                    ("error", _error_overlay(report.ood.input, report.ood.error))]
+                    ("error", error_overlay(report.ood.input, report.ood.error))]
             self.ood_images.children = [w.VBox([w.HTML(f"<small>{t}</small>"),
                                                 w.Image(value=png_bytes(im), format="png",
                                                         layout=w.Layout(width="128px", height="128px"))])
@@ -239,6 +247,7 @@ class Dashboard:
                                   "anyway because you asked. Treat the numbers with suspicion.</p>")
 
     def _draw_overlay(self) -> None:
+        from .explain.base import gaussian_smooth
         from .explain.overlay import overlay
 
         r = self.report
@@ -249,16 +258,8 @@ class Dashboard:
         k = 0
         if r.method != "saliency" and self.finding.value in r.map_labels:
             k = r.map_labels.index(self.finding.value)
-        self.overlay.value = png_bytes(overlay(r.image, r.maps[k], alpha=float(self.opacity.value)))
-
-
-def _error_overlay(image: np.ndarray, error: np.ndarray) -> np.ndarray:
-    """The grey input with the reconstruction error in red (Chester Fig. 4/7)."""
-    grey = np.clip(image, 0, 1)
-    e = np.clip(error / max(float(np.percentile(error, 99)), 1e-6), 0, 1)
-    rgb = np.stack([grey, grey, grey], axis=-1) * (1 - 0.8 * e[..., None])
-    rgb[..., 0] += 0.8 * e
-    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+        heat = gaussian_smooth(r.maps[k], float(self.smoothing.value))
+        self.overlay.value = png_bytes(overlay(r.image, heat, alpha=float(self.opacity.value)))
 
 
 def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = "",

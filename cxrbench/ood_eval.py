@@ -383,12 +383,15 @@ def plot_training_curves(history: pd.DataFrame):
 
 
 def plot_reconstructions(model: OODModel, x: torch.Tensor, titles: Sequence[str] | None = None, *,
-                         error_scale: float = 0.3):
+                         error_scale: float | None = None):
     """Input, reconstruction and the input with the per-pixel L1 error in red (Chester Fig. 4/7).
 
-    ``x``: ``(N, 1, 64, 64)`` in [0, 1]; error saturates red at ``error_scale``. Titles get the SSIM.
+    ``x``: ``(N, 1, 64, 64)`` in [0, 1]; error saturates red at ``error_scale`` (default
+    :data:`cxrbench.explain.overlay.ERROR_SCALE`, the dashboard's). Titles get the SSIM.
     """
     import matplotlib.pyplot as plt
+
+    from .explain.overlay import ERROR_SCALE, error_overlay
 
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -399,8 +402,7 @@ def plot_reconstructions(model: OODModel, x: torch.Tensor, titles: Sequence[str]
     fig, axes = plt.subplots(3, len(x), figsize=(1.6 * len(x), 5.0), squeeze=False)
     for k in range(len(x)):
         grey = x[k, 0].numpy()
-        alpha = np.clip(err[k] / error_scale, 0, 1)[..., None]
-        red = np.stack([grey] * 3, -1) * (1 - alpha) + alpha * np.array([1.0, 0.0, 0.0])
+        red = error_overlay(grey, err[k], scale=error_scale or ERROR_SCALE, alpha=1.0)
         for row, img in enumerate((grey, recon[k, 0].numpy(), red)):
             axes[row, k].imshow(img, cmap="gray", vmin=0, vmax=1)
             axes[row, k].axis("off")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrbench.explain import fuse, mask_fraction, overlay, overlay_all_findings
+from cxrbench.explain import error_overlay, fuse, mask_fraction, overlay, overlay_all_findings
+from cxrbench.explain.overlay import ERROR_SCALE
 from cxrbench.explain.fusion import mask_to_unit
 
 
@@ -145,3 +146,21 @@ def test_overlay_all_findings_like_chester_fig8() -> None:
         overlay_all_findings(image, maps, findings[:3])
     with pytest.raises(ValueError, match="not in findings"):
         overlay_all_findings(image, maps, findings, only=["Hernia"])
+
+
+def test_error_overlay_uses_a_fixed_scale_so_small_errors_stay_grey() -> None:
+    grey = np.full((8, 8), 0.5, dtype=np.float32)
+    small = np.full((8, 8), 0.02, dtype=np.float32)  # a well-reconstructed chest X-ray
+    rgb = error_overlay(grey, small)
+    assert rgb.dtype == np.uint8 and rgb.shape == (8, 8, 3)
+    assert np.abs(rgb.astype(int) - 128).max() <= 8  # nearly grey: not stretched to the image's own max
+    large = np.zeros((8, 8), dtype=np.float32)
+    large[:, 4:] = 2 * ERROR_SCALE  # saturates: red at full alpha, in RGB order
+    rgb = error_overlay(grey, large, alpha=1.0)
+    assert tuple(rgb[0, 7]) == (255, 0, 0) and tuple(rgb[0, 0]) == (128, 128, 128)
+    half = error_overlay(grey, np.full((8, 8), ERROR_SCALE / 2, dtype=np.float32), alpha=1.0)
+    assert tuple(half[0, 0]) == (191, 64, 64)
+    with pytest.raises(ValueError, match="differs from image shape"):
+        error_overlay(grey, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        error_overlay(grey, small, scale=0.0)

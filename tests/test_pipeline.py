@@ -124,7 +124,7 @@ def test_batch_keeps_going_after_a_bad_file(bundles, image, tmp_path):
 
 
 def test_dashboard_callbacks_without_a_browser(bundles, image):
-    from cxrbench.dashboard import Dashboard
+    from cxrbench.dashboard import Dashboard, png_bytes
 
     dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open"))
     dash.upload.value = ({"name": "chest.png", "type": "image/png", "size": 1, "content": memoryview(_png(image)),
@@ -147,6 +147,14 @@ def test_dashboard_callbacks_without_a_browser(bundles, image):
     before = bytes(dash.overlay.value)
     dash.opacity.value = 0.9
     assert bytes(dash.overlay.value) != before
+    # display smoothing redraws from the stored map: 0 is the raw map, more blurs it
+    from cxrbench.explain.overlay import overlay
+
+    dash.smoothing.value = 0.0
+    raw = overlay(dash.report.image, dash.report.maps[0], alpha=0.9)
+    assert bytes(dash.overlay.value) == png_bytes(raw)
+    dash.smoothing.value = 4.0
+    assert bytes(dash.overlay.value) != png_bytes(raw) and dash.report.maps is not None
 
 
 def test_dashboard_rejection_message(bundles, image):

@@ -20,7 +20,7 @@ from cxrbench.explain.base import Explainer, minmax_normalize, postprocess_maps,
 from cxrbench.explain.cam import CAM
 from cxrbench.explain.fusion import fuse, mask_fraction
 from cxrbench.explain.gradcam import GradCAM
-from cxrbench.explain.overlay import overlay, overlay_all_findings
+from cxrbench.explain.overlay import error_overlay, overlay, overlay_all_findings
 from cxrbench.explain.saliency import ChesterSaliency
 
 #: Registry names accepted by :func:`get_explainer`, in display order.
@@ -74,6 +74,7 @@ __all__ = [
     "get_explainer",
     "mask_fraction",
     "minmax_normalize",
+    "error_overlay",
     "overlay",
     "overlay_all_findings",
     "postprocess_maps",

@@ -95,6 +95,27 @@ def overlay(
     return _blend(grey, colours, weight)
 
 
+#: per-pixel |x - D(E(x))| at which the reconstruction-error overlay is fully red. A fixed scale, not the
+#: image's own maximum, so a well-reconstructed chest X-ray shows little red and an OOD image a lot.
+ERROR_SCALE = 0.3
+
+
+def error_overlay(image: ArrayLike, error: ArrayLike, scale: float = ERROR_SCALE, alpha: float = 0.8) -> np.ndarray:
+    """The grey input with its reconstruction error in red (Chester Fig. 4/7): (H, W, 3) uint8 RGB.
+
+    ``error`` (same shape, e.g. the L1 map of :func:`cxrbench.ood.error_map`) is red at full ``alpha`` from
+    ``scale`` up, and fades linearly to none at 0.
+    """
+    grey = _grey_image(image)
+    err = _to_numpy("error", error)
+    if err.shape != grey.shape:
+        raise ValueError(f"error map shape {err.shape} differs from image shape {grey.shape}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    weight = _check_unit("alpha", alpha) * np.clip(err / scale, 0.0, 1.0)
+    return _blend(grey, np.array([1.0, 0.0, 0.0], dtype=np.float32), weight)
+
+
 def overlay_all_findings(
     image: ArrayLike,
     maps: ArrayLike,

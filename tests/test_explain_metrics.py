@@ -16,13 +16,12 @@ from cxrbench.explain.metrics import (
     deletion_insertion,
     mass_fraction,
     phantom_localisation_set,
+    plot_faithfulness,
     pointing_game,
     read_bbox_list,
     topk_iou,
     topk_mask,
 )
-
-
 
 # --------------------------------------------------------------------------------------------------
 # localisation on hand-made maps
@@ -169,13 +168,19 @@ def test_compare_methods_table_ranks_a_focused_model_above_chance():
     lungs = np.ones((3, 32, 32), bool)
     lungs[:, :, 16:] = False
     methods = ["saliency", "gradcam", "cam", "integrated_gradients"]
-    table, detail = compare_methods(model, x, [0, 1, 0], [quadrant, [(0, 0, 16, 16)], quadrant], methods=methods,
-                                    lung_masks=lungs, top_fraction=0.1, curve_steps=4,
-                                    explainer_options={"integrated_gradients": {"n_steps": 4}}, return_details=True)
+    table, detail, curves = compare_methods(model, x, [0, 1, 0], [quadrant, [(0, 0, 16, 16)], quadrant],
+                                            methods=methods, lung_masks=lungs, top_fraction=0.1, curve_steps=4,
+                                            explainer_options={"integrated_gradients": {"n_steps": 4}},
+                                            return_details=True)
     assert list(table["method"]) == [*methods, "random"]
     assert {"seconds_per_image", "pointing_game", "iou_top10%", "mass_in_region", "mass_in_lungs",
             "deletion_auc", "insertion_auc"} <= set(table.columns)
     assert len(detail) == 3 * (len(methods) + 1) and (table["n_images"] == 3).all()
+    # the curves behind the table's AUC columns come back too (the notebook plots them without recomputing)
+    assert list(curves) == [*methods, "random"] and curves["gradcam"].deletion.shape == (3, 5)
+    assert curves["gradcam"].deletion_auc.mean() == pytest.approx(table.set_index("method").loc["gradcam", "deletion_auc"])
+    fig = plot_faithfulness(curves, ["gradcam", "random"])
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2, 2]
     rows = table.set_index("method")
     for m in ("saliency", "gradcam", "integrated_gradients"):
         assert rows.loc[m, "pointing_game"] == 1.0 and rows.loc[m, "mass_in_region"] > 0.9

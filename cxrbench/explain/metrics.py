@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -29,8 +29,9 @@ from torch import nn
 
 from cxrbench.explain.fusion import mask_fraction
 
-__all__ = ["FaithfulnessCurves", "boxes_to_mask", "compare_methods", "deletion_insertion", "mass_fraction",
-           "phantom_localisation_set", "pointing_game", "read_bbox_list", "topk_iou", "topk_mask"]
+__all__ = ["FaithfulnessCurves", "MethodComparison", "boxes_to_mask", "compare_methods", "deletion_insertion",
+           "mass_fraction", "phantom_localisation_set", "plot_faithfulness", "pointing_game", "read_bbox_list",
+           "topk_iou", "topk_mask"]
 
 Box = Sequence[Any]  # (x, y, w, h) or (label, x, y, w, h)
 
@@ -176,6 +177,32 @@ class FaithfulnessCurves:
     score: str = "probability"
 
 
+class MethodComparison(NamedTuple):
+    """:func:`compare_methods` with ``return_details=True``: the per-method table, the per-image table and
+    each method's deletion/insertion curves (empty when ``curve_steps=0``)."""
+
+    table: pd.DataFrame
+    detail: pd.DataFrame
+    curves: dict[str, FaithfulnessCurves]
+
+
+def plot_faithfulness(curves: dict[str, FaithfulnessCurves], methods: Sequence[str] | None = None):
+    """Mean deletion and insertion curves per method, their mean AUC in the legend (matplotlib figure)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m in methods or list(curves):
+        c = curves[m]
+        axes[0].plot(c.fractions, c.deletion.mean(0), label=f"{m} (AUC {c.deletion_auc.mean():.3f})")
+        axes[1].plot(c.fractions, c.insertion.mean(0), label=f"{m} (AUC {c.insertion_auc.mean():.3f})")
+    score = next(iter(curves.values())).score if curves else "probability"
+    for ax, name in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
+        ax.set(title=name, xlabel="fraction of pixels", ylabel=f"{score} of the target finding")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _baseline(x: torch.Tensor, kind: str, sigma: float | None) -> torch.Tensor:
     if kind == "zero":
         return torch.zeros_like(x)
@@ -305,7 +332,7 @@ def compare_methods(
     include_random: bool = True,
     seed: int = 0,
     return_details: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+) -> pd.DataFrame | MethodComparison:
     """Run each explanation method on the same images and measure it.
 
     Parameters
@@ -329,7 +356,7 @@ def compare_methods(
     DataFrame, one row per method: ``n_images, seconds_per_image`` (median, batch of 1, explanation only),
     ``pointing_game`` (hit rate), ``iou_top{k}%``, ``mass_in_region``, ``mass_in_lungs``,
     ``deletion_auc`` (lower is better), ``insertion_auc`` (higher is better). With
-    ``return_details=True`` also the per-image table.
+    ``return_details=True`` a :class:`MethodComparison`: that table, the per-image table and the curves.
     """
     from cxrbench.explain import EXPLAINERS, get_explainer
 
@@ -344,6 +371,7 @@ def compare_methods(
     options = explainer_options or {}
     rng = np.random.default_rng(seed)
     details: list[dict[str, Any]] = []
+    all_curves: dict[str, FaithfulnessCurves] = {}
     for method in [*methods, *(["random"] if include_random else [])]:
         explainer = None if method == "random" else get_explainer(method, model, **options.get(method, {}))
         maps = np.zeros((n, *shape), np.float32)
@@ -358,6 +386,8 @@ def compare_methods(
             seconds[i] = time.perf_counter() - t0
         curves = (deletion_insertion(model, images, maps, targets, steps=curve_steps, baseline=baseline)
                   if curve_steps > 0 else None)
+        if curves is not None:
+            all_curves[method] = curves
         for i in range(n):
             row: dict[str, Any] = {"method": method, "image": i, "target": int(targets[i]), "seconds": seconds[i]}
             if region_masks[i] is not None and region_masks[i].any():
@@ -380,4 +410,4 @@ def compare_methods(
     table = detail.groupby("method", sort=False).agg(**agg).reset_index()
     if "random" in table["method"].values:
         table.loc[table["method"] == "random", "seconds_per_image"] = np.nan
-    return (table, detail) if return_details else table
+    return MethodComparison(table, detail, all_curves) if return_details else table

@@ -230,7 +230,7 @@ def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: boo
     path = Path(path)
     card = read_card(path)
     if kind is not None and card.kind != kind:
-        raise BundleError(f"{path}: a {card.kind} bundle, but a {kind} bundle is needed here")
+        raise BundleError(f"{path}: this is a bundle of kind {card.kind!r}, but a {kind!r} bundle is needed here")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path}: weights file {WEIGHTS_FILE} is missing")

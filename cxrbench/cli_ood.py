@@ -1,4 +1,4 @@
-"""``cxrbench train ood`` and ``cxrbench ood-score``."""
+"""``cxrbench train ood``, ``cxrbench ood-score`` and ``cxrbench ood-tradeoff``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,47 @@ def _ood_score(args: argparse.Namespace) -> int:
     return 0 if failed.sum() < len(files) else 1
 
 
+def _ood_tradeoff(args: argparse.Namespace) -> int:
+    """Chester Fig. 6 on the user's data: the classifier's AUC on what the gate keeps, as the cutoff tightens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import ood_eval as oe
+    from .bundle import load_bundle
+    from .data import load_manifest
+
+    clf, gate = load_bundle(args.classifier, kind="classifier"), load_bundle(args.ood, kind="ood")
+    manifest = load_manifest(args.data, on_missing="drop")
+    rows = oe.unseen_rows(gate, oe.unseen_rows(clf, manifest))  # neither model trained or calibrated on them
+    if args.max_images and len(rows) > args.max_images:
+        rows = rows.sample(args.max_images, random_state=0).reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"{args.data}: no image left that neither bundle trained or calibrated on")
+    print(f"{len(rows)} of {len(manifest)} images are unseen by both bundles")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.rotate:
+        per_angle, sweep = oe.rotation_tradeoff(clf, gate, rows, args.rotate, n_points=args.points,
+                                                n_bootstrap=args.bootstrap)
+        per_angle.to_csv(out / "per_angle.csv", index=False)
+        oe.plot_rotation(per_angle).savefig(out / "rotation.png", dpi=120)
+        print(per_angle.round(3).to_string(index=False))
+        title = f"{len(rows)} images x {len(args.rotate)} rotations"
+    else:
+        sweep = oe.shifted_set_tradeoff(clf, gate, rows, n_points=args.points, n_bootstrap=args.bootstrap)
+        title = f"{len(rows)} images of {Path(args.data).name}"
+    sweep.to_csv(out / "tradeoff.csv", index=False)
+    oe.plot_tradeoff(sweep, title=title).savefig(out / "tradeoff.png", dpi=120)
+    for label, row in (("all images", sweep.loc[sweep["retained_fraction"].idxmax()]),
+                       ("bundle cutoff", sweep[sweep["bundle_cutoff"]].iloc[0] if sweep["bundle_cutoff"].any() else None)):
+        if row is not None:
+            ci = (f" [{row['auc_macro_ci_low']:.3f}, {row['auc_macro_ci_high']:.3f}]"
+                  if "auc_macro_ci_low" in row else "")
+            print(f"{label}: {row['retained_fraction']:.1%} retained, macro AUC {row['auc_macro']:.3f}{ci}")
+    print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png" + (", per_angle.csv and rotation.png" if args.rotate else ""))
+    return 0
+
+
 def add_ood_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``train ood`` (in the shared ``train`` group) and ``ood-score``."""
     tsub = train_subparsers(sub)
@@ -88,3 +129,19 @@ def add_ood_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, error")
     q.add_argument("--batch-size", type=int, default=64)
     q.set_defaults(func=_ood_score)
+
+    q = sub.add_parser("ood-tradeoff", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="the classifier's AUC on the images the OOD gate keeps, as its cutoff tightens "
+                            "(Chester Fig. 6)")
+    q.add_argument("--classifier", required=True, help="a classifier bundle")
+    q.add_argument("--ood", required=True, help="an OOD bundle")
+    q.add_argument("--data", required=True,
+                   help="a labelled dataset folder sharing label names with the classifier; images either bundle "
+                        "trained or calibrated on (its split file) are left out")
+    q.add_argument("--rotate", type=float, nargs="+", default=None, metavar="DEGREES",
+                   help="also rotate every image by each angle (a growing shift); default: the images as they are")
+    q.add_argument("--points", type=int, default=19, help="cutoffs in the sweep")
+    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the AUC's 95%% CI")
+    q.add_argument("--max-images", type=int, default=0, help="random subset of this size (0: all)")
+    q.add_argument("--out", required=True, help="folder: tradeoff.csv, tradeoff.png (+ per_angle.csv, rotation.png)")
+    q.set_defaults(func=_ood_tradeoff)

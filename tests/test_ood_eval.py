@@ -217,3 +217,34 @@ def test_real_ood_sets_load_with_the_expected_counts(shared_data):
     sets = oe.evaluation_sets(shared_data, held, n_digits=20, crops_per_photo=1)
     assert list(sets) == ["non-chest", "digits", "photographs", "paediatric", *CORRUPTIONS]
     assert len(sets["non-chest"]) == 70 and len(sets["paediatric"]) == 450 and len(sets["rot90"]) == 8
+
+
+def test_ood_tradeoff_command_writes_the_sweep_and_leaves_out_seen_images(tiny_bundles, tmp_path, capsys):
+    from cxrbench.cli import main
+
+    (b, manifest) = tiny_bundles
+    data = manifest.attrs["root"]
+    args = ["ood-tradeoff", "--classifier", str(b["clf"].path), "--ood", str(b["open"].path), "--data", str(data),
+            "--points", "4", "--bootstrap", "10"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    sweep = pd.read_csv(tmp_path / "plain" / "tradeoff.csv")
+    assert sweep["bundle_cutoff"].sum() == 1 and sweep["retained_fraction"].max() == 1.0
+    assert (tmp_path / "plain" / "tradeoff.png").stat().st_size > 1000
+    assert "16 of 16 images are unseen" in capsys.readouterr().out
+
+    assert main([*args, "--rotate", "0", "90", "--out", str(tmp_path / "rot")]) == 0
+    per_angle = pd.read_csv(tmp_path / "rot" / "per_angle.csv")
+    assert list(per_angle["angle"]) == [0, 90] and (per_angle["n"] == 16).all()
+    assert (tmp_path / "rot" / "rotation.png").is_file()
+
+    # a classifier whose split file lists every image as train or val: nothing is left to evaluate on
+    split = pd.DataFrame({"image_id": manifest["image_id"], "patient_id": manifest["patient_id"],
+                          "split": ["train"] * 12 + ["val"] * 4})
+    split.to_csv(tmp_path / "split.csv", index=False)
+    card = b["clf"].card
+    seen = save_bundle(tmp_path / "seen", b["clf"].model, ModelCard(
+        kind="classifier", builder="classifier", builder_kwargs=card.builder_kwargs, labels=card.labels,
+        preprocess=card.preprocess, training={"split_file": str(tmp_path / "split.csv")}))
+    assert main(["ood-tradeoff", "--classifier", str(seen), "--ood", str(b["open"].path), "--data", str(data),
+                 "--out", str(tmp_path / "none")]) != 0
+    assert "no image left that neither bundle trained or calibrated on" in capsys.readouterr().err

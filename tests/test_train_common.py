@@ -17,8 +17,8 @@ from cxrbench.train.common import (
     open_run,
     restore_training_state,
     run_split,
+    save_best,
     save_training_state,
-    save_weights,
 )
 
 
@@ -93,7 +93,7 @@ def test_open_run_names_the_settings_that_differ(tmp_path):
 
 def test_best_weights_round_trip(tmp_path):
     model, _ = _setup()
-    save_weights(model, tmp_path / "best.safetensors")
+    save_best(model, tmp_path)
     other, _ = _setup(seed=7)
     load_best(other, tmp_path)
     assert not other.training

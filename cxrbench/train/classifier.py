@@ -52,8 +52,8 @@ from .common import (
     pick_device,
     restore_training_state,
     run_split,
+    save_best,
     save_training_state,
-    save_weights,
     seed_everything,
     training_record,
     wrap_ddp,
@@ -240,7 +240,7 @@ def train_classifier(
         if improved:
             best_value, best_epoch, bad_epochs = value, epoch, 0
             if dist.is_main:
-                save_weights(model, out / "best.safetensors")
+                save_best(model, out)
         else:
             bad_epochs += 1
         row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],

@@ -41,9 +41,9 @@ __all__ = [
     "restore_training_state",
     "rng_state",
     "run_split",
+    "save_best",
     "save_checkpoint",
     "save_training_state",
-    "save_weights",
     "seed_everything",
     "set_rng_state",
     "training_record",
@@ -213,10 +213,11 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, stateful: dic
     return int(ckpt["epoch"]) + 1
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Atomically write the model's weights as safetensors."""
+def save_best(model: nn.Module, out: Path) -> None:
+    """Atomically write the model's weights to ``out/best.safetensors`` (read back by :func:`load_best`)."""
     from safetensors.torch import save_file
 
+    path = out / BEST_WEIGHTS
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)

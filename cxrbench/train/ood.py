@@ -48,8 +48,8 @@ from .common import (
     pick_device,
     restore_training_state,
     run_split,
+    save_best,
     save_training_state,
-    save_weights,
     seed_everything,
     training_record,
 )
@@ -220,7 +220,7 @@ def train_ood(
         improved = val["val_ssim_median"] > best_value
         if improved:
             best_value, best_epoch = val["val_ssim_median"], epoch
-            save_weights(model, out / "best.safetensors")
+            save_best(model, out)
         row = {"epoch": epoch, **losses, **val, "lr": cfg.lr, "train_images": seen, "seconds": clock(),
                "images_per_s": seen / max(epoch_train_seconds, 1e-9), "best": int(improved)}
         history.append(row)

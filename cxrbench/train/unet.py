@@ -54,8 +54,8 @@ from .common import (
     pick_device,
     restore_training_state,
     run_split,
+    save_best,
     save_training_state,
-    save_weights,
     seed_everything,
     training_record,
 )
@@ -269,7 +269,7 @@ def train_unet(
         improved = val["val_dice"] > best_value
         if improved:
             best_value, best_epoch = val["val_dice"], epoch
-            save_weights(model, out / "best.safetensors")
+            save_best(model, out)
         row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
                "train_images": seen, "seconds": clock(), "images_per_s": seen / max(train_seconds, 1e-9),
                "best": int(improved)}

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env", "wait_for_voila"]
+__all__ = ["DemoSettings", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env",
+           "wait_for_voila"]
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_NOTEBOOK = REPO / "notebooks" / "05_dashboard.ipynb"

@@ -85,12 +85,12 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
         title = f"{len(rows)} images of {Path(args.data).name}"
     sweep.to_csv(out / "tradeoff.csv", index=False)
     oe.plot_tradeoff(sweep, title=title).savefig(out / "tradeoff.png", dpi=120)
-    for label, row in (("all images", sweep.loc[sweep["retained_fraction"].idxmax()]),
-                       ("bundle cutoff", sweep[sweep["bundle_cutoff"]].iloc[0] if sweep["bundle_cutoff"].any() else None)):
-        if row is not None:
-            ci = (f" [{row['auc_macro_ci_low']:.3f}, {row['auc_macro_ci_high']:.3f}]"
-                  if "auc_macro_ci_low" in row else "")
-            print(f"{label}: {row['retained_fraction']:.1%} retained, macro AUC {row['auc_macro']:.3f}{ci}")
+    summary = [("all images", sweep.loc[sweep["retained_fraction"].idxmax()])]
+    if sweep["bundle_cutoff"].any():
+        summary.append(("bundle cutoff", sweep[sweep["bundle_cutoff"]].iloc[0]))
+    for label, row in summary:
+        ci = f" [{row['auc_macro_ci_low']:.3f}, {row['auc_macro_ci_high']:.3f}]" if "auc_macro_ci_low" in row else ""
+        print(f"{label}: {row['retained_fraction']:.1%} retained, macro AUC {row['auc_macro']:.3f}{ci}")
     print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png" + (", per_angle.csv and rotation.png" if args.rotate else ""))
     return 0
 

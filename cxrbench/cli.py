@@ -183,11 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         from .data.manifests import ManifestError
+        from .demo import ServeError
         from .io import ImageReadError
-
         from .train.common import CheckpointError
 
-        known = (CommandError, ManifestError, ImageReadError, CheckpointError, FileNotFoundError, KeyError, ValueError)
+        known = (CommandError, ManifestError, ImageReadError, CheckpointError, ServeError, FileNotFoundError, KeyError,
+                 ValueError)
         if isinstance(exc, known):
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             print(f"cxrbench: error: {msg}", file=sys.stderr)

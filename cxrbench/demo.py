@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env",
+__all__ = ["DemoSettings", "ServeError", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env",
            "wait_for_voila"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +152,20 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
 # serving
 
 
+class ServeError(RuntimeError):
+    """Voila could not be started (port taken, server exited); the message says what to do."""
+
+
+def check_port_free(port: int) -> None:
+    """Raise :class:`ServeError` when 127.0.0.1:``port`` is already taken (Voila would exit with a log line)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ServeError(f"127.0.0.1:{port} is already in use (another cxrbench demo?); choose another port "
+                             f"with --port N, or `make demo PORT=N`") from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,14 +178,14 @@ def wait_for_voila(port: int, timeout: float = 60.0, proc: subprocess.Popen | No
     url = f"http://127.0.0.1:{port}{READY_PATH}"
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"voila exited with code {proc.returncode}")
+            raise ServeError(f"voila exited with code {proc.returncode} before serving (its log is above)")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.25)
-    raise TimeoutError(f"voila did not answer on port {port} within {timeout:.0f} s")
+    raise ServeError(f"voila did not answer on port {port} within {timeout:.0f} s")
 
 
 def voila_command(port: int, notebook: Path = DASHBOARD_NOTEBOOK) -> list[str]:
@@ -199,7 +213,12 @@ def voila_env(info: dict[str, Any], env: dict[str, str] | None = None) -> dict[s
 
 def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
+    check_port_free(port)
     proc = subprocess.Popen(voila_command(port), env=voila_env(info, env), cwd=str(REPO))
     if wait:
-        wait_for_voila(port, proc=proc)
+        try:
+            wait_for_voila(port, proc=proc)
+        except ServeError:
+            proc.terminate()
+            raise
     return proc

@@ -203,3 +203,16 @@ def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
     assert app.voila_configuration.template == "cxrbench"
     assert Path(app.notebook_path).resolve() == DASHBOARD_NOTEBOOK.resolve()
     assert app.tornado_settings["websocket_max_message_size"] == 64 * 1024 * 1024
+
+
+def test_serving_on_a_taken_port_is_one_clear_error():
+    import socket
+
+    from cxrbench.demo import ServeError, serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServeError, match=rf"127.0.0.1:{port} is already in use.*--port N"):
+            serve({"classifier": "c"}, port=port)

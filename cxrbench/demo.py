@@ -53,9 +53,12 @@ def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
     from .data import default_cache_dir, shared_data_root
     from .data.synthetic import write_phantom_set
 
+    origin = "--data" if data else "$CXRBENCH_DATA"
     data = data or os.environ.get("CXRBENCH_DATA")
     if data:
         path = Path(data)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: the demo's data folder ({origin}) does not exist or is not a folder")
         if (path / "nih" / "manifest.csv").is_file():
             return path / "nih", "shared"
         return path, "custom"

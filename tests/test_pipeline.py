@@ -187,6 +187,20 @@ def test_demo_bundles_are_trained_once_and_reused(tmp_path):
     assert pipe.analyze(list(info["examples"].values())[0], explain=None).ood is not None
 
 
+def test_demo_data_folder_that_is_missing_or_empty_is_named(tmp_path, monkeypatch):
+    from cxrbench.demo import prepare_demo
+
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*--data.*does not exist"):
+        prepare_demo(tmp_path / "demo", data=tmp_path / "nowhere", progress=False)
+    monkeypatch.setenv("CXRBENCH_DATA", str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=r"gone.*CXRBENCH_DATA"):
+        prepare_demo(tmp_path / "demo", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match=r"empty.*no image files"):
+        prepare_demo(tmp_path / "demo", data=tmp_path / "empty", progress=False)
+    assert not (tmp_path / "demo" / "demo.json").exists()
+
+
 def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
     """The served app's settings as Voila itself parses them: 127.0.0.1, no port hopping, our template, and a
     websocket message limit that lets a large DICOM through (tornado's default is 10 MB)."""

@@ -22,39 +22,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_table  # noqa: E402
 
-from cxrbench.bundle import ModelCard, load_bundle, save_bundle  # noqa: E402
+from cxrbench.bundle import load_bundle, untrained_classifier_bundle, untrained_ood_bundle  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 from cxrbench.io import read_image  # noqa: E402
 from cxrbench.labels import NIH_FINDINGS  # noqa: E402
-from cxrbench.models.autoencoder import ConvAutoencoder  # noqa: E402
-from cxrbench.models.classifier import build_classifier  # noqa: E402
-from cxrbench.preprocess import Preprocess  # noqa: E402
 
 CHESTER = {"load_s": "12 ± 2", "forward_s": "1.3 ± 0.5"}
 
 
 def _bundles(root: Path, arch: str, pixels: list[np.ndarray]) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    pp = Preprocess(size=224)
-    model = build_classifier(arch, 14, 1).eval()
-    with torch.no_grad():
-        raw = torch.sigmoid(model(torch.from_numpy(np.stack([pp(p) for p in pixels])))).numpy()
-    ops = {f: float(np.median(raw[:, j])) for j, f in enumerate(NIH_FINDINGS)}
-    clf = save_bundle(root / arch, model, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": arch, "num_outputs": 14, "in_channels": 1},
-        labels=list(NIH_FINDINGS), preprocess=pp.to_dict(), operating_points={"thresholds": ops},
-        description="seeded random weights (benchmark)"))
+    clf = untrained_classifier_bundle(root / arch, arch=arch, images=pixels, description="benchmark")
     ood = root / "ood"
     if not ood.exists():
-        save_bundle(ood, ConvAutoencoder().eval(), ModelCard(
-            kind="ood", builder="autoencoder", builder_kwargs={"latent_dim": 128, "base_channels": 16},
-            preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
-            ood={"cutoff": {"scorer": "ssim", "threshold": 10.0, "method": "benchmark: never rejects"}}))
+        untrained_ood_bundle(ood, description="benchmark: never rejects")
     return clf, ood
 
 

@@ -18,26 +18,14 @@ from _common import peak_rss_mb, write_table  # noqa: E402
 
 import torch  # noqa: E402
 
-from cxrbench.bundle import ModelCard, save_bundle  # noqa: E402
+from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
-from cxrbench.labels import NIH_FINDINGS  # noqa: E402
-from cxrbench.models.autoencoder import ConvAutoencoder  # noqa: E402
-from cxrbench.models.classifier import build_classifier  # noqa: E402
 from cxrbench.pipeline import Pipeline  # noqa: E402
-from cxrbench.preprocess import Preprocess  # noqa: E402
 
 
 def _bundles(tmp: Path, arch: str) -> tuple[Path, Path]:
-    clf = build_classifier(arch, 14, 1).eval()
-    save_bundle(tmp / "clf", clf, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": arch, "num_outputs": 14, "in_channels": 1},
-        labels=list(NIH_FINDINGS), preprocess=Preprocess(size=224).to_dict(),
-        operating_points={"thresholds": {f: 0.5 for f in NIH_FINDINGS}}))
-    save_bundle(tmp / "ood", ConvAutoencoder(128, 16).eval(), ModelCard(
-        kind="ood", builder="autoencoder", builder_kwargs={"latent_dim": 128, "base_channels": 16},
-        preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
-        ood={"cutoff": {"scorer": "ssim", "threshold": 10.0, "method": "benchmark: accept all"}}))
-    return tmp / "clf", tmp / "ood"
+    return (untrained_classifier_bundle(tmp / "clf", arch=arch, description="benchmark"),
+            untrained_ood_bundle(tmp / "ood", description="benchmark: never rejects"))
 
 
 def main() -> None:

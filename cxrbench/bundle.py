@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ from . import __version__
 from .preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "load_bundle",
-           "save_bundle", "versions"]
+           "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
@@ -171,7 +172,9 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
     state = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "cxrbench_kind": card.kind})
+        # one metadata key: safetensors writes them in hash-map order, so two would make equal weights
+        # give different files (and checksums) from run to run
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         card.weights_sha256 = _sha256(tmp / WEIGHTS_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False, default=_json_default) + "\n")
         if path.exists():
@@ -185,6 +188,64 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _stacked(images: Any, preprocess: Preprocess) -> torch.Tensor:
+    return torch.from_numpy(np.stack([preprocess(im) for im in images]))
+
+
+def untrained_classifier_bundle(path: str | os.PathLike, *, arch: str = "resnet18",
+                                preprocess: Preprocess | None = None, images: Any = None,
+                                thresholds: dict[str, float | None] | None = None, seed: int = 0,
+                                description: str = "seeded random weights (no skill)") -> Path:
+    """A 14-finding classifier bundle with seeded random weights, for plumbing where skill does not matter.
+
+    Export and parity checks, latency benchmarks and app tests need a real bundle of the real size, not
+    a trained one. Operating points: the median raw probability of each finding over ``images``
+    (pixel arrays in [0, 1]), so calibrated outputs fall on both sides of 0.5; 0.5 without images.
+    ``thresholds`` then overrides single findings (``None``: no operating point).
+    """
+    from .labels import NIH_FINDINGS
+
+    preprocess = preprocess or Preprocess(size=224)
+    kwargs = {"arch": arch, "num_outputs": len(NIH_FINDINGS), "in_channels": preprocess.channels}
+    torch.manual_seed(seed)
+    model = build_model("classifier", kwargs).eval()
+    ops: dict[str, float | None] = {f: 0.5 for f in NIH_FINDINGS}
+    if images is not None and len(images):
+        with torch.no_grad():
+            raw = torch.sigmoid(model(_stacked(images, preprocess))).numpy()
+        ops = {f: float(m) for f, m in zip(NIH_FINDINGS, np.median(raw, axis=0))}
+    ops.update(thresholds or {})
+    return save_bundle(path, model, ModelCard(
+        kind="classifier", builder="classifier", builder_kwargs=kwargs, labels=list(NIH_FINDINGS),
+        preprocess=preprocess.to_dict(), operating_points={"thresholds": ops, "fitted_on": "untrained"},
+        description=description))
+
+
+def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base_channels: int = 16,
+                         images: Any = None, threshold: float | None = None, seed: int = 0,
+                         description: str = "seeded random weights (no skill)") -> Path:
+    """An autoencoder OOD bundle (64 px, 1 - SSIM scorer) with seeded random weights.
+
+    Its cutoff is ``threshold`` if given, else the median score over ``images`` (half are rejected),
+    else one no score reaches (it never rejects).
+    """
+    from .ood import score_batch
+
+    kwargs = {"latent_dim": latent_dim, "base_channels": base_channels}
+    preprocess = Preprocess(size=64, normalize="zero_one")
+    torch.manual_seed(seed)
+    model = build_model("autoencoder", kwargs).eval()
+    method = "given"
+    if threshold is None and images is not None and len(images):
+        threshold, method = float(np.median(score_batch(model, _stacked(images, preprocess))["ssim"])), "median"
+    elif threshold is None:
+        threshold, method = 10.0, "never rejects"
+    return save_bundle(path, model, ModelCard(
+        kind="ood", builder="autoencoder", builder_kwargs=kwargs, preprocess=preprocess.to_dict(),
+        ood={"cutoff": {"scorer": "ssim", "threshold": float(threshold), "method": f"untrained: {method}"}},
+        description=description))
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:

@@ -100,3 +100,31 @@ def test_save_replaces_atomically(saved):
     save_bundle(path, model, _card(name="second"))
     assert read_card(path).name == "second"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
+    """The plumbing bundles (export, benchmarks, app tests): seeded, real-size, with cutoffs that split the images."""
+    import numpy as np
+
+    from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle
+    from cxrbench.pipeline import Pipeline
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((40 + i, 48), dtype=np.float32) for i in range(9)]
+    clf = untrained_classifier_bundle(tmp_path / "c", preprocess=Preprocess(size=32), images=images,
+                                      thresholds={"Hernia": None})
+    again = untrained_classifier_bundle(tmp_path / "c2", preprocess=Preprocess(size=32), images=images,
+                                        thresholds={"Hernia": None})
+    assert read_card(clf).weights_sha256 == read_card(again).weights_sha256  # seeded
+    ood = untrained_ood_bundle(tmp_path / "o", latent_dim=8, base_channels=4, images=images)
+    pipe = Pipeline.from_paths(clf, ood=ood)
+    reports = [pipe.analyze(im, explain=None, allow_ood=True) for im in images]
+    calibrated = np.array([r.calibrated for r in reports])
+    assert ((calibrated[:, :-1] > 0.5 + 1e-6).sum(axis=0) == 4).all()  # 9 images, median operating point
+    assert ((calibrated[:, :-1] < 0.5 - 1e-6).sum(axis=0) == 4).all()
+    assert np.isnan(calibrated[:, -1]).all()  # Hernia: no operating point
+    margin = np.array([r.ood.score - r.ood.cutoff for r in reports])
+    assert (margin > 1e-6).sum() == 4 and (margin < -1e-6).sum() == 4
+    never = untrained_ood_bundle(tmp_path / "n", latent_dim=8, base_channels=4)
+    assert all(Pipeline.from_paths(clf, ood=never).analyze(im, explain=None).ood.in_distribution for im in images)
+    assert load_bundle(clf).card.operating_points["fitted_on"] == "untrained"

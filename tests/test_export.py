@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrbench.bundle import Bundle, ModelCard, load_bundle, save_bundle
+from cxrbench.bundle import Bundle, ModelCard, load_bundle, untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.calibration import calibrate
 from cxrbench.cli import main
 from cxrbench.export import CalibratedClassifier, ParityError, export_models, parity_check, read_onnx_card
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.models.autoencoder import ConvAutoencoder
 from cxrbench.models.classifier import ResNet18, build_classifier
 from cxrbench.onnx_backend import OnnxPipeline, load_export, make_session
 from cxrbench.pipeline import Pipeline
@@ -42,12 +41,8 @@ def files(nih_dir):
 def exported(tmp_path_factory, files):
     """Bundles (ResNet18 at 64 px, a small autoencoder gate) exported through the CLI."""
     root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    save_bundle(root / "clf", build_classifier(**CLF_ARGS).eval(), _card())
-    save_bundle(root / "ood", ConvAutoencoder(latent_dim=16, base_channels=8).eval(),
-                ModelCard(kind="ood", builder="autoencoder", builder_kwargs={"latent_dim": 16, "base_channels": 8},
-                          preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
-                          ood={"cutoff": {"scorer": "ssim", "threshold": 0.55, "method": "test"}}))
+    untrained_classifier_bundle(root / "clf", preprocess=Preprocess(size=64), thresholds=THRESHOLDS)
+    untrained_ood_bundle(root / "ood", latent_dim=16, base_channels=8, threshold=0.55)
     code = main(["export", "--bundle", str(root / "clf"), "--ood", str(root / "ood"), "--out", str(root / "onnx"),
                  "--images", *files[:3], "--threads", "1"])
     assert code == 0

@@ -18,12 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from cxrbench.bundle import ModelCard, save_bundle
+from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.models.autoencoder import ConvAutoencoder
-from cxrbench.models.classifier import build_classifier
 from cxrbench.pipeline import Pipeline
 from cxrbench.preprocess import Preprocess
 from cxrbench.web import ORT_FILES, export_web, installed_onnxruntime_web, serve
@@ -49,25 +46,11 @@ def files(nih_dir):
 def bundles(tmp_path_factory, files):
     """ResNet18 at 224 px (operating points at the median raw probability), a gate with its cutoff at the median score."""
     root = tmp_path_factory.mktemp("web")
-    torch.manual_seed(0)
-    pp = Preprocess(size=224)
-    clf = build_classifier("resnet18", 14, 1).eval()
-    ae = ConvAutoencoder(latent_dim=16, base_channels=8).eval()
     from cxrbench.io import read_image
-    from cxrbench.ood import score_batch
 
     pixels = [read_image(f).pixels for f in files]
-    with torch.no_grad():
-        raw = torch.sigmoid(clf(torch.from_numpy(np.stack([pp(p) for p in pixels])))).numpy()
-    scores = score_batch(ae, torch.from_numpy(np.stack([Preprocess(size=64, normalize="zero_one")(p) for p in pixels])))
-    ops = {f: (None if f == "Hernia" else float(np.median(raw[:, j]))) for j, f in enumerate(NIH_FINDINGS)}
-    save_bundle(root / "clf", clf, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
-        labels=list(NIH_FINDINGS), preprocess=pp.to_dict(), operating_points={"thresholds": ops}))
-    save_bundle(root / "ood", ae, ModelCard(
-        kind="ood", builder="autoencoder", builder_kwargs={"latent_dim": 16, "base_channels": 8},
-        preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
-        ood={"cutoff": {"scorer": "ssim", "threshold": float(np.median(scores["ssim"])), "method": "test: median"}}))
+    untrained_classifier_bundle(root / "clf", images=pixels, thresholds={"Hernia": None})
+    untrained_ood_bundle(root / "ood", latent_dim=16, base_channels=8, images=pixels)
     return root
 
 
@@ -185,10 +168,7 @@ def test_preprocessing_study_table_by_hand():
 
 
 def test_export_web_refuses_preprocessing_the_browser_cannot_reproduce(tmp_path):
-    model = build_classifier("resnet18", 14, 1)
-    save_bundle(tmp_path / "clahe", model, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
-        labels=list(NIH_FINDINGS), preprocess=Preprocess(size=64, equalize="clahe").to_dict()))
+    untrained_classifier_bundle(tmp_path / "clahe", preprocess=Preprocess(size=64, equalize="clahe"))
     with pytest.raises(ValueError, match="CLAHE"):
         export_web(tmp_path / "clahe", tmp_path / "app")
     assert not Path(tmp_path / "app").exists() or not os.listdir(tmp_path / "app")

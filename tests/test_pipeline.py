@@ -8,14 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 
-from cxrbench.bundle import ModelCard, load_bundle, save_bundle
+from cxrbench.bundle import load_bundle, untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.io import ImageReadError
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.models.autoencoder import ConvAutoencoder
-from cxrbench.models.classifier import build_classifier
 from cxrbench.pipeline import Pipeline, RejectedImageError
 from cxrbench.preprocess import Preprocess
 
@@ -23,19 +20,10 @@ from cxrbench.preprocess import Preprocess
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
-    torch.manual_seed(0)
-    clf = build_classifier("resnet18", 14, 1).eval()
-    ops = {"thresholds": {f: 0.2 + 0.04 * i for i, f in enumerate(NIH_FINDINGS)}, "fitted_on": "validation"}
-    save_bundle(root / "clf", clf, ModelCard(kind="classifier", builder="classifier",
-                                             builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
-                                             labels=list(NIH_FINDINGS), preprocess=Preprocess(size=64).to_dict(),
-                                             operating_points=ops))
-    ae = ConvAutoencoder(latent_dim=16, base_channels=8).eval()
+    untrained_classifier_bundle(root / "clf", preprocess=Preprocess(size=64),
+                                thresholds={f: 0.2 + 0.04 * i for i, f in enumerate(NIH_FINDINGS)})
     for name, thr in (("ood_open", 10.0), ("ood_closed", -1.0)):
-        save_bundle(root / name, ae, ModelCard(kind="ood", builder="autoencoder",
-                                               builder_kwargs={"latent_dim": 16, "base_channels": 8},
-                                               preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
-                                               ood={"cutoff": {"scorer": "ssim", "threshold": thr, "method": "test"}}))
+        untrained_ood_bundle(root / name, latent_dim=16, base_channels=8, threshold=thr)
     return root
 
 
@@ -155,6 +143,30 @@ def test_dashboard_callbacks_without_a_browser(bundles, image):
     assert bytes(dash.overlay.value) == png_bytes(raw)
     dash.smoothing.value = 4.0
     assert bytes(dash.overlay.value) != png_bytes(raw) and dash.report.maps is not None
+
+
+def test_dashboard_takes_16_bit_png_and_monochrome1_dicom_like_the_8_bit_png(bundles, image):
+    """The same radiograph uploaded as 8-bit PNG, 16-bit PNG and inverted 12-bit DICOM gives the same result."""
+    from cxrbench.dashboard import Dashboard
+
+    from dicom_factory import make_dicom
+
+    dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open"))
+    image = image / image.max()  # a DICOM without a window is read min-max scaled
+    buf = io.BytesIO()
+    PILImage.fromarray(np.round(image * 65535).astype(np.uint16)).save(buf, format="PNG")
+    uploads = {"chest.png": _png(image), "chest16.png": buf.getvalue(),
+               "chest.dcm": make_dicom(4095 - np.round(image * 4095).astype(np.uint16), photometric="MONOCHROME1")}
+    reports = {}
+    for name, content in uploads.items():
+        dash.analyze_bytes(name, content)
+        assert not dash.message.value and "frontal chest X-ray" in dash.verdict.value, name
+        reports[name] = dash.report
+    assert [r.meta.bit_depth for r in reports.values()] == [8, 16, 12]
+    assert reports["chest.dcm"].meta.photometric == "MONOCHROME1"
+    for name in ("chest16.png", "chest.dcm"):
+        np.testing.assert_allclose(reports[name].image, reports["chest.png"].image, atol=2 / 255)
+        np.testing.assert_allclose(reports[name].calibrated, reports["chest.png"].calibrated, atol=0.02)
 
 
 def test_dashboard_rejection_message(bundles, image):

@@ -196,7 +196,7 @@ def _stacked(images: Any, preprocess: Preprocess) -> torch.Tensor:
 
 def untrained_classifier_bundle(path: str | os.PathLike, *, arch: str = "resnet18",
                                 preprocess: Preprocess | None = None, images: Any = None,
-                                thresholds: dict[str, float | None] | None = None, seed: int = 0,
+                                thresholds: dict[str, float | None] | None = None, seed: int = 0, name: str = "",
                                 description: str = "seeded random weights (no skill)") -> Path:
     """A 14-finding classifier bundle with seeded random weights, for plumbing where skill does not matter.
 
@@ -220,7 +220,7 @@ def untrained_classifier_bundle(path: str | os.PathLike, *, arch: str = "resnet1
     return save_bundle(path, model, ModelCard(
         kind="classifier", builder="classifier", builder_kwargs=kwargs, labels=list(NIH_FINDINGS),
         preprocess=preprocess.to_dict(), operating_points={"thresholds": ops, "fitted_on": "untrained"},
-        description=description))
+        name=name or f"untrained {arch}", description=description))
 
 
 def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base_channels: int = 16,

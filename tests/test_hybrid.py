@@ -181,11 +181,17 @@ def test_notebook_06_runs_under_papermill(tmp_path):
     import nbformat
     import papermill as pm
 
+    from cxrbench.bundle import untrained_classifier_bundle
+    from cxrbench.preprocess import Preprocess
+
+    refs = {name: str(untrained_classifier_bundle(tmp_path / name, preprocess=Preprocess(size=64), name=name))
+            for name in ("nih-ref", "paediatric-ref")}
     out = tmp_path / "06.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "06_hybrid_features.ipynb"), str(out), cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False,
                         parameters={"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
-                                                "mlp_max_epochs": 20})
+                                    "mlp_max_epochs": 20, "reference_bundle": refs["nih-ref"],
+                                    "paediatric_reference_bundle": refs["paediatric-ref"]})
     nb = nbformat.read(out, as_version=4)
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
@@ -193,3 +199,9 @@ def test_notebook_06_runs_under_papermill(tmp_path):
                    + str(o.get("text", ""))
                    for c in nb.cells for o in c.get("outputs", []))
     assert "Macro AUC" in text and "Degenerate" in text
+    # one results table per task; each task's reference row comes from its own bundle
+    tables = [str(o["data"]["text/html"]) for c in nb.cells for o in c.get("outputs", [])
+              if "Micro-F1" in str(o.get("data", {}).get("text/html", ""))]
+    assert len(tables) == 2
+    assert "Reference: nih-ref" in tables[0] and "paediatric-ref" not in tables[0]
+    assert "Reference: paediatric-ref" in tables[1] and "nih-ref" not in tables[1]

@@ -17,7 +17,7 @@ def _train_ood(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.data, on_missing="drop")
     cfg = OODConfig(model=args.model, latent_dim=args.latent, width=args.width, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, recon_weight=args.recon_weight,
+                    batch_size=args.batch_size, lr=args.lr, recon_weight=args.recon_weight, ae_loss=args.loss,
                     percentile=args.percentile, scorer=args.scorer, seed=args.seed, device=args.device,
                     num_workers=args.workers, max_steps_per_epoch=args.max_steps)
     split = load_split(args.split, manifest) if args.split else None
@@ -109,6 +109,7 @@ def add_ood_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--lr", type=float, default=None, help="default 1e-3 (autoencoder), 5e-4 (ALI)")
     q.add_argument("--recon-weight", type=float, default=5.0, help="ALI: weight of the L1 reconstruction term")
+    q.add_argument("--loss", default="l1", help="autoencoder: reconstruction loss, l1, mse or mse+ssim")
     q.add_argument("--percentile", type=float, default=95.0,
                    help="cutoff = this percentile of the validation scores "
                    "(about 100 - p %% of in-distribution images are rejected)")

@@ -189,6 +189,8 @@ def test_config_validation():
         OODConfig(model="vae")
     with pytest.raises(ValueError, match="unknown scorer"):
         OODConfig(scorer="psnr")
+    with pytest.raises(ValueError, match="unknown autoencoder loss 'l2'.*mse"):
+        OODConfig(ae_loss="l2")  # refused before any folder is made or epoch is spent
     with pytest.raises(ValueError, match="percentile"):
         OODConfig(percentile=0)
     with pytest.raises(ValueError, match="batch_size >= 2"):

@@ -165,6 +165,10 @@ class ConvAutoencoder(nn.Module):
         return self.reconstruct(x)
 
 
+#: the reconstruction losses :func:`autoencoder_loss` knows
+AE_LOSSES: tuple[str, ...] = ("l1", "mse", "mse+ssim")
+
+
 def autoencoder_loss(
     x: torch.Tensor,
     recon: torch.Tensor,
@@ -185,7 +189,7 @@ def autoencoder_loss(
             raise ValueError(f"ssim_weight must lie in [0, 1], got {ssim_weight}")
         structural = 1.0 - ssim(recon, x, data_range=1.0, win_size=11, size_average=True)
         return (1.0 - ssim_weight) * F.mse_loss(recon, x) + ssim_weight * structural
-    raise ValueError(f"unknown autoencoder loss {kind!r}; choose 'l1', 'mse' or 'mse+ssim'")
+    raise ValueError(f"unknown autoencoder loss {kind!r}; choose one of {AE_LOSSES}")
 
 
 def ae_train_step(

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from ..bundle import ModelCard, save_bundle
 from ..data import CXRDataset
 from ..models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_optimizers
-from ..models.autoencoder import ConvAutoencoder, ae_train_step
+from ..models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
 from ..ood import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
 from ..preprocess import Preprocess
 from .common import (
@@ -98,6 +98,8 @@ class OODConfig(RunConfig):
         self.fractions = tuple(self.fractions)  # type: ignore[assignment]
         if self.model not in OOD_MODELS:
             raise ValueError(f"unknown OOD model {self.model!r}; choose one of {OOD_MODELS}")
+        if self.ae_loss not in AE_LOSSES:
+            raise ValueError(f"unknown autoencoder loss {self.ae_loss!r}; choose one of {AE_LOSSES}")
         if self.scorer not in SCORER_NAMES:
             raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {SCORER_NAMES}")
         if not 0.0 < self.percentile <= 100.0:

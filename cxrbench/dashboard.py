@@ -101,7 +101,8 @@ class Dashboard:
         self.ood_images.add_class("cxr-ood-images")
         self.bars = w.Output()
         self.bars.add_class("cxr-bars")
-        self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>", layout=w.Layout(width="540px"))
+        self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>",
+                           layout=w.Layout(width="540px", display="none"))  # shown with the bars
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.finding = w.Dropdown(options=list(pipeline.findings), description="finding", disabled=True)
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
@@ -201,7 +202,10 @@ class Dashboard:
         import ipywidgets as w
 
         self._render_verdict(report)
-        self.bars.clear_output(wait=True)
+        # outputs are set, never cleared with clear_output(wait=True): a deferred clear that no new output
+        # follows (a rejected image) would leave the previous image's bars on the page
+        self.bars.outputs = ()
+        self.note.layout.display = "none" if report.raw is None else ""
         if report.raw is not None:
             if self.method.value == "saliency":  # preselect the most probable finding for per-finding methods
                 self._quiet = True

@@ -138,8 +138,12 @@ def test_chest_xray_gives_14_bars_and_an_overlay_then_nonchest_is_rejected_then_
     _upload(page, app["nonchest"])
     page.wait_for_selector(".cxr-rejected", timeout=120_000)
     assert "does not look like a frontal chest X-ray" in page.locator(".cxr-verdict").inner_text()
-    page.wait_for_function("document.querySelectorAll('.cxr-bars .plotly').length === 0", timeout=30_000)
+    # no output at all where the bars were: JupyterLab's plotly renderer can leave the previous chart
+    # behind as a static <img class="plot-img">, which a check for live plots alone would miss
+    page.wait_for_function("document.querySelectorAll('.cxr-bars .jp-OutputArea-output').length === 0",
+                           timeout=30_000)
     page.screenshot(path=str(SHOTS / "dashboard_rejected.png"), full_page=True)
+    assert page.locator(".cxr-bars img, .cxr-bars svg").count() == 0
 
     bad = tmp_path / "not_an_image.png"
     bad.write_text("definitely not a PNG\n" * 20)

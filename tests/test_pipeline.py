@@ -174,9 +174,12 @@ def test_dashboard_rejection_message(bundles, image):
 
     dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed"))
     dash.analyze_bytes("hand.png", _png(image))
-    assert "Rejected" in dash.verdict.value and not dash.bars.outputs
+    assert "Rejected" in dash.verdict.value and not dash.bars.outputs and dash.note.layout.display == "none"
     dash.override.value = True
     assert "analysed anyway" in dash.verdict.value and dash.report.raw is not None
+    assert dash.bars.outputs and dash.note.layout.display == ""
+    dash.override.value = False  # back to the rejection: the bars of the same image go again
+    assert "Rejected" in dash.verdict.value and not dash.bars.outputs and dash.note.layout.display == "none"
 
 
 def test_demo_bundles_are_trained_once_and_reused(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import statistics
@@ -37,12 +38,25 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
 
 
+def machine() -> str:
+    """The CPU model and core count (timings differ between machines that share a name)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def write_table(rows: list[dict], out: str, name: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     df.to_csv(folder / f"{name}.csv", index=False)
-    header = f"<!-- {platform.processor() or platform.machine()}, python {platform.python_version()} -->\n"
+    header = f"<!-- {machine()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')} -->\n"
     (folder / f"{name}.md").write_text(header + markdown(df))
     print(df.to_string(index=False))
     print(f"wrote {folder / name}.csv and .md")

@@ -91,6 +91,9 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
     for label, row in summary:
         ci = f" [{row['auc_macro_ci_low']:.3f}, {row['auc_macro_ci_high']:.3f}]" if "auc_macro_ci_low" in row else ""
         print(f"{label}: {row['retained_fraction']:.1%} retained, macro AUC {row['auc_macro']:.3f}{ci}")
+    warning = oe.skill_warning(sweep)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png" + (", per_angle.csv and rotation.png" if args.rotate else ""))
     return 0
 

@@ -36,7 +36,7 @@ __all__ = ["OOD_PREPROCESS", "PHOTOGRAPHS", "corrupted_sets", "classifier_probab
            "digits_set", "evaluation_sets", "images_of", "load_images", "ood_auroc_table", "photo_set",
            "plot_reconstructions", "plot_rotation", "plot_score_distributions", "plot_tradeoff", "plot_training_curves",
            "rotate_images", "rotation_tradeoff", "score_files", "score_images", "score_sets", "shifted_set_tradeoff",
-           "split_rows", "tradeoff_sweep", "unseen_rows"]
+           "skill_warning", "split_rows", "tradeoff_sweep", "unseen_rows"]
 
 OOD_PREPROCESS = Preprocess(size=64, normalize="zero_one")
 #: scikit-image sample photographs shipped with the package (no download).
@@ -277,6 +277,25 @@ def tradeoff_sweep(ood_scores: np.ndarray, y_true: np.ndarray, y_score: np.ndarr
         table["auc_macro_ci_low"], table["auc_macro_ci_high"] = zip(*ci)
     table["bundle_cutoff"] = np.isclose(table["cutoff"], bundle_cutoff) if bundle_cutoff is not None else False
     return table
+
+
+def skill_warning(table: pd.DataFrame) -> str | None:
+    """A warning when the classifier has no skill on the swept images, else None.
+
+    Chester's Fig. 6 reads the AUC of what the gate keeps; if the AUC on *all* images is at or below
+    chance (or its bootstrap CI reaches 0.5), the curve shows noise or the classifier's failure on
+    this data, not what the gate buys. ``table`` is a :func:`tradeoff_sweep` result.
+    """
+    full = table.loc[table["retained_fraction"].idxmax()]
+    auc = float(full["auc_macro"])
+    if not np.isfinite(auc):
+        return None
+    low = float(full.get("auc_macro_ci_low", np.nan))
+    if auc > 0.5 and not (np.isfinite(low) and low <= 0.5):
+        return None
+    ci = f" [{low:.3f}, {float(full['auc_macro_ci_high']):.3f}]" if np.isfinite(low) else ""
+    return (f"the classifier has no skill on these images (macro AUC {auc:.3f}{ci} on all of them), so this "
+            "curve says nothing about the gate; use a classifier trained for this data (see the README)")
 
 
 def _macro_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:

@@ -119,6 +119,21 @@ def test_tradeoff_sweep_rises_as_the_gate_removes_shifted_images():
     assert (table["auc_macro"] <= table["auc_macro_ci_high"] + 1e-12).all()
 
 
+def test_skill_warning_only_for_a_classifier_at_or_below_chance():
+    rng = np.random.default_rng(1)
+    n = 400
+    ood, y = rng.random(n), rng.integers(0, 2, n)
+    skilled = 0.5 * y + 0.6 * rng.random(n)
+    for p, warned in ((skilled, False), (1.0 - skilled, True), (rng.random(n), True)):
+        table = oe.tradeoff_sweep(ood, y, p, n_points=5, n_bootstrap=50)
+        message = oe.skill_warning(table)
+        assert (message is not None) == warned, (table.iloc[-1].to_dict(), message)
+        if warned:
+            assert "no skill" in message and f"{table['auc_macro'].iloc[-1]:.3f}" in message
+    no_ci = oe.tradeoff_sweep(ood, y, 1.0 - skilled, n_points=5, n_bootstrap=0)
+    assert "no skill" in oe.skill_warning(no_ci) and "[" not in oe.skill_warning(no_ci)
+
+
 def test_rotate_images():
     img = np.zeros((32, 32), np.float32)
     img[4:10, 6:20] = 1.0

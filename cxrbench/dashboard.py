@@ -24,12 +24,15 @@ import numpy as np
 from .io import ImageReadError
 from .pipeline import Pipeline, Report
 
-__all__ = ["CALIBRATION_NOTE", "Dashboard", "dashboard_from_environment", "png_bytes", "probability_figure"]
+__all__ = ["CALIBRATION_NOTE", "Dashboard", "dashboard_from_environment", "model_summary", "png_bytes",
+           "probability_figure"]
 
 CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operating point (the threshold that "
                     "best separated positives from negatives on the validation split, Chester Eq. 1). "
                     "Hover a bar for the raw model output. Not a diagnosis.")
 UPLOAD_ACCEPT = ".png,.jpg,.jpeg,.dcm,.dicom,.tif,.tiff,.bmp"
+#: below this test macro AUC the app says plainly that the model is a demonstration, not a reader
+WEAK_MACRO_AUC = 0.75
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -42,6 +45,58 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     PILImage.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def model_summary(pipeline: Pipeline) -> str:
+    """HTML ``<details>``: what the loaded models are and how well they did, from their cards.
+
+    The classifier's architecture, input size, training data and test macro AUC with a per-finding
+    table (AUC, 95 % CI, positives), where its card has them; a plain warning when the macro AUC is
+    below :data:`WEAK_MACRO_AUC`; the OOD gate's scorer and cutoff. Nothing is computed here.
+    """
+    card = pipeline.classifier.card
+    esc = html.escape
+    arch = card.builder_kwargs.get("arch", card.builder)
+    label = card.name if card.name and str(arch) in card.name else f"{card.name} ({arch})".strip()
+    lines = [f"<b>Classifier</b> {esc(label)}: {card.preprocessing.size} px, {len(card.labels)} finding{'s' * (len(card.labels) != 1)}"]
+    if card.training.get("data"):
+        n_train = (card.training.get("split_counts") or {}).get("train")
+        n_all = card.training.get("n_images", "?")
+        lines[-1] += (f"; trained on {n_train} of {n_all}" if n_train else f"; trained on {n_all}") + \
+            f" images from {esc(str(card.training['data']))}"
+    ops = card.operating_points
+    if ops.get("thresholds"):
+        method = f" ({esc(str(ops['method']))})" if ops.get("method") else ""
+        lines.append(f"Operating points fitted on the {esc(str(ops.get('fitted_on', '?')))} split{method}.")
+    test = card.metrics.get("test") or {}
+    macro = (test.get("summary") or {}).get("macro_auc")
+    if macro is None:
+        lines.append("<i>Its card holds no test-set metrics: how well it works is unknown.</i>")
+    else:
+        lines.append(f"Test macro AUC <b>{macro:.3f}</b> on {test.get('n_images', '?')} held-out images.")
+        if macro < WEAK_MACRO_AUC:
+            lines.append(f"<b style='color:#b00020'>A weak model (macro AUC below {WEAK_MACRO_AUC}): it shows how "
+                         "the workflow runs, not what the X-ray shows.</b>")
+        def num(value: Any, digits: int) -> str:  # findings without positives have no AUC: say so
+            return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+        rows = "".join(
+            f"<tr><td>{esc(f)}</td><td>{num(m.get('auc'), 3)}</td>"
+            f"<td>[{num(m.get('auc_ci_low'), 2)}, {num(m.get('auc_ci_high'), 2)}]</td>"
+            f"<td>{int(m.get('n_pos') or 0)}</td></tr>"
+            for f, m in (test.get("per_finding") or {}).items())
+        if rows:
+            lines.append("<table class='cxr-model-table'><tr><th>finding</th><th>AUC</th><th>95 % CI</th>"
+                         f"<th>positives</th></tr>{rows}</table>")
+    if pipeline.ood is not None:
+        cut = pipeline.ood.card.ood.get("cutoff", {})
+        lines.append(f"<b>OOD gate</b> {esc(pipeline.ood.card.builder)}: an image is rejected when its "
+                     f"{esc(str(cut.get('scorer', '?')))} score exceeds {float(cut.get('threshold', float('nan'))):.3f} "
+                     f"({esc(str(cut.get('method', '?')))}).")
+    else:
+        lines.append("<b>No OOD gate</b>: every image is analysed.")
+    body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
+    return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
 
 
 def probability_figure(report: Report):
@@ -124,13 +179,15 @@ class Dashboard:
 
         header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
                         "this machine; nothing is uploaded anywhere else.</p>")
+        self.about = w.HTML(model_summary(pipeline))
+        self.about.add_class("cxr-about")
         left = w.VBox([self.upload, self.example, self.override, self.busy, self.message, self.verdict,
                        self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity,
                        self.smoothing],
                       layout=w.Layout(width="430px", min_width="430px", overflow="hidden"))
         right = w.VBox([self.bars, self.note, self.overlay], layout=w.Layout(width="560px", min_width="560px"))
         body = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
-        self.widget = w.VBox([header, body, self.timing])
+        self.widget = w.VBox([header, self.about, body, self.timing])
 
     # ------------------------------------------------------------------ entry points
     def analyze_bytes(self, name: str, content: bytes) -> Report | None:

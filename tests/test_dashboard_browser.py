@@ -133,6 +133,8 @@ def test_chest_xray_gives_14_bars_and_an_overlay_then_nonchest_is_rejected_then_
     src = page.locator(".cxr-overlay").get_attribute("src")
     assert src and src.startswith(("blob:", "data:image/png"))
     assert page.locator(".cxr-ood-images img").count() == 3
+    page.locator(".cxr-about summary").click()  # the model card, folded by default
+    assert "Classifier" in page.locator("details.cxr-about").inner_text()
     page.screenshot(path=str(SHOTS / "dashboard_chest.png"), full_page=True)
 
     _upload(page, app["nonchest"])

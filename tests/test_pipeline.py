@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from cxrbench.bundle import load_bundle, untrained_classifier_bundle, untrained_ood_bundle
+from cxrbench.bundle import load_bundle, save_bundle, untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.io import ImageReadError
 from cxrbench.labels import NIH_FINDINGS
 from cxrbench.pipeline import Pipeline, RejectedImageError
@@ -167,6 +167,28 @@ def test_dashboard_takes_16_bit_png_and_monochrome1_dicom_like_the_8_bit_png(bun
     for name in ("chest16.png", "chest.dcm"):
         np.testing.assert_allclose(reports[name].image, reports["chest.png"].image, atol=2 / 255)
         np.testing.assert_allclose(reports[name].calibrated, reports["chest.png"].calibrated, atol=0.02)
+
+
+def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, tmp_path):
+    from cxrbench.dashboard import WEAK_MACRO_AUC, Dashboard, model_summary
+
+    untrained = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open")
+    text = model_summary(untrained)
+    assert "no test-set metrics" in text and "About these models" in text and "OOD gate" in text
+    assert Dashboard(untrained).about.value == text
+    clf = load_bundle(bundles / "clf")
+    per_finding = {f: {"auc": 0.6 + 0.01 * i, "auc_ci_low": 0.5, "auc_ci_high": 0.7, "n_pos": i + 1}
+                   for i, f in enumerate(NIH_FINDINGS)}
+    per_finding["Edema"] = {"auc": None, "auc_ci_low": None, "auc_ci_high": None, "n_pos": 0}  # no positives
+    for macro, weak in ((WEAK_MACRO_AUC - 0.01, True), (0.9, False)):
+        clf.card.metrics = {"test": {"n_images": 96, "summary": {"macro_auc": macro}, "per_finding": per_finding}}
+        clf.card.training = {"data": "../shared/data/cxr/nih", "n_images": 481, "split_counts": {"train": 337}}
+        save_bundle(tmp_path / "rated", clf.model, clf.card)
+        text = model_summary(Pipeline.from_paths(tmp_path / "rated"))
+        assert f"Test macro AUC <b>{macro:.3f}</b> on 96 held-out images" in text
+        assert ("A weak model" in text) == weak and "No OOD gate" in text
+        assert text.count("<tr>") == 15 and "Hernia</td><td>0.730" in text and "337 of 481 images" in text
+        assert "Edema</td><td>n/a</td><td>[n/a, n/a]</td><td>0<" in text
 
 
 def test_dashboard_rejection_message(bundles, image):

@@ -37,8 +37,8 @@ from torch import nn
 from . import __version__
 from .preprocess import Preprocess
 
-__all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "load_bundle",
-           "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
+__all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
+           "load_bundle", "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
@@ -246,6 +246,54 @@ def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base
         kind="ood", builder="autoencoder", builder_kwargs=kwargs, preprocess=preprocess.to_dict(),
         ood={"cutoff": {"scorer": "ssim", "threshold": float(threshold), "method": f"untrained: {method}"}},
         description=description))
+
+
+def describe_card(card: ModelCard) -> list[str]:
+    """What a bundle is, in a few plain lines (``cxrbench info``): model, input, labels, training data,
+    operating points or cutoff, test metrics, versions."""
+    def num(value: Any) -> str:
+        return "n/a" if value is None or (isinstance(value, float) and value != value) else f"{value:.3f}"
+
+    pp = card.preprocessing
+    lines = [f"{card.kind} bundle {card.name or '(unnamed)'}: {card.builder} {card.builder_kwargs}",
+             f"input: {pp.size} px, {pp.channels} channel(s), normalize={pp.normalize}, equalize={pp.equalize}"]
+    if card.description:
+        lines.append(f"description: {card.description}")
+    if card.labels:
+        lines.append(f"labels ({len(card.labels)}): {', '.join(card.labels)}")
+    t = card.training
+    if t.get("data"):
+        counts = ", ".join(f"{k} {v}" for k, v in (t.get("split_counts") or {}).items())
+        lines.append(f"trained on: {t['data']} ({t.get('n_images', '?')} images{'; ' + counts if counts else ''}), "
+                     f"seed {t.get('seed', '?')}, {t.get('epochs_run', '?')} epochs, split {t.get('split_file', '?')}")
+    ops = card.operating_points
+    if ops.get("thresholds"):
+        defined = sum(v is not None for v in ops["thresholds"].values())
+        lines.append(f"operating points: {defined} of {len(ops['thresholds'])} findings, "
+                     f"{ops.get('method', '?')} on the {ops.get('fitted_on', '?')} split")
+    cut = card.ood.get("cutoff")
+    if cut:
+        lines.append(f"OOD cutoff: {cut.get('scorer')} > {num(cut.get('threshold'))} is out of distribution "
+                     f"({cut.get('method', '?')})")
+    test = card.metrics.get("test") or {}
+    summary = test.get("summary") or {}
+    if "macro_auc" in summary:
+        lines.append(f"test: macro AUC {num(summary['macro_auc'])} on {test.get('n_images', '?')} images, "
+                     f"micro-F1 {num(summary.get('micro_f1'))}, macro-F1 {num(summary.get('macro_f1'))}, "
+                     f"Hamming {num(summary.get('hamming_loss'))}")
+        for finding, m in (test.get("per_finding") or {}).items():
+            lines.append(f"  {finding:<20} AUC {num(m.get('auc'))} [{num(m.get('auc_ci_low'))}, "
+                         f"{num(m.get('auc_ci_high'))}], {int(m.get('n_pos') or 0)} positive(s)")
+    elif "dice_mean" in test:
+        lines.append(f"test: Dice {num(test['dice_mean'])} (sd {num(test.get('dice_std'))}) on "
+                     f"{test.get('n_images', '?')} images of {test.get('n_patients', '?')} patients")
+    elif "test_rejected_fraction" in card.metrics:
+        lines.append(f"test: the cutoff rejects {card.metrics['test_rejected_fraction']:.1%} of held-out "
+                     "in-distribution images")
+    else:
+        lines.append("test metrics: none in the card")
+    lines.append(f"created {card.created}; " + ", ".join(f"{k} {v}" for k, v in card.versions.items()))
+    return lines
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:

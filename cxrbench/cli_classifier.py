@@ -128,7 +128,29 @@ def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAct
     return tsub
 
 
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from .bundle import describe_card, load_bundle
+
+    for i, path in enumerate(args.bundles):
+        bundle = load_bundle(path)  # checks the card, the architecture and the weights' checksum
+        if args.json:
+            print(json.dumps(bundle.card.to_dict(), indent=2))
+            continue
+        print(("\n" if i else "") + f"{path}")
+        print("\n".join(f"  {line}" for line in describe_card(bundle.card)))
+        print(f"  weights: {bundle.card.weights_sha256[:16]}… checksum verified, "
+              f"{sum(p.numel() for p in bundle.model.parameters()):,} parameters")
+    return 0
+
+
 def add_classifier_commands(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("info", help="what a bundle is: model, input, labels, training, calibration, test metrics")
+    q.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder(s) of any kind")
+    q.add_argument("--json", action="store_true", help="print the whole card as JSON")
+    q.set_defaults(func=_info)
+
     tsub = train_subparsers(sub)
     q = tsub.add_parser("classifier", help="train a multi-label classifier (Chester/CheXNet recipe defaults)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -128,3 +128,30 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
     never = untrained_ood_bundle(tmp_path / "n", latent_dim=8, base_channels=4)
     assert all(Pipeline.from_paths(clf, ood=never).analyze(im, explain=None).ood.in_distribution for im in images)
     assert load_bundle(clf).card.operating_points["fitted_on"] == "untrained"
+
+
+def test_info_command_describes_any_bundle_and_verifies_it(tmp_path, capsys):
+    from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle
+    from cxrbench.cli import main
+
+    clf = untrained_classifier_bundle(tmp_path / "c", preprocess=Preprocess(size=32), thresholds={"Hernia": None})
+    card = read_card(clf)
+    card.metrics = {"test": {"n_images": 96, "summary": {"macro_auc": 0.623, "micro_f1": 0.2},
+                             "per_finding": {"Edema": {"auc": None, "n_pos": 0},
+                                             "Effusion": {"auc": 0.669, "auc_ci_low": 0.517, "auc_ci_high": 0.806,
+                                                          "n_pos": 12}}}}
+    card.training = {"data": "nih", "n_images": 481, "split_counts": {"train": 337, "val": 48, "test": 96}}
+    save_bundle(tmp_path / "rated", load_bundle(clf).model, card)
+    ood = untrained_ood_bundle(tmp_path / "o", latent_dim=8, base_channels=4, threshold=0.4)
+    assert main(["info", str(tmp_path / "rated"), str(ood)]) == 0
+    out = capsys.readouterr().out
+    assert "operating points: 13 of 14 findings" in out and "481 images; train 337, val 48, test 96" in out
+    assert "test: macro AUC 0.623 on 96 images" in out and "micro-F1 0.200, macro-F1 n/a" in out
+    assert "Edema                AUC n/a [n/a, n/a], 0 positive(s)" in out
+    assert "Effusion             AUC 0.669 [0.517, 0.806], 12 positive(s)" in out
+    assert "OOD cutoff: ssim > 0.400" in out and out.count("checksum verified") == 2
+    assert main(["info", "--json", str(ood)]) == 0
+    assert json.loads(capsys.readouterr().out)["ood"]["cutoff"]["threshold"] == 0.4
+    (tmp_path / "rated" / "model.safetensors").write_bytes(b"truncated")
+    assert main(["info", str(tmp_path / "rated")]) == 1
+    assert "model.safetensors" in capsys.readouterr().err

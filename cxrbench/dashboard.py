@@ -84,9 +84,10 @@ def model_summary(pipeline: Pipeline) -> str:
             f"<tr><td>{esc(f)}</td><td>{num(m.get('auc'), 3)}</td>"
             f"<td>[{num(m.get('auc_ci_low'), 2)}, {num(m.get('auc_ci_high'), 2)}]</td>"
             f"<td>{int(m.get('n_pos') or 0)}</td></tr>"
-            for f, m in (test.get("per_finding") or {}).items())
+            for f, m in (test.get("per_finding") or {}).items()).replace("<td>", "<td style='padding:0 8px 0 0'>")
         if rows:
-            lines.append("<table class='cxr-model-table'><tr><th>finding</th><th>AUC</th><th>95 % CI</th>"
+            lines.append("<table class='cxr-model-table' style='border-collapse:collapse;line-height:1.25'>"
+                         "<tr><th>finding</th><th>AUC</th><th>95 % CI</th>"
                          f"<th>positives</th></tr>{rows}</table>")
     if pipeline.ood is not None:
         cut = pipeline.ood.card.ood.get("cutoff", {})

@@ -59,6 +59,7 @@ def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
         path = Path(data)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: the demo's data folder ({origin}) does not exist or is not a folder")
+        path = path.resolve()  # Voila's kernel runs in notebooks/: relative paths would point elsewhere
         if (path / "nih" / "manifest.csv").is_file():
             return path / "nih", "shared"
         return path, "custom"
@@ -71,23 +72,36 @@ def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
     return root, "phantoms"
 
 
-def demo_examples(train_dir: Path, kind: str, n_chest: int = 4) -> dict[str, str]:
-    """A few example images for the picker: chest X-rays with findings, and non-chest ones when available."""
+def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[str | Path, ...] = ()) -> dict[str, str]:
+    """A few example images for the picker: chest X-rays with findings, and non-chest ones when available.
+
+    The chest X-rays are held-out test images of ``bundles`` (neither model trained or calibrated on them),
+    so what the demo shows on them is what it would show on a new image. Paths are absolute.
+    """
+    import pandas as pd
+
+    from .bundle import load_bundle
     from .data import load_manifest
+    from .ood_eval import unseen_rows
 
     examples: dict[str, str] = {}
     df = load_manifest(train_dir, on_missing="drop")
-    labelled = df[df.get("finding_labels", "").astype(str) != "No Finding"] if "finding_labels" in df else df
-    for _, row in labelled.head(n_chest).iterrows():
-        label = str(row.get("finding_labels", ""))[:40]
-        examples[f"chest X-ray: {label or row['image_id']}"] = row["path"]
+    for bundle in bundles:
+        df = unseen_rows(load_bundle(bundle, verify=False), df)
+    labels = [c for c in df.attrs.get("label_columns") or [] if c in df]
+    if labels:  # images with findings first, then one without
+        positive = df[labels].fillna(0).to_numpy().sum(axis=1) > 0
+        df = pd.concat([df[positive].head(n_chest - 1), df[~positive].head(1)]).head(n_chest)
+    for _, row in df.head(n_chest).iterrows():
+        found = ", ".join(c for c in labels if row[c] == 1) or ("no finding" if labels else str(row["image_id"]))
+        examples[f"held-out chest X-ray: {found[:40]} ({Path(row['path']).name})"] = str(Path(row["path"]).resolve())
     if kind == "shared":
         cxr = train_dir.parent
         for sub, title in (("nonchest", "not a chest X-ray"), ("pediatric", "paediatric chest X-ray")):
             if (cxr / sub / "manifest.csv").is_file():
                 other = load_manifest(cxr / sub, on_missing="drop")
                 for _, row in other.head(2).iterrows():
-                    examples[f"{title}: {row['image_id']}"] = row["path"]
+                    examples[f"{title}: {row['image_id']}"] = str(Path(row["path"]).resolve())
     return examples
 
 
@@ -106,10 +120,10 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
     The result is also written to ``out/demo.json``, which the dashboard notebook reads.
     """
     from .data import load_manifest
-    from .train import ClassifierConfig, train_classifier
+    from .train import ClassifierConfig, OODConfig, train_classifier, train_ood
 
     settings = settings or DemoSettings()
-    out = Path(out)
+    out = Path(out).resolve()
     train_dir, kind = demo_data(data)
     fingerprint = _fingerprint(train_dir, settings)
     info_path = out / "demo.json"
@@ -134,16 +148,11 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
                            data_description=f"{train_dir} ({kind})")
     info: dict[str, Any] = {"fingerprint": fingerprint, "data": str(train_dir), "kind": kind,
                             "classifier": str(clf.bundle), "ood": None, "settings": asdict(settings)}
-    try:
-        from .train.ood import OODConfig, train_ood  # the OOD gate (issue 4)
-    except ImportError:
-        train_ood = None
-    if train_ood is not None:
-        ocfg = OODConfig(model=settings.ood_model, epochs=settings.ood_epochs, percentile=settings.ood_percentile,
-                         seed=settings.seed)
-        ood = train_ood(manifest, out / "ood_run", ocfg, progress=progress, resume=True)
-        info["ood"] = str(ood.bundle)
-    info["examples"] = demo_examples(train_dir, kind)
+    ocfg = OODConfig(model=settings.ood_model, epochs=settings.ood_epochs, percentile=settings.ood_percentile,
+                     seed=settings.seed)
+    ood = train_ood(manifest, out / "ood_run", ocfg, progress=progress, resume=True)
+    info["ood"] = str(ood.bundle)
+    info["examples"] = demo_examples(train_dir, kind, bundles=(clf.bundle, ood.bundle))
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     if progress:
@@ -162,6 +171,9 @@ class ServeError(RuntimeError):
 def check_port_free(port: int) -> None:
     """Raise :class:`ServeError` when 127.0.0.1:``port`` is already taken (Voila would exit with a log line)."""
     with socket.socket() as s:
+        # as tornado does: a port left in TIME_WAIT by a demo just stopped is free to Voila, so to us too
+        if os.name == "posix":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -187,8 +187,8 @@ def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, tmp_p
         text = model_summary(Pipeline.from_paths(tmp_path / "rated"))
         assert f"Test macro AUC <b>{macro:.3f}</b> on 96 held-out images" in text
         assert ("A weak model" in text) == weak and "No OOD gate" in text
-        assert text.count("<tr>") == 15 and "Hernia</td><td>0.730" in text and "337 of 481 images" in text
-        assert "Edema</td><td>n/a</td><td>[n/a, n/a]</td><td>0<" in text
+        assert text.count("<tr>") == 15 and "Hernia</td><td style='padding:0 8px 0 0'>0.730" in text and "337 of 481 images" in text
+        assert "Edema</td><td style='padding:0 8px 0 0'>n/a</td><td style='padding:0 8px 0 0'>[n/a, n/a]" in text
 
 
 def test_dashboard_rejection_message(bundles, image):
@@ -217,6 +217,14 @@ def test_demo_bundles_are_trained_once_and_reused(tmp_path):
     assert load_bundle(info["classifier"]).card.kind == "classifier"
     assert load_bundle(info["ood"]).card.ood["cutoff"]["scorer"] == "ssim"
     assert info["examples"] and json.loads((tmp_path / "demo" / "demo.json").read_text())["ood"] == info["ood"]
+    # examples: absolute paths (Voila's kernel runs elsewhere) of images neither model trained or calibrated on
+    import pandas as pd
+
+    split = pd.read_csv(Path(info["classifier"]).parent / "split.csv", dtype=str).set_index("image_id")["split"]
+    for path in info["examples"].values():
+        assert Path(path).is_absolute() and Path(path).is_file()
+        assert split[str(Path(path).relative_to(Path(data).resolve()))] == "test", path
+    assert all(Path(info[k]).is_absolute() for k in ("classifier", "ood"))
     mtime = (tmp_path / "demo" / "demo.json").stat().st_mtime_ns
     again = prepare_demo(tmp_path / "demo", data=data, settings=settings, progress=False)
     assert again == info and (tmp_path / "demo" / "demo.json").stat().st_mtime_ns == mtime
@@ -267,3 +275,23 @@ def test_serving_on_a_taken_port_is_one_clear_error():
         port = s.getsockname()[1]
         with pytest.raises(ServeError, match=rf"127.0.0.1:{port} is already in use.*--port N"):
             serve({"classifier": "c"}, port=port)
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_demo_is_free():
+    """Ctrl-C, then `make demo` again at once: the old server's closed connections hold the port in
+    TIME_WAIT; Voila (tornado, SO_REUSEADDR) can bind it, so the pre-check must not refuse it."""
+    import socket
+
+    from cxrbench.demo import check_port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado's listener, hence Voila's
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+    client.close()
+    server.close()
+    check_port_free(port)

@@ -100,17 +100,21 @@ def model_summary(pipeline: Pipeline) -> str:
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
 
 
-def probability_figure(report: Report):
-    """Horizontal plotly bars of the calibrated probabilities, 0.5 marked, raw values on hover."""
+def probability_figure(report: Report, test_auc: Mapping[str, float | None] | None = None):
+    """Horizontal plotly bars of the calibrated probabilities, 0.5 marked; on hover the raw value, the
+    operating point and, where given, the finding's AUC on the model's test split (how far to trust it)."""
     import plotly.graph_objects as go
 
     table = report.table().iloc[::-1]  # highest on top
     colours = ["#c0392b" if v >= 0.5 else "#2e6da4" for v in table["calibrated"].fillna(0)]
+    auc = [(test_auc or {}).get(f) for f in table["finding"]]
+    auc = np.array([np.nan if a is None else a for a in auc], dtype=float)
     fig = go.Figure(go.Bar(
         x=table["calibrated"], y=table["finding"], orientation="h", marker_color=colours,
-        customdata=np.stack([table["raw"], table["operating_point"]], axis=1),
+        customdata=np.stack([table["raw"], table["operating_point"], auc], axis=1),
         hovertemplate="%{y}<br>calibrated %{x:.3f}<br>raw %{customdata[0]:.3f}"
-                      "<br>operating point %{customdata[1]:.3f}<extra></extra>"))
+                      "<br>operating point %{customdata[1]:.3f}"
+                      + ("<br>test AUC of this finding %{customdata[2]:.2f}" if test_auc else "") + "<extra></extra>"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",
                   annotation_position="top")
     fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=420, width=520,
@@ -269,7 +273,8 @@ class Dashboard:
                 self._quiet = True
                 self.finding.value = report.table()["finding"].iloc[0]
                 self._quiet = False
-            self.figure = probability_figure(report)
+            per_finding = (self.pipeline.classifier.card.metrics.get("test") or {}).get("per_finding") or {}
+            self.figure = probability_figure(report, {f: m.get("auc") for f, m in per_finding.items()} or None)
             # set the output directly (works with or without a kernel capturing display calls)
             spec = json.loads(self.figure.to_json())
             spec["config"] = {"displaylogo": False, "responsive": False}

@@ -122,7 +122,8 @@ def test_dashboard_callbacks_without_a_browser(bundles, image):
     assert bytes(dash.overlay.value)[:4] == b"\x89PNG" and dash.bars.outputs
     assert "application/vnd.plotly.v1+json" in dash.bars.outputs[0]["data"]
     bars = dash.figure.data[0]
-    assert len(bars.y) == 14 and max(bars.x) <= 1 and bars.customdata.shape == (14, 2)
+    assert len(bars.y) == 14 and max(bars.x) <= 1 and bars.customdata.shape == (14, 3)
+    assert "test AUC" not in bars.hovertemplate  # the card has no test metrics
     first = dash.report
     # a bad file: a message, no traceback, the previous result kept
     dash.analyze_bytes("broken.dcm", b"\x00" * 200)
@@ -169,7 +170,7 @@ def test_dashboard_takes_16_bit_png_and_monochrome1_dicom_like_the_8_bit_png(bun
         np.testing.assert_allclose(reports[name].calibrated, reports["chest.png"].calibrated, atol=0.02)
 
 
-def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, tmp_path):
+def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, image, tmp_path):
     from cxrbench.dashboard import WEAK_MACRO_AUC, Dashboard, model_summary
 
     untrained = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open")
@@ -189,6 +190,12 @@ def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, tmp_p
         assert ("A weak model" in text) == weak and "No OOD gate" in text
         assert text.count("<tr>") == 15 and "Hernia</td><td style='padding:0 8px 0 0'>0.730" in text and "337 of 481 images" in text
         assert "Edema</td><td style='padding:0 8px 0 0'>n/a</td><td style='padding:0 8px 0 0'>[n/a, n/a]" in text
+    # and each bar's hover gives its finding's test AUC
+    dash = Dashboard(Pipeline.from_paths(tmp_path / "rated"))
+    dash.analyze_bytes("chest.png", _png(image))
+    bars = dash.figure.data[0]
+    auc = dict(zip(bars.y, np.asarray(bars.customdata)[:, 2]))
+    assert "test AUC" in bars.hovertemplate and auc["Hernia"] == pytest.approx(0.73) and np.isnan(auc["Edema"])
 
 
 def test_dashboard_rejection_message(bundles, image):

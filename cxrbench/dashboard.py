@@ -166,6 +166,9 @@ class Dashboard:
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.finding = w.Dropdown(options=list(pipeline.findings), description="finding", disabled=True)
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
+        self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",
+                                        tooltip="map values under this fraction of the maximum are not drawn, "
+                                                "so the anatomy shows through")
         self.smoothing = w.FloatSlider(value=self.SMOOTHING, min=0.0, max=8.0, step=0.5, description="smoothing",
                                        tooltip="Gaussian σ in model-input pixels (display only; 0 = the raw map)")
         self.overlay = w.Image(format="png", layout=w.Layout(width="384px", height="384px", object_fit="contain",
@@ -181,6 +184,7 @@ class Dashboard:
         self.finding.observe(lambda _: self._reexplain(), names="value")
         self.opacity.observe(lambda _: self._draw_overlay(), names="value")
         self.smoothing.observe(lambda _: self._draw_overlay(), names="value")
+        self.hide_below.observe(lambda _: self._draw_overlay(), names="value")
 
         header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
                         "this machine; nothing is uploaded anywhere else.</p>")
@@ -188,7 +192,7 @@ class Dashboard:
         self.about.add_class("cxr-about")
         left = w.VBox([self.upload, self.example, self.override, self.busy, self.message, self.verdict,
                        self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity,
-                       self.smoothing],
+                       self.smoothing, self.hide_below],
                       layout=w.Layout(width="430px", min_width="430px", overflow="hidden"))
         right = w.VBox([self.bars, self.note, self.overlay], layout=w.Layout(width="560px", min_width="560px"))
         body = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
@@ -326,7 +330,8 @@ class Dashboard:
         if r.method != "saliency" and self.finding.value in r.map_labels:
             k = r.map_labels.index(self.finding.value)
         heat = gaussian_smooth(r.maps[k], float(self.smoothing.value))
-        self.overlay.value = png_bytes(overlay(r.image, heat, alpha=float(self.opacity.value)))
+        threshold = float(self.hide_below.value) or None
+        self.overlay.value = png_bytes(overlay(r.image, heat, alpha=float(self.opacity.value), threshold=threshold))
 
 
 def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = "",

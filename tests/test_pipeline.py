@@ -144,6 +144,15 @@ def test_dashboard_callbacks_without_a_browser(bundles, image):
     assert bytes(dash.overlay.value) == png_bytes(raw)
     dash.smoothing.value = 4.0
     assert bytes(dash.overlay.value) != png_bytes(raw) and dash.report.maps is not None
+    # hiding weak map values lets the image through there, and only there
+    from cxrbench.explain.base import gaussian_smooth
+
+    dash.hide_below.value = 0.5
+    heat = gaussian_smooth(dash.report.maps[0], 4.0)
+    assert bytes(dash.overlay.value) == png_bytes(overlay(dash.report.image, heat, alpha=0.9, threshold=0.5))
+    shown = np.asarray(PILImage.open(io.BytesIO(bytes(dash.overlay.value))))
+    grey = np.round(dash.report.image * 255)
+    assert np.abs(shown.astype(float) - grey[..., None]).max(axis=2).min() <= 1  # some pixels are just the image
 
 
 def test_dashboard_takes_16_bit_png_and_monochrome1_dicom_like_the_8_bit_png(bundles, image):

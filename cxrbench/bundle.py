@@ -38,7 +38,7 @@ from . import __version__
 from .preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
-           "load_bundle", "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
+           "format_metric", "load_bundle", "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
@@ -109,6 +109,11 @@ class ModelCard:
     @property
     def preprocessing(self) -> Preprocess:
         return Preprocess.from_dict(self.preprocess)
+
+    @property
+    def test_metrics(self) -> dict[str, Any]:
+        """``metrics["test"]`` (``summary``, ``per_finding``, ``n_images``, ...), ``{}`` when not evaluated."""
+        return self.metrics.get("test") or {}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,12 +253,15 @@ def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base
         description=description))
 
 
+def format_metric(value: Any, digits: int = 3) -> str:
+    """A metric for display; ``"n/a"`` where it is undefined (None or NaN, e.g. AUC without positives)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
 def describe_card(card: ModelCard) -> list[str]:
     """What a bundle is, in a few plain lines (``cxrbench info``): model, input, labels, training data,
     operating points or cutoff, test metrics, versions."""
-    def num(value: Any) -> str:
-        return "n/a" if value is None or (isinstance(value, float) and value != value) else f"{value:.3f}"
-
+    num = format_metric
     pp = card.preprocessing
     lines = [f"{card.kind} bundle {card.name or '(unnamed)'}: {card.builder} {card.builder_kwargs}",
              f"input: {pp.size} px, {pp.channels} channel(s), normalize={pp.normalize}, equalize={pp.equalize}"]
@@ -275,7 +283,7 @@ def describe_card(card: ModelCard) -> list[str]:
     if cut:
         lines.append(f"OOD cutoff: {cut.get('scorer')} > {num(cut.get('threshold'))} is out of distribution "
                      f"({cut.get('method', '?')})")
-    test = card.metrics.get("test") or {}
+    test = card.test_metrics
     summary = test.get("summary") or {}
     if "macro_auc" in summary:
         lines.append(f"test: macro AUC {num(summary['macro_auc'])} on {test.get('n_images', '?')} images, "

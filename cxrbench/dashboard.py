@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .bundle import format_metric
 from .io import ImageReadError
 from .pipeline import Pipeline, Report
 
@@ -68,7 +69,7 @@ def model_summary(pipeline: Pipeline) -> str:
     if ops.get("thresholds"):
         method = f" ({esc(str(ops['method']))})" if ops.get("method") else ""
         lines.append(f"Operating points fitted on the {esc(str(ops.get('fitted_on', '?')))} split{method}.")
-    test = card.metrics.get("test") or {}
+    test = card.test_metrics
     macro = (test.get("summary") or {}).get("macro_auc")
     if macro is None:
         lines.append("<i>Its card holds no test-set metrics: how well it works is unknown.</i>")
@@ -77,9 +78,7 @@ def model_summary(pipeline: Pipeline) -> str:
         if macro < WEAK_MACRO_AUC:
             lines.append(f"<b style='color:#b00020'>A weak model (macro AUC below {WEAK_MACRO_AUC}): it shows how "
                          "the workflow runs, not what the X-ray shows.</b>")
-        def num(value: Any, digits: int) -> str:  # findings without positives have no AUC: say so
-            return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
+        num = format_metric
         rows = "".join(
             f"<tr><td>{esc(f)}</td><td>{num(m.get('auc'), 3)}</td>"
             f"<td>[{num(m.get('auc_ci_low'), 2)}, {num(m.get('auc_ci_high'), 2)}]</td>"
@@ -144,6 +143,8 @@ class Dashboard:
         self.figure = None
         self._source: tuple[str, bytes] | None = None
         self._quiet = False
+        per_finding = pipeline.classifier.card.test_metrics.get("per_finding") or {}
+        self._test_auc = {f: m.get("auc") for f, m in per_finding.items()} or None  # shown on hover
 
         self.upload = w.FileUpload(accept=UPLOAD_ACCEPT, multiple=False, description="Upload X-ray")
         self.upload.add_class("cxr-upload")
@@ -277,8 +278,7 @@ class Dashboard:
                 self._quiet = True
                 self.finding.value = report.table()["finding"].iloc[0]
                 self._quiet = False
-            per_finding = (self.pipeline.classifier.card.metrics.get("test") or {}).get("per_finding") or {}
-            self.figure = probability_figure(report, {f: m.get("auc") for f, m in per_finding.items()} or None)
+            self.figure = probability_figure(report, self._test_auc)
             # set the output directly (works with or without a kernel capturing display calls)
             spec = json.loads(self.figure.to_json())
             spec["config"] = {"displaylogo": False, "responsive": False}

@@ -80,14 +80,14 @@ def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[s
     """
     import pandas as pd
 
-    from .bundle import load_bundle
+    from .bundle import read_card
     from .data import load_manifest
     from .ood_eval import unseen_rows
 
     examples: dict[str, str] = {}
     df = load_manifest(train_dir, on_missing="drop")
     for bundle in bundles:
-        df = unseen_rows(load_bundle(bundle, verify=False), df)
+        df = unseen_rows(read_card(bundle), df)
     labels = [c for c in df.attrs.get("label_columns") or [] if c in df]
     if labels:  # images with findings first, then one without
         positive = df[labels].fillna(0).to_numpy().sum(axis=1) > 0

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .bundle import Bundle
+from .bundle import Bundle, ModelCard
 from .data import CXRDataset, load_manifest, load_split
 from .io import ImageReadError, read_image
 from .metrics import weighted_auc
@@ -313,10 +313,11 @@ def _macro_auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int, rng: np.random.Gene
     return float(low), float(high)
 
 
-def unseen_rows(classifier: Bundle, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Rows the classifier neither trained nor calibrated on: where its split file lists an image, only
-    images of its ``test`` split are kept; images it never listed (another data set) all stay."""
-    split_file = Path(str(classifier.card.training.get("split_file", "")))
+def unseen_rows(classifier: Bundle | ModelCard, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows the model (a bundle, or only its card) neither trained nor calibrated on: where its split file
+    lists an image, only images of its ``test`` split are kept; images it never listed (another data set) all stay."""
+    card = classifier.card if isinstance(classifier, Bundle) else classifier
+    split_file = Path(str(card.training.get("split_file", "")))
     if not split_file.is_file():
         return manifest
     split = pd.read_csv(split_file, dtype=str)

@@ -91,7 +91,7 @@ def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[s
     labels = [c for c in df.attrs.get("label_columns") or [] if c in df]
     if labels:  # images with findings first, then one without
         positive = df[labels].fillna(0).to_numpy().sum(axis=1) > 0
-        df = pd.concat([df[positive].head(n_chest - 1), df[~positive].head(1)]).head(n_chest)
+        df = pd.concat([df[positive].head(n_chest - 1), df[~positive].head(1)])
     for _, row in df.head(n_chest).iterrows():
         found = ", ".join(c for c in labels if row[c] == 1) or ("no finding" if labels else str(row["image_id"]))
         examples[f"held-out chest X-ray: {found[:40]} ({Path(row['path']).name})"] = str(Path(row["path"]).resolve())

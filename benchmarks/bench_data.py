@@ -7,9 +7,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parse_args, peak_rss_mb, timed, write_table  # noqa: E402
-
 import torch  # noqa: E402
+from _common import parse_args, peak_rss_mb, timed, write_table  # noqa: E402
 
 from cxrbench.data import CXRDataset, load_manifest, patient_split, read_nih_table, shared_data_root  # noqa: E402
 from cxrbench.io import read_image  # noqa: E402

@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_table  # noqa: E402
 
-from cxrbench.bundle import load_bundle, untrained_classifier_bundle, untrained_ood_bundle  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 from cxrbench.io import read_image  # noqa: E402
 from cxrbench.labels import NIH_FINDINGS  # noqa: E402
+from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle, untrained_ood_bundle  # noqa: E402
 
 CHESTER = {"load_s": "12 ± 2", "forward_s": "1.3 ± 0.5"}
 
@@ -43,9 +43,9 @@ def _bundles(root: Path, arch: str, pixels: list[np.ndarray]) -> tuple[Path, Pat
 
 
 def _browser(arch: str, app_dir: Path, files: list[str], n_timed: int, isolate: bool) -> dict:
-    from cxrbench.web import serve
-    from cxrbench.web.browser import BrowserApp
-    from cxrbench.web.study import staged_images
+    from cxrbench.export.web import serve
+    from cxrbench.export.web.browser import BrowserApp
+    from cxrbench.export.web.study import staged_images
 
     with serve(app_dir, isolate=isolate) as server, staged_images(app_dir, files[: n_timed + 1]) as urls, \
             BrowserApp(server.url) as app:
@@ -71,9 +71,9 @@ def main() -> None:
     root = shared_data_root()
     if root is None:
         sys.exit("needs the real NIH images (../shared/data or CXRBENCH_SHARED_DATA)")
-    from cxrbench.export import export_models
-    from cxrbench.onnx_backend import latency_table
-    from cxrbench.web import export_web
+    from cxrbench.export.onnx import export_models
+    from cxrbench.export.runtime import latency_table
+    from cxrbench.export.web import export_web
 
     paths = load_manifest(root / "cxr" / "nih", on_missing="drop")["path"].tolist()
     files = [str(f) for f in paths[:: max(1, len(paths) // args.images)][: args.images]]
@@ -102,9 +102,15 @@ def main() -> None:
         return
     write_table(browser_rows, args.out, "onnx_browser")
 
-    from cxrbench.pipeline import Pipeline
-    from cxrbench.web.study import (RESIZE_MODES, browser_arrays, input_study, preprocessing_study, python_reference,
-                                    run_browser_study)
+    from cxrbench.export.web.study import (
+        RESIZE_MODES,
+        browser_arrays,
+        input_study,
+        preprocessing_study,
+        python_reference,
+        run_browser_study,
+    )
+    from cxrbench.inference.pipeline import Pipeline
 
     study_bundle = Path(args.bundle) if args.bundle else tmp / "densenet121"
     study_app = apps["densenet121"]

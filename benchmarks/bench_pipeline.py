@@ -14,13 +14,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import torch  # noqa: E402
 from _common import peak_rss_mb, write_table  # noqa: E402
 
-import torch  # noqa: E402
-
-from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
-from cxrbench.pipeline import Pipeline  # noqa: E402
+from cxrbench.inference.pipeline import Pipeline  # noqa: E402
+from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle  # noqa: E402
 
 
 def _bundles(tmp: Path, arch: str) -> tuple[Path, Path]:

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parse_args, peak_rss_mb, write_table  # noqa: E402
-
 import torch  # noqa: E402
+from _common import parse_args, peak_rss_mb, write_table  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""cxrbench.bundle: round trip, never unpickling, clear errors for corrupted or mismatched bundles."""
+"""cxrbench.models.bundle: round trip, never unpickling, clear errors for corrupted or mismatched bundles."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from cxrbench.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
 from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
 from cxrbench.models.classifier import build_classifier
 from cxrbench.preprocess import Preprocess
 
@@ -106,8 +106,8 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
     """The plumbing bundles (export, benchmarks, app tests): seeded, real-size, with cutoffs that split the images."""
     import numpy as np
 
-    from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle
-    from cxrbench.pipeline import Pipeline
+    from cxrbench.inference.pipeline import Pipeline
+    from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle
 
     rng = np.random.default_rng(0)
     images = [rng.random((40 + i, 48), dtype=np.float32) for i in range(9)]
@@ -131,8 +131,8 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
 
 
 def test_info_command_describes_any_bundle_and_verifies_it(tmp_path, capsys):
-    from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle
-    from cxrbench.cli import main
+    from cxrbench.cli.main import main
+    from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle
 
     clf = untrained_classifier_bundle(tmp_path / "c", preprocess=Preprocess(size=32), thresholds={"Hernia": None})
     card = read_card(clf)

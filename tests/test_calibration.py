@@ -1,4 +1,4 @@
-"""Tests for cxrbench.calibration: Youden operating points and Chester's Eq. 1 map."""
+"""Tests for cxrbench.evaluation.calibration: Youden operating points and Chester's Eq. 1 map."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrbench.calibration import (
+from cxrbench.evaluation.calibration import (
     OperatingPoints,
     calibrate,
     fit_operating_points,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cxrbench import __version__
-from cxrbench.cli import main
+from cxrbench.cli.main import main
 
 
 def test_version_and_help(capsys):

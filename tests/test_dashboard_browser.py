@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxrbench.bundle import ModelCard, save_bundle
-from cxrbench.demo import free_port, serve
+from cxrbench.app.demo import free_port, serve
 from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.bundle import ModelCard, save_bundle
 from cxrbench.preprocess import Preprocess
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -43,7 +43,7 @@ def app(shared_data, tmp_path_factory):
     from cxrbench.data import load_manifest
     from cxrbench.models.autoencoder import ConvAutoencoder, ae_train_step
     from cxrbench.models.classifier import build_classifier
-    from cxrbench.ood import fit_cutoff, score_batch
+    from cxrbench.ood.scoring import fit_cutoff, score_batch
 
     root = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)

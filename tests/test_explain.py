@@ -21,7 +21,6 @@ from cxrbench.explain import (
 )
 from cxrbench.explain.base import _resolve_layers, minmax_normalize, resize_maps, target_matrix
 
-
 FAST_OPTIONS = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3}}
 SIZE = 64  # ResNet18: 2x2 final features; the small DenseNet: 8x8
 

@@ -205,8 +205,8 @@ def test_phantom_localisation_set_gives_exact_lesions():
 
 @pytest.fixture(scope="module")
 def classifier_bundle(tmp_path_factory):
-    from cxrbench.bundle import ModelCard, save_bundle
     from cxrbench.labels import NIH_FINDINGS
+    from cxrbench.models.bundle import ModelCard, save_bundle
     from cxrbench.models.classifier import build_classifier
     from cxrbench.preprocess import Preprocess
 
@@ -222,7 +222,7 @@ def classifier_bundle(tmp_path_factory):
 def test_explain_cli_writes_maps_overlays_and_error_rows(classifier_bundle, tmp_path, method, capsys):
     from PIL import Image
 
-    from cxrbench.cli import main
+    from cxrbench.cli.main import main
 
     rng = np.random.default_rng(0)
     good = tmp_path / "a.png"

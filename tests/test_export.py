@@ -1,4 +1,4 @@
-"""cxrbench.export and cxrbench.onnx_backend: graphs, card metadata, parity gate, the same Report on ONNX Runtime."""
+"""cxrbench.export.onnx and cxrbench.export.runtime: graphs, card metadata, parity gate, the same Report on ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrbench.bundle import Bundle, ModelCard, load_bundle, untrained_classifier_bundle, untrained_ood_bundle
-from cxrbench.calibration import calibrate
-from cxrbench.cli import main
-from cxrbench.export import CalibratedClassifier, ParityError, export_models, parity_check, read_onnx_card
+from cxrbench.cli.main import main
+from cxrbench.evaluation.calibration import calibrate
+from cxrbench.export.onnx import CalibratedClassifier, ParityError, export_models, parity_check, read_onnx_card
+from cxrbench.export.runtime import OnnxPipeline, load_export, make_session
+from cxrbench.inference.pipeline import Pipeline
 from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.bundle import Bundle, ModelCard, load_bundle, untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.models.classifier import ResNet18, build_classifier
-from cxrbench.onnx_backend import OnnxPipeline, load_export, make_session
-from cxrbench.pipeline import Pipeline
 from cxrbench.preprocess import Preprocess
 
 pytestmark = pytest.mark.realdata

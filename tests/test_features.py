@@ -11,8 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrbench.features import (FeatureSpec, UnreadableImagesWarning, cnn_embeddings, extract_features,
-                               extraction_errors, hog_features, hybrid_vectors, lbp_features)
+from cxrbench.hybrid.features import (
+    FeatureSpec,
+    UnreadableImagesWarning,
+    cnn_embeddings,
+    extract_features,
+    extraction_errors,
+    hog_features,
+    hybrid_vectors,
+    lbp_features,
+)
 from cxrbench.models.classifier import build_classifier, embed
 from cxrbench.preprocess import Preprocess
 
@@ -147,7 +155,7 @@ def test_cnn_extraction_equals_direct_embedding(manifest, tmp_path):
 
 
 def test_cnn_extraction_from_a_bundle_uses_the_bundle_preprocessing(manifest, tmp_path):
-    from cxrbench.bundle import ModelCard, load_bundle, save_bundle
+    from cxrbench.models.bundle import ModelCard, load_bundle, save_bundle
 
     torch.manual_seed(0)
     model = build_classifier("resnet18", 2, in_channels=1).eval()

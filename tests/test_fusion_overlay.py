@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cxrbench.explain import error_overlay, fuse, mask_fraction, overlay, overlay_all_findings
-from cxrbench.explain.overlay import ERROR_SCALE
 from cxrbench.explain.fusion import mask_to_unit
+from cxrbench.explain.overlay import ERROR_SCALE
 
 
 def blob(size: int = 16, centre: tuple[int, int] = (4, 4), width: float = 2.0) -> np.ndarray:

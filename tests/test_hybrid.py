@@ -9,9 +9,16 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cxrbench import hybrid
-from cxrbench.hybrid import (LogisticBaseline, TorchMLPClassifier, comparison_chart, degeneracy_check,
-                             finetune_layer4, resnet18_backbone, run_hybrid_experiment)
+from cxrbench.hybrid.classifiers import (
+    LogisticBaseline,
+    TorchMLPClassifier,
+    comparison_chart,
+    degeneracy_check,
+    finetune_layer4,
+    resnet18_backbone,
+    run_hybrid_experiment,
+)
+from cxrbench.hybrid import classifiers as hybrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +188,7 @@ def test_notebook_06_runs_under_papermill(tmp_path):
     import nbformat
     import papermill as pm
 
-    from cxrbench.bundle import untrained_classifier_bundle
+    from cxrbench.models.bundle import untrained_classifier_bundle
     from cxrbench.preprocess import Preprocess
 
     refs = {name: str(untrained_classifier_bundle(tmp_path / name, preprocess=Preprocess(size=64), name=name))

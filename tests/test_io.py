@@ -8,12 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
+from dicom_factory import make_dicom
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from cxrbench.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
-from dicom_factory import make_dicom
 
 
 def _png_bytes(arr: np.ndarray, mode: str | None = None, **kw) -> bytes:

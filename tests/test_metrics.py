@@ -1,4 +1,4 @@
-"""Tests for cxrbench.metrics against scikit-learn on known arrays."""
+"""Tests for cxrbench.evaluation.metrics against scikit-learn on known arrays."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
 
-from cxrbench.calibration import fit_operating_points
-from cxrbench.metrics import (
+from cxrbench.evaluation.calibration import fit_operating_points
+from cxrbench.evaluation.metrics import (
     auc_half_split_spread,
     auc_or_nan,
     auc_per_finding,
@@ -188,7 +188,7 @@ def test_bootstrap_speed_14_findings_500_samples_1000_boots() -> None:
 
 def test_f1_with_a_single_thresholded_finding_and_threshold_comparison():
     """Regression: one finding with a threshold (others NaN) must give one F1, not sklearn's two-class array."""
-    from cxrbench.metrics import threshold_comparison
+    from cxrbench.evaluation.metrics import threshold_comparison
 
     y = np.array([[1, 0], [1, 0], [0, 0], [0, 1]])
     s = np.array([[0.9, 0.2], [0.4, 0.1], [0.3, 0.3], [0.1, 0.8]])
@@ -202,7 +202,7 @@ def test_f1_with_a_single_thresholded_finding_and_threshold_comparison():
 
 def test_multilabel_report_with_one_finding_is_the_binary_f1():
     """Regression: with (N, 1) labels sklearn averaged over both classes, so micro-F1 was accuracy."""
-    from cxrbench.metrics import multilabel_report
+    from cxrbench.evaluation.metrics import multilabel_report
 
     y = np.array([[1], [1], [0], [0], [0], [0]])
     nothing = multilabel_report(y, np.zeros_like(y))

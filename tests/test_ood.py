@@ -12,7 +12,7 @@ from pytorch_msssim import ssim
 from sklearn.metrics import roc_auc_score
 
 from cxrbench.models.autoencoder import ConvAutoencoder
-from cxrbench.ood import (
+from cxrbench.ood.scoring import (
     CHESTER_SSIM_CUTOFF,
     CORRUPTIONS,
     OODCutoff,
@@ -27,7 +27,6 @@ from cxrbench.ood import (
     score_batches,
     structural_similarity_batch,
 )
-
 
 
 def smooth_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:

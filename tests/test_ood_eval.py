@@ -11,16 +11,15 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cxrbench import ood_eval as oe  # noqa: E402
-from cxrbench.bundle import ModelCard, load_bundle, save_bundle  # noqa: E402
 from cxrbench.data import load_manifest  # noqa: E402
 from cxrbench.data.synthetic import write_phantom_set  # noqa: E402
 from cxrbench.labels import NIH_FINDINGS  # noqa: E402
 from cxrbench.models.autoencoder import ConvAutoencoder  # noqa: E402
+from cxrbench.models.bundle import ModelCard, load_bundle, save_bundle  # noqa: E402
 from cxrbench.models.classifier import build_classifier  # noqa: E402
-from cxrbench.ood import CORRUPTIONS, SCORER_NAMES  # noqa: E402
+from cxrbench.ood.scoring import CORRUPTIONS, SCORER_NAMES  # noqa: E402
+from cxrbench.ood import evaluation as oe  # noqa: E402
 from cxrbench.preprocess import Preprocess  # noqa: E402
-
 
 
 class FlatGreyModel:
@@ -235,7 +234,7 @@ def test_real_ood_sets_load_with_the_expected_counts(shared_data):
 
 
 def test_ood_tradeoff_command_writes_the_sweep_and_leaves_out_seen_images(tiny_bundles, tmp_path, capsys):
-    from cxrbench.cli import main
+    from cxrbench.cli.main import main
 
     (b, manifest) = tiny_bundles
     data = manifest.attrs["root"]

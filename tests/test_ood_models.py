@@ -18,7 +18,7 @@ from cxrbench.models.ali import (
     sample_smoothed_labels,
 )
 from cxrbench.models.autoencoder import ConvAutoencoder, ae_train_step, autoencoder_loss
-from cxrbench.ood import OODModel
+from cxrbench.ood.scoring import OODModel
 
 WIDTH = 8  # tiny conv trunks keep the tests fast
 

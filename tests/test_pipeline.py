@@ -1,4 +1,4 @@
-"""cxrbench.pipeline and cxrbench.dashboard without a browser: gate, calibration, explanation, errors."""
+"""cxrbench.inference.pipeline and cxrbench.app.dashboard without a browser: gate, calibration, explanation, errors."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from cxrbench.bundle import load_bundle, save_bundle, untrained_classifier_bundle, untrained_ood_bundle
+from cxrbench.inference.pipeline import Pipeline, RejectedImageError
 from cxrbench.io import ImageReadError
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.pipeline import Pipeline, RejectedImageError
+from cxrbench.models.bundle import load_bundle, save_bundle, untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.preprocess import Preprocess
 
 
@@ -96,7 +96,7 @@ def test_bad_inputs(bundles):
     with pytest.raises(ValueError, match="0-255"):
         pipe.analyze(np.full((32, 32), 200.0, np.float32))
     with pytest.raises(ValueError, match="expected an OOD bundle"):
-        from cxrbench.pipeline import Pipeline as P
+        from cxrbench.inference.pipeline import Pipeline as P
 
         P(load_bundle(bundles / "clf"), ood=load_bundle(bundles / "clf"))
 
@@ -112,7 +112,7 @@ def test_batch_keeps_going_after_a_bad_file(bundles, image, tmp_path):
 
 
 def test_dashboard_callbacks_without_a_browser(bundles, image):
-    from cxrbench.dashboard import Dashboard, png_bytes
+    from cxrbench.app.dashboard import Dashboard, png_bytes
 
     dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open"))
     dash.upload.value = ({"name": "chest.png", "type": "image/png", "size": 1, "content": memoryview(_png(image)),
@@ -157,9 +157,9 @@ def test_dashboard_callbacks_without_a_browser(bundles, image):
 
 def test_dashboard_takes_16_bit_png_and_monochrome1_dicom_like_the_8_bit_png(bundles, image):
     """The same radiograph uploaded as 8-bit PNG, 16-bit PNG and inverted 12-bit DICOM gives the same result."""
-    from cxrbench.dashboard import Dashboard
-
     from dicom_factory import make_dicom
+
+    from cxrbench.app.dashboard import Dashboard
 
     dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open"))
     image = image / image.max()  # a DICOM without a window is read min-max scaled
@@ -180,7 +180,7 @@ def test_dashboard_takes_16_bit_png_and_monochrome1_dicom_like_the_8_bit_png(bun
 
 
 def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, image, tmp_path):
-    from cxrbench.dashboard import WEAK_MACRO_AUC, Dashboard, model_summary
+    from cxrbench.app.dashboard import WEAK_MACRO_AUC, Dashboard, model_summary
 
     untrained = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open")
     text = model_summary(untrained)
@@ -208,7 +208,7 @@ def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, image
 
 
 def test_dashboard_rejection_message(bundles, image):
-    from cxrbench.dashboard import Dashboard
+    from cxrbench.app.dashboard import Dashboard
 
     dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed"))
     dash.analyze_bytes("hand.png", _png(image))
@@ -224,8 +224,8 @@ def test_demo_bundles_are_trained_once_and_reused(tmp_path):
     """`cxrbench demo prepare` on a small phantom set: a classifier and an OOD gate, cached by fingerprint."""
     import json
 
+    from cxrbench.app.demo import DemoSettings, prepare_demo
     from cxrbench.data.synthetic import write_phantom_set
-    from cxrbench.demo import DemoSettings, prepare_demo
 
     data = write_phantom_set(tmp_path / "ph", 30, size=64, seed=2)
     settings = DemoSettings(arch="resnet18", image_size=32, epochs=1, batch_size=8, ood_epochs=1)
@@ -249,7 +249,7 @@ def test_demo_bundles_are_trained_once_and_reused(tmp_path):
 
 
 def test_demo_data_folder_that_is_missing_or_empty_is_named(tmp_path, monkeypatch):
-    from cxrbench.demo import prepare_demo
+    from cxrbench.app.demo import prepare_demo
 
     with pytest.raises(FileNotFoundError, match=r"nowhere.*--data.*does not exist"):
         prepare_demo(tmp_path / "demo", data=tmp_path / "nowhere", progress=False)
@@ -267,7 +267,7 @@ def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
     websocket message limit that lets a large DICOM through (tornado's default is 10 MB)."""
     from voila.app import Voila
 
-    from cxrbench.demo import DASHBOARD_NOTEBOOK, voila_command, voila_env
+    from cxrbench.app.demo import DASHBOARD_NOTEBOOK, voila_command, voila_env
 
     env = voila_env({"classifier": "c", "ood": "o"}, {"JUPYTER_CONFIG_PATH": ""})
     for key in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "CXRBENCH_DEMO"):
@@ -283,7 +283,7 @@ def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
 def test_serving_on_a_taken_port_is_one_clear_error():
     import socket
 
-    from cxrbench.demo import ServeError, serve
+    from cxrbench.app.demo import ServeError, serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,7 +298,7 @@ def test_a_port_left_in_time_wait_by_a_stopped_demo_is_free():
     TIME_WAIT; Voila (tornado, SO_REUSEADDR) can bind it, so the pre-check must not refuse it."""
     import socket
 
-    from cxrbench.demo import check_port_free
+    from cxrbench.app.demo import check_port_free
 
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado's listener, hence Voila's

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrbench.bundle import load_bundle
-from cxrbench.cli import main
+from cxrbench.cli.main import main
 from cxrbench.data import load_manifest
 from cxrbench.data.synthetic import write_phantom_set
+from cxrbench.models.bundle import load_bundle
 from cxrbench.train import CheckpointError, ClassifierConfig, train_classifier
 
 TINY = dict(arch="resnet18", image_size=32, batch_size=8, eval_bootstrap=50, early_stopping_patience=0)

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from cxrbench.bundle import ModelCard, load_bundle, save_bundle
-from cxrbench.cli import main
+from cxrbench.cli.main import main
 from cxrbench.data import load_manifest
 from cxrbench.data.synthetic import write_phantom_set
+from cxrbench.inference.pipeline import Pipeline
 from cxrbench.labels import NIH_FINDINGS
+from cxrbench.models.bundle import ModelCard, load_bundle, save_bundle
 from cxrbench.models.classifier import build_classifier
-from cxrbench.pipeline import Pipeline
 from cxrbench.preprocess import Preprocess
 from cxrbench.train import CheckpointError, OODConfig, train_ood
 
@@ -133,7 +133,7 @@ def test_ali_trains_and_its_bundle_scores(phantoms, tmp_path):
     assert metrics["d_loss"].notna().all() and metrics["g_steps_fraction"].between(0, 1).all()
     bundle = load_bundle(r.bundle, kind="ood")
     assert bundle.card.builder == "ali" and bundle.card.training["config"]["lr"] == 5e-4
-    from cxrbench.ood import score_batch
+    from cxrbench.ood.scoring import score_batch
 
     x = torch.rand(3, 1, 64, 64)
     assert np.isfinite(score_batch(bundle.model, x)["ssim"]).all()

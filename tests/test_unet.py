@@ -147,8 +147,8 @@ def test_pairs_load_on_one_grid_with_ignore_codes(pairs):
 
 
 def test_training_writes_a_bundle_resumes_and_checks_settings(pairs, tmp_path):
-    from cxrbench.bundle import load_bundle
     from cxrbench.data import load_manifest
+    from cxrbench.models.bundle import load_bundle
 
     df = load_manifest(pairs)
     out = tmp_path / "run"
@@ -182,7 +182,7 @@ def test_training_learns_the_toy_lungs(pairs, tmp_path):
 
 
 def test_train_and_segment_cli(pairs, tmp_path, capsys):
-    from cxrbench.cli import main
+    from cxrbench.cli.main import main
 
     run = tmp_path / "run"
     assert main(["train", "unet", "--data", str(pairs), "--out", str(run), "--size", "32", "--base-channels", "4",

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrbench.bundle import untrained_classifier_bundle, untrained_ood_bundle
+from cxrbench.export.web import ORT_FILES, export_web, installed_onnxruntime_web, serve
+from cxrbench.export.web.browser import BrowserApp, chromium_path
+from cxrbench.export.web.study import browser_arrays, preprocessing_study, python_reference, staged_images
+from cxrbench.inference.pipeline import Pipeline
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.pipeline import Pipeline
+from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle
 from cxrbench.preprocess import Preprocess
-from cxrbench.web import ORT_FILES, export_web, installed_onnxruntime_web, serve
-from cxrbench.web.browser import BrowserApp, chromium_path
-from cxrbench.web.study import browser_arrays, preprocessing_study, python_reference, staged_images
 
 N_IMAGES = 20
 LOGIT_TOLERANCE = 1e-4
@@ -177,7 +177,7 @@ def test_export_web_refuses_preprocessing_the_browser_cannot_reproduce(tmp_path)
 def test_onnxruntime_web_is_pinned_by_the_lockfile_and_npm_is_asked_only_when_needed(tmp_path, monkeypatch):
     import json
 
-    from cxrbench.web import WEB_DIR, install_onnxruntime_web, onnxruntime_web_version
+    from cxrbench.export.web import WEB_DIR, install_onnxruntime_web, onnxruntime_web_version
 
     lock = json.loads((WEB_DIR / "package-lock.json").read_text())["packages"]["node_modules/onnxruntime-web"]
     assert lock["version"] == onnxruntime_web_version() and lock["integrity"].startswith("sha512-")

@@ -5,8 +5,8 @@
 >>> df["split"] = patient_split(df, seed=0)               # doctest: +SKIP
 """
 
-from .dataset import CacheReport, CXRDataset, ImageCache, default_cache_dir
-from .manifests import (
+from cxrbench.data.dataset import CacheReport, CXRDataset, ImageCache, default_cache_dir
+from cxrbench.data.manifests import (
     IMAGE_SUFFIXES,
     ManifestError,
     MissingFiles,
@@ -19,7 +19,15 @@ from .manifests import (
     read_nih,
     read_nih_table,
 )
-from .splits import SPLIT_NAMES, SplitError, check_patient_disjoint, load_split, patient_split, save_split, split_summary
+from cxrbench.data.splits import (
+    SPLIT_NAMES,
+    SplitError,
+    check_patient_disjoint,
+    load_split,
+    patient_split,
+    save_split,
+    split_summary,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -81,7 +89,7 @@ def resolve_data_root(data_root=None, *, n_phantoms: int = 64, seed: int = 0):
     shared = shared_data_root()
     if shared is not None:
         return shared, "shared"
-    from .synthetic import write_phantom_set
+    from cxrbench.data.synthetic import write_phantom_set
 
     root = default_cache_dir() / f"phantoms-n{n_phantoms}-s{seed}"
     if not (root / "manifest.csv").is_file():

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from . import manifests as _m
+from cxrbench.data import manifests as _m
 
 __all__ = ["CheckResult", "DatasetSpec", "check_dataset", "list_datasets", "load_spec", "manifests_dir"]
 
@@ -177,7 +177,7 @@ def check_dataset(name_or_path: str | os.PathLike, root: str | os.PathLike, *, d
         if absent_labels:
             result.messages.append(f"label columns not found: {absent_labels}")
         if decode:
-            from ..io import ImageReadError, read_image
+            from cxrbench.io import ImageReadError, read_image
 
             for p in paths:
                 if os.path.isfile(p):

@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from ..io import ImageReadError, read_image
-from ..preprocess import Preprocess
+from cxrbench.io import ImageReadError, read_image
+from cxrbench.preprocess import Preprocess
 
 __all__ = ["CXRDataset", "CacheReport", "ImageCache", "default_cache_dir"]
 

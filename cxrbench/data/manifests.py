@@ -29,7 +29,7 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from ..labels import NIH_FINDINGS, PEDIATRIC_FINDINGS, parse_finding_labels
+from cxrbench.labels import NIH_FINDINGS, PEDIATRIC_FINDINGS, parse_finding_labels
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..labels import NIH_FINDINGS, NO_FINDING, canonical_finding
+from cxrbench.labels import NIH_FINDINGS, NO_FINDING, canonical_finding
 
 __all__ = ["DEFAULT_PREVALENCE", "SUPPORTED_FINDINGS", "Phantom", "make_phantom", "make_phantom_set",
            "write_phantom_set"]

@@ -103,7 +103,7 @@ ERROR_SCALE = 0.3
 def error_overlay(image: ArrayLike, error: ArrayLike, scale: float = ERROR_SCALE, alpha: float = 0.8) -> np.ndarray:
     """The grey input with its reconstruction error in red (Chester Fig. 4/7): (H, W, 3) uint8 RGB.
 
-    ``error`` (same shape, e.g. the L1 map of :func:`cxrbench.ood.error_map`) is red at full ``alpha`` from
+    ``error`` (same shape, e.g. the L1 map of :func:`cxrbench.ood.scoring.error_map`) is red at full ``alpha`` from
     ``scale`` up, and fades linearly to none at 0.
     """
     grey = _grey_image(image)

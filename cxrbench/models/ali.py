@@ -4,7 +4,7 @@ ALI (Dumoulin et al., 2017; Donahue et al., 2017 "BiGAN") trains an encoder
 E: x -> z, a generator/decoder G: z -> x and a discriminator on *pairs*
 (x, z) that tells encoder pairs (x, E(x)) from generator pairs (G(z), z),
 z ~ N(0, I). Chester uses the reconstruction G(E(x)) to score how far an image
-lies from the training distribution (see :mod:`cxrbench.ood`).
+lies from the training distribution (see :mod:`cxrbench.ood.scoring`).
 
 Choices made here (documented, each can be changed by an argument):
 

@@ -4,7 +4,7 @@ The encoder and decoder trunks defined here are shared with the ALI model
 (:mod:`cxrbench.models.ali`), so both OOD models have the same capacity and
 differ only in how they are trained.
 
-Both models follow the small protocol that :mod:`cxrbench.ood` relies on:
+Both models follow the small protocol that :mod:`cxrbench.ood.scoring` relies on:
 
 - ``latent_mean(x)``: (B, 1, 64, 64) float in [0, 1] -> (B, Z) float latent
   (the deterministic latent for the autoencoder, the Gaussian mean for ALI);

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image as _PILImage
 from torch import nn
 
-from ..io import ImageReadError, read_image
-from ..preprocess import Preprocess
+from cxrbench.io import ImageReadError, read_image
+from cxrbench.preprocess import Preprocess
 
 __all__ = ["IGNORE_CODE", "IGNORE_VALUE", "UNet", "dice_iou", "mask_to_target", "masked_bce_loss", "predict_lung_mask",
            "read_mask_pair", "soft_dice_loss"]
@@ -223,7 +223,7 @@ def read_mask_pair(path: str | os.PathLike, mask_path: str | os.PathLike,
 @torch.no_grad()
 def predict_lung_mask(model: nn.Module, preprocess: Preprocess, display: np.ndarray, *,
                       threshold: float = 0.5, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Lung mask of a displayed crop, as :meth:`cxrbench.pipeline.Pipeline.segment` computes it.
+    """Lung mask of a displayed crop, as :meth:`cxrbench.inference.pipeline.Pipeline.segment` computes it.
 
     Parameters
     ----------

@@ -34,14 +34,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ..bundle import ModelCard, save_bundle
-from ..calibration import fit_operating_points
-from ..data import CXRDataset
-from ..inference import predict_dataset, predictions_table
-from ..metrics import evaluate_predictions
-from ..models.classifier import build_classifier
-from ..preprocess import Preprocess
-from .common import (
+from cxrbench.data import CXRDataset
+from cxrbench.evaluation.calibration import fit_operating_points
+from cxrbench.evaluation.metrics import evaluate_predictions
+from cxrbench.inference.predict import predict_dataset, predictions_table
+from cxrbench.models.bundle import ModelCard, save_bundle
+from cxrbench.models.classifier import build_classifier
+from cxrbench.preprocess import Preprocess
+from cxrbench.train.common import (
     MetricLog,
     RunConfig,
     Stopwatch,
@@ -295,7 +295,7 @@ def _train_one_epoch(model, loader, criterion, optimizer, device, cfg, epoch, pr
 
 @torch.no_grad()
 def _validate(model, val_set, criterion, labels, device, cfg) -> dict[str, float]:
-    from ..metrics import auc_per_finding, macro_auc
+    from cxrbench.evaluation.metrics import auc_per_finding, macro_auc
 
     preds = predict_dataset(model, val_set, batch_size=max(cfg.batch_size, 32), device=device)
     logits = torch.from_numpy(preds.logits)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data import load_split, patient_split, save_split
+from cxrbench.data import load_split, patient_split, save_split
 
 __all__ = [
     "CHECKPOINT",

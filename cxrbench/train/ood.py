@@ -3,7 +3,7 @@
 The in-distribution data are split by patient (seeded, Chester's 70/10/20 by default): the model
 learns on ``train``, the gate's cutoff is a percentile of the ``val`` scores (so about
 ``100 - percentile`` % of in-distribution images are rejected), and ``test`` stays held out for OOD
-evaluation (:mod:`cxrbench.ood_eval`). With the same data, seed and fractions the split equals that
+evaluation (:mod:`cxrbench.ood.evaluation`). With the same data, seed and fractions the split equals that
 of ``cxrbench train classifier``, so the OOD test images are also the classifier's test images.
 
 What a run writes to its output folder::
@@ -33,13 +33,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..bundle import ModelCard, save_bundle
-from ..data import CXRDataset
-from ..models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_optimizers
-from ..models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
-from ..ood import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
-from ..preprocess import Preprocess
-from .common import (
+from cxrbench.data import CXRDataset
+from cxrbench.models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_optimizers
+from cxrbench.models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
+from cxrbench.models.bundle import ModelCard, save_bundle
+from cxrbench.ood.scoring import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
+from cxrbench.preprocess import Preprocess
+from cxrbench.train.common import (
     MetricLog,
     RunConfig,
     Stopwatch,

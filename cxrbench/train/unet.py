@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..bundle import ModelCard, save_bundle
-from ..io import ImageReadError
-from ..models.unet import (
+from cxrbench.io import ImageReadError
+from cxrbench.models.bundle import ModelCard, save_bundle
+from cxrbench.models.unet import (
     IGNORE_CODE,
     IGNORE_VALUE,
     UNet,
@@ -44,8 +44,8 @@ from ..models.unet import (
     read_mask_pair,
     soft_dice_loss,
 )
-from ..preprocess import Preprocess
-from .common import (
+from cxrbench.preprocess import Preprocess
+from cxrbench.train.common import (
     MetricLog,
     RunConfig,
     Stopwatch,

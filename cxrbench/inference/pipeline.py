@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bundle import Bundle, load_bundle
-from .calibration import OperatingPoints, calibrate
-from .io import Image, ImageMeta, ImageReadError, ImageSource, read_image
+from cxrbench.evaluation.calibration import OperatingPoints, calibrate
+from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_image
+from cxrbench.models.bundle import Bundle, load_bundle
 
 __all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
 
@@ -153,7 +153,7 @@ class Pipeline:
     def read(self, source: ImageSource | np.ndarray, name: str | None = None) -> Image:
         """An :class:`~cxrbench.io.Image` from a path, bytes, file object or a ``(H, W)`` [0, 1] array."""
         if isinstance(source, np.ndarray):
-            from .preprocess import check_unit_range
+            from cxrbench.preprocess import check_unit_range
 
             check_unit_range(source, name or "array")
             if source.ndim != 2:
@@ -237,7 +237,7 @@ class Pipeline:
         return out
 
     def _gate(self, pixels: np.ndarray) -> OODResult:
-        from .ood import score_batch
+        from cxrbench.ood.scoring import score_batch
 
         assert self.ood is not None
         card = self.ood.card
@@ -258,7 +258,7 @@ class Pipeline:
     def explainer(self, method: str):
         """The (cached) explainer of the classifier for ``method``."""
         if method not in self._explainers:
-            from .explain import get_explainer
+            from cxrbench.explain import get_explainer
 
             self._explainers[method] = get_explainer(method, self.classifier.model, normalize="minmax")
         return self._explainers[method]

@@ -1,8 +1,8 @@
-"""ONNX Runtime backend: the exported graphs behind the same :class:`~cxrbench.pipeline.Pipeline` and Report.
+"""ONNX Runtime backend: the exported graphs behind the same :class:`~cxrbench.inference.pipeline.Pipeline` and Report.
 
-The exported graphs (:mod:`cxrbench.export`) are wrapped in small parameter-free ``nn.Module`` adapters
+The exported graphs (:mod:`cxrbench.export.onnx`) are wrapped in small parameter-free ``nn.Module`` adapters
 that take and return torch tensors, so every piece of logic that uses a model — the pipeline's gate,
-calibration and report, :func:`cxrbench.ood.score_batch`, :func:`cxrbench.inference.predict_files` —
+calibration and report, :func:`cxrbench.ood.scoring.score_batch`, :func:`cxrbench.inference.predict.predict_files` —
 runs unchanged on ONNX Runtime:
 
 - :class:`OnnxClassifier`: ``forward(x)`` -> logits ``(B, F)`` from ``classifier.onnx``; ``cam(x)`` runs ``cam.onnx``.
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import Bundle, load_bundle
-from .export import GRAPH_FILES, MANIFEST, export_models, read_onnx_card
-from .pipeline import Pipeline
+from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, read_onnx_card
+from cxrbench.inference.pipeline import Pipeline
+from cxrbench.models.bundle import Bundle, load_bundle
 
 __all__ = ["ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "OnnxPipeline", "backend_agreement",
            "ensure_export", "latency_table", "load_export", "make_session"]
@@ -104,7 +104,7 @@ class OnnxClassifier(_OrtGraph):
 
 
 class OnnxOODModel(_OrtGraph):
-    """``ood.onnx`` following :class:`cxrbench.ood.OODModel`: ``(B, 1, 64, 64)`` in [0, 1] in."""
+    """``ood.onnx`` following :class:`cxrbench.ood.scoring.OODModel`: ``(B, 1, 64, 64)`` in [0, 1] in."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
         super().__init__(path, threads)
@@ -142,7 +142,7 @@ class OnnxCAM:
         self.classifier, self.normalize, self.sigma, self.relu = classifier, normalize, sigma, relu
 
     def __call__(self, x: torch.Tensor, targets: Sequence[int] | Sequence[Sequence[int]] | None = None) -> np.ndarray:
-        from .explain.base import postprocess_maps, resize_maps, target_matrix
+        from cxrbench.explain.base import postprocess_maps, resize_maps, target_matrix
 
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(f"x must be a (B, C, H, W) torch.Tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -163,7 +163,7 @@ class ExportedModels:
 
 
 def load_export(path: str | os.PathLike, *, threads: int | None = None) -> ExportedModels:
-    """Load a folder written by :func:`cxrbench.export.export_models` (cards read from the graphs' metadata)."""
+    """Load a folder written by :func:`cxrbench.export.onnx.export_models` (cards read from the graphs' metadata)."""
     path = Path(path)
     if not (path / MANIFEST).is_file() or not (path / GRAPH_FILES["classifier"]).is_file():
         raise ValueError(f"{path}: not a cxrbench ONNX export (no {MANIFEST} / {GRAPH_FILES['classifier']}); "
@@ -187,8 +187,8 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     Bundle folders are exported (with the parity check) once into ``cache_dir`` (default
     ``$CXRBENCH_CACHE/onnx``), keyed by the weights' SHA-256 and the cxrbench version.
     """
-    from . import __version__
-    from .bundle import read_card
+    from cxrbench import __version__
+    from cxrbench.models.bundle import read_card
 
     classifier = Path(classifier)
     if (classifier / MANIFEST).is_file():
@@ -200,7 +200,7 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     identity = json.dumps([__version__] + [c.weights_sha256 or c.created for c in cards])
     key = hashlib.sha256(identity.encode()).hexdigest()[:20]
     if cache_dir is None:
-        from .data import default_cache_dir
+        from cxrbench.data import default_cache_dir
 
         cache_dir = default_cache_dir() / "onnx"
     out = Path(cache_dir) / key
@@ -213,7 +213,7 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
 
 
 class OnnxPipeline(Pipeline):
-    """:class:`~cxrbench.pipeline.Pipeline` on ONNX Runtime: the same chain and the same :class:`Report`.
+    """:class:`~cxrbench.inference.pipeline.Pipeline` on ONNX Runtime: the same chain and the same :class:`Report`.
 
     Explanations: ``"cam"`` only (the exported forward graph); other methods raise ``ValueError``.
     """

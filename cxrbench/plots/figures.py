@@ -106,7 +106,7 @@ def roc_figure(y_true: np.ndarray, scores: np.ndarray, findings: Sequence[str], 
     from plotly.subplots import make_subplots
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from .metrics import _threshold_array
+    from cxrbench.evaluation.metrics import _threshold_array
 
     findings = list(findings)
     thr = _threshold_array(operating_points, tuple(findings))
@@ -147,7 +147,7 @@ def calibration_curves(operating_points: dict[str, float], *, title: str = "Ches
     """The piecewise-linear map f_opt for each finding's operating point (matplotlib)."""
     import matplotlib.pyplot as plt
 
-    from .calibration import calibrate
+    from cxrbench.evaluation.calibration import calibrate
 
     x = np.linspace(0, 1, 201)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))

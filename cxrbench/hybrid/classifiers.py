@@ -8,9 +8,9 @@ commonest finding. :func:`degeneracy_check` says so explicitly, with a label-per
 :func:`run_hybrid_experiment` puts its verdict in every row of the table.
 
 Protocol (each row): fit on the train split, early-stop on validation loss (MLPs), choose one Youden
-threshold per finding on the validation split (:func:`cxrbench.calibration.fit_operating_points`),
+threshold per finding on the validation split (:func:`cxrbench.evaluation.calibration.fit_operating_points`),
 report on the test split, which is used for nothing else. Tasks and feature blocks live in
-:mod:`cxrbench.hybrid_tasks` and are re-exported here.
+:mod:`cxrbench.hybrid.tasks` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,10 +24,18 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from .calibration import fit_operating_points
-from .hybrid_tasks import (REPORT_COMBOS, FinetuneResult, bundle_scores, finetune_layer4, hybrid_feature_blocks,
-                           load_task, resnet18_backbone, task_folders)
-from .metrics import auc_per_finding, evaluate_predictions, macro_auc
+from cxrbench.evaluation.calibration import fit_operating_points
+from cxrbench.evaluation.metrics import auc_per_finding, evaluate_predictions, macro_auc
+from cxrbench.hybrid.tasks import (
+    REPORT_COMBOS,
+    FinetuneResult,
+    bundle_scores,
+    finetune_layer4,
+    hybrid_feature_blocks,
+    load_task,
+    resnet18_backbone,
+    task_folders,
+)
 
 __all__ = ["CLASSIFIERS", "REPORT_COMBOS", "FinetuneResult", "LogisticBaseline", "TorchMLPClassifier", "bundle_scores",
            "comparison_chart", "degeneracy_check", "evaluate_scores", "finetune_layer4", "hybrid_feature_blocks",
@@ -298,7 +306,7 @@ def run_hybrid_experiment(features: Mapping[str, np.ndarray], labels: np.ndarray
     ----------
     features : name -> ``(N, D)`` feature block (rows aligned with ``labels``; NaN rows = unreadable).
     labels : ``(N, F)`` 0/1; split : ``(N,)`` of ``"train"``, ``"val"``, ``"test"``.
-    combos : row label -> block names to concatenate (:func:`cxrbench.features.hybrid_vectors`,
+    combos : row label -> block names to concatenate (:func:`cxrbench.hybrid.features.hybrid_vectors`,
         standardised on train). Default: each block alone, then all blocks together.
     classifiers : names in :data:`CLASSIFIERS`.
     reference_scores : row label -> ``(N, F)`` scores of an outside model (e.g. a DenseNet bundle),
@@ -313,7 +321,7 @@ def run_hybrid_experiment(features: Mapping[str, np.ndarray], labels: np.ndarray
     the p-values for testing every row of the table (with 28 rows, one or two pass p <= 0.05 by chance);
     it can only fall below 0.05 when ``n_permutations > rows / 0.05`` (the smallest p is 1 / (1 + n)).
     """
-    from .features import hybrid_vectors
+    from cxrbench.hybrid.features import hybrid_vectors
 
     y = np.asarray(labels, dtype=np.float32)
     split = np.asarray(split).astype(str)

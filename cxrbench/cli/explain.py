@@ -54,9 +54,9 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
     """
     import pandas as pd
 
-    from .bundle import load_bundle
-    from .io import ImageReadError, read_image
-    from .models.unet import predict_lung_mask
+    from cxrbench.io import ImageReadError, read_image
+    from cxrbench.models.bundle import load_bundle
+    from cxrbench.models.unet import predict_lung_mask
 
     bundle = load_bundle(bundle_path, kind="segmentation")
     out = Path(out_dir)
@@ -91,7 +91,7 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .cli_classifier import expand_files
+    from cxrbench.cli.classifier import expand_files
 
     files = expand_files(args.files)
     if not files:
@@ -143,11 +143,11 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
     import pandas as pd
     import torch
 
-    from .bundle import load_bundle
-    from .calibration import calibrate
-    from .explain import EXPLAINERS, get_explainer, overlay, overlay_all_findings
-    from .inference import operating_points_of
-    from .io import ImageReadError, read_image
+    from cxrbench.evaluation.calibration import calibrate
+    from cxrbench.explain import EXPLAINERS, get_explainer, overlay, overlay_all_findings
+    from cxrbench.inference.predict import operating_points_of
+    from cxrbench.io import ImageReadError, read_image
+    from cxrbench.models.bundle import load_bundle
 
     if method not in EXPLAINERS:
         raise ValueError(f"unknown method {method!r}; choose one of {EXPLAINERS}")
@@ -202,7 +202,7 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .cli_classifier import expand_files
+    from cxrbench.cli.classifier import expand_files
 
     files = expand_files(args.files)
     if not files:
@@ -224,8 +224,8 @@ def _explain(args: argparse.Namespace) -> int:
 def _train_unet(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_manifest, load_split
-    from .train import UNetConfig, train_unet
+    from cxrbench.data import load_manifest, load_split
+    from cxrbench.train import UNetConfig, train_unet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,8 +247,8 @@ def _train_unet(args: argparse.Namespace) -> int:
 
 def add_explain_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``train unet``, ``segment`` and ``explain``."""
-    from .cli_classifier import train_subparsers
-    from .explain import EXPLAINERS
+    from cxrbench.cli.classifier import train_subparsers
+    from cxrbench.explain import EXPLAINERS
 
     tsub = train_subparsers(sub)
     q = tsub.add_parser("unet", help="train the lung U-Net on image + mask pairs (mask 127 = ignore)",

@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_classifier import expand_files, train_subparsers
+from cxrbench.cli.classifier import expand_files, train_subparsers
 
 __all__ = ["add_ood_commands"]
 
 
 def _train_ood(args: argparse.Namespace) -> int:
-    from .data import load_manifest, load_split
-    from .train import OODConfig, train_ood
+    from cxrbench.data import load_manifest, load_split
+    from cxrbench.train import OODConfig, train_ood
 
     manifest = load_manifest(args.data, on_missing="drop")
     cfg = OODConfig(model=args.model, latent_dim=args.latent, width=args.width, epochs=args.epochs,
@@ -33,8 +33,8 @@ def _train_ood(args: argparse.Namespace) -> int:
 
 
 def _ood_score(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
-    from .ood_eval import score_files
+    from cxrbench.models.bundle import load_bundle
+    from cxrbench.ood.evaluation import score_files
 
     bundle = load_bundle(args.bundle, kind="ood")
     files = expand_files(args.files)
@@ -59,9 +59,9 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import ood_eval as oe
-    from .bundle import load_bundle
-    from .data import load_manifest
+    from cxrbench.data import load_manifest
+    from cxrbench.models.bundle import load_bundle
+    from cxrbench.ood import evaluation as oe
 
     clf, gate = load_bundle(args.classifier, kind="classifier"), load_bundle(args.ood, kind="ood")
     manifest = load_manifest(args.data, on_missing="drop")

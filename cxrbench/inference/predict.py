@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .bundle import Bundle
-from .calibration import OperatingPoints, calibrate
-from .io import ImageReadError, read_image
-from .preprocess import Preprocess
+from cxrbench.evaluation.calibration import OperatingPoints, calibrate
+from cxrbench.io import ImageReadError, read_image
+from cxrbench.models.bundle import Bundle
+from cxrbench.preprocess import Preprocess
 
 __all__ = ["Predictions", "operating_points_of", "predict_dataset", "predict_files", "predictions_table"]
 

@@ -1,4 +1,4 @@
-"""The upload-and-explain app: ipywidgets around a :class:`~cxrbench.pipeline.Pipeline`.
+"""The upload-and-explain app: ipywidgets around a :class:`~cxrbench.inference.pipeline.Pipeline`.
 
 ``notebooks/05_dashboard.ipynb`` builds a :class:`Dashboard` and displays it; Voila serves that
 notebook as a local web app. All logic is here so it can be driven without a browser: set
@@ -21,9 +21,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .bundle import format_metric
-from .io import ImageReadError
-from .pipeline import Pipeline, Report
+from cxrbench.inference.pipeline import Pipeline, Report
+from cxrbench.io import ImageReadError
+from cxrbench.models.bundle import format_metric
 
 __all__ = ["CALIBRATION_NOTE", "Dashboard", "dashboard_from_environment", "model_summary", "png_bytes",
            "probability_figure"]
@@ -290,7 +290,7 @@ class Dashboard:
         self.timing.value = (f"<small>{html.escape(report.source)}: {seconds:.2f} s ({stages}) · "
                              f"models: {html.escape(Path(str(self.pipeline.classifier.path)).name)}</small>")
         if report.ood is not None:
-            from .explain.overlay import error_overlay
+            from cxrbench.explain.overlay import error_overlay
 
             imgs = [("input (64 px)", report.ood.input), ("reconstruction", report.ood.reconstruction),
                     ("error", error_overlay(report.ood.input, report.ood.error))]
@@ -318,8 +318,8 @@ class Dashboard:
                                   "anyway because you asked. Treat the numbers with suspicion.</p>")
 
     def _draw_overlay(self) -> None:
-        from .explain.base import gaussian_smooth
-        from .explain.overlay import overlay
+        from cxrbench.explain.base import gaussian_smooth
+        from cxrbench.explain.overlay import overlay
 
         r = self.report
         self.overlay.layout.visibility = "hidden" if r is None else "visible"
@@ -342,7 +342,7 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
     """
     import ipywidgets as w
 
-    from .demo import REPO
+    from cxrbench.app.demo import REPO
 
     info: dict[str, Any] = {}
     if os.environ.get("CXRBENCH_DEMO"):

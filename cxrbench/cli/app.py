@@ -11,7 +11,7 @@ __all__ = ["add_app_commands"]
 
 
 def _demo_prepare(args: argparse.Namespace) -> int:
-    from .demo import prepare_demo
+    from cxrbench.app.demo import prepare_demo
 
     info = prepare_demo(args.out, data=args.data, force=args.force, progress=not args.quiet)
     print(f"classifier: {info['classifier']}\nood gate:   {info.get('ood')}\nexamples:   {len(info.get('examples', {}))}")
@@ -19,7 +19,7 @@ def _demo_prepare(args: argparse.Namespace) -> int:
 
 
 def _demo_serve(args: argparse.Namespace) -> int:
-    from .demo import prepare_demo, serve
+    from cxrbench.app.demo import prepare_demo, serve
 
     t0 = time.perf_counter()
     info = prepare_demo(args.out, data=args.data, progress=not args.quiet)
@@ -37,10 +37,10 @@ def _demo_serve(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .cli_classifier import expand_files
-    from .dashboard import png_bytes
-    from .explain.overlay import overlay
-    from .pipeline import Pipeline
+    from cxrbench.app.dashboard import png_bytes
+    from cxrbench.cli.classifier import expand_files
+    from cxrbench.explain.overlay import overlay
+    from cxrbench.inference.pipeline import Pipeline
 
     pipe = Pipeline.from_paths(args.classifier, ood=args.ood)
     files = expand_files(args.files)

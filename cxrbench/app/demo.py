@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["DemoSettings", "ServeError", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env",
            "wait_for_voila"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_NOTEBOOK = REPO / "notebooks" / "05_dashboard.ipynb"
 READY_PATH = "/voila/labextensions/@jupyter-widgets/jupyterlab-manager/package.json"
 
@@ -50,8 +50,8 @@ def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
     Returns ``(folder with the training images, kind)`` where kind is ``"shared"``, ``"custom"`` or
     ``"phantoms"``.
     """
-    from .data import default_cache_dir, shared_data_root
-    from .data.synthetic import write_phantom_set
+    from cxrbench.data import default_cache_dir, shared_data_root
+    from cxrbench.data.synthetic import write_phantom_set
 
     origin = "--data" if data else "$CXRBENCH_DATA"
     data = data or os.environ.get("CXRBENCH_DATA")
@@ -80,9 +80,9 @@ def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[s
     """
     import pandas as pd
 
-    from .bundle import read_card
-    from .data import load_manifest
-    from .ood_eval import unseen_rows
+    from cxrbench.data import load_manifest
+    from cxrbench.models.bundle import read_card
+    from cxrbench.ood.evaluation import unseen_rows
 
     examples: dict[str, str] = {}
     df = load_manifest(train_dir, on_missing="drop")
@@ -119,8 +119,8 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
 
     The result is also written to ``out/demo.json``, which the dashboard notebook reads.
     """
-    from .data import load_manifest
-    from .train import ClassifierConfig, OODConfig, train_classifier, train_ood
+    from cxrbench.data import load_manifest
+    from cxrbench.train import ClassifierConfig, OODConfig, train_classifier, train_ood
 
     settings = settings or DemoSettings()
     out = Path(out).resolve()

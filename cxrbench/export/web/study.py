@@ -165,8 +165,8 @@ def run_browser_study(app_dir: str | os.PathLike, files: Sequence[str | os.PathL
     Returns ``{"results": {mode: [result dicts]}, "inputs": {mode: [(C, S, S) arrays]} (with ``inputs=True``),
     "ready": {...}, "page_load_s": s, "outside": [blocked urls], "console": [errors]}``.
     """
-    from . import serve
-    from .browser import BrowserApp
+    from cxrbench.export.onnx.web import serve
+    from cxrbench.export.web.browser import BrowserApp
 
     out: dict[str, Any] = {"results": {}, "inputs": {}}
     with serve(app_dir, isolate=isolate) as server, staged_images(app_dir, files) as urls, BrowserApp(server.url) as app:

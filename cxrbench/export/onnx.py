@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .bundle import Bundle, ModelCard, _json_default
-from .calibration import OperatingPoints, calibrate
+from cxrbench import __version__
+from cxrbench.evaluation.calibration import OperatingPoints, calibrate
+from cxrbench.models.bundle import Bundle, ModelCard, _json_default
 
 __all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
            "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_models",
@@ -63,7 +63,7 @@ def calibration_constants(thresholds: np.ndarray) -> dict[str, np.ndarray]:
 
     ``calibrated = clip(where(p <= opt, p * low, 1 - (1 - p) * high), 0, 1) + nan`` with ``low = 1/(2 opt)``
     (0 when opt = 0), ``high = 1/(2 (1 - opt))`` (0 when opt = 1) and ``nan`` NaN where the finding has no
-    operating point: the same values as :func:`cxrbench.calibration.calibrate`.
+    operating point: the same values as :func:`cxrbench.evaluation.calibration.calibrate`.
     """
     o = np.asarray(thresholds, dtype=np.float64)
     ok = np.isfinite(o)
@@ -86,7 +86,7 @@ class CalibratedClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, thresholds: np.ndarray, *, cam: bool = False) -> None:
         super().__init__()
-        from .models.classifier import classifier_layer
+        from cxrbench.models.classifier import classifier_layer
 
         self.model = model
         self.fc = classifier_layer(model)
@@ -113,7 +113,7 @@ class OODGraph(nn.Module):
     """An OOD model (ALI or autoencoder) as one graph: reconstruction, latent mean and every score.
 
     ``forward(x)``: x ``(B, 1, 64, 64)`` float32 in [0, 1] -> reconstruction ``(B, 1, 64, 64)``, latent_mean
-    ``(B, Z)``, then ``(B,)`` scores as :func:`cxrbench.ood.score_batch` defines them: l1, l2 (MSE), ssim
+    ``(B, Z)``, then ``(B,)`` scores as :func:`cxrbench.ood.scoring.score_batch` defines them: l1, l2 (MSE), ssim
     (1 - SSIM, data_range 1, 11-px window), ssim_raw, latent (||mu||_2).
     """
 
@@ -121,7 +121,7 @@ class OODGraph(nn.Module):
         super().__init__()
         from pytorch_msssim.ssim import _fspecial_gauss_1d
 
-        from .ood import SSIM_WIN_SIZE
+        from cxrbench.ood.scoring import SSIM_WIN_SIZE
 
         self.model = model
         # the window as a constant (pytorch-msssim builds it from x.shape[1], a dynamic value in the trace)
@@ -194,20 +194,20 @@ def read_onnx_card(path: str | os.PathLike) -> tuple[ModelCard, str]:
 
 def default_parity_images(n: int = 8) -> tuple[list[Any], str]:
     """``n`` real NIH images from the shared data (paths), else synthetic phantoms (arrays); and which."""
-    from .data import load_manifest, shared_data_root
+    from cxrbench.data import load_manifest, shared_data_root
 
     root = shared_data_root()
     if root is not None and (root / "cxr" / "nih" / "manifest.csv").is_file():
         paths = load_manifest(root / "cxr" / "nih", on_missing="drop")["path"].tolist()
         return [str(p) for p in paths[:n]], f"NIH ChestX-ray14 ({root / 'cxr' / 'nih'})"
-    from .data.synthetic import make_phantom
+    from cxrbench.data.synthetic import make_phantom
 
     return [make_phantom(256, seed=i).image for i in range(n)], "synthetic phantoms (no real data found)"
 
 
 def image_pixels(source: Any) -> np.ndarray:
     """``(H, W)`` float [0, 1] pixels of a path / bytes (:func:`cxrbench.io.read_image`) or of an array as is."""
-    from .io import read_image
+    from cxrbench.io import read_image
 
     return np.asarray(source, dtype=np.float32) if isinstance(source, np.ndarray) else read_image(source).pixels
 
@@ -236,12 +236,12 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
         other outputs scaled by ``max(1, max |reference|)`` (CAM values are sums over 512-1024 channels).
 
     Returns one row per graph output: ``graph, output, n_images, max_abs_diff, mean_abs_diff, tolerance,
-    passed``. Calibrated outputs are compared with :func:`~cxrbench.calibration.calibrate` applied to
+    passed``. Calibrated outputs are compared with :func:`~cxrbench.evaluation.calibration.calibrate` applied to
     PyTorch's probabilities; NaN positions (no operating point) must match.
     """
-    from .explain import get_explainer
-    from .onnx_backend import make_session
-    from .ood import score_batch
+    from cxrbench.explain import get_explainer
+    from cxrbench.export.runtime import make_session
+    from cxrbench.ood.scoring import score_batch
 
     if images is None:
         images = default_parity_images()[0]
@@ -307,7 +307,7 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
 
     Parameters
     ----------
-    classifier, ood : loaded bundles (:func:`cxrbench.bundle.load_bundle`).
+    classifier, ood : loaded bundles (:func:`cxrbench.models.bundle.load_bundle`).
     images : parity images (paths or ``(H, W)`` arrays in [0, 1]); default :func:`default_parity_images`.
     tolerance : see :func:`parity_check`; the export fails above it.
     opset : ONNX opset (17 or newer).

@@ -3,7 +3,7 @@
 :func:`hybrid_feature_blocks` builds every block the report's table needs for one labelled task
 (LBP / HOG with and without equalisation, frozen and fine-tuned ResNet18 embeddings), all cached on
 disk and resumable; :func:`bundle_scores` gives a trained classifier bundle's scores for a reference
-row. The classifiers, the degeneracy check and the table are in :mod:`cxrbench.hybrid`, which
+row. The classifiers, the degeneracy check and the table are in :mod:`cxrbench.hybrid.classifiers`, which
 re-exports everything here.
 """
 
@@ -37,8 +37,8 @@ def resnet18_backbone(num_outputs: int, *, pretrained: bool | str = "auto", seed
 
     Nothing is downloaded. ``model.pretrained_weights`` is the weights' name or None (random init).
     """
-    from .models.classifier import build_classifier
-    from .models.weights import WeightsUnavailableError
+    from cxrbench.models.classifier import build_classifier
+    from cxrbench.models.weights import WeightsUnavailableError
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def finetune_layer4(model: nn.Module, train_manifest: pd.DataFrame, label_column
     """
     from torch.utils.data import DataLoader
 
-    from .data import CXRDataset
+    from cxrbench.data import CXRDataset
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -109,8 +109,8 @@ def finetune_layer4(model: nn.Module, train_manifest: pd.DataFrame, label_column
 def bundle_scores(bundle, manifest: pd.DataFrame, findings: Sequence[str], *, batch_size: int = 16,
                   cache_dir: Any = "auto") -> np.ndarray:
     """Sigmoid probabilities ``(N, F)`` of a classifier bundle for ``findings`` (by name); NaN rows if unreadable."""
-    from .data import CXRDataset
-    from .inference import predict_dataset
+    from cxrbench.data import CXRDataset
+    from cxrbench.inference.predict import predict_dataset
 
     missing = [f for f in findings if f not in bundle.labels]
     if missing:
@@ -152,7 +152,7 @@ def load_task(folder, *, max_images: int = 0, seed: int = 0) -> pd.DataFrame:
 
     Adds a ``split`` column (70/10/20 by patient); ``attrs["label_columns"]`` are the findings.
     """
-    from .data import load_manifest, patient_split
+    from cxrbench.data import load_manifest, patient_split
 
     df = load_manifest(folder)
     if not df.attrs.get("label_columns"):
@@ -173,8 +173,8 @@ def _cached_finetune(backbone: nn.Module, train: pd.DataFrame, findings: Sequenc
 
     from safetensors.torch import load_file, save_file
 
-    from .data.dataset import ImageCache
-    from .features import _model_fingerprint
+    from cxrbench.data.dataset import ImageCache
+    from cxrbench.hybrid.features import _model_fingerprint
 
     key = {"train_images": ImageCache(train["path"].tolist(), preprocess, None).key(), "findings": list(findings),
            "preprocess": preprocess.to_dict(), "epochs": epochs, "seed": seed, "start": _model_fingerprint(backbone)}
@@ -207,8 +207,8 @@ def hybrid_feature_blocks(manifest: pd.DataFrame, cache_dir, *, image_size: int 
     import time
     from pathlib import Path
 
-    from .features import extract_features
-    from .preprocess import Preprocess
+    from cxrbench.hybrid.features import extract_features
+    from cxrbench.preprocess import Preprocess
 
     cache_dir = Path(cache_dir)
     findings = list(manifest.attrs["label_columns"])

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .preprocess import Preprocess
+from cxrbench import __version__
+from cxrbench.preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
            "format_metric", "load_bundle", "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
@@ -210,7 +210,7 @@ def untrained_classifier_bundle(path: str | os.PathLike, *, arch: str = "resnet1
     (pixel arrays in [0, 1]), so calibrated outputs fall on both sides of 0.5; 0.5 without images.
     ``thresholds`` then overrides single findings (``None``: no operating point).
     """
-    from .labels import NIH_FINDINGS
+    from cxrbench.labels import NIH_FINDINGS
 
     preprocess = preprocess or Preprocess(size=224)
     kwargs = {"arch": arch, "num_outputs": len(NIH_FINDINGS), "in_channels": preprocess.channels}
@@ -236,7 +236,7 @@ def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base
     Its cutoff is ``threshold`` if given, else the median score over ``images`` (half are rejected),
     else one no score reaches (it never rejects).
     """
-    from .ood import score_batch
+    from cxrbench.ood.scoring import score_batch
 
     kwargs = {"latent_dim": latent_dim, "base_channels": base_channels}
     preprocess = Preprocess(size=64, normalize="zero_one")

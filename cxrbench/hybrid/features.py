@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data.dataset import ImageCache
-from .io import ImageReadError
-from .preprocess import Preprocess
+from cxrbench.data.dataset import ImageCache
+from cxrbench.io import ImageReadError
+from cxrbench.preprocess import Preprocess
 
 __all__ = [
     "FEATURE_KINDS",
@@ -202,7 +202,7 @@ def cnn_embeddings(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     cxrbench classifiers use :func:`cxrbench.models.classifier.embed`; other torchvision-style
     classifiers give the input of their last ``nn.Linear`` (``fc`` / ``classifier``).
     """
-    from .models.classifier import embed
+    from cxrbench.models.classifier import embed
 
     was_training = model.training
     model.eval()
@@ -281,7 +281,7 @@ def extract_features(
         chunk), ``*.meta.json`` (what was computed) and ``*.errors.json``. A cache made with other
         settings, images or weights is recomputed. ``None``: a temporary file, nothing resumes.
     chunk_size : images per chunk (the CNN's batch); memory holds one chunk of images.
-    model : for ``"cnn"``: a cxrbench :class:`~cxrbench.bundle.Bundle`, a cxrbench classifier or a
+    model : for ``"cnn"``: a cxrbench :class:`~cxrbench.models.bundle.Bundle`, a cxrbench classifier or a
         torchvision-style classifier (the input of its last linear layer is taken).
     spec : LBP/HOG settings.
     image_cache_dir : optional folder for the uint8 crop cache of :class:`~cxrbench.data.ImageCache`

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .labels import NIH_FINDINGS
+from cxrbench.labels import NIH_FINDINGS
 
 __all__ = ["chester_table1"]
 

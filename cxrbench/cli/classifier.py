@@ -12,7 +12,7 @@ __all__ = ["add_classifier_commands", "expand_files", "train_subparsers"]
 
 def expand_files(items: list[str]) -> list[str]:
     """Files from arguments: files as given, folders expanded to their images, globs expanded."""
-    from .data.manifests import IMAGE_SUFFIXES
+    from cxrbench.data.manifests import IMAGE_SUFFIXES
 
     out: list[str] = []
     for item in items:
@@ -27,8 +27,8 @@ def expand_files(items: list[str]) -> list[str]:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from .data import load_manifest, load_split
-    from .train import ClassifierConfig, train_classifier
+    from cxrbench.data import load_manifest, load_split
+    from cxrbench.train import ClassifierConfig, train_classifier
 
     manifest = load_manifest(args.data, on_missing="drop")
     cfg = ClassifierConfig(
@@ -53,10 +53,10 @@ def _train_classifier(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .bundle import load_bundle
-    from .data import CXRDataset, load_manifest, load_split
-    from .inference import operating_points_of, predict_dataset, predictions_table
-    from .metrics import evaluate_predictions
+    from cxrbench.data import CXRDataset, load_manifest, load_split
+    from cxrbench.evaluation.metrics import evaluate_predictions
+    from cxrbench.inference.predict import operating_points_of, predict_dataset, predictions_table
+    from cxrbench.models.bundle import load_bundle
 
     bundle = load_bundle(args.bundle, kind="classifier")
     manifest = load_manifest(args.data, on_missing="drop")
@@ -94,7 +94,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def write_predictions(bundle, args: argparse.Namespace, note: str = "") -> int:
     """``cxrbench predict``'s work for a loaded classifier (a torch bundle or an ONNX Runtime one): the CSV
     of calibrated and raw probabilities, a warning per unreadable file; exit 1 when none was readable."""
-    from .inference import operating_points_of, predict_files, predictions_table
+    from cxrbench.inference.predict import operating_points_of, predict_files, predictions_table
 
     files = expand_files(args.files)
     if not files:
@@ -112,7 +112,7 @@ def write_predictions(bundle, args: argparse.Namespace, note: str = "") -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
+    from cxrbench.models.bundle import load_bundle
 
     return write_predictions(load_bundle(args.bundle, kind="classifier"), args)
 
@@ -131,7 +131,7 @@ def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAct
 def _info(args: argparse.Namespace) -> int:
     import json
 
-    from .bundle import describe_card, load_bundle
+    from cxrbench.models.bundle import describe_card, load_bundle
 
     for i, path in enumerate(args.bundles):
         bundle = load_bundle(path)  # checks the card, the architecture and the weights' checksum

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..bundle import Bundle
+from cxrbench.models.bundle import Bundle
 
 __all__ = ["ORT_FILES", "StaticServer", "export_web", "install_onnxruntime_web", "installed_onnxruntime_web",
            "onnxruntime_web_version", "serve"]
@@ -107,13 +107,13 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
     classifier : a loaded bundle, a bundle folder, or a folder written by ``cxrbench export`` (then ``ood``
         must be None: the export brings its own).
     ood : OOD bundle (or folder) for the gate; without it the page has no gate.
-    images, tolerance, threads : parity check of the ONNX export (see :func:`cxrbench.export.export_models`).
+    images, tolerance, threads : parity check of the ONNX export (see :func:`cxrbench.export.onnx.export_models`).
     npm_dir : where onnxruntime-web is installed (default ``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm``).
 
     Returns ``out``. Raises ``ValueError`` for preprocessing the browser cannot reproduce (CLAHE, nearest).
     """
-    from ..bundle import load_bundle
-    from ..export import MANIFEST, export_models
+    from cxrbench.export.onnx import MANIFEST, export_models
+    from cxrbench.models.bundle import load_bundle
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():

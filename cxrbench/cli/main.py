@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from . import __version__
+from cxrbench import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +30,7 @@ class CommandError(Exception):
 
 
 def _data_list(args: argparse.Namespace) -> int:
-    from .data.catalog import list_datasets
+    from cxrbench.data.catalog import list_datasets
 
     for name, spec in list_datasets().items():
         print(f"{name:24s} [{spec.role}] {spec.title}")
@@ -40,7 +40,7 @@ def _data_list(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from .data.catalog import check_dataset
+    from cxrbench.data.catalog import check_dataset
 
     result = check_dataset(args.name, args.root, decode=args.decode)
     print(result.report(show=args.show))
@@ -48,7 +48,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_split(args: argparse.Namespace) -> int:
-    from .data import check_patient_disjoint, load_manifest, patient_split, save_split, split_summary
+    from cxrbench.data import check_patient_disjoint, load_manifest, patient_split, save_split, split_summary
 
     fractions = tuple(float(f) for f in args.fractions.split("/"))
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def _data_split(args: argparse.Namespace) -> int:
 
 
 def _data_phantoms(args: argparse.Namespace) -> int:
-    from .data.synthetic import write_phantom_set
+    from cxrbench.data.synthetic import write_phantom_set
 
     t0 = time.perf_counter()
     root = write_phantom_set(args.out, args.n, size=args.size, seed=args.seed)
@@ -71,8 +71,8 @@ def _data_phantoms(args: argparse.Namespace) -> int:
 
 
 def _data_cache(args: argparse.Namespace) -> int:
-    from .data import CXRDataset, load_manifest
-    from .preprocess import Preprocess
+    from cxrbench.data import CXRDataset, load_manifest
+    from cxrbench.preprocess import Preprocess
 
     df = load_manifest(args.root, on_missing="drop")
     ds = CXRDataset(df, Preprocess(size=args.size), cache_dir=args.cache_dir or "auto")
@@ -126,31 +126,31 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 #: Functions that add a sub-command; later features append theirs here.
 def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    from .cli_classifier import add_classifier_commands
+    from cxrbench.cli.classifier import add_classifier_commands
 
     add_classifier_commands(sub)
 
 
 def _add_app(sub: argparse._SubParsersAction) -> None:
-    from .cli_app import add_app_commands
+    from cxrbench.cli.app import add_app_commands
 
     add_app_commands(sub)
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
-    from .cli_explain import add_explain_commands
+    from cxrbench.cli.explain import add_explain_commands
 
     add_explain_commands(sub)
 
 
 def _add_ood(sub: argparse._SubParsersAction) -> None:
-    from .cli_ood import add_ood_commands
+    from cxrbench.cli.ood import add_ood_commands
 
     add_ood_commands(sub)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from .cli_export import add_export_commands
+    from cxrbench.cli.export import add_export_commands
 
     add_export_commands(sub)
 
@@ -186,10 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug:
             raise
-        from .data.manifests import ManifestError
-        from .demo import ServeError
-        from .io import ImageReadError
-        from .train.common import CheckpointError
+        from cxrbench.app.demo import ServeError
+        from cxrbench.data.manifests import ManifestError
+        from cxrbench.io import ImageReadError
+        from cxrbench.train.common import CheckpointError
 
         known = (CommandError, ManifestError, ImageReadError, CheckpointError, ServeError, FileNotFoundError, KeyError,
                  ValueError)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import hamming_loss, roc_auc_score
 
-from cxrbench.calibration import OperatingPoints, _as_binary_labels, _as_scores
+from cxrbench.evaluation.calibration import OperatingPoints, _as_binary_labels, _as_scores
 
 __all__ = [
     "AucSpread",
@@ -294,7 +294,7 @@ def evaluate_predictions(
     ----------
     thresholds
         Operating points for the thresholded metrics (``score >= threshold`` is positive):
-        an :class:`~cxrbench.calibration.OperatingPoints` fitted on the validation split, a
+        an :class:`~cxrbench.evaluation.calibration.OperatingPoints` fitted on the validation split, a
         ``{finding: threshold}`` dict, an ``(F,)`` array or one float. ``None``: no F1/Hamming.
 
     Returns

@@ -12,10 +12,10 @@ __all__ = ["add_backend_option", "add_export_commands", "analyze_onnx", "predict
 
 
 def _parity_images(args: argparse.Namespace):
-    from .export import default_parity_images
+    from cxrbench.export.onnx import default_parity_images
 
     if args.images:
-        from .cli_classifier import expand_files
+        from cxrbench.cli.classifier import expand_files
 
         files = expand_files(args.images)
         if not files:
@@ -30,8 +30,8 @@ def _print_parity(parity) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
-    from .export import export_models
+    from cxrbench.export.onnx import export_models
+    from cxrbench.models.bundle import load_bundle
 
     t0 = time.perf_counter()
     images, source = _parity_images(args)
@@ -46,7 +46,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_web(args: argparse.Namespace) -> int:
-    from .web import export_web, serve
+    from cxrbench.export.web import export_web, serve
 
     t0 = time.perf_counter()
     images = _parity_images(args)[0]
@@ -66,8 +66,8 @@ def _export_web(args: argparse.Namespace) -> int:
 
 def predict_onnx(args: argparse.Namespace) -> int:
     """``cxrbench predict --backend onnx``: the same CSV as the torch backend, computed by ONNX Runtime."""
-    from .cli_classifier import write_predictions
-    from .onnx_backend import ensure_export, load_export
+    from cxrbench.cli.classifier import write_predictions
+    from cxrbench.export.runtime import ensure_export, load_export
 
     bundle = load_export(ensure_export(args.bundle, progress=not args.quiet)).classifier
     return write_predictions(bundle, args, " (ONNX Runtime)")
@@ -77,10 +77,10 @@ def analyze_onnx(args: argparse.Namespace) -> int:
     """``cxrbench analyze --backend onnx``: OOD gate, probabilities and CAM overlays from the exported graphs."""
     import pandas as pd
 
-    from .cli_classifier import expand_files
-    from .dashboard import png_bytes
-    from .explain.overlay import overlay
-    from .onnx_backend import OnnxPipeline
+    from cxrbench.app.dashboard import png_bytes
+    from cxrbench.cli.classifier import expand_files
+    from cxrbench.explain.overlay import overlay
+    from cxrbench.export.runtime import OnnxPipeline
 
     explain = None if args.explain == "none" else args.explain
     if explain not in (None, "cam"):

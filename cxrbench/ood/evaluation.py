@@ -7,9 +7,9 @@ Every evaluation set is a ``(N, 1, 64, 64)`` float32 tensor in [0, 1], the OOD m
 - ``photographs``: random square crops of scikit-image's sample photographs, in grey;
 - ``paediatric``: the 450 paediatric CXRs (near-distribution: chests, but children's, other devices);
 - ``rot90``, ``rot180``, ``invert``, ``noise``: held-out in-distribution CXRs, corrupted
-  (:func:`cxrbench.ood.corrupt`).
+  (:func:`cxrbench.ood.scoring.corrupt`).
 
-Scores follow :mod:`cxrbench.ood`: higher = more OOD; ``ssim`` is 1 - SSIM.
+Scores follow :mod:`cxrbench.ood.scoring`: higher = more OOD; ``ssim`` is 1 - SSIM.
 """
 
 from __future__ import annotations
@@ -25,12 +25,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .bundle import Bundle, ModelCard
-from .data import CXRDataset, load_manifest, load_split
-from .io import ImageReadError, read_image
-from .metrics import weighted_auc
-from .ood import CORRUPTIONS, SCORER_NAMES, OODModel, corrupt, cutoff_tradeoff, error_map, ood_metrics, score_batch
-from .preprocess import Preprocess
+from cxrbench.data import CXRDataset, load_manifest, load_split
+from cxrbench.evaluation.metrics import weighted_auc
+from cxrbench.io import ImageReadError, read_image
+from cxrbench.models.bundle import Bundle, ModelCard
+from cxrbench.ood.scoring import (
+    CORRUPTIONS,
+    SCORER_NAMES,
+    OODModel,
+    corrupt,
+    cutoff_tradeoff,
+    error_map,
+    ood_metrics,
+    score_batch,
+)
+from cxrbench.preprocess import Preprocess
 
 __all__ = ["OOD_PREPROCESS", "PHOTOGRAPHS", "corrupted_sets", "classifier_probabilities", "dev_data_folders",
            "digits_set", "evaluation_sets", "images_of", "load_images", "ood_auroc_table", "photo_set",
@@ -258,12 +267,12 @@ def tradeoff_sweep(ood_scores: np.ndarray, y_true: np.ndarray, y_score: np.ndarr
                    bundle_cutoff: float | None = None, finding_names: Sequence[str] | None = None,
                    n_points: int = 19, min_retained: float = 0.1, n_bootstrap: int = 200,
                    seed: int = 0) -> pd.DataFrame:
-    """AUC of the retained images as the cutoff tightens (:func:`cxrbench.ood.cutoff_tradeoff`).
+    """AUC of the retained images as the cutoff tightens (:func:`cxrbench.ood.scoring.cutoff_tradeoff`).
 
     Cutoffs are the score quantiles that retain ``min_retained`` .. 100 % of the images in
     ``n_points`` steps, plus ``bundle_cutoff``; a boolean column ``bundle_cutoff`` marks its row.
     ``auc_macro_ci_low`` / ``_high``: 95 % percentile bootstrap of the macro AUC over the retained
-    images (the same resampling as ``cutoff_tradeoff``, vectorised with :func:`cxrbench.metrics.weighted_auc`).
+    images (the same resampling as ``cutoff_tradeoff``, vectorised with :func:`cxrbench.evaluation.metrics.weighted_auc`).
     """
     scores = np.asarray(ood_scores, dtype=float)
     cuts = list(np.quantile(scores, np.linspace(min_retained, 1.0, n_points)))
@@ -411,7 +420,7 @@ def plot_reconstructions(model: OODModel, x: torch.Tensor, titles: Sequence[str]
     """
     import matplotlib.pyplot as plt
 
-    from .explain.overlay import ERROR_SCALE, error_overlay
+    from cxrbench.explain.overlay import ERROR_SCALE, error_overlay
 
     if isinstance(model, torch.nn.Module):
         model.eval()

@@ -1,0 +1,6 @@
+"""Export: ONNX graphs with parity checks (:mod:`.onnx`), the ONNX Runtime backend (:mod:`.runtime`) and the
+browser-only app (:mod:`.web`)."""
+
+from cxrbench.export.onnx import ExportResult, ParityError, export_models, parity_check, read_onnx_card
+
+__all__ = ["ExportResult", "ParityError", "export_models", "parity_check", "read_onnx_card"]

@@ -1,14 +1,16 @@
-"""``cxrbench export``, ``cxrbench export-web`` and ``--backend onnx`` for ``predict`` / ``analyze``."""
+"""``cxrbench export``, ``cxrbench export-web``, and what ``predict`` / ``analyze`` run with ``--backend onnx``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-__all__ = ["add_backend_option", "add_export_commands", "analyze_onnx", "predict_onnx"]
+from cxrbench.cli.options import Subcommands
+
+__all__ = ["ONNX_COMMANDS", "add_export_commands", "analyze_onnx", "predict_onnx"]
 
 
 def _parity_images(args: argparse.Namespace):
@@ -111,22 +113,9 @@ def analyze_onnx(args: argparse.Namespace) -> int:
     return 0 if len(errors) < len(files) else 1
 
 
-def add_backend_option(parser: argparse.ArgumentParser, onnx_func: Callable[[argparse.Namespace], int]) -> None:
-    """Give an existing command ``--backend {torch,onnx}``; ``onnx`` runs ``onnx_func`` instead of the command.
-
-    Does nothing when the command already has a ``--backend`` option (its owner then dispatches).
-    """
-    if "--backend" in parser._option_string_actions:
-        return
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is exported "
-                             "once and cached, parity-checked; an export folder is used as is)")
-    torch_func = parser.get_default("func")
-
-    def dispatch(args: argparse.Namespace) -> int:
-        return onnx_func(args) if args.backend == "onnx" else torch_func(args)
-
-    parser.set_defaults(func=dispatch)
+#: command -> its handler under ``--backend onnx`` (the commands add the option with
+#: :func:`cxrbench.cli.options.add_backend_argument`)
+ONNX_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"predict": predict_onnx, "analyze": analyze_onnx}
 
 
 def _add_parity_options(q: argparse.ArgumentParser) -> None:
@@ -136,7 +125,8 @@ def _add_parity_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| torch vs ONNX Runtime")
 
 
-def add_export_commands(sub: argparse._SubParsersAction) -> None:
+def add_export_commands(sub: Subcommands) -> None:
+    """Register ``export`` and ``export-web``."""
     q = sub.add_parser("export", help="export a classifier (+ OOD) bundle to ONNX, parity-checked against PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--bundle", required=True, help="classifier bundle")
@@ -157,7 +147,3 @@ def add_export_commands(sub: argparse._SubParsersAction) -> None:
                                                    "(default $CXRBENCH_NPM_DIR or ~/.cache/cxrbench/npm)")
     q.add_argument("--serve", type=int, default=None, metavar="PORT", help="then serve the app on 127.0.0.1:PORT")
     q.set_defaults(func=_export_web)
-
-    for name, func in (("predict", predict_onnx), ("analyze", analyze_onnx)):
-        if name in sub.choices:
-            add_backend_option(sub.choices[name], func)

@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from cxrbench._types import PathLike, check_unit_range
 from cxrbench.data.dataset import ImageCache
 from cxrbench.io import ImageReadError
 from cxrbench.preprocess import Preprocess
@@ -50,6 +51,7 @@ __all__ = [
     "hog_features",
     "hybrid_vectors",
     "lbp_features",
+    "model_fingerprint",
 ]
 
 FEATURE_KINDS = ("lbp", "hog", "cnn")
@@ -177,12 +179,12 @@ def feature_maps(image: np.ndarray, spec: FeatureSpec = FeatureSpec()) -> dict[s
 
 
 def _check_unit_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image, dtype=np.float32)
+    """A 2-D image with values in [0, 1] (:func:`cxrbench._types.check_unit_range`) as float32, clipped."""
+    image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D (H, W) image, got shape {image.shape}")
-    if not np.isfinite(image).all() or image.min() < -1e-4 or image.max() > 1 + 1e-4:
-        raise ValueError("expected values in [0, 1] (pass preprocess.equalized(preprocess.geometry(img)))")
-    return np.clip(image, 0.0, 1.0)
+    check_unit_range(image, "image")
+    return np.clip(image.astype(np.float32), 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------- CNN
@@ -225,7 +227,8 @@ def cnn_embeddings(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
-def _model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module) -> str:
+    """16 hex digits of SHA-1 over the class name and every state-dict tensor: the weights' identity in cache keys."""
     h = hashlib.sha1(type(model).__name__.encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
@@ -250,7 +253,7 @@ def _sidecars(cache_path: Path) -> tuple[Path, Path, Path]:
     return Path(f"{stem}.done.npy"), Path(f"{stem}.meta.json"), Path(f"{stem}.errors.json")
 
 
-def extraction_errors(cache_path: str | os.PathLike) -> dict[str, str]:
+def extraction_errors(cache_path: PathLike) -> dict[str, str]:
     """``{path: reason}`` of the unreadable images of a feature cache (their rows are NaN)."""
     errors_path = _sidecars(Path(cache_path))[2]
     return json.loads(errors_path.read_text()) if errors_path.is_file() else {}
@@ -260,13 +263,13 @@ def extract_features(
     manifest: pd.DataFrame,
     kind: str,
     preprocess: Preprocess | None = None,
-    cache_path: str | os.PathLike | None = None,
+    cache_path: PathLike | None = None,
     chunk_size: int = 64,
     model: Any = None,
     progress: bool = True,
     *,
     spec: FeatureSpec = FeatureSpec(),
-    image_cache_dir: str | os.PathLike | None = None,
+    image_cache_dir: PathLike | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Features of every image of ``manifest``, computed chunk by chunk into an on-disk cache.
@@ -324,7 +327,7 @@ def extract_features(
     images = ImageCache(paths, preprocess, image_cache_dir)
     meta = {"kind": kind, "n": n, "dim": dim, "chunk_size": chunk_size, "images": images.key(),
             "preprocess": preprocess.to_dict(), "spec": spec.to_dict() if kind != "cnn" else None,
-            "model": _model_fingerprint(module) if module is not None and kind == "cnn" else None}
+            "model": model_fingerprint(module) if module is not None and kind == "cnn" else None}
     done_path, meta_path, errors_path = _sidecars(cache_path)
     fresh = not (cache_path.is_file() and done_path.is_file() and meta_path.is_file()
                  and json.loads(meta_path.read_text()) == meta)

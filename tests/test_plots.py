@@ -78,7 +78,8 @@ def test_evaluation_figures():
     stars = [t for t in roc.data if t.mode == "markers"]
     assert len(stars) == 2  # A and B have an operating point and both classes
     pred = scores[:, 0] >= 0.5
-    assert stars[0].x[0] == pytest.approx(pred[y[:, 0] == 0].mean()) and stars[0].y[0] == pytest.approx(pred[y[:, 0] == 1].mean())
+    assert stars[0].x[0] == pytest.approx(pred[y[:, 0] == 0].mean())
+    assert stars[0].y[0] == pytest.approx(pred[y[:, 0] == 1].mean())
 
     calib = plots.calibration_figure({"A": 0.2, "B": 0.7, "C": float("nan")}).axes[0]
     assert len(calib.get_lines()) == 2 * 2 + 1  # a curve and a star per finding with a point, the 0.5 line
@@ -122,6 +123,7 @@ def test_probability_and_browser_study_figures():
     assert np.isnan(bar.customdata[0][2]) and bar.customdata[1][2] == pytest.approx(0.81)
 
     python = {"calibrated": np.array([[0.5, 0.2], [0.6, 0.1]])}
-    browser = {"pillow": {"calibrated": python["calibrated"] + 0.01}, "canvas-low": {"calibrated": python["calibrated"] - 0.05}}
+    browser = {"pillow": {"calibrated": python["calibrated"] + 0.01},
+               "canvas-low": {"calibrated": python["calibrated"] - 0.05}}
     study = plots.browser_study_figure(python, browser, ["A", "B"])
     assert [ax.get_title() for ax in study.axes] == ["A", "B"] and len(study.axes[0].patches) > 0

@@ -58,6 +58,7 @@ def _ood_score(args: argparse.Namespace) -> int:
 def _ood_tradeoff(args: argparse.Namespace) -> int:
     """Chester Fig. 6 on the user's data: the classifier's AUC on what the gate keeps, as the cutoff tightens."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     from cxrbench.data import load_manifest
@@ -88,7 +89,7 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
         title = f"{len(rows)} images of {Path(args.data).name}"
     sweep.to_csv(out / "tradeoff.csv", index=False)
     tradeoff_figure(sweep, title=title).savefig(out / "tradeoff.png", dpi=120)
-    summary = [("all images", sweep.loc[sweep["retained_fraction"].idxmax()])]
+    summary = [("all images", sweep.iloc[int(np.argmax(sweep["retained_fraction"].to_numpy()))])]
     if sweep["bundle_cutoff"].any():
         summary.append(("bundle cutoff", sweep[sweep["bundle_cutoff"]].iloc[0]))
     for label, row in summary:
@@ -97,7 +98,8 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
     warning = skill_warning(sweep)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png" + (", per_angle.csv and rotation.png" if args.rotate else ""))
+    extra = ", per_angle.csv and rotation.png" if args.rotate else ""
+    print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png{extra}")
     return 0
 
 

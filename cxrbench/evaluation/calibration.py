@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from cxrbench._types import as_binary_labels, as_scores
+from cxrbench._types import as_binary_labels, as_scores, to_numpy
 
 __all__ = [
     "OperatingPoints",
@@ -106,7 +106,8 @@ class OperatingPoints:
         """JSON-ready dict (NaN written as None)."""
 
         def clean(d: Mapping[str, float]) -> dict[str, float | None]:
-            return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in d.items()}
+            return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
+                    for k, v in d.items()}
 
         return {
             "method": self.method,
@@ -197,14 +198,12 @@ def _check_probabilities(x: np.ndarray, name: str) -> None:
 
 def _piecewise(x: Any, opt: Any, inverse: bool, findings: Sequence[str] | None) -> Any:
     opt_np = _opt_array(opt, findings)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(x, torch.Tensor):
-        o = torch.as_tensor(opt_np, dtype=x.dtype if x.is_floating_point() else torch.float64, device=x.device)
-        out = _piecewise(x.detach().cpu().double().numpy(), o.double().cpu().numpy(), inverse, None)
-        return torch.as_tensor(out, dtype=o.dtype, device=x.device)
+    import torch  # a dependency; imported here so that numpy-only users of this module do not pay for it
+
+    if isinstance(x, torch.Tensor):
+        o_t = torch.as_tensor(opt_np, dtype=x.dtype if x.is_floating_point() else torch.float64, device=x.device)
+        out = _piecewise(to_numpy(x, dtype=np.float64), to_numpy(o_t, dtype=np.float64), inverse, None)
+        return torch.as_tensor(out, dtype=o_t.dtype, device=x.device)
     x_np = np.asarray(x, dtype=float)
     _check_probabilities(x_np, "calibrated values" if inverse else "x")
     o = np.broadcast_to(opt_np, np.broadcast_shapes(x_np.shape, opt_np.shape))

@@ -80,7 +80,8 @@ def degeneracy_check(y_true: np.ndarray, scores: np.ndarray, y_pred: np.ndarray,
         result["n_informative"] = int(sum(v <= alpha for v in per.values()))
         if result["p_value"] > alpha:
             reasons.append(f"macro AUC {obs_macro:.3f} is within label-permutation noise "
-                           f"(p = {result['p_value']:.3f}; permuted labels reach {result['null_q95']:.3f} at the 95th percentile)")
+                           f"(p = {result['p_value']:.3f}; permuted labels reach {result['null_q95']:.3f} "
+                           "at the 95th percentile)")
     else:
         reasons.append("no finding has both classes in these labels: AUC undefined")
     if len(constant) == len(findings):

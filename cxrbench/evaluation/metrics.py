@@ -256,17 +256,18 @@ def _add_thresholded_columns(table: pd.DataFrame, y: np.ndarray, s: np.ndarray, 
 def _notes(table: pd.DataFrame, spread_defined: np.ndarray, n_splits: int, ci_defined: np.ndarray, n_boot: int,
            no_threshold: str) -> list[str]:
     """Per finding, why a value is NaN or rests on fewer resamples than asked for."""
+    auc, thr, f1 = (table[c].to_numpy(dtype=float) for c in ("auc", "threshold", "f1"))
     notes = []
-    for j in range(len(table)):
-        parts = [table.at[j, "note"]] if table.at[j, "note"] else []
-        if not np.isnan(table.at[j, "auc"]):
+    for j, note in enumerate(table["note"].astype(str)):
+        parts = [note] if note else []
+        if not np.isnan(auc[j]):
             if spread_defined[j] < n_splits:
                 parts.append(f"AUC undefined in {n_splits - spread_defined[j]}/{n_splits} half-splits")
             if ci_defined[j] < n_boot:
                 parts.append(f"AUC undefined in {n_boot - ci_defined[j]}/{n_boot} bootstrap samples")
-        if np.isnan(table.at[j, "threshold"]):
+        if np.isnan(thr[j]):
             parts.append(no_threshold)
-        elif np.isnan(table.at[j, "f1"]):
+        elif np.isnan(f1[j]):
             parts.append("F1 undefined: no positives and none predicted")
         notes.append("; ".join(parts))
     return notes

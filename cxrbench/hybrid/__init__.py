@@ -2,22 +2,21 @@
 1-channel ResNet18 and its layer4-tuned copy, logistic and MLP classifiers, and the report's table with
 a degeneracy verdict per row.
 
-The modules, bottom to top: :mod:`.features` (hand-crafted and CNN features, the extraction cache,
-hybrid vectors), :mod:`.backbone` (the ResNet18 and its layer4 fine-tuning), :mod:`.classifiers`,
-:mod:`.tasks` (labelled tasks, the report's feature blocks, reference scores of a bundle) and
-:mod:`.experiment` (the comparison table). This package is their public surface.
+The modules, bottom to top: :mod:`.features` (hand-crafted and CNN features of one image, hybrid
+vectors), :mod:`.extraction` (the features of a manifest, cached and resumable), :mod:`.backbone` (the
+ResNet18 and its layer4 fine-tuning), :mod:`.classifiers`, :mod:`.tasks` (labelled tasks, the report's
+feature blocks, reference scores of a bundle) and :mod:`.experiment` (the comparison table). This
+package is their public surface.
 """
 
 from cxrbench.hybrid.backbone import FinetuneResult, cached_finetune, finetune_layer4, resnet18_backbone
 from cxrbench.hybrid.classifiers import CLASSIFIERS, LogisticBaseline, TorchMLPClassifier, make_classifier
 from cxrbench.hybrid.experiment import TABLE_COLUMNS, evaluate_scores, run_hybrid_experiment
+from cxrbench.hybrid.extraction import UnreadableImagesWarning, extract_features, extraction_errors
 from cxrbench.hybrid.features import (
     FEATURE_KINDS,
     FeatureSpec,
-    UnreadableImagesWarning,
     cnn_embeddings,
-    extract_features,
-    extraction_errors,
     feature_maps,
     hog_features,
     hybrid_vectors,

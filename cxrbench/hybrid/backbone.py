@@ -59,12 +59,14 @@ def resnet18_backbone(num_outputs: int, *, pretrained: bool | str = "auto", seed
 
 def _layer4_and_head(model: nn.Module, n_outputs: int) -> list[nn.Parameter]:
     """Give a ResNet an ``n_outputs`` head if needed, freeze all but ``layer4`` and ``fc``; their parameters."""
-    if not hasattr(model, "layer4") or not hasattr(model, "fc"):
+    layer4, fc = getattr(model, "layer4", None), getattr(model, "fc", None)
+    if not isinstance(layer4, nn.Module) or not isinstance(fc, nn.Linear):
         raise TypeError(f"{type(model).__name__} is not a ResNet (needs layer4 and fc)")
-    if model.fc.out_features != n_outputs:
-        model.fc = nn.Linear(model.fc.in_features, n_outputs)
-        model.num_outputs = n_outputs
-    trainable = list(model.layer4.parameters()) + list(model.fc.parameters())
+    if fc.out_features != n_outputs:
+        fc = nn.Linear(fc.in_features, n_outputs)
+        model.fc = fc
+        setattr(model, "num_outputs", n_outputs)  # what cxrbench classifiers report as their width
+    trainable = list(layer4.parameters()) + list(fc.parameters())
     for prm in model.parameters():
         prm.requires_grad_(False)
     for prm in trainable:
@@ -98,7 +100,7 @@ def finetune_layer4(model: nn.Module, train_manifest: pd.DataFrame, label_column
         loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
         for epoch in range(1, epochs + 1):
             model.eval()
-            model.layer4.train()
+            model.get_submodule("layer4").train()
             total, n = 0.0, 0
             for x, y, _ in loader:
                 opt.zero_grad()

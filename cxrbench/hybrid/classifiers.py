@@ -19,12 +19,17 @@ __all__ = ["CLASSIFIERS", "LogisticBaseline", "TorchMLPClassifier", "make_classi
 
 
 # ----------------------------------------------------------------------------------- classifiers
-def _check_xy(x: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def _check_x(x: np.ndarray) -> np.ndarray:
+    """``(N, D)`` finite float32 features."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise ValueError(f"features must be a finite (N, D) array, got shape {x.shape} (drop NaN rows first)")
-    if y is None:
-        return x, None
+    return x
+
+
+def _check_xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, D)`` finite float32 features and ``(N, F)`` 0/1 float32 labels."""
+    x = _check_x(x)
     y = np.asarray(y, dtype=np.float32)
     if y.ndim != 2 or y.shape[0] != x.shape[0] or not np.isin(y, (0, 1)).all():
         raise ValueError(f"labels must be 0/1 of shape (N={x.shape[0]}, F), got {y.shape}")
@@ -58,7 +63,7 @@ class LogisticBaseline:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """``(N, F)`` float64 probabilities in [0, 1]."""
-        x, _ = _check_xy(x)
+        x = _check_x(x)
         cols = [np.full(len(x), m) if isinstance(m, float) else m.predict_proba(x)[:, 1] for m in self.models_]
         return np.stack(cols, axis=1).astype(np.float64)
 
@@ -133,7 +138,7 @@ class TorchMLPClassifier:
         """``(N, F)`` float64 sigmoid probabilities."""
         if self.model_ is None:
             raise RuntimeError("call fit() first")
-        x, _ = _check_xy(x)
+        x = _check_x(x)
         return torch.sigmoid(self.model_(torch.from_numpy(x))).double().numpy()
 
 
@@ -145,7 +150,8 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 CLASSIFIERS: dict[str, tuple[str, Any]] = {
     "logreg": ("Logistic regression (OvR, balanced)", lambda seed, **kw: LogisticBaseline(seed=seed, **kw)),
     "mlp": ("MLP [512]", lambda seed, **kw: TorchMLPClassifier((512,), seed=seed, **kw)),
-    "deep_mlp": ("Deeper MLP [1024, 512, 256]", lambda seed, **kw: TorchMLPClassifier((1024, 512, 256), seed=seed, **kw)),
+    "deep_mlp": ("Deeper MLP [1024, 512, 256]",
+                 lambda seed, **kw: TorchMLPClassifier((1024, 512, 256), seed=seed, **kw)),
 }
 
 

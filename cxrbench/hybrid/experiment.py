@@ -72,7 +72,8 @@ def run_hybrid_experiment(features: Mapping[str, np.ndarray], labels: np.ndarray
     reference_scores : row label -> ``(N, F)`` scores of an outside model (e.g. a DenseNet bundle),
         evaluated with the same validation thresholds and test split.
     baseline : add the "predict nothing" row (all negative), the floor the Hamming loss must beat.
-    mlp_options : extra :class:`~cxrbench.hybrid.classifiers.TorchMLPClassifier` arguments (e.g. ``{"max_epochs": 30}``).
+    mlp_options : extra :class:`~cxrbench.hybrid.classifiers.TorchMLPClassifier` arguments
+        (e.g. ``{"max_epochs": 30}``).
 
     Returns
     -------
@@ -147,7 +148,8 @@ def _combos(features: Mapping[str, np.ndarray], combos: Mapping[str, Sequence[st
 
 def _fit_and_score(name: str, x: np.ndarray, y: np.ndarray, ok: np.ndarray, masks: Mapping[str, np.ndarray],
                    seed: int, mlp_options: Mapping[str, Any] | None) -> np.ndarray:
-    """Fit classifier ``name`` on the readable train rows (early stopping on val); ``(N, F)`` scores, NaN where not ok."""
+    """Fit classifier ``name`` on the readable train rows (early stopping on val); ``(N, F)`` scores, NaN
+    where not ``ok``."""
     sub = {k: m[ok] for k, m in masks.items()}
     options = dict(mlp_options or {}) if name != "logreg" else {}
     clf = make_classifier(name, seed, **options).fit(x[sub["train"]], y[ok][sub["train"]], x[sub["val"]],

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from cxrbench._types import PathLike
 from cxrbench.data import CXRDataset, load_manifest, patient_split
 from cxrbench.hybrid.backbone import cached_finetune, resnet18_backbone
-from cxrbench.hybrid.features import extract_features
+from cxrbench.hybrid.extraction import extract_features
 from cxrbench.models.bundle import Bundle
 from cxrbench.preprocess import Preprocess
 
@@ -30,7 +30,8 @@ __all__ = ["REPORT_COMBOS", "bundle_scores", "hybrid_feature_blocks", "load_task
 #: the report's rows (label -> feature blocks), as built by :func:`hybrid_feature_blocks`
 REPORT_COMBOS: dict[str, list[str]] = {
     "LBP": ["LBP"], "HOG": ["HOG"], "LBP + HOG": ["LBP", "HOG"], "LBP + HOG (no eq.)": ["LBP (no eq.)", "HOG (no eq.)"],
-    "CNN frozen": ["CNN frozen"], "CNN frozen (no eq.)": ["CNN frozen (no eq.)"], "CNN layer4-tuned": ["CNN layer4-tuned"],
+    "CNN frozen": ["CNN frozen"], "CNN frozen (no eq.)": ["CNN frozen (no eq.)"],
+    "CNN layer4-tuned": ["CNN layer4-tuned"],
     "LBP + HOG + CNN frozen": ["LBP", "HOG", "CNN frozen"],
     "LBP + HOG + CNN layer4-tuned": ["LBP", "HOG", "CNN layer4-tuned"],
 }
@@ -68,14 +69,13 @@ def hybrid_feature_blocks(manifest: pd.DataFrame, cache_dir: PathLike, *, image_
 
     LBP and HOG with and without histogram equalisation, a frozen 1-channel ResNet18 (ImageNet weights
     if cached, else seeded random init) with and without equalisation, and the same network after
-    :func:`cxrbench.hybrid.backbone.finetune_layer4` on the manifest's ``split == "train"`` rows (its weights are cached too, keyed
-    by the training images, settings and starting weights). Inputs: ``image_size`` px,
-    [-1, 1]. Returns ``({block name: (N, D) float32}, info)``; ``info`` has the fine-tuning history,
+    :func:`cxrbench.hybrid.backbone.finetune_layer4` on the manifest's ``split == "train"`` rows (its
+    weights are cached too, keyed by the training images, settings and starting weights). Inputs:
+    ``image_size`` px, [-1, 1]. Returns ``({block name: (N, D) float32}, info)``; ``info`` has the fine-tuning history,
     the initial weights and seconds per block.
     """
     cache_dir = Path(cache_dir)
     findings = list(manifest.attrs["label_columns"])
-    kw = dict(chunk_size=chunk_size, progress=progress, image_cache_dir=cache_dir / "images")
     eq = Preprocess(size=image_size, equalize="hist", normalize="minus1_1")
     plain = eq.replace(equalize="none")
     blocks: dict[str, np.ndarray] = {}
@@ -91,7 +91,8 @@ def hybrid_feature_blocks(manifest: pd.DataFrame, cache_dir: PathLike, *, image_
     for name, kind, pp, model in jobs:
         t0 = time.perf_counter()
         slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace(".", "")
-        blocks[name] = np.asarray(extract_features(manifest, kind, pp, cache_dir / f"{slug}.npy", model=model, **kw))
+        blocks[name] = np.asarray(extract_features(manifest, kind, pp, cache_dir / f"{slug}.npy", chunk_size, model,
+                                                   progress, image_cache_dir=cache_dir / "images"))
         seconds[name] = time.perf_counter() - t0
     initial = getattr(backbone, "pretrained_weights", None) or "random (seeded)"
     info = {"finetune_history": tuned.history, "initial_weights": initial, "seconds": seconds}
@@ -101,7 +102,8 @@ def hybrid_feature_blocks(manifest: pd.DataFrame, cache_dir: PathLike, *, image_
 @torch.no_grad()
 def bundle_scores(bundle: Bundle, manifest: pd.DataFrame, findings: Sequence[str], *, batch_size: int = 16,
                   cache_dir: PathLike | None = "auto") -> np.ndarray:
-    """Sigmoid probabilities ``(N, F)`` float64 of a classifier bundle for ``findings`` (by name); NaN rows if unreadable.
+    """Sigmoid probabilities ``(N, F)`` float64 of a classifier bundle for ``findings`` (by name); NaN rows
+    for unreadable images.
 
     A plain forward pass in eval mode over the manifest's images, preprocessed by the bundle's own
     :class:`~cxrbench.preprocess.Preprocess` (through the uint8 cache unless ``cache_dir`` is None).

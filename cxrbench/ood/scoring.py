@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -212,7 +212,7 @@ def score_files(bundle: Bundle, files: Sequence[PathLike], *, batch_size: int = 
 
     def flush() -> None:
         if good:
-            scores = score_batch(bundle.model, torch.as_tensor(np.stack(pixels)))
+            scores = score_batch(cast(OODModel, bundle.model), torch.as_tensor(np.stack(pixels)))
             for k, pos in enumerate(good):
                 rows[pos].update({name: float(scores[name][k]) for name in SCORER_NAMES})
             good.clear()

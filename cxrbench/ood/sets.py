@@ -130,10 +130,11 @@ def evaluation_sets(data_root: PathLike | None, held_out: torch.Tensor, *, n_dig
     folders = dev_data_folders(data_root) if data_root else {"nonchest": None, "pediatric": None}
 
     def folder_set(key: str, name: str) -> dict[str, torch.Tensor]:
-        if folders.get(key) is None:
+        folder = folders.get(key)
+        if folder is None:
             warnings.warn(f"no {key} folder under {data_root}; the '{name}' set is left out", stacklevel=3)
             return {}
-        return {name: load_images(folders[key], cache_dir=cache_dir)[0]}
+        return {name: load_images(folder, cache_dir=cache_dir)[0]}
 
     return {**folder_set("nonchest", "non-chest"), "digits": digits_set(n_digits, seed=seed),
             "photographs": photo_set(crops_per_photo, seed=seed), **folder_set("pediatric", "paediatric"),

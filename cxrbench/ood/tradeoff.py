@@ -10,6 +10,7 @@ interval is the one bootstrap of :mod:`cxrbench.evaluation.bootstrap`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import torch
 from cxrbench.evaluation.bootstrap import bootstrap_macro_auc_ci
 from cxrbench.evaluation.metrics import auc_per_finding, macro_auc
 from cxrbench.models.bundle import Bundle
-from cxrbench.ood.scoring import score_images
+from cxrbench.ood.scoring import OODModel, score_images
 from cxrbench.ood.sets import images_of, rotate_images
 
 __all__ = ["classifier_probabilities", "cutoff_tradeoff", "rotation_tradeoff", "shifted_set_tradeoff",
@@ -128,7 +129,7 @@ def skill_warning(table: pd.DataFrame) -> str | None:
     chance (or its bootstrap CI reaches 0.5), the curve shows noise or the classifier's failure on
     this data, not what the gate buys. ``table`` is a :func:`tradeoff_sweep` result.
     """
-    full = table.loc[table["retained_fraction"].idxmax()]
+    full = table.iloc[int(np.argmax(table["retained_fraction"].to_numpy()))]  # the first row keeping the most
     auc = float(full["auc_macro"])
     if not np.isfinite(auc):
         return None
@@ -162,7 +163,8 @@ def _findings_for(classifier: Bundle, label_columns: Sequence[str]) -> list[str]
 def _gate_and_probabilities(classifier: Bundle, ood: Bundle, images: Sequence[np.ndarray],
                             findings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(N,)`` scores of the OOD bundle's scorer and ``(N, F)`` raw probabilities of ``findings``."""
-    score = score_images(ood.model, images, preprocess=ood.preprocess)[ood.card.ood["cutoff"]["scorer"]]
+    gate = cast(OODModel, ood.model)
+    score = score_images(gate, images, preprocess=ood.preprocess)[ood.card.ood["cutoff"]["scorer"]]
     prob = classifier_probabilities(classifier, images)[:, [classifier.labels.index(f) for f in findings]]
     return score, prob
 
@@ -177,11 +179,12 @@ def rotation_tradeoff(classifier: Bundle, ood: Bundle, manifest: pd.DataFrame,
     the macro AUC over all images and over the retained ones; and :func:`tradeoff_sweep` over the
     pool of all angles (column ``mean_angle_retained``: how rotated the kept images are).
     """
-    findings = _findings_for(classifier, manifest.columns)
+    findings = _findings_for(classifier, list(manifest.columns))
     y = manifest[findings].to_numpy(dtype=int)
     threshold = ood.card.ood["cutoff"]["threshold"]
     base = images_of(manifest)
-    rows, pooled = [], {"score": [], "y": [], "p": [], "angle": []}
+    rows: list[dict[str, float]] = []
+    pooled: dict[str, list[np.ndarray]] = {"score": [], "y": [], "p": [], "angle": []}
     for angle in angles:
         score, prob = _gate_and_probabilities(classifier, ood, rotate_images(base, angle), findings)
         full = cutoff_tradeoff(score, y, prob, [np.inf, threshold], finding_names=findings)
@@ -201,7 +204,7 @@ def rotation_tradeoff(classifier: Bundle, ood: Bundle, manifest: pd.DataFrame,
 def shifted_set_tradeoff(classifier: Bundle, ood: Bundle, manifest: pd.DataFrame, *, n_points: int = 19,
                          n_bootstrap: int = 200, seed: int = 0) -> pd.DataFrame:
     """:func:`tradeoff_sweep` of a classifier on a labelled shifted set (e.g. paediatric CXRs, Pneumonia)."""
-    findings = _findings_for(classifier, manifest.columns)
+    findings = _findings_for(classifier, list(manifest.columns))
     score, prob = _gate_and_probabilities(classifier, ood, images_of(manifest), findings)
     return tradeoff_sweep(score, manifest[findings].to_numpy(dtype=int), prob,
                           bundle_cutoff=ood.card.ood["cutoff"]["threshold"], finding_names=findings,

@@ -22,8 +22,8 @@ def probability_figure(report: Report, test_auc: Mapping[str, float | None] | No
 
     table = report.table().iloc[::-1]  # highest on top
     colours = ["#c0392b" if v >= 0.5 else "#2e6da4" for v in table["calibrated"].fillna(0)]
-    auc = [(test_auc or {}).get(f) for f in table["finding"]]
-    auc = np.array([np.nan if a is None else a for a in auc], dtype=float)
+    given = [(test_auc or {}).get(f) for f in table["finding"]]
+    auc = np.array([np.nan if a is None else a for a in given], dtype=float)
     fig = go.Figure(go.Bar(
         x=table["calibrated"], y=table["finding"], orientation="h", marker_color=colours,
         customdata=np.stack([table["raw"], table["operating_point"], auc], axis=1),

@@ -4,7 +4,7 @@ distributions per set (Fig. 5), and what the gate buys the classifier (Fig. 6, r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -132,5 +132,6 @@ def tradeoff_figure(table: pd.DataFrame, *, title: str = "", ax: Axes | None = N
     ax.set_xlim(0, 1.02)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    ax.figure.tight_layout()
-    return ax.figure
+    fig = cast("Figure", ax.figure)
+    fig.tight_layout()
+    return fig

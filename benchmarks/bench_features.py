@@ -30,7 +30,7 @@ def _child(kind: str, n: int, threads: int) -> None:
     import torch
 
     from cxrbench.data import load_manifest, shared_data_root
-    from cxrbench.hybrid.features import extract_features
+    from cxrbench.hybrid.extraction import extract_features
     from cxrbench.models.classifier import build_classifier
     from cxrbench.preprocess import Preprocess
 

@@ -17,8 +17,7 @@ from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 from cxrbench.models.ali import ALI, ali_train_step, make_ali_optimizers  # noqa: E402
 from cxrbench.models.autoencoder import ConvAutoencoder, ae_train_step  # noqa: E402
 from cxrbench.models.bundle import Bundle, ModelCard  # noqa: E402
-from cxrbench.ood.evaluation import OOD_PREPROCESS, score_files  # noqa: E402
-from cxrbench.ood.scoring import score_batch  # noqa: E402
+from cxrbench.ood.scoring import OOD_PREPROCESS, score_batch, score_files  # noqa: E402
 
 LATENT, WIDTH, TRAIN_BATCH = 128, 16, 32
 

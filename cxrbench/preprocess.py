@@ -30,7 +30,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image as _PILImage
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "PreprocessError", "check_unit_range"]
+from cxrbench._types import PreprocessError, check_unit_range
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "PreprocessError"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,36 +47,6 @@ _RESAMPLE = {
 _NORMALIZE = ("zero_one", "minus1_1", "xrv", "imagenet")
 _EQUALIZE = ("none", "hist", "clahe")
 _CROP = ("center", "pad")
-
-
-class PreprocessError(ValueError):
-    """An input or a config that preprocessing refuses (out-of-range values, wrong shape, bad option)."""
-
-
-def check_unit_range(image: np.ndarray, what: str = "image", tol: float = 1e-4) -> None:
-    """Raise :class:`PreprocessError` unless ``image`` is finite and within [0, 1].
-
-    The message guesses the likely mistake (0-255 or 16-bit values, already-normalised input).
-    """
-    arr = np.asarray(image)
-    if arr.size == 0:
-        raise PreprocessError(f"{what} is empty (shape {arr.shape})")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise PreprocessError(
-            f"{what} has integer dtype {arr.dtype}; expected floats in [0, 1] "
-            "(read images with cxrbench.io.read_image, or divide by the dtype's maximum)"
-        )
-    if not np.all(np.isfinite(arr)):
-        raise PreprocessError(f"{what} contains NaN or infinity")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < -tol or hi > 1 + tol:
-        if hi > 255 + tol:
-            hint = "looks like 16-bit values; divide by 65535 or use cxrbench.io.read_image"
-        elif hi > 1 + tol and lo >= -tol:
-            hint = "looks like 0-255 values; divide by 255 or use cxrbench.io.read_image"
-        else:
-            hint = "looks already normalised; pass the [0, 1] image, Preprocess normalises it"
-        raise PreprocessError(f"{what} values span [{lo:.4g}, {hi:.4g}], outside [0, 1]: {hint}")
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,32 @@ def test_errors_are_one_line_with_exit_code(tmp_path, capsys):
     assert err.startswith("cxrbench: error: unknown dataset") and "Traceback" not in err
     assert main(["data", "split", str(tmp_path / "absent"), "--out", str(tmp_path / "s.csv")]) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_groups_build_the_parser_and_backend_is_an_ordinary_option(capsys):
+    import importlib
+    import re
+    from pathlib import Path
+
+    from cxrbench.cli.export import ONNX_COMMANDS
+
+    cli_main = importlib.import_module("cxrbench.cli.main")  # the module (cxrbench.cli.main is also the function)
+    parser = cli_main.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    listed = capsys.readouterr().out
+    order = ["data", "info", "train", "evaluate", "predict", "demo", "analyze", "segment", "explain", "ood-score",
+             "ood-tradeoff", "export", "export-web"]
+    positions = [re.search(rf"\n    {name}[ \n]", listed).start() for name in order]
+    assert positions == sorted(positions), listed
+    for command, extra in (("predict", ["--bundle", "b", "x.png", "--out", "o.csv"]),
+                           ("analyze", ["--classifier", "c", "x.png", "--out", "o"])):
+        torch_args = parser.parse_args([command, *extra])
+        onnx_args = parser.parse_args([command, *extra, "--backend", "onnx"])
+        assert torch_args.backend == "torch" and cli_main._handler(torch_args) is torch_args.func
+        assert cli_main._handler(onnx_args) is ONNX_COMMANDS[command] is not onnx_args.func
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, *extra, "--backend", "tensorrt"])
+    capsys.readouterr()
+    cli_sources = "".join(p.read_text() for p in Path(cli_main.__file__).parent.glob("*.py"))
+    assert "_option_string_actions" not in cli_sources  # no command is patched after it is built

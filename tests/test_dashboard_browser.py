@@ -43,7 +43,7 @@ def app(shared_data, tmp_path_factory):
     from cxrbench.data import load_manifest
     from cxrbench.models.autoencoder import ConvAutoencoder, ae_train_step
     from cxrbench.models.classifier import build_classifier
-    from cxrbench.ood.scoring import fit_cutoff, score_batch
+    from cxrbench.ood import fit_cutoff, score_batch
 
     root = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)

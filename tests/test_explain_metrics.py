@@ -16,12 +16,12 @@ from cxrbench.explain.metrics import (
     deletion_insertion,
     mass_fraction,
     phantom_localisation_set,
-    plot_faithfulness,
     pointing_game,
     read_bbox_list,
     topk_iou,
     topk_mask,
 )
+from cxrbench.plots import faithfulness_figure
 
 # --------------------------------------------------------------------------------------------------
 # localisation on hand-made maps
@@ -179,7 +179,7 @@ def test_compare_methods_table_ranks_a_focused_model_above_chance():
     # the curves behind the table's AUC columns come back too (the notebook plots them without recomputing)
     assert list(curves) == [*methods, "random"] and curves["gradcam"].deletion.shape == (3, 5)
     assert curves["gradcam"].deletion_auc.mean() == pytest.approx(table.set_index("method").loc["gradcam", "deletion_auc"])
-    fig = plot_faithfulness(curves, ["gradcam", "random"])
+    fig = faithfulness_figure(curves, ["gradcam", "random"])
     assert [len(ax.get_lines()) for ax in fig.axes] == [2, 2]
     rows = table.set_index("method")
     for m in ("saliency", "gradcam", "integrated_gradients"):

@@ -11,12 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cxrbench.hybrid.extraction import UnreadableImagesWarning, extract_features, extraction_errors
 from cxrbench.hybrid.features import (
     FeatureSpec,
-    UnreadableImagesWarning,
     cnn_embeddings,
-    extract_features,
-    extraction_errors,
     hog_features,
     hybrid_vectors,
     lbp_features,

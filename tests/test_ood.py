@@ -12,7 +12,7 @@ from pytorch_msssim import ssim
 from sklearn.metrics import roc_auc_score
 
 from cxrbench.models.autoencoder import ConvAutoencoder
-from cxrbench.ood.scoring import (
+from cxrbench.ood import (
     CHESTER_SSIM_CUTOFF,
     CORRUPTIONS,
     OODCutoff,

@@ -1,4 +1,4 @@
-"""OOD evaluation sets, the AUROC table, the cutoff-vs-AUC trade-off and the figures."""
+"""OOD evaluation sets, the AUROC table and the cutoff-vs-AUC trade-off (their figures: test_plots.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from cxrbench.labels import NIH_FINDINGS  # noqa: E402
 from cxrbench.models.autoencoder import ConvAutoencoder  # noqa: E402
 from cxrbench.models.bundle import ModelCard, load_bundle, save_bundle  # noqa: E402
 from cxrbench.models.classifier import build_classifier  # noqa: E402
-from cxrbench.ood.scoring import CORRUPTIONS, SCORER_NAMES  # noqa: E402
-from cxrbench.ood import evaluation as oe  # noqa: E402
+import cxrbench.ood as oe  # noqa: E402
+from cxrbench.ood import CORRUPTIONS, SCORER_NAMES  # noqa: E402
 from cxrbench.preprocess import Preprocess  # noqa: E402
 
 
@@ -193,28 +193,6 @@ def test_unseen_rows_drops_the_classifiers_train_and_val_images(tiny_bundles, tm
     finally:
         clf.card.training = {}
     assert kept["image_id"].tolist() == ids[4:] and kept.attrs == manifest.attrs
-
-
-def test_figures(tiny_bundles):
-    import matplotlib.pyplot as plt
-
-    (b, _) = tiny_bundles
-    x = near_grey(3)
-    fig = oe.plot_reconstructions(b["open"].model, x, ["a", "b", "c"])
-    assert len(fig.axes) == 9 and "SSIM" in fig.axes[0].get_title()
-    scores = oe.score_sets(FlatGreyModel(), {"in": x, "far": torch.rand(4, 1, 64, 64)})
-    fig2 = oe.plot_score_distributions(scores.pop("in"), scores, cutoff={"scorer": "ssim", "threshold": 0.5})
-    assert len(fig2.axes) == len(SCORER_NAMES)
-    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.2, 0.1], "val_l1": [0.2, 0.15],
-                            "val_ssim_median": [0.3, 0.5]})
-    assert len(oe.plot_training_curves(history).axes) == 2
-    table = pd.DataFrame({"retained_fraction": [0.5, 1.0], "auc_macro": [0.8, 0.7], "bundle_cutoff": [True, False]})
-    per_angle = pd.DataFrame({"angle": [0, 90], "rejected_fraction": [0.1, 0.9], "auc_all": [0.7, 0.5],
-                              "auc_retained": [0.72, 0.6]})
-    assert len(oe.plot_rotation(per_angle).axes[1].get_lines()) == 2
-    ax = oe.plot_tradeoff(table, title="t").axes[0]
-    assert any(line.get_marker() == "*" for line in ax.get_lines())
-    plt.close("all")
 
 
 @pytest.mark.realdata

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cxrbench.io import read_image
-from cxrbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, PreprocessError, check_unit_range
+from cxrbench._types import check_unit_range
+from cxrbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, PreprocessError
 
 
 def _circle(h: int, w: int, radius: float) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.io import ImageReadError
 from cxrbench.models.bundle import format_metric
+from cxrbench.plots.app import probability_figure
 
 __all__ = ["CALIBRATION_NOTE", "Dashboard", "dashboard_from_environment", "model_summary", "png_bytes",
            "probability_figure"]
@@ -97,28 +98,6 @@ def model_summary(pipeline: Pipeline) -> str:
         lines.append("<b>No OOD gate</b>: every image is analysed.")
     body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
-
-
-def probability_figure(report: Report, test_auc: Mapping[str, float | None] | None = None):
-    """Horizontal plotly bars of the calibrated probabilities, 0.5 marked; on hover the raw value, the
-    operating point and, where given, the finding's AUC on the model's test split (how far to trust it)."""
-    import plotly.graph_objects as go
-
-    table = report.table().iloc[::-1]  # highest on top
-    colours = ["#c0392b" if v >= 0.5 else "#2e6da4" for v in table["calibrated"].fillna(0)]
-    auc = [(test_auc or {}).get(f) for f in table["finding"]]
-    auc = np.array([np.nan if a is None else a for a in auc], dtype=float)
-    fig = go.Figure(go.Bar(
-        x=table["calibrated"], y=table["finding"], orientation="h", marker_color=colours,
-        customdata=np.stack([table["raw"], table["operating_point"], auc], axis=1),
-        hovertemplate="%{y}<br>calibrated %{x:.3f}<br>raw %{customdata[0]:.3f}"
-                      "<br>operating point %{customdata[1]:.3f}"
-                      + ("<br>test AUC of this finding %{customdata[2]:.2f}" if test_auc else "") + "<extra></extra>"))
-    fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",
-                  annotation_position="top")
-    fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=420, width=520,
-                      margin=dict(l=10, r=10, t=30, b=40), template="plotly_white")
-    return fig
 
 
 class Dashboard:

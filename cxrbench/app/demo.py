@@ -82,7 +82,7 @@ def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[s
 
     from cxrbench.data import load_manifest
     from cxrbench.models.bundle import read_card
-    from cxrbench.ood.evaluation import unseen_rows
+    from cxrbench.ood.sets import unseen_rows
 
     examples: dict[str, str] = {}
     df = load_manifest(train_dir, on_missing="drop")

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from cxrbench.cli.options import add_backend_argument
+
 __all__ = ["add_app_commands"]
 
 
@@ -94,4 +96,5 @@ def add_app_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--explain", default="saliency", help="explanation method for the overlays, or 'none'")
     q.add_argument("--allow-ood", action="store_true", help="give probabilities for rejected images too")
     q.add_argument("-q", "--quiet", action="store_true")
+    add_backend_argument(q)
     q.set_defaults(func=_analyze)

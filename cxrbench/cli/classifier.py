@@ -7,6 +7,8 @@ import glob
 import sys
 from pathlib import Path
 
+from cxrbench.cli.options import add_backend_argument
+
 __all__ = ["add_classifier_commands", "expand_files", "train_subparsers"]
 
 
@@ -198,4 +200,5 @@ def add_classifier_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="CSV to write")
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("-q", "--quiet", action="store_true")
+    add_backend_argument(q)
     q.set_defaults(func=_predict)

@@ -1,14 +1,16 @@
-"""``cxrbench export``, ``cxrbench export-web`` and ``--backend onnx`` for ``predict`` / ``analyze``."""
+"""``cxrbench export``, ``cxrbench export-web``, and what ``predict`` / ``analyze`` run with ``--backend onnx``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-__all__ = ["add_backend_option", "add_export_commands", "analyze_onnx", "predict_onnx"]
+from cxrbench.cli.options import Subcommands
+
+__all__ = ["ONNX_COMMANDS", "add_export_commands", "analyze_onnx", "predict_onnx"]
 
 
 def _parity_images(args: argparse.Namespace):
@@ -40,7 +42,8 @@ def _export(args: argparse.Namespace) -> int:
                            tolerance=args.tolerance, opset=args.opset, threads=args.threads)
     _print_parity(result.parity)
     graphs = ", ".join(f"{g['file']} ({g['bytes'] / 1e6:.1f} MB)" for g in result.manifest["graphs"].values())
-    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} <= {args.tolerance:g}")
+    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} "
+          f"<= {args.tolerance:g}")
     print(f"wrote {result.path}: {graphs} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -106,42 +109,32 @@ def analyze_onnx(args: argparse.Namespace) -> int:
     cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
     pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
     n_rej = sum(1 for r in reports if r is not None and r.rejected)
-    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the OOD gate "
-          "(ONNX Runtime)")
+    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the "
+          "OOD gate (ONNX Runtime)")
     return 0 if len(errors) < len(files) else 1
 
 
-def add_backend_option(parser: argparse.ArgumentParser, onnx_func: Callable[[argparse.Namespace], int]) -> None:
-    """Give an existing command ``--backend {torch,onnx}``; ``onnx`` runs ``onnx_func`` instead of the command.
-
-    Does nothing when the command already has a ``--backend`` option (its owner then dispatches).
-    """
-    if "--backend" in parser._option_string_actions:
-        return
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is exported "
-                             "once and cached, parity-checked; an export folder is used as is)")
-    torch_func = parser.get_default("func")
-
-    def dispatch(args: argparse.Namespace) -> int:
-        return onnx_func(args) if args.backend == "onnx" else torch_func(args)
-
-    parser.set_defaults(func=dispatch)
+#: command -> its handler under ``--backend onnx`` (the commands add the option with
+#: :func:`cxrbench.cli.options.add_backend_argument`)
+ONNX_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"predict": predict_onnx, "analyze": analyze_onnx}
 
 
 def _add_parity_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--images", nargs="+", default=None,
                    help="parity-check images (files, folders, globs); default: real NIH images from the shared data")
     q.add_argument("--n-images", type=int, default=8, help="how many parity images")
-    q.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| torch vs ONNX Runtime")
+    q.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |logit difference| torch vs ONNX Runtime")
 
 
-def add_export_commands(sub: argparse._SubParsersAction) -> None:
+def add_export_commands(sub: Subcommands) -> None:
+    """Register ``export`` and ``export-web``."""
     q = sub.add_parser("export", help="export a classifier (+ OOD) bundle to ONNX, parity-checked against PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--bundle", required=True, help="classifier bundle")
     q.add_argument("--ood", default=None, help="OOD bundle (ALI or autoencoder)")
-    q.add_argument("--out", required=True, help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
+    q.add_argument("--out", required=True,
+                   help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
     _add_parity_options(q)
     q.add_argument("--opset", type=int, default=17)
     q.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the check")
@@ -157,7 +150,3 @@ def add_export_commands(sub: argparse._SubParsersAction) -> None:
                                                    "(default $CXRBENCH_NPM_DIR or ~/.cache/cxrbench/npm)")
     q.add_argument("--serve", type=int, default=None, metavar="PORT", help="then serve the app on 127.0.0.1:PORT")
     q.set_defaults(func=_export_web)
-
-    for name, func in (("predict", predict_onnx), ("analyze", analyze_onnx)):
-        if name in sub.choices:
-            add_backend_option(sub.choices[name], func)

@@ -1,11 +1,14 @@
-"""The ``cxrbench`` command.
+"""The ``cxrbench`` command: the parser built from one module per command group, and one-line errors.
 
-Sub-commands are registered by small functions (``_add_<name>``) so each feature adds its own without
-touching the others. Every command prints what it did and where it wrote; errors are one line on
-stderr and a non-zero exit code, never a traceback (``--debug`` shows it).
+Each group (:mod:`.data`, :mod:`.classifier`, :mod:`.app`, :mod:`.explain`, :mod:`.ood`, :mod:`.export`)
+registers its commands with an ``add_<group>_commands(sub)`` function; :data:`COMMAND_GROUPS` lists them
+in the order ``cxrbench --help`` shows them. A command's handler is its ``func`` default, or, with
+``--backend onnx``, its entry in :data:`cxrbench.cli.export.ONNX_COMMANDS`. Every command prints what it
+did and where it wrote; errors are one line on stderr and a non-zero exit code, never a traceback
+(``--debug`` shows it).
 
 Exit codes: 0 success, 1 the data or input is not as expected (e.g. ``data check`` found missing
-files), 2 usage error.
+files), 2 usage error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,153 +16,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from cxrbench import __version__
+from cxrbench.cli.app import add_app_commands
+from cxrbench.cli.classifier import add_classifier_commands
+from cxrbench.cli.data import add_data_commands
+from cxrbench.cli.explain import add_explain_commands
+from cxrbench.cli.export import ONNX_COMMANDS, add_export_commands
+from cxrbench.cli.ood import add_ood_commands
+from cxrbench.cli.options import CommandError, Subcommands
 
-__all__ = ["main", "build_parser"]
+__all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 
-
-class CommandError(Exception):
-    """A command failed for a reason the user can act on; printed as one line."""
-
-
-# --------------------------------------------------------------------------------------------------
-# data
-
-
-def _data_list(args: argparse.Namespace) -> int:
-    from cxrbench.data.catalog import list_datasets
-
-    for name, spec in list_datasets().items():
-        print(f"{name:24s} [{spec.role}] {spec.title}")
-        if args.verbose:
-            print(f"{'':24s} licence: {spec.licence}\n{'':24s} source: {spec.source}")
-    return 0
-
-
-def _data_check(args: argparse.Namespace) -> int:
-    from cxrbench.data.catalog import check_dataset
-
-    result = check_dataset(args.name, args.root, decode=args.decode)
-    print(result.report(show=args.show))
-    return 0 if result.ok else 1
-
-
-def _data_split(args: argparse.Namespace) -> int:
-    from cxrbench.data import check_patient_disjoint, load_manifest, patient_split, save_split, split_summary
-
-    fractions = tuple(float(f) for f in args.fractions.split("/"))
-    t0 = time.perf_counter()
-    df = load_manifest(args.root, on_missing=args.on_missing)
-    split = patient_split(df, fractions, seed=args.seed)
-    check_patient_disjoint(df, split)
-    out = save_split(df, split, args.out, seed=args.seed, fractions=fractions)
-    print(split_summary(df, split).to_string())
-    print(f"wrote {out} ({len(df)} images, {df['patient_id'].nunique()} patients, {time.perf_counter() - t0:.2f} s)")
-    return 0
-
-
-def _data_phantoms(args: argparse.Namespace) -> int:
-    from cxrbench.data.synthetic import write_phantom_set
-
-    t0 = time.perf_counter()
-    root = write_phantom_set(args.out, args.n, size=args.size, seed=args.seed)
-    print(f"wrote {args.n} phantoms to {root} in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-def _data_cache(args: argparse.Namespace) -> int:
-    from cxrbench.data import CXRDataset, load_manifest
-    from cxrbench.preprocess import Preprocess
-
-    df = load_manifest(args.root, on_missing="drop")
-    ds = CXRDataset(df, Preprocess(size=args.size), cache_dir=args.cache_dir or "auto")
-    report = ds.build_cache(workers=args.workers, progress=not args.quiet)
-    print(report.summary())
-    print(f"cache: {ds.cache.dir}")
-    return 1 if report.n_failed else 0
-
-
-def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="catalogue, check, split and cache datasets")
-    dsub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-
-    q = dsub.add_parser("list", help="the catalogued datasets (data_manifests/*.yaml)")
-    q.add_argument("-v", "--verbose", action="store_true")
-    q.set_defaults(func=_data_list)
-
-    q = dsub.add_parser("check", help="validate a local copy of a dataset and list what is missing")
-    q.add_argument("name", help="dataset name (see 'cxrbench data list'), a unique prefix, or a YAML file")
-    q.add_argument("root", help="folder of the local copy")
-    q.add_argument("--decode", action="store_true", help="also decode every image (slower; finds corrupt files)")
-    q.add_argument("--show", type=int, default=10, help="how many missing files to list")
-    q.set_defaults(func=_data_check)
-
-    q = dsub.add_parser("split", help="patient-level seeded split of a dataset, written to CSV")
-    q.add_argument("root")
-    q.add_argument("--out", required=True, help="CSV to write (image_id, patient_id, split)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--fractions", default="0.7/0.1/0.2", help="train/val/test fractions (default 0.7/0.1/0.2)")
-    q.add_argument("--on-missing", choices=("raise", "drop"), default="raise")
-    q.set_defaults(func=_data_split)
-
-    q = dsub.add_parser("phantoms", help="write a synthetic phantom dataset (the offline default)")
-    q.add_argument("out")
-    q.add_argument("-n", type=int, default=64)
-    q.add_argument("--size", type=int, default=256)
-    q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(func=_data_phantoms)
-
-    q = dsub.add_parser("cache", help="decode every image of a dataset once into the uint8 cache")
-    q.add_argument("root")
-    q.add_argument("--size", type=int, default=224)
-    q.add_argument("--cache-dir", default=None, help="default $CXRBENCH_CACHE or ~/.cache/cxrbench")
-    q.add_argument("--workers", type=int, default=2)
-    q.add_argument("-q", "--quiet", action="store_true")
-    q.set_defaults(func=_data_cache)
-
-
-# --------------------------------------------------------------------------------------------------
-# parser
-
-#: Functions that add a sub-command; later features append theirs here.
-def _add_classifier(sub: argparse._SubParsersAction) -> None:
-    from cxrbench.cli.classifier import add_classifier_commands
-
-    add_classifier_commands(sub)
-
-
-def _add_app(sub: argparse._SubParsersAction) -> None:
-    from cxrbench.cli.app import add_app_commands
-
-    add_app_commands(sub)
-
-
-def _add_explain(sub: argparse._SubParsersAction) -> None:
-    from cxrbench.cli.explain import add_explain_commands
-
-    add_explain_commands(sub)
-
-
-def _add_ood(sub: argparse._SubParsersAction) -> None:
-    from cxrbench.cli.ood import add_ood_commands
-
-    add_ood_commands(sub)
-
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    from cxrbench.cli.export import add_export_commands
-
-    add_export_commands(sub)
-
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_classifier, _add_app, _add_explain,
-                                                               _add_ood, _add_export]
+#: the command groups, in the order of ``cxrbench --help``
+COMMAND_GROUPS: list[Callable[[Subcommands], None]] = [add_data_commands, add_classifier_commands, add_app_commands,
+                                                       add_explain_commands, add_ood_commands, add_export_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cxrbench`` parser: ``--version``, ``--debug`` and every group's sub-commands."""
     parser = argparse.ArgumentParser(
         prog="cxrbench",
         description="Chest X-ray workbench: datasets, training, calibrated prediction, OOD gate, explanations.",
@@ -167,16 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cxrbench {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
+    for add_commands in COMMAND_GROUPS:
+        add_commands(sub)
     return parser
 
 
+def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    """The function that runs the parsed command (its ONNX Runtime form under ``--backend onnx``)."""
+    if getattr(args, "backend", "torch") == "onnx":
+        return ONNX_COMMANDS[args.command]
+    return args.func
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input is not as expected": printed as one line, exit code 1."""
+    from cxrbench.app.demo import ServeError
+    from cxrbench.data.manifests import ManifestError
+    from cxrbench.io import ImageReadError
+    from cxrbench.train.common import CheckpointError
+
+    return (CommandError, ManifestError, ImageReadError, CheckpointError, ServeError, FileNotFoundError, KeyError,
+            ValueError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cxrbench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(_handler(args)(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -184,20 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # one line for the user; --debug for the traceback
-        if args.debug:
+        if args.debug or not isinstance(exc, _known_errors()):
             raise
-        from cxrbench.app.demo import ServeError
-        from cxrbench.data.manifests import ManifestError
-        from cxrbench.io import ImageReadError
-        from cxrbench.train.common import CheckpointError
-
-        known = (CommandError, ManifestError, ImageReadError, CheckpointError, ServeError, FileNotFoundError, KeyError,
-                 ValueError)
-        if isinstance(exc, known):
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"cxrbench: error: {msg}", file=sys.stderr)
-            return 1
-        raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"cxrbench: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

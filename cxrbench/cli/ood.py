@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cxrbench.cli.classifier import expand_files, train_subparsers
+from cxrbench.cli.options import Subcommands
 
 __all__ = ["add_ood_commands"]
 
@@ -34,7 +35,7 @@ def _train_ood(args: argparse.Namespace) -> int:
 
 def _ood_score(args: argparse.Namespace) -> int:
     from cxrbench.models.bundle import load_bundle
-    from cxrbench.ood.evaluation import score_files
+    from cxrbench.ood.scoring import score_files
 
     bundle = load_bundle(args.bundle, kind="ood")
     files = expand_files(args.files)
@@ -57,15 +58,18 @@ def _ood_score(args: argparse.Namespace) -> int:
 def _ood_tradeoff(args: argparse.Namespace) -> int:
     """Chester Fig. 6 on the user's data: the classifier's AUC on what the gate keeps, as the cutoff tightens."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     from cxrbench.data import load_manifest
     from cxrbench.models.bundle import load_bundle
-    from cxrbench.ood import evaluation as oe
+    from cxrbench.ood.sets import unseen_rows
+    from cxrbench.ood.tradeoff import rotation_tradeoff, shifted_set_tradeoff, skill_warning
+    from cxrbench.plots.ood import rotation_figure, tradeoff_figure
 
     clf, gate = load_bundle(args.classifier, kind="classifier"), load_bundle(args.ood, kind="ood")
     manifest = load_manifest(args.data, on_missing="drop")
-    rows = oe.unseen_rows(gate, oe.unseen_rows(clf, manifest))  # neither model trained or calibrated on them
+    rows = unseen_rows(gate, unseen_rows(clf, manifest))  # neither model trained or calibrated on them
     if args.max_images and len(rows) > args.max_images:
         rows = rows.sample(args.max_images, random_state=0).reset_index(drop=True)
     if rows.empty:
@@ -74,32 +78,33 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.rotate:
-        per_angle, sweep = oe.rotation_tradeoff(clf, gate, rows, args.rotate, n_points=args.points,
-                                                n_bootstrap=args.bootstrap)
+        per_angle, sweep = rotation_tradeoff(clf, gate, rows, args.rotate, n_points=args.points,
+                                             n_bootstrap=args.bootstrap)
         per_angle.to_csv(out / "per_angle.csv", index=False)
-        oe.plot_rotation(per_angle).savefig(out / "rotation.png", dpi=120)
+        rotation_figure(per_angle).savefig(out / "rotation.png", dpi=120)
         print(per_angle.round(3).to_string(index=False))
         title = f"{len(rows)} images x {len(args.rotate)} rotations"
     else:
-        sweep = oe.shifted_set_tradeoff(clf, gate, rows, n_points=args.points, n_bootstrap=args.bootstrap)
+        sweep = shifted_set_tradeoff(clf, gate, rows, n_points=args.points, n_bootstrap=args.bootstrap)
         title = f"{len(rows)} images of {Path(args.data).name}"
     sweep.to_csv(out / "tradeoff.csv", index=False)
-    oe.plot_tradeoff(sweep, title=title).savefig(out / "tradeoff.png", dpi=120)
-    summary = [("all images", sweep.loc[sweep["retained_fraction"].idxmax()])]
+    tradeoff_figure(sweep, title=title).savefig(out / "tradeoff.png", dpi=120)
+    summary = [("all images", sweep.iloc[int(np.argmax(sweep["retained_fraction"].to_numpy()))])]
     if sweep["bundle_cutoff"].any():
         summary.append(("bundle cutoff", sweep[sweep["bundle_cutoff"]].iloc[0]))
     for label, row in summary:
         ci = f" [{row['auc_macro_ci_low']:.3f}, {row['auc_macro_ci_high']:.3f}]" if "auc_macro_ci_low" in row else ""
         print(f"{label}: {row['retained_fraction']:.1%} retained, macro AUC {row['auc_macro']:.3f}{ci}")
-    warning = oe.skill_warning(sweep)
+    warning = skill_warning(sweep)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png" + (", per_angle.csv and rotation.png" if args.rotate else ""))
+    extra = ", per_angle.csv and rotation.png" if args.rotate else ""
+    print(f"wrote {out / 'tradeoff.csv'} and tradeoff.png{extra}")
     return 0
 
 
-def add_ood_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``train ood`` (in the shared ``train`` group) and ``ood-score``."""
+def add_ood_commands(sub: Subcommands) -> None:
+    """Register ``train ood`` (in the shared ``train`` group), ``ood-score`` and ``ood-tradeoff``."""
     tsub = train_subparsers(sub)
     q = tsub.add_parser("ood", help="train the OOD gate (autoencoder or ALI, 64 px) and fit its cutoff",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

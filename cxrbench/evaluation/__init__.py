@@ -1,9 +1,17 @@
-"""Evaluation: ROC, Youden operating points, Chester's f_opt calibration, AUC with spread and CI, F1, Hamming.
+"""Evaluation: ROC, Youden operating points, Chester's f_opt calibration, AUC with spread and CI, F1, Hamming,
+the degeneracy check and reference tables.
 
 scikit-learn computes the curves and scores; this package adds the multi-label bookkeeping (findings
-without positives reported as such), the half-split spread and bootstrap CI, and reference tables.
+without positives reported as such), the half-split spread, the one bootstrap CI (:mod:`.bootstrap`),
+the label-permutation test of "has this model learned anything" (:mod:`.degeneracy`) and Chester's table.
 """
 
+from cxrbench.evaluation.bootstrap import (
+                                             BootstrapCI,
+                                             bootstrap_auc_ci,
+                                             bootstrap_macro_auc_ci,
+                                             weighted_auc,
+)
 from cxrbench.evaluation.calibration import (
                                              OperatingPoints,
                                              calibrate,
@@ -11,23 +19,23 @@ from cxrbench.evaluation.calibration import (
                                              uncalibrate,
                                              youden_operating_point,
 )
+from cxrbench.evaluation.degeneracy import degeneracy_check, holm_adjust
 from cxrbench.evaluation.metrics import (
                                              AucSpread,
-                                             BootstrapCI,
                                              MacroAUC,
                                              auc_half_split_spread,
                                              auc_or_nan,
                                              auc_per_finding,
-                                             bootstrap_auc_ci,
                                              evaluate_predictions,
                                              macro_auc,
                                              multilabel_report,
+                                             threshold_array,
                                              threshold_comparison,
-                                             weighted_auc,
 )
 from cxrbench.evaluation.reference import chester_table1
 
 __all__ = ["AucSpread", "BootstrapCI", "MacroAUC", "OperatingPoints", "auc_half_split_spread", "auc_or_nan",
-           "auc_per_finding", "bootstrap_auc_ci", "calibrate", "chester_table1", "evaluate_predictions",
-           "fit_operating_points", "macro_auc", "multilabel_report", "threshold_comparison", "uncalibrate",
-           "weighted_auc", "youden_operating_point"]
+           "auc_per_finding", "bootstrap_auc_ci", "bootstrap_macro_auc_ci", "calibrate", "chester_table1",
+           "degeneracy_check", "evaluate_predictions", "fit_operating_points", "holm_adjust", "macro_auc",
+           "multilabel_report", "threshold_array", "threshold_comparison", "uncalibrate", "weighted_auc",
+           "youden_operating_point"]

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from cxrbench._types import as_binary_labels, as_scores, to_numpy
+
 __all__ = [
     "OperatingPoints",
     "calibrate",
@@ -29,26 +31,7 @@ __all__ = [
     "youden_operating_point",
 ]
 
-ArrayOrTensor = TypeVar("ArrayOrTensor")
-
-
-def _as_binary_labels(y_true: Any, name: str = "y_true") -> np.ndarray:
-    y = np.asarray(y_true, dtype=float)
-    if np.isnan(y).any():
-        raise ValueError(f"{name} contains NaN; labels must be 0 or 1 (drop unlabelled rows first)")
-    if not np.isin(y, (0.0, 1.0)).all():
-        bad = np.unique(y[~np.isin(y, (0.0, 1.0))])[:5]
-        raise ValueError(f"{name} must hold only 0 and 1, found e.g. {bad.tolist()}")
-    return y.astype(np.int8)
-
-
-def _as_scores(scores: Any, shape: tuple[int, ...], name: str = "scores") -> np.ndarray:
-    s = np.asarray(scores, dtype=float)
-    if s.shape != shape:
-        raise ValueError(f"{name} has shape {s.shape}, y_true has shape {shape}; they must match")
-    if not np.isfinite(s).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return s
+ArrayT = TypeVar("ArrayT")  # calibrate returns the type it is given (numpy array or torch tensor)
 
 
 def _youden(y: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
@@ -80,10 +63,10 @@ def youden_operating_point(y_true: Any, scores: Any) -> float:
         ROC convention). Ties in J go to the highest threshold. **NaN** when ``y_true`` has no
         positives or no negatives (J is undefined); no warning is emitted, check with ``math.isnan``.
     """
-    y = _as_binary_labels(y_true)
+    y = as_binary_labels(y_true)
     if y.ndim != 1:
         raise ValueError(f"y_true must be 1-D (N,), got shape {y.shape}")
-    s = _as_scores(scores, y.shape)
+    s = as_scores(scores, y.shape)
     return _youden(y, s)[0]
 
 
@@ -123,7 +106,8 @@ class OperatingPoints:
         """JSON-ready dict (NaN written as None)."""
 
         def clean(d: Mapping[str, float]) -> dict[str, float | None]:
-            return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in d.items()}
+            return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v))
+                    for k, v in d.items()}
 
         return {
             "method": self.method,
@@ -173,11 +157,11 @@ def fit_operating_points(
 
     Findings without positives or negatives get a NaN threshold (see :func:`youden_operating_point`).
     """
-    y = _as_binary_labels(y_true)
+    y = as_binary_labels(y_true)
     findings = tuple(findings)
     if y.ndim != 2 or y.shape[1] != len(findings):
         raise ValueError(f"y_true must be (N, F) with F = len(findings) = {len(findings)}, got {y.shape}")
-    s = _as_scores(scores, y.shape)
+    s = as_scores(scores, y.shape)
     points = OperatingPoints(thresholds={}, method="youden", fitted_on=fitted_on)
     for j, finding in enumerate(findings):
         thr, tpr, fpr = _youden(y[:, j], s[:, j])
@@ -214,14 +198,12 @@ def _check_probabilities(x: np.ndarray, name: str) -> None:
 
 def _piecewise(x: Any, opt: Any, inverse: bool, findings: Sequence[str] | None) -> Any:
     opt_np = _opt_array(opt, findings)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(x, torch.Tensor):
-        o = torch.as_tensor(opt_np, dtype=x.dtype if x.is_floating_point() else torch.float64, device=x.device)
-        out = _piecewise(x.detach().cpu().double().numpy(), o.double().cpu().numpy(), inverse, None)
-        return torch.as_tensor(out, dtype=o.dtype, device=x.device)
+    import torch  # a dependency; imported here so that numpy-only users of this module do not pay for it
+
+    if isinstance(x, torch.Tensor):
+        o_t = torch.as_tensor(opt_np, dtype=x.dtype if x.is_floating_point() else torch.float64, device=x.device)
+        out = _piecewise(to_numpy(x, dtype=np.float64), to_numpy(o_t, dtype=np.float64), inverse, None)
+        return torch.as_tensor(out, dtype=o_t.dtype, device=x.device)
     x_np = np.asarray(x, dtype=float)
     _check_probabilities(x_np, "calibrated values" if inverse else "x")
     o = np.broadcast_to(opt_np, np.broadcast_shapes(x_np.shape, opt_np.shape))
@@ -238,7 +220,7 @@ def _piecewise(x: Any, opt: Any, inverse: bool, findings: Sequence[str] | None) 
     return out
 
 
-def calibrate(p: ArrayOrTensor, opt: Any, findings: Sequence[str] | None = None) -> ArrayOrTensor:
+def calibrate(p: ArrayT, opt: Any, findings: Sequence[str] | None = None) -> ArrayT:
     """Chester Eq. 1: map raw probabilities so each finding's operating point lands on 0.5.
 
     Parameters
@@ -261,7 +243,7 @@ def calibrate(p: ArrayOrTensor, opt: Any, findings: Sequence[str] | None = None)
     return _piecewise(p, opt, inverse=False, findings=findings)
 
 
-def uncalibrate(q: ArrayOrTensor, opt: Any, findings: Sequence[str] | None = None) -> ArrayOrTensor:
+def uncalibrate(q: ArrayT, opt: Any, findings: Sequence[str] | None = None) -> ArrayT:
     """Inverse of :func:`calibrate`: calibrated values ``q`` in [0, 1] -> raw probabilities.
 
     ``q <= 0.5`` -> ``2 opt q``; otherwise ``1 - 2 (1 - opt)(1 - q)``. Same arguments and types.

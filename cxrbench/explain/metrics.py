@@ -30,7 +30,7 @@ from torch import nn
 from cxrbench.explain.fusion import mask_fraction
 
 __all__ = ["FaithfulnessCurves", "MethodComparison", "boxes_to_mask", "compare_methods", "deletion_insertion",
-           "mass_fraction", "phantom_localisation_set", "plot_faithfulness", "pointing_game", "read_bbox_list",
+           "mass_fraction", "phantom_localisation_set", "pointing_game", "read_bbox_list",
            "topk_iou", "topk_mask"]
 
 Box = Sequence[Any]  # (x, y, w, h) or (label, x, y, w, h)
@@ -184,23 +184,6 @@ class MethodComparison(NamedTuple):
     table: pd.DataFrame
     detail: pd.DataFrame
     curves: dict[str, FaithfulnessCurves]
-
-
-def plot_faithfulness(curves: dict[str, FaithfulnessCurves], methods: Sequence[str] | None = None):
-    """Mean deletion and insertion curves per method, their mean AUC in the legend (matplotlib figure)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for m in methods or list(curves):
-        c = curves[m]
-        axes[0].plot(c.fractions, c.deletion.mean(0), label=f"{m} (AUC {c.deletion_auc.mean():.3f})")
-        axes[1].plot(c.fractions, c.insertion.mean(0), label=f"{m} (AUC {c.insertion_auc.mean():.3f})")
-    score = next(iter(curves.values())).score if curves else "probability"
-    for ax, name in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
-        ax.set(title=name, xlabel="fraction of pixels", ylabel=f"{score} of the target finding")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 def _baseline(x: torch.Tensor, kind: str, sigma: float | None) -> torch.Tensor:

@@ -37,7 +37,7 @@ from cxrbench.data import CXRDataset
 from cxrbench.models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_optimizers
 from cxrbench.models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
 from cxrbench.models.bundle import ModelCard, save_bundle
-from cxrbench.ood.scoring import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
+from cxrbench.ood import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
 from cxrbench.preprocess import Preprocess
 from cxrbench.train.common import (
     MetricLog,

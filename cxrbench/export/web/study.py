@@ -9,7 +9,8 @@ Chester resized images with the browser's canvas and saw per-finding prediction 
 ``canvas-low``   ``drawImage`` with the default low-quality smoothing (what a naive port does)
 
 :func:`preprocessing_study` turns the browser's and Python's outputs into the per-finding table,
-:func:`study_figure` draws the Fig. 9 histograms, :func:`run_browser_study` collects the browser side.
+:func:`cxrbench.plots.export.browser_study_figure` draws the Fig. 9 histograms, :func:`run_browser_study`
+collects the browser side.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["RESIZE_MODES", "browser_arrays", "input_study", "preprocessing_study", "python_reference",
-           "run_browser_study", "staged_images", "study_figure"]
+           "run_browser_study", "staged_images"]
 
 RESIZE_MODES = ("pillow", "canvas-high", "canvas-low")
 
@@ -106,34 +107,6 @@ def input_study(python_inputs: Sequence[np.ndarray], browser_inputs: Mapping[str
                      "p99_abs_grey": np.percentile(grey, 99), "max_abs_grey": grey.max(),
                      "share_pixels_off": float((grey > 0.5).mean())})
     return pd.DataFrame(rows)
-
-
-def study_figure(python: Mapping[str, np.ndarray], browser: Mapping[str, Mapping[str, np.ndarray]],
-                 findings: Sequence[str], *, value: str = "calibrated", bins: int = 21):
-    """Chester Fig. 9: per finding, the histogram of browser - Python differences, one colour per resize path."""
-    import matplotlib.pyplot as plt
-
-    ref = np.asarray(python[value], dtype=np.float64)
-    diffs = {m: np.asarray(a[value], dtype=np.float64) - ref for m, a in browser.items()}
-    finite = np.concatenate([d[np.isfinite(d)] for d in diffs.values()])
-    span = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-6)
-    edges = np.linspace(-span, span, bins + 1)
-    cols = 7 if len(findings) > 7 else len(findings)
-    rows = int(np.ceil(len(findings) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.9 * rows), sharex=True, squeeze=False)
-    for j, (ax, finding) in enumerate(zip(axes.ravel(), findings)):
-        for mode, d in diffs.items():
-            col = d[:, j][np.isfinite(d[:, j])]
-            if col.size:
-                ax.hist(col, bins=edges, alpha=0.55, label=mode)
-        ax.set_title(finding, fontsize=8)
-        ax.tick_params(labelsize=6)
-    for ax in axes.ravel()[len(findings):]:
-        ax.axis("off")
-    axes.ravel()[0].legend(fontsize=6)
-    fig.supxlabel(f"browser - Python ({value} probability), {ref.shape[0]} images", fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 @contextlib.contextmanager

@@ -1,0 +1,129 @@
+"""Every figure lives in cxrbench.plots, is called ``*_figure`` and draws what it is given."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import cxrbench.plots as plots  # noqa: E402
+from cxrbench.evaluation.calibration import OperatingPoints  # noqa: E402
+from cxrbench.models.autoencoder import ConvAutoencoder  # noqa: E402
+from cxrbench.ood import SCORER_NAMES, score_sets  # noqa: E402
+
+PACKAGE = Path(plots.__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    import matplotlib.pyplot as plt
+
+    yield
+    plt.close("all")
+
+
+def test_one_naming_scheme_and_no_figure_outside_plots():
+    assert plots.__all__ and all(name.endswith("_figure") for name in plots.__all__)
+    drawing = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "plots" and path.parent.parent == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.startswith(("matplotlib.pyplot", "plotly")) for n in names):
+                drawing.append(str(path.relative_to(PACKAGE)))
+    assert not drawing, f"figures drawn outside cxrbench/plots: {sorted(set(drawing))}"
+
+
+def test_image_grid_and_data_figures():
+    rng = np.random.default_rng(0)
+    images = [rng.random((16, 16)) for _ in range(5)]
+    mask = np.zeros((16, 16))
+    mask[4:12, 4:12] = 1
+    fig = plots.image_grid_figure(images, [f"t{k}" for k in range(5)], ncols=3, contours=[mask, None, None, None, None])
+    assert len(fig.axes) == 6 and fig.axes[0].get_title() == "t0" and fig.axes[5].get_title() == ""
+    assert len(fig.axes[0].collections) > 0 and len(fig.axes[1].collections) == 0  # only the first is outlined
+
+    counts = pd.Series({"Effusion": 30, "Hernia": 2, "Mass": 12})
+    bars = plots.bar_figure(counts, title="per finding", log=True).axes[0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["Hernia", "Mass", "Effusion"]  # largest on top
+    assert bars.get_xscale() == "log" and [p.get_width() for p in bars.patches] == [2, 12, 30]
+
+    table = pd.DataFrame([[1.0, 0.25], [0.25, 1.0]], index=["a", "b"], columns=["a", "b"])
+    heat = plots.heatmap_figure(table, fmt="{:.2f}").axes[0]
+    assert sorted(t.get_text() for t in heat.texts) == ["0.25", "0.25", "1.00", "1.00"]
+
+    eq = plots.equalisation_figure(images[0], {"hist": images[1], "clahe": images[2]})
+    assert [ax.get_title() for ax in eq.axes[:3]] == ["original", "hist", "clahe"] and len(eq.axes) == 6
+
+
+def test_evaluation_figures():
+    rng = np.random.default_rng(1)
+    y = (rng.random((60, 3)) < 0.4).astype(int)
+    y[:, 2] = 0  # a finding without positives
+    scores = np.clip(0.5 * y + 0.6 * rng.random(y.shape), 0, 1)
+    ops = OperatingPoints({"A": 0.5, "B": 0.4, "C": float("nan")}, fitted_on="validation")
+    roc = plots.roc_figure(y, scores, ["A", "B", "C"], ops, ncols=3)
+    titles = [a.text for a in roc.layout.annotations]
+    assert titles[0].startswith("A (AUC ") and titles[2] == "C (no positives)"
+    stars = [t for t in roc.data if t.mode == "markers"]
+    assert len(stars) == 2  # A and B have an operating point and both classes
+    pred = scores[:, 0] >= 0.5
+    assert stars[0].x[0] == pytest.approx(pred[y[:, 0] == 0].mean())
+    assert stars[0].y[0] == pytest.approx(pred[y[:, 0] == 1].mean())
+
+    calib = plots.calibration_figure({"A": 0.2, "B": 0.7, "C": float("nan")}).axes[0]
+    assert len(calib.get_lines()) == 2 * 2 + 1  # a curve and a star per finding with a point, the 0.5 line
+    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.7, 0.5], "val_loss": [0.8, 0.6], "val_auc": [0.55, 0.6]})
+    assert [len(ax.get_lines()) for ax in plots.training_figure(history).axes] == [2, 2]
+
+
+def test_ood_figures():
+    torch.manual_seed(0)
+    model = ConvAutoencoder(latent_dim=8, base_channels=4).eval()
+    x = 0.45 + 0.1 * torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    fig = plots.reconstruction_figure(model, x, ["a", "b", "c"])
+    assert len(fig.axes) == 9 and "SSIM" in fig.axes[0].get_title()
+    scores = score_sets(model, {"in": x, "far": torch.rand(4, 1, 64, 64)})
+    fig2 = plots.score_distribution_figure(scores.pop("in"), scores, cutoff={"scorer": "ssim", "threshold": 0.5})
+    assert len(fig2.axes) == len(SCORER_NAMES)
+    history = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.2, 0.1], "val_l1": [0.2, 0.15],
+                            "val_ssim_median": [0.3, 0.5]})
+    assert len(plots.ood_training_figure(history).axes) == 2
+    table = pd.DataFrame({"retained_fraction": [0.5, 1.0], "auc_macro": [0.8, 0.7], "bundle_cutoff": [True, False]})
+    per_angle = pd.DataFrame({"angle": [0, 90], "rejected_fraction": [0.1, 0.9], "auc_all": [0.7, 0.5],
+                              "auc_retained": [0.72, 0.6]})
+    assert len(plots.rotation_figure(per_angle).axes[1].get_lines()) == 2
+    ax = plots.tradeoff_figure(table, title="t").axes[0]
+    assert any(line.get_marker() == "*" for line in ax.get_lines())
+
+
+class _Report:
+    """What probability_figure reads from a Report: its table."""
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame({"finding": ["Effusion", "Mass"], "calibrated": [0.8, 0.2], "raw": [0.3, 0.05],
+                             "operating_point": [0.2, 0.1]})
+
+
+def test_probability_and_browser_study_figures():
+    fig = plots.probability_figure(_Report(), {"Effusion": 0.81, "Mass": None})
+    bar = fig.data[0]
+    assert list(bar.y) == ["Mass", "Effusion"] and list(bar.x) == [0.2, 0.8]  # highest on top
+    assert list(bar.marker.color) == ["#2e6da4", "#c0392b"] and "test AUC" in bar.hovertemplate
+    assert np.isnan(bar.customdata[0][2]) and bar.customdata[1][2] == pytest.approx(0.81)
+
+    python = {"calibrated": np.array([[0.5, 0.2], [0.6, 0.1]])}
+    browser = {"pillow": {"calibrated": python["calibrated"] + 0.01},
+               "canvas-low": {"calibrated": python["calibrated"] - 0.05}}
+    study = plots.browser_study_figure(python, browser, ["A", "B"])
+    assert [ax.get_title() for ax in study.axes] == ["A", "B"] and len(study.axes[0].patches) > 0

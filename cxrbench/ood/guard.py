@@ -116,7 +116,7 @@ def fit_guard(images: Sequence[np.ndarray], *, min_side: int = 64, size: int = G
     cut = {k: float(_FIT_MARGINS[k] * np.percentile(v, percentile)) for k, v in values.items()}
     guard = ImageGuard(min_side=min_side, min_bits_per_pixel=cut["bits_per_pixel"], min_spread=cut["spread"],
                        size=size, method=f"{_FIT_MARGINS['bits_per_pixel']} x / {_FIT_MARGINS['spread']} x the "
-                                         f"{percentile:g}th percentile of {len(images)} validation images")
+                                         f"percentile {percentile:g} of {len(images)} validation images")
     kept = float(np.mean([guard.check(im).passed for im in images]))
     record = {"kept_fraction_validation": kept, "n_validation": len(images),
               **{f"validation_{k}": {"min": float(v.min()), "p1": float(np.percentile(v, 1)),

@@ -8,10 +8,16 @@ so a batch job can report it and go on.
 
 Conventions
 -----------
-- Integer images are scaled by their *container* range (``uint8`` / 255, ``uint16`` / 65535) unless
-  the file stores fewer significant bits (DICOM ``BitsStored``, 16-bit PNGs whose values never
-  exceed 4095 are *not* guessed at: they are scaled by 65535 and flagged ``low_dynamic_range``).
-  DICOM pixels go through rescale slope/intercept and the VOI LUT or window, then min-max.
+- Integer images are scaled by their *effective* bit depth, as DICOM's ``BitsStored`` does: 8-bit
+  images by 255; 16-bit images by ``2**b - 1`` where ``b`` is the PNG's ``sBIT`` chunk when present, else
+  the smallest of 8, 10, 12, 14, 16 that holds the image's maximum. Many DICOM-to-PNG conversions store
+  12-bit values (at most 4095) in a 16-bit PNG; divided by 65535 they would read near-black.
+  ``ImageMeta.effective_bits`` records the depth used.
+- DICOM pixels go through rescale slope/intercept and the VOI LUT or window, then min-max; all in
+  float32 (the same pixels as pydicom's float64 path within 1e-6, several times faster).
+- ``ImageMeta.low_dynamic_range`` is set when, after scaling, 98 % of the pixels span less than
+  :data:`LOW_DYNAMIC_RANGE_SPREAD` of [0, 1] (a nearly flat or nearly black image): results on it
+  deserve a warning.
 - Colour is converted to grey with ITU-R 601-2 luma (Pillow's ``"L"``); alpha is composited on black.
 - ``MONOCHROME1`` DICOMs are inverted so that bright always means dense.
 - Images with more than ``max_pixels`` pixels (default 50 megapixels) are refused before decoding.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import io as _stdio
 import os
+import stat
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -33,6 +40,7 @@ from PIL import UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "LOW_DYNAMIC_RANGE_SPREAD",
     "Image",
     "ImageMeta",
     "ImageReadError",
@@ -47,6 +55,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 _DICOM_MAGIC_OFFSET = 128
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: bit depths a 16-bit container is checked against, smallest first
+_EFFECTIVE_DEPTHS = (8, 10, 12, 14, 16)
+#: below this spread (1st to 99th percentile, in [0, 1]) an image is flagged ``low_dynamic_range``
+LOW_DYNAMIC_RANGE_SPREAD = 0.1
 
 
 class ImageReadError(ValueError):
@@ -73,6 +86,9 @@ class ImageMeta:
     mode : Pillow mode of the stored image, or the DICOM pixel dtype.
     inverted : True when the pixels were inverted (MONOCHROME1).
     notes : conversions applied (``"rgb_to_grey"``, ``"alpha_on_black"``, ``"voi_lut"``, ...).
+    effective_bits : the bit depth the integer values were scaled by (``2**effective_bits - 1`` is 1.0);
+        for DICOM its ``BitsStored``; 32 for float images (min-max scaled).
+    low_dynamic_range : the pixels, as read, span less than :data:`LOW_DYNAMIC_RANGE_SPREAD` of [0, 1].
     """
 
     source: str
@@ -83,6 +99,8 @@ class ImageMeta:
     mode: str
     inverted: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    effective_bits: int = 8
+    low_dynamic_range: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,6 +185,12 @@ def _read_bytes(source: ImageSource, label: str) -> bytes:
         if path.is_dir():
             raise ImageReadError(label, "is a directory, not an image file")
         try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the read forever
+            raise ImageReadError(label, "not a regular file (a FIFO, socket or device); skipped")
+        try:
             return path.read_bytes()
         except OSError as exc:
             raise ImageReadError(label, f"cannot read file ({exc.strerror or exc})") from None
@@ -193,7 +217,7 @@ def _read_raster(data: bytes, label: str, max_pixels: int) -> Image:
             warnings.simplefilter("ignore", _PILImage.DecompressionBombWarning)
             pil = _PILImage.open(_stdio.BytesIO(data))
     except UnidentifiedImageError:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and 0 in struct.unpack(">II", data[16:24]):
+        if data[:8] == _PNG_MAGIC and len(data) >= 24 and 0 in struct.unpack(">II", data[16:24]):
             w, h = struct.unpack(">II", data[16:24])
             raise ImageReadError(label, f"image has zero size ({w}x{h})") from None
         raise ImageReadError(label, "not a recognised image format (PNG, JPEG, TIFF, BMP or DICOM expected)") from None
@@ -218,9 +242,10 @@ def _read_raster(data: bytes, label: str, max_pixels: int) -> Image:
         raise ImageReadError(label, f"truncated or corrupt {fmt} data ({exc})") from None
 
     notes: list[str] = []
-    arr, bit_depth = _pil_to_grey(pil, notes)
-    pixels = arr.astype(np.float32)
+    sbit = _png_sbit(data) if fmt == "PNG" else None
+    pixels, bit_depth, effective = _pil_to_grey(pil, notes, sbit)
     photometric = {"L": "MONOCHROME2", "I;16": "MONOCHROME2", "I": "MONOCHROME2", "1": "MONOCHROME2"}.get(mode, mode)
+    pixels = _finish(pixels, label)
     meta = ImageMeta(
         source=label,
         format=fmt,
@@ -229,45 +254,86 @@ def _read_raster(data: bytes, label: str, max_pixels: int) -> Image:
         photometric=photometric,
         mode=mode,
         notes=tuple(notes),
+        effective_bits=effective,
+        low_dynamic_range=is_low_dynamic_range(pixels),
     )
-    return Image(_finish(pixels, label), meta)
+    return Image(pixels, meta)
 
 
-def _pil_to_grey(pil: _PILImage.Image, notes: list[str]) -> tuple[np.ndarray, int]:
-    """(H, W) float64 in [0, 1] and the stored bit depth."""
+def is_low_dynamic_range(pixels: np.ndarray) -> bool:
+    """True when the 1st to 99th percentile of ``pixels`` ((H, W) in [0, 1]) span less than
+    :data:`LOW_DYNAMIC_RANGE_SPREAD` (nearly flat or nearly black); computed on at most ~65k pixels."""
+    step = max(1, int(np.sqrt(pixels.size / 65536)))
+    lo, hi = np.percentile(pixels[::step, ::step], [1, 99])
+    return bool(hi - lo < LOW_DYNAMIC_RANGE_SPREAD)
+
+
+def _png_sbit(data: bytes) -> int | None:
+    """Significant bits of a greyscale PNG from its ``sBIT`` chunk (before the image data), else None."""
+    pos = len(_PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        if kind == b"sBIT" and length >= 1:
+            bits = data[pos + 8]
+            return int(bits) if 1 <= bits <= 16 else None
+        pos += 12 + length
+    return None
+
+
+def effective_bit_depth(values: np.ndarray, container_bits: int = 16, sbit: int | None = None) -> int:
+    """The bit depth integer ``values`` were stored with: ``sbit`` when given, else the smallest of 8, 10,
+    12, 14, ``container_bits`` that holds ``values.max()`` (a 12-bit image in a 16-bit PNG gives 12)."""
+    if sbit is not None and 1 <= sbit <= container_bits:
+        return int(sbit)
+    vmax = int(values.max()) if values.size else 0
+    return next(b for b in (*_EFFECTIVE_DEPTHS, container_bits) if b >= container_bits or vmax < 2**b)
+
+
+def _scaled(raw: np.ndarray, bits: int) -> np.ndarray:
+    return raw.astype(np.float32) * np.float32(1.0 / (2**bits - 1))
+
+
+def _min_max(raw: np.ndarray) -> np.ndarray:
+    raw = raw.astype(np.float32)
+    lo, hi = float(raw.min()), float(raw.max())
+    return (raw - lo) / np.float32(hi - lo) if hi > lo else np.zeros(raw.shape, np.float32)
+
+
+def _pil_to_grey(pil: _PILImage.Image, notes: list[str], sbit: int | None = None) -> tuple[np.ndarray, int, int]:
+    """(H, W) float32 in [0, 1], the stored bit depth and the effective bit depth it was scaled by."""
     mode = pil.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(pil, dtype=np.float64) / 65535.0
-        return arr, 16
-    if mode == "I":  # 32-bit signed ints; Pillow opens 16-bit PNGs like this
-        raw = np.asarray(pil, dtype=np.int64)
-        if raw.min() < 0 or raw.max() > 65535:
-            lo, hi = float(raw.min()), float(raw.max())
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N") or mode == "I":  # Pillow opens 16-bit PNGs as "I"
+        raw = np.asarray(pil)
+        if mode == "I" and (raw.min() < 0 or raw.max() > 65535):  # true 32-bit integers
             notes.append("min_max_scaled")
-            return (raw - lo) / (hi - lo) if hi > lo else np.zeros(raw.shape), 32
-        return raw / 65535.0, 16
+            return _min_max(raw.astype(np.float64)), 32, 32
+        bits = effective_bit_depth(raw, 16, sbit)
+        if bits < 16:
+            notes.append(f"scaled_as_{bits}_bit")
+        return _scaled(raw, bits), 16, bits
     if mode == "F":
-        raw = np.asarray(pil, dtype=np.float64)
+        raw = np.asarray(pil, dtype=np.float32)
         if not np.all(np.isfinite(raw)):
             raise ValueError("floating-point image contains NaN or infinity")
-        lo, hi = float(raw.min()), float(raw.max())
         notes.append("min_max_scaled")
-        return (raw - lo) / (hi - lo) if hi > lo else np.zeros(raw.shape), 32
+        return _min_max(raw), 32, 32
     if mode == "1":
-        return np.asarray(pil.convert("L"), dtype=np.float64) / 255.0, 1
+        return _scaled(np.asarray(pil.convert("L")), 8), 1, 1
     if mode == "L":
-        return np.asarray(pil, dtype=np.float64) / 255.0, 8
+        return _scaled(np.asarray(pil), 8), 8, 8
     if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in pil.info):
         rgba = pil.convert("RGBA")
-        grey = np.asarray(rgba.convert("L"), dtype=np.float64)
-        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64) / 255.0
+        grey = np.asarray(rgba.convert("L"), dtype=np.float32)
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / np.float32(255.0)
         notes.append("alpha_on_black")
         if mode not in ("LA",):
             notes.append("rgb_to_grey")
-        return grey * alpha / 255.0, 8
+        return grey * alpha / np.float32(255.0), 8, 8
     # RGB, P, CMYK, YCbCr, LAB, HSV ...
     notes.append("rgb_to_grey" if mode != "P" else "palette_to_grey")
-    return np.asarray(pil.convert("L"), dtype=np.float64) / 255.0, 8
+    return _scaled(np.asarray(pil.convert("L")), 8), 8, 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,11 +341,28 @@ def _pil_to_grey(pil: _PILImage.Image, notes: list[str]) -> tuple[np.ndarray, in
 
 
 def _read_dicom(data: bytes, label: str, max_pixels: int) -> Image:
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError:  # pragma: no cover - pydicom is a hard dependency
-        raise ImageReadError(label, "DICOM file, but pydicom is not installed") from None
+    ds = _open_dicom(data, label, max_pixels)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    arr = _dicom_pixel_array(ds, label)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if arr.ndim == 3 and samples == 1:
+        raise ImageReadError(label, f"multi-frame DICOM ({arr.shape[0]} frames); one frame expected")
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if samples == 3 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+        pixels, inverted, notes = _dicom_rgb_to_grey(ds, arr, photometric, bits), False, ["rgb_to_grey"]
+    else:
+        pixels, inverted, notes = _dicom_grey(ds, arr, photometric)
+    pixels = _finish(pixels, label)
+    meta = ImageMeta(source=label, format="DICOM", bit_depth=bits, original_size=(int(ds.Rows), int(ds.Columns)),
+                     photometric=photometric, mode=str(arr.dtype), inverted=inverted, notes=tuple(notes),
+                     effective_bits=bits, low_dynamic_range=is_low_dynamic_range(pixels))
+    return Image(pixels, meta)
+
+
+def _open_dicom(data: bytes, label: str, max_pixels: int):
+    """The parsed dataset, after the checks that need no pixel decoding (pixels present, size, frames)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(_stdio.BytesIO(data), force=False)
@@ -287,7 +370,6 @@ def _read_dicom(data: bytes, label: str, max_pixels: int) -> Image:
         raise ImageReadError(label, f"invalid DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise ImageReadError(label, "DICOM file has no pixel data (not an image object)")
-
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows == 0 or cols == 0:
         raise ImageReadError(label, f"DICOM image has zero size ({cols}x{rows})")
@@ -296,78 +378,113 @@ def _read_dicom(data: bytes, label: str, max_pixels: int) -> Image:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageReadError(label, f"multi-frame DICOM ({frames} frames); one frame expected")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    return ds
 
+
+def _dicom_pixel_array(ds, label: str) -> np.ndarray:
+    """Decoded pixels; a compressed file says whether a decoder is missing or the data are broken."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
-        arr = ds.pixel_array
-    except Exception as exc:  # missing decoder plugin, truncated pixel data ...
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # missing decoder plugin, truncated or corrupt pixel data ...
         syntax = f"{tsyntax.name} ({tsyntax})" if tsyntax is not None else "unknown transfer syntax"
-        if tsyntax is not None and getattr(tsyntax, "is_compressed", False):
+        if tsyntax is not None and getattr(tsyntax, "is_compressed", False) and not _decoder_available(tsyntax):
             raise ImageReadError(
                 label,
                 f"compressed DICOM ({syntax}) and no decoder for it is installed; "
                 "install pylibjpeg[all] or gdcm, or convert the file to uncompressed DICOM/PNG",
             ) from None
-        raise ImageReadError(label, f"cannot decode DICOM pixel data ({syntax}: {exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImageReadError(label, f"corrupt or truncated DICOM pixel data ({syntax}: {reason})") from None
 
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and samples == 1:
-        raise ImageReadError(label, f"multi-frame DICOM ({arr.shape[0]} frames); one frame expected")
-    notes: list[str] = []
-    if samples == 3 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
-        from pydicom.pixels import convert_color_space
 
-        if photometric.startswith("YBR"):
-            arr = convert_color_space(arr, photometric, "RGB")
-        rgb = arr[..., :3].astype(np.float64)
-        vmax = float(2 ** int(ds.get("BitsStored", 8)) - 1)
-        grey = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / vmax
-        notes.append("rgb_to_grey")
-        pixels = grey
-        inverted = False
-    else:
-        pixels, inverted, more = _dicom_grey(ds, arr, photometric)
-        notes.extend(more)
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    meta = ImageMeta(
-        source=label,
-        format="DICOM",
-        bit_depth=bits,
-        original_size=(rows, cols),
-        photometric=photometric,
-        mode=str(arr.dtype),
-        inverted=inverted,
-        notes=tuple(notes),
-    )
-    return Image(_finish(pixels.astype(np.float32), label), meta)
+def _decoder_available(tsyntax) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(tsyntax).is_available)
+    except Exception:  # an unknown transfer syntax has no decoder
+        return False
+
+
+def _dicom_rgb_to_grey(ds, arr: np.ndarray, photometric: str, bits: int) -> np.ndarray:
+    from pydicom.pixels import convert_color_space
+
+    if photometric.startswith("YBR"):
+        arr = convert_color_space(arr, photometric, "RGB")
+    rgb = arr[..., :3].astype(np.float32)
+    luma = np.float32(0.299) * rgb[..., 0] + np.float32(0.587) * rgb[..., 1] + np.float32(0.114) * rgb[..., 2]
+    return luma / np.float32(2**bits - 1)
 
 
 def _dicom_grey(ds, arr: np.ndarray, photometric: str) -> tuple[np.ndarray, bool, list[str]]:
-    """Modality LUT (rescale), VOI LUT or window, MONOCHROME1 inversion, min-max to [0, 1]."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+    """Modality LUT (rescale), VOI LUT or window, MONOCHROME1 inversion, min-max to [0, 1]; float32."""
     notes = []
-    values = apply_modality_lut(arr, ds).astype(np.float64)
+    values = _modality(ds, arr)
     if "RescaleSlope" in ds or "ModalityLUTSequence" in ds:
         notes.append("modality_lut")
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
+    if "VOILUTSequence" in ds:
+        from pydicom.pixels import apply_voi_lut
+
         if np.array_equal(values, np.round(values)):  # a LUT is indexed by integers
             values = values.astype(np.int64)
-        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-        notes.append("voi_lut" if "VOILUTSequence" in ds else "window")
-    lo, hi = float(np.min(values)), float(np.max(values))
-    if not np.isfinite(lo) or not np.isfinite(hi):
+        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
+        notes.append("voi_lut")
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        values = _window(values, ds)
+        notes.append("window")
+    if not np.isfinite(values).all():
         raise ValueError("DICOM pixel values are not finite")
-    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    scaled = _min_max(values)
     notes.append("min_max_scaled")
     inverted = photometric == "MONOCHROME1"
     if inverted:
-        scaled = 1.0 - scaled
+        scaled = np.float32(1.0) - scaled
         notes.append("monochrome1_inverted")
     return scaled, inverted, notes
+
+
+def _modality(ds, arr: np.ndarray) -> np.ndarray:
+    """The modality LUT as float32: rescale slope/intercept, or pydicom for a LUT sequence."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    values = arr.astype(np.float32)
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        values = values * np.float32(slope) + np.float32(intercept)
+    return values
+
+
+def _first(value) -> float:
+    try:
+        return float(value[0])
+    except TypeError:  # a single value
+        return float(value)
+
+
+def _window(values: np.ndarray, ds) -> np.ndarray:
+    """The VOI window (PS3.3 C.11.2.1.2) as in :func:`pydicom.pixels.apply_windowing`, to [0, 1] in float32
+    (its output range only rescales it, and :func:`_dicom_grey` min-max scales the result anyway)."""
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"Window Width must be > 0 for a SIGMOID window, got {width}")
+        return np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-4.0 / width) * (values - np.float32(center))))
+    if function == "LINEAR":
+        if width < 1:
+            raise ValueError(f"Window Width must be >= 1 for a LINEAR window, got {width}")
+        center, width = center - 0.5, width - 1
+        if width == 0:
+            return (values > np.float32(center)).astype(np.float32)
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"Window Width must be > 0 for a LINEAR_EXACT window, got {width}")
+    else:
+        raise ValueError(f"unsupported VOI LUT Function {function!r}")
+    return np.clip((values - np.float32(center)) / np.float32(width) + np.float32(0.5), 0.0, 1.0)
 
 
 def _finish(pixels: np.ndarray, label: str) -> np.ndarray:

@@ -78,11 +78,15 @@ def test_mismatched_architecture_and_kind(saved):
     (path / "card.json").write_text(json.dumps(card))
     with pytest.raises(BundleError, match="do not fit"):
         load_bundle(path, verify=False)
+    # a card that lists 3 labels for a 3-output head is consistent; the 14-output weights are not
+    labels, card["labels"] = card["labels"], card["labels"][:3]
+    card["operating_points"]["thresholds"] = {k: card["operating_points"]["thresholds"][k] for k in card["labels"]}
     card["builder_kwargs"] = {"arch": "resnet18", "num_outputs": 3, "in_channels": 1}
     (path / "card.json").write_text(json.dumps(card))
     with pytest.raises(BundleError, match="other shapes"):
         load_bundle(path, verify=False)
     card["builder_kwargs"]["num_outputs"] = 14
+    card["labels"] = labels
     (path / "card.json").write_text(json.dumps(card))
     with pytest.raises(BundleError, match="of kind 'classifier', but an? 'ood' bundle"):
         load_bundle(path, kind="ood", verify=False)
@@ -155,3 +159,82 @@ def test_info_command_describes_any_bundle_and_verifies_it(tmp_path, capsys):
     (tmp_path / "rated" / "model.safetensors").write_bytes(b"truncated")
     assert main(["info", str(tmp_path / "rated")]) == 1
     assert "model.safetensors" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the card schema
+
+
+def _edit_card(path, change) -> None:
+    card = json.loads((path / "card.json").read_text())
+    change(card)
+    (path / "card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("preprocess"), "incomplete card: missing preprocess"),
+    (lambda c: c.pop("weights_sha256"), "incomplete card: missing weights_sha256"),
+    (lambda c: c.update(weights_sha256=""), "weights_sha256 is missing"),
+    (lambda c: c.pop("format"), "missing format"),
+    (lambda c: c.update(format="1"), "format must be an integer"),
+    (lambda c: c.update(format=0), "unknown bundle format 0"),
+    (lambda c: c.update(format=7), "newer than this cxrbench supports"),
+    (lambda c: c.update(operating_points=[0.3] * 14), "operating_points must be a JSON object"),
+    (lambda c: c["operating_points"]["thresholds"].update(Effusion=1.5), r"must lie in \(0, 1\)"),
+    (lambda c: c["operating_points"]["thresholds"].update(Effusion=0.0), r"must lie in \(0, 1\)"),
+    (lambda c: c["operating_points"]["thresholds"].update(Unicorn=0.4), "not labels"),
+    (lambda c: c["builder_kwargs"].update(depthh=3), r"unexpected builder_kwargs \['depthh'\]"),
+    (lambda c: c["preprocess"].update(size=4096), r"outside \[16, 2048\]"),
+    (lambda c: c["preprocess"].update(size=8), r"outside \[16, 2048\]"),
+    (lambda c: c.update(labels=c["labels"][:5]), "5 labels for a head with num_outputs=14"),
+    (lambda c: c.update(labels="Effusion"), "labels must be a JSON list"),
+    (lambda c: c.update(builder="unet"), "cannot be built by 'unet'"),
+    (lambda c: c["preprocess"].update(channels=3), "3 channel"),
+])
+def test_an_incomplete_or_inconsistent_card_is_refused_with_the_reason(saved, change, message):
+    _, path = saved
+    _edit_card(path, change)
+    with pytest.raises(BundleError, match=message) as err:
+        load_bundle(path)
+    assert str(path / "card.json") in str(err.value)
+
+
+def test_flipped_weight_bytes_fail_even_where_the_card_had_no_checksum_before(saved):
+    _, path = saved
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum does not match"):
+        load_bundle(path)
+    _edit_card(path, lambda c: c.update(weights_sha256=""))  # no way around the check by blanking it
+    with pytest.raises(BundleError, match="cannot be verified"):
+        load_bundle(path)
+
+
+def test_info_never_claims_a_checksum_it_did_not_verify(saved, capsys):
+    from cxrbench.cli import main
+
+    _, path = saved
+    assert main(["info", str(path)]) == 0
+    assert "checksum verified" in capsys.readouterr().out
+    _edit_card(path, lambda c: c.pop("weights_sha256"))
+    assert main(["info", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "checksum verified" not in captured.out and "missing weights_sha256" in captured.err
+
+
+def test_the_card_knows_the_ood_scorers_of_the_gate():
+    from cxrbench.models.card import OOD_SCORERS
+    from cxrbench.ood.scoring import SCORER_NAMES
+
+    assert OOD_SCORERS == SCORER_NAMES
+
+
+def test_an_interrupted_save_leaves_no_temporary_folder_after_the_next_one(saved):
+    model, path = saved
+    stale = path.parent / f".{path.name}.tmp-999999999-abc"  # a pid no process has
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    save_bundle(path, model, _card(name="again"))
+    assert not stale.exists() and read_card(path).name == "again"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]

@@ -294,3 +294,54 @@ def test_data_check_verdicts(shared_data, tmp_path):
     assert victim.name in bad.report() and "INCOMPLETE" in bad.report()
     unknown = check_dataset("mura", tmp_path)
     assert unknown.verdict == "unrecognised" and "MURA-v1.1.zip" in unknown.report()
+
+
+# ------------------------------------------------------------------------------------------ labels and columns
+
+
+def _manifest(tmp_path, header: str, rows: list[str]):
+    from PIL import Image
+
+    for i in range(len(rows)):
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "manifest.csv").write_text("\n".join([header, *rows]) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad", ["0.7", "-1", "2", "yes", ""])
+def test_labels_that_are_not_0_or_1_are_refused_naming_file_and_column(tmp_path, bad):
+    from cxrbench.data import ManifestError, load_manifest
+
+    root = _manifest(tmp_path, "file,pneumonia,patient_key", ["im0.png,1,p0", f"im1.png,{bad},p1"])
+    with pytest.raises(ManifestError, match=r"manifest\.csv: column 'pneumonia' must hold 0 or 1 labels.*row 3"):
+        load_manifest(root)
+
+
+def test_nih_style_finding_columns_are_checked_too(tmp_path):
+    from cxrbench.data import ManifestError, load_manifest
+    from cxrbench.labels import NIH_FINDINGS
+
+    header = "file,finding_labels,patient_id," + ",".join(NIH_FINDINGS)
+    ok = "im0.png,No Finding,p0," + ",".join("0" * len(NIH_FINDINGS))
+    half = "im1.png,Effusion,p1," + ",".join(["0.7"] + ["0"] * (len(NIH_FINDINGS) - 1))
+    with pytest.raises(ManifestError, match="column 'Atelectasis' must hold 0 or 1"):
+        load_manifest(_manifest(tmp_path, header, [ok, half]))
+
+
+def test_a_column_typo_is_refused_with_the_expected_layouts(tmp_path):
+    from cxrbench.data import ManifestError, load_manifest
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ManifestError, match="'pnuemonia'.*did you mean 'pneumonia'.*paediatric pneumonia"):
+        load_manifest(_manifest(tmp_path / "a", "file,pnuemonia,patient_key", ["im0.png,1,p0"]))
+    with pytest.raises(ManifestError, match="missing columns \\['file'\\].*layouts"):
+        load_manifest(_manifest(tmp_path / "b", "filename,label", ["im0.png,x"]))
+
+
+def test_some_but_not_all_finding_columns_is_an_error_not_a_silent_fallback(tmp_path):
+    from cxrbench.data import ManifestError, load_manifest
+
+    root = _manifest(tmp_path, "file,finding_labels,patient_id,Effusion,Mass", ["im0.png,Effusion,p0,1,0"])
+    with pytest.raises(ManifestError, match="has 2 of the 14 finding columns"):
+        load_manifest(root)

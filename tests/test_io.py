@@ -204,7 +204,7 @@ def test_dicom_without_pixels_and_compressed_without_decoder():
     _expect_error(make_dicom(np.zeros((8, 8), np.uint16), with_pixels=False), "no pixel data")
     import pydicom
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
     ds = pydicom.dcmread(io.BytesIO(make_dicom(np.zeros((8, 8), np.uint16))))
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
@@ -212,8 +212,36 @@ def test_dicom_without_pixels_and_compressed_without_decoder():
     ds["PixelData"].VR = "OB"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    err = _expect_error(buf.getvalue(), "compressed DICOM|decode", name="ct.dcm")
-    assert "ct.dcm" in str(err)
+    # Pillow decodes JPEG 2000, so broken data are reported as broken, not as a missing decoder
+    err = _expect_error(buf.getvalue(), "corrupt or truncated DICOM pixel data", name="ct.dcm")
+    assert "ct.dcm" in str(err) and "no decoder" not in str(err)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless  # no JPEG-LS decoder is installed
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    _expect_error(buf.getvalue(), "no decoder for it is installed", name="ls.dcm")
+
+
+def test_truncated_jpeg_dicom_reports_the_decode_error_not_a_missing_decoder():
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    grey = (np.indices((32, 32)).sum(axis=0) * 4).astype(np.uint8)
+    jpeg = io.BytesIO()
+    PILImage.fromarray(grey).save(jpeg, format="JPEG", quality=95)
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(grey.astype(np.uint16), bits_stored=8)))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    for payload, ok in ((jpeg.getvalue(), True), (jpeg.getvalue()[: len(jpeg.getvalue()) // 3], False)):
+        ds.PixelData = encapsulate([payload])
+        ds["PixelData"].VR = "OB"
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        if ok:  # the valid file decodes (Pillow is pydicom's JPEG plugin here)
+            assert np.abs(read_image(buf.getvalue()).pixels * 255 - grey).max() < 12
+        else:
+            err = _expect_error(buf.getvalue(), "corrupt or truncated DICOM pixel data", name="cut.dcm")
+            assert "no decoder" not in str(err) and "pylibjpeg" not in str(err)
 
 
 def test_error_is_a_value_error_with_fields():
@@ -241,3 +269,97 @@ def test_random_bytes_behind_real_magic_raise_only_image_read_error(prefix, data
         read_image(prefix + data)
     except ImageReadError:
         pass
+
+
+# ------------------------------------------------------------------------------------------ bit depth
+
+
+def _png16(values: np.ndarray, sbit: int | None = None) -> bytes:
+    """A 16-bit greyscale PNG of ``values`` (uint16), with an ``sBIT`` chunk when given."""
+    data = _png_bytes(values.astype(np.uint16))
+    if sbit is None:
+        return data
+    chunk = b"sBIT" + bytes([sbit])
+    ihdr_end = 8 + 8 + 13 + 4
+    return data[:ihdr_end] + struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[ihdr_end:]
+
+
+@pytest.mark.realdata
+def test_8_12_in_16_and_16_bit_pngs_of_one_radiograph_read_the_same(nih_dir):
+    """12-bit values stored in a 16-bit PNG (max <= 4095) are scaled by 4095, not 65535 (which reads near-black)."""
+    grey8 = np.asarray(PILImage.open(sorted(nih_dir.glob("*.png"))[3]).convert("L"))
+    ref = read_image(_png_bytes(grey8))
+    twelve = read_image(_png16(np.round(grey8.astype(np.float64) * 4095 / 255)))
+    sixteen = read_image(_png16(grey8.astype(np.uint32) * 257))
+    assert (ref.meta.effective_bits, twelve.meta.effective_bits, sixteen.meta.effective_bits) == (8, 12, 16)
+    assert "scaled_as_12_bit" in twelve.meta.notes
+    for img in (twelve, sixteen):
+        np.testing.assert_allclose(img.pixels, ref.pixels, atol=0.5 / 255)
+        assert not img.meta.low_dynamic_range
+    assert twelve.pixels.max() > 0.9  # not the 0.06 of a division by 65535
+
+
+def test_effective_bits_follow_the_png_sbit_chunk_and_the_maximum():
+    from cxrbench.io import effective_bit_depth
+
+    ramp = np.round(np.linspace(0, 1000, 64 * 64)).reshape(64, 64)
+    assert read_image(_png16(ramp)).meta.effective_bits == 10
+    assert read_image(_png16(ramp * 16)).meta.effective_bits == 14
+    assert effective_bit_depth(np.array([255])) == 8 and effective_bit_depth(np.array([256])) == 10
+    assert effective_bit_depth(np.array([40000])) == 16
+    # sBIT says the file holds 16 significant bits: the values are dark, not 10-bit; flagged, not rescaled
+    dark = read_image(_png16(ramp, sbit=16))
+    assert dark.meta.effective_bits == 16 and dark.pixels.max() < 0.02 and dark.meta.low_dynamic_range
+    np.testing.assert_allclose(read_image(_png16(ramp * 4, sbit=12)).pixels, ramp * 4 / 4095, atol=1e-6)
+
+
+def test_flat_and_near_black_images_are_flagged_low_dynamic_range(nih_dir):
+    flat = np.full((64, 64), 128, np.uint8)
+    assert read_image(_png_bytes(flat)).meta.low_dynamic_range
+    assert not read_image(sorted(nih_dir.glob("*.png"))[0]).meta.low_dynamic_range
+    dicom = read_image(make_dicom(np.full((16, 16), 300, np.uint16)))
+    assert dicom.meta.low_dynamic_range and dicom.meta.effective_bits == 12
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    _expect_error(fifo, "not a regular file")  # opening a FIFO for reading would block forever
+
+
+def _dicom_reference(data: bytes) -> np.ndarray:
+    """The float64 path read_image used before (pydicom's modality LUT + VOI LUT/window, min-max)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        if np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)
+        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+    out = (values - values.min()) / (values.max() - values.min())
+    return 1.0 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
+
+
+@pytest.mark.parametrize("kind", ["plain", "rescale", "window", "window_exact", "sigmoid", "voi_lut", "mono1"])
+def test_dicom_float32_path_gives_pydicoms_float64_pixels(kind):
+    import pydicom
+
+    raw = np.random.default_rng(1).integers(0, 4096, size=(96, 80)).astype(np.uint16)
+    kw: dict = {"rescale": {"slope": 0.5, "intercept": -1024}, "window": {"window": (2000, 1500)},
+                "window_exact": {"window": (2000, 1500)}, "sigmoid": {"window": (1800, 900)},
+                "voi_lut": {"voi_lut": np.linspace(0, 65535, 4096) ** 1.0},
+                "mono1": {"photometric": "MONOCHROME1", "window": (2100, 3000)}}.get(kind, {})
+    data = make_dicom(raw, **kw)
+    if kind in ("window_exact", "sigmoid"):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.VOILUTFunction = "LINEAR_EXACT" if kind == "window_exact" else "SIGMOID"
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+    img = read_image(data)
+    assert img.pixels.dtype == np.float32
+    np.testing.assert_allclose(img.pixels, _dicom_reference(data), atol=1e-6)

@@ -18,6 +18,7 @@ or drops them with one warning that says how many (``on_missing="drop"``), or ke
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
@@ -33,7 +34,9 @@ from cxrbench.labels import NIH_FINDINGS, PEDIATRIC_FINDINGS, parse_finding_labe
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MANIFEST_LAYOUTS",
     "ManifestError",
+    "binary_labels",
     "MissingFiles",
     "find_missing",
     "load_manifest",
@@ -74,13 +77,13 @@ def find_missing(paths: Iterable[str]) -> list[str]:
 
 
 def _finish(df: pd.DataFrame, *, kind: str, root: Path, label_columns: Sequence[str], on_missing: OnMissing,
-            extra_paths: Sequence[str] = ()) -> pd.DataFrame:
+            extra_paths: Sequence[str] = (), where: str | None = None) -> pd.DataFrame:
     if on_missing not in ("raise", "drop", "keep"):
         raise ValueError(f"on_missing must be 'raise', 'drop' or 'keep', got {on_missing!r}")
     df = df.reset_index(drop=True)
     df["patient_id"] = df["patient_id"].astype(str)
     for col in label_columns:
-        df[col] = df[col].astype(np.int8)
+        df[col] = binary_labels(df[col], col, where or str(root))
     missing_mask = ~df["path"].map(os.path.isfile)
     for col in extra_paths:
         missing_mask |= ~df[col].map(os.path.isfile)
@@ -96,10 +99,53 @@ def _finish(df: pd.DataFrame, *, kind: str, root: Path, label_columns: Sequence[
     return df
 
 
+def binary_labels(values: pd.Series, column: str, where: str) -> pd.Series:
+    """``values`` as int8 0/1; anything else (0.7, -1, 2, "yes", empty) is refused naming the file and column.
+
+    A label of 0.7 must never become 0 by truncation, and -1 ("uncertain", as CheXpert writes it) must
+    not fail only after an epoch of training.
+    """
+    numeric = pd.to_numeric(values, errors="coerce")
+    bad = ~numeric.isin([0, 1])
+    if bad.any():
+        rows = np.flatnonzero(bad.to_numpy())
+        examples = ", ".join(f"row {r + 2}: {values.iloc[r]!r}" for r in rows[:3])
+        raise ManifestError(f"{where}: column {column!r} must hold 0 or 1 labels; {len(rows)} value(s) are not "
+                            f"({examples}{', ...' if len(rows) > 3 else ''})")
+    return numeric.astype(np.int8)
+
+
+#: the manifest.csv layouts, by the columns that mark them (for messages about a column typo)
+MANIFEST_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "NIH-style labels": ("file", "finding_labels", "patient_id", *NIH_FINDINGS),
+    "paediatric pneumonia": ("file", "pneumonia", "patient_key", "label", "source_split"),
+    "image + mask pairs": ("image_file", "mask_file", "patient_id"),
+    "plain list of images": ("file", "patient_id"),
+}
+
+
+def _layouts_text() -> str:
+    return "; ".join(f"{name}: {', '.join(cols[:4])}{' + the 14 finding columns' if len(cols) > 8 else ''}"
+                     for name, cols in MANIFEST_LAYOUTS.items())
+
+
+def _check_column_names(raw: pd.DataFrame, where: str) -> None:
+    """Refuse a column that is a near miss of a known one (``pnuemonia``, ``Efusion``): it would be ignored."""
+    known = {c for cols in MANIFEST_LAYOUTS.values() for c in cols}
+    for col in map(str, raw.columns):
+        if col in known:
+            continue
+        close = difflib.get_close_matches(col, sorted(known), n=1, cutoff=0.8)
+        if close and close[0] not in raw.columns:
+            raise ManifestError(f"{where}: column {col!r} is not one cxrbench reads; did you mean {close[0]!r}? "
+                                f"(manifest.csv layouts: {_layouts_text()})")
+
+
 def _require_columns(table: pd.DataFrame, columns: Iterable[str], where: str) -> None:
     absent = [c for c in columns if c not in table.columns]
     if absent:
-        raise ManifestError(f"{where}: missing columns {absent}; found {list(table.columns)[:12]}")
+        raise ManifestError(f"{where}: missing columns {absent}; found {list(table.columns)[:12]} "
+                            f"(manifest.csv layouts: {_layouts_text()})")
 
 
 def _index_images(root: Path, recursive: bool = True) -> dict[str, str]:
@@ -303,6 +349,7 @@ def read_manifest_csv(folder: str | os.PathLike, *, on_missing: OnMissing = "rai
     if not csv.is_file():
         raise ManifestError(f"{folder}: no manifest.csv")
     raw = pd.read_csv(csv, dtype={"patient_id": str, "patient_key": str})
+    _check_column_names(raw, str(csv))
     cols = set(raw.columns)
     if {"image_file", "mask_file"} <= cols:
         df = pd.DataFrame({
@@ -315,21 +362,28 @@ def read_manifest_csv(folder: str | os.PathLike, *, on_missing: OnMissing = "rai
             if c in cols:
                 df[c] = raw[c].to_numpy()
         return _finish(df, kind="mask_pairs", root=folder, label_columns=(), on_missing=on_missing,
-                       extra_paths=("mask_path",))
+                       extra_paths=("mask_path",), where=str(csv))
     _require_columns(raw, ["file"], str(csv))
     df = pd.DataFrame({"path": [str(folder / f) for f in raw["file"]], "image_id": raw["file"].astype(str)})
     if {"pneumonia", "patient_key"} <= cols:
+        pneumonia = binary_labels(raw["pneumonia"], "pneumonia", str(csv)).to_numpy()
         df["patient_id"] = raw["patient_key"].astype(str)
-        df["label"] = raw["label"].to_numpy() if "label" in cols else np.where(raw["pneumonia"] > 0, "pneumonia", "normal")
+        df["label"] = raw["label"].to_numpy() if "label" in cols else np.where(pneumonia > 0, "pneumonia", "normal")
         df["source_split"] = raw["source_split"].to_numpy() if "source_split" in cols else ""
-        df["Pneumonia"] = raw["pneumonia"].astype(int).to_numpy()
-        return _finish(df, kind="kermany", root=folder, label_columns=PEDIATRIC_FINDINGS, on_missing=on_missing)
+        df["Pneumonia"] = pneumonia
+        return _finish(df, kind="kermany", root=folder, label_columns=PEDIATRIC_FINDINGS, on_missing=on_missing,
+                       where=str(csv))
     if "finding_labels" in cols:
         df["patient_id"] = raw["patient_id"].astype(str) if "patient_id" in cols else raw["file"].astype(str)
         df["finding_labels"] = raw["finding_labels"].astype(str).to_numpy()
         present = [f for f in NIH_FINDINGS if f in cols]
         if len(present) == len(NIH_FINDINGS):
-            df[list(NIH_FINDINGS)] = raw[list(NIH_FINDINGS)].astype(np.int8).to_numpy()
+            for f in NIH_FINDINGS:
+                df[f] = binary_labels(raw[f], f, str(csv)).to_numpy()
+        elif present:  # some finding columns but not all: the rest would be read from the text, silently
+            absent = [f for f in NIH_FINDINGS if f not in cols]
+            raise ManifestError(f"{csv}: has {len(present)} of the 14 finding columns; missing {absent} "
+                                "(give all 14 as 0/1 columns, or none and only finding_labels)")
         else:
             df[list(NIH_FINDINGS)] = _finding_matrix(raw["finding_labels"])
         for c in ("view_position", "age", "sex", "follow_up", "bbox_256_json", "lesion_bbox_json"):
@@ -338,13 +392,13 @@ def read_manifest_csv(folder: str | os.PathLike, *, on_missing: OnMissing = "rai
         if "mask_file" in cols:
             df["mask_path"] = [str(folder / f) for f in raw["mask_file"]]
         kind = "phantoms" if "lesion_bbox_json" in cols else "nih"
-        return _finish(df, kind=kind, root=folder, label_columns=NIH_FINDINGS, on_missing=on_missing)
+        return _finish(df, kind=kind, root=folder, label_columns=NIH_FINDINGS, on_missing=on_missing, where=str(csv))
     stems = raw["file"].map(lambda f: Path(str(f)).stem)
     df["patient_id"] = raw["patient_id"].fillna(stems).astype(str) if "patient_id" in cols else stems
     for c in ("dataset", "body_part", "label"):
         if c in cols:
             df[c] = raw[c].to_numpy()
-    return _finish(df, kind="folder", root=folder, label_columns=(), on_missing=on_missing)
+    return _finish(df, kind="folder", root=folder, label_columns=(), on_missing=on_missing, where=str(csv))
 
 
 def read_phantom_folder(folder: str | os.PathLike, *, on_missing: OnMissing = "raise") -> pd.DataFrame:

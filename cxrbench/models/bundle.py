@@ -18,15 +18,13 @@ card, so loading a bundle cannot run code chosen by whoever wrote it.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import importlib
 import json
 import os
-import platform
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,97 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrbench import __version__
+from cxrbench.models.card import (BUILDERS, BUNDLE_FORMAT, BundleError, ModelCard, describe_card, format_metric,
+                                  versions)
 from cxrbench.preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
-           "format_metric", "load_bundle", "save_bundle", "untrained_classifier_bundle", "untrained_ood_bundle", "versions"]
+           "format_metric", "load_bundle", "read_card", "save_bundle", "untrained_classifier_bundle",
+           "untrained_ood_bundle", "versions"]
 
-BUNDLE_FORMAT = 1
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
-
-#: builder name in a card -> "module:callable" inside cxrbench
-BUILDERS: dict[str, str] = {
-    "classifier": "cxrbench.models.classifier:build_classifier",
-    "ali": "cxrbench.models.ali:ALI",
-    "autoencoder": "cxrbench.models.autoencoder:ConvAutoencoder",
-    "unet": "cxrbench.models.unet:UNet",
-}
-
-KINDS = ("classifier", "ood", "segmentation")
-
-
-class BundleError(ValueError):
-    """A bundle is missing, corrupted, or does not match its card; the message names the file."""
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced a bundle."""
-    import numpy
-    import torchvision
-
-    return {"cxrbench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
-
-
-@dataclass
-class ModelCard:
-    """Everything about a model except its weights (``card.json``).
-
-    Attributes
-    ----------
-    kind : ``"classifier"``, ``"ood"`` or ``"segmentation"``.
-    builder : key of :data:`BUILDERS`; ``builder_kwargs`` are passed to it.
-    labels : output names, in output order (classifier); ``[]`` otherwise.
-    preprocess : :meth:`Preprocess.to_dict` of the preprocessing the model was trained with.
-    operating_points : finding -> threshold on the sigmoid output (``None`` where undefined), plus
-        ``"_method"`` / ``"_fitted_on"`` entries; empty before calibration.
-    ood : for OOD models: scorer, cutoff, how the cutoff was chosen.
-    training : data root, split file, seed, epochs, hyper-parameters, time.
-    metrics : evaluation results (e.g. per-finding AUC with spread, on which split).
-    """
-
-    kind: str
-    builder: str
-    builder_kwargs: dict[str, Any]
-    labels: list[str] = field(default_factory=list)
-    preprocess: dict[str, Any] = field(default_factory=lambda: Preprocess().to_dict())
-    operating_points: dict[str, Any] = field(default_factory=dict)
-    ood: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    name: str = ""
-    description: str = ""
-    versions: dict[str, str] = field(default_factory=versions)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    format: int = BUNDLE_FORMAT
-    weights_sha256: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise BundleError(f"unknown bundle kind {self.kind!r}; expected one of {KINDS}")
-        if self.builder not in BUILDERS:
-            raise BundleError(f"unknown builder {self.builder!r}; expected one of {sorted(BUILDERS)}")
-
-    @property
-    def preprocessing(self) -> Preprocess:
-        return Preprocess.from_dict(self.preprocess)
-
-    @property
-    def test_metrics(self) -> dict[str, Any]:
-        """``metrics["test"]`` (``summary``, ``per_finding``, ``n_images``, ...), ``{}`` when not evaluated."""
-        return self.metrics.get("test") or {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise BundleError(f"card has unknown fields {sorted(unknown)} (written by a newer cxrbench?)")
-        return cls(**d)
 
 
 @dataclass
@@ -173,9 +89,11 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
     from safetensors.torch import save_file
 
     path = Path(path)
+    card.validate(str(path / CARD_FILE), require_checksum=False)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         # one metadata key: safetensors writes them in hash-map order, so two would make equal weights
         # give different files (and checksums) from run to run
@@ -193,6 +111,25 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary folders that interrupted saves of ``path`` left beside it (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _stacked(images: Any, preprocess: Preprocess) -> torch.Tensor:
@@ -253,59 +190,8 @@ def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base
         description=description))
 
 
-def format_metric(value: Any, digits: int = 3) -> str:
-    """A metric for display; ``"n/a"`` where it is undefined (None or NaN, e.g. AUC without positives)."""
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def describe_card(card: ModelCard) -> list[str]:
-    """What a bundle is, in a few plain lines (``cxrbench info``): model, input, labels, training data,
-    operating points or cutoff, test metrics, versions."""
-    num = format_metric
-    pp = card.preprocessing
-    lines = [f"{card.kind} bundle {card.name or '(unnamed)'}: {card.builder} {card.builder_kwargs}",
-             f"input: {pp.size} px, {pp.channels} channel(s), normalize={pp.normalize}, equalize={pp.equalize}"]
-    if card.description:
-        lines.append(f"description: {card.description}")
-    if card.labels:
-        lines.append(f"labels ({len(card.labels)}): {', '.join(card.labels)}")
-    t = card.training
-    if t.get("data"):
-        counts = ", ".join(f"{k} {v}" for k, v in (t.get("split_counts") or {}).items())
-        lines.append(f"trained on: {t['data']} ({t.get('n_images', '?')} images{'; ' + counts if counts else ''}), "
-                     f"seed {t.get('seed', '?')}, {t.get('epochs_run', '?')} epochs, split {t.get('split_file', '?')}")
-    ops = card.operating_points
-    if ops.get("thresholds"):
-        defined = sum(v is not None for v in ops["thresholds"].values())
-        lines.append(f"operating points: {defined} of {len(ops['thresholds'])} findings, "
-                     f"{ops.get('method', '?')} on the {ops.get('fitted_on', '?')} split")
-    cut = card.ood.get("cutoff")
-    if cut:
-        lines.append(f"OOD cutoff: {cut.get('scorer')} > {num(cut.get('threshold'))} is out of distribution "
-                     f"({cut.get('method', '?')})")
-    test = card.test_metrics
-    summary = test.get("summary") or {}
-    if "macro_auc" in summary:
-        lines.append(f"test: macro AUC {num(summary['macro_auc'])} on {test.get('n_images', '?')} images, "
-                     f"micro-F1 {num(summary.get('micro_f1'))}, macro-F1 {num(summary.get('macro_f1'))}, "
-                     f"Hamming {num(summary.get('hamming_loss'))}")
-        for finding, m in (test.get("per_finding") or {}).items():
-            lines.append(f"  {finding:<20} AUC {num(m.get('auc'))} [{num(m.get('auc_ci_low'))}, "
-                         f"{num(m.get('auc_ci_high'))}], {int(m.get('n_pos') or 0)} positive(s)")
-    elif "dice_mean" in test:
-        lines.append(f"test: Dice {num(test['dice_mean'])} (sd {num(test.get('dice_std'))}) on "
-                     f"{test.get('n_images', '?')} images of {test.get('n_patients', '?')} patients")
-    elif "test_rejected_fraction" in card.metrics:
-        lines.append(f"test: the cutoff rejects {card.metrics['test_rejected_fraction']:.1%} of held-out "
-                     "in-distribution images")
-    else:
-        lines.append("test metrics: none in the card")
-    lines.append(f"created {card.created}; " + ", ".join(f"{k} {v}" for k, v in card.versions.items()))
-    return lines
-
-
 def read_card(path: str | os.PathLike) -> ModelCard:
-    """Only the card of a bundle (cheap: no weights read)."""
+    """Only the card of a bundle (cheap: no weights read), validated against the card schema."""
     path = Path(path)
     card_path = path / CARD_FILE
     if not path.is_dir():
@@ -316,15 +202,7 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         data = json.loads(card_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{card_path}: corrupted card ({exc})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{card_path}: corrupted card (not a JSON object)")
-    if data.get("format", 0) > BUNDLE_FORMAT:
-        raise BundleError(f"{card_path}: bundle format {data.get('format')} is newer than this cxrbench supports "
-                          f"({BUNDLE_FORMAT}); upgrade cxrbench")
-    try:
-        return ModelCard.from_dict(data)
-    except TypeError as exc:
-        raise BundleError(f"{card_path}: incomplete card ({exc})") from None
+    return ModelCard.from_dict(data, where=str(card_path))
 
 
 def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: bool = True) -> Bundle:
@@ -333,7 +211,8 @@ def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: boo
     Parameters
     ----------
     kind : if given, the bundle must be of this kind (``"classifier"``, ``"ood"``, ``"segmentation"``).
-    verify : check the weights' SHA-256 against the card (catches truncated or swapped files).
+    verify : check the weights' SHA-256 against the card (catches truncated or swapped files); every card
+        has one (:meth:`ModelCard.validate`).
 
     Raises
     ------
@@ -351,7 +230,7 @@ def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: boo
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path}: weights file {WEIGHTS_FILE} is missing")
-    if verify and card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+    if verify and _sha256(weights) != card.weights_sha256:
         raise BundleError(f"{weights}: checksum does not match the card: the file is corrupted or was replaced")
     try:
         state = load_file(str(weights))

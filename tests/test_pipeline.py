@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +274,9 @@ def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
     for key in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "CXRBENCH_DEMO"):
         monkeypatch.setenv(key, env[key])
     app = Voila()
-    app.initialize(voila_command(8999)[1:])
+    command = voila_command(8999)
+    assert command[:3] == [sys.executable, "-m", "voila"]
+    app.initialize(command[3:])
     assert app.ip == "127.0.0.1" and app.port == 8999 and app.port_retries == 0
     assert app.voila_configuration.template == "cxrbench"
     assert Path(app.notebook_path).resolve() == dashboard_notebook().resolve()

@@ -218,14 +218,14 @@ def wait_for_voila(port: int, timeout: float = 60.0, proc: subprocess.Popen | No
 
 def voila_command(port: int, notebook: Path | None = None) -> list[str]:
     """The Voila command line for ``notebook`` (default :func:`dashboard_notebook`): local only, no browser,
-    a taken port is an error (no silent move).
+    a taken port is an error (no silent move). Voila runs as ``python -m voila`` with this interpreter, the one
+    that has cxrbench and Voila installed, whatever ``voila`` is on ``PATH``.
 
     Uploads up to 64 MB (a large DICOM) come from ``cxrbench/app/voila/config/voila.json``, which
     :func:`voila_env` puts on ``JUPYTER_CONFIG_PATH``; tornado's default websocket limit is 10 MB.
     """
-    exe = Path(sys.executable).with_name("voila")
     notebook = notebook or dashboard_notebook()
-    return [str(exe) if exe.exists() else "voila", str(notebook), "--no-browser", f"--port={port}",
+    return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}",
             "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light", "--template=cxrbench"]
 
 

@@ -8,6 +8,8 @@ BUILD ?= build
 PYTEST_ARGS ?=
 
 PORT ?= 8866
+# under CI (CI=true, as CI services and .ci/run set it) a missing prerequisite is an error, never a skip
+CI_STRICT := $(filter true True TRUE 1 yes,$(CI))
 
 .PHONY: venv browser test test-fast demo demo-prepare data-tour benchmarks clean help
 
@@ -27,12 +29,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's Chromium for the browser tests (Playwright drives it; never `playwright install`).
+# Debian's Chromium for the browser tests (Playwright drives it; never `playwright install`). Without root or
+# sudo it is a warning (the browser tests then skip), except under CI=true, where it is an error.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  elif [ -n "$(CI_STRICT)" ]; then echo "error: chromium is missing and cannot be installed (not root, no sudo); CI needs it for the browser tests" >&2; exit 1; \
 	  else echo "warning: chromium missing and cannot apt-get install it: browser tests will be skipped"; fi; }
+	@command -v chromium >/dev/null 2>&1 || [ -z "$(CI_STRICT)" ] || { echo "error: chromium is still missing after apt-get install" >&2; exit 1; }
 
 test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -267,16 +268,18 @@ def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
     websocket message limit that lets a large DICOM through (tornado's default is 10 MB)."""
     from voila.app import Voila
 
-    from cxrbench.app.demo import DASHBOARD_NOTEBOOK, voila_command, voila_env
+    from cxrbench.app.demo import dashboard_notebook, voila_command, voila_env
 
     env = voila_env({"classifier": "c", "ood": "o"}, {"JUPYTER_CONFIG_PATH": ""})
     for key in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "CXRBENCH_DEMO"):
         monkeypatch.setenv(key, env[key])
     app = Voila()
-    app.initialize(voila_command(8999)[1:])
+    command = voila_command(8999)
+    assert command[:3] == [sys.executable, "-m", "voila"]
+    app.initialize(command[3:])
     assert app.ip == "127.0.0.1" and app.port == 8999 and app.port_retries == 0
     assert app.voila_configuration.template == "cxrbench"
-    assert Path(app.notebook_path).resolve() == DASHBOARD_NOTEBOOK.resolve()
+    assert Path(app.notebook_path).resolve() == dashboard_notebook().resolve()
     assert app.tornado_settings["websocket_max_message_size"] == 64 * 1024 * 1024
 
 

@@ -321,13 +321,13 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
     """
     import ipywidgets as w
 
-    from cxrbench.app.demo import REPO
+    from cxrbench.app.demo import default_demo_info
 
     info: dict[str, Any] = {}
     if os.environ.get("CXRBENCH_DEMO"):
         info = json.loads(os.environ["CXRBENCH_DEMO"])
     else:
-        path = Path(demo_info) if demo_info else REPO / "build" / "demo" / "demo.json"
+        path = Path(demo_info) if demo_info else default_demo_info()
         if path.is_file():
             info = json.loads(path.read_text())
     classifier = classifier or info.get("classifier") or ""

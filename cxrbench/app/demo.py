@@ -19,15 +19,39 @@ import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoSettings", "ServeError", "demo_data", "demo_examples", "prepare_demo", "serve", "voila_command", "voila_env",
-           "wait_for_voila"]
+from cxrbench.data.locations import DataRootError, locate_data_root, shipped_folder, source_checkout
 
-REPO = Path(__file__).resolve().parents[2]
-DASHBOARD_NOTEBOOK = REPO / "notebooks" / "05_dashboard.ipynb"
+__all__ = ["DemoSettings", "ServeError", "dashboard_notebook", "default_demo_info", "demo_data", "demo_examples",
+           "prepare_demo", "serve", "voila_command", "voila_dir", "voila_env", "wait_for_voila"]
+
 READY_PATH = "/voila/labextensions/@jupyter-widgets/jupyterlab-manager/package.json"
+DASHBOARD_NAME = "05_dashboard.ipynb"
+
+
+def dashboard_notebook() -> Path:
+    """The dashboard notebook Voila serves: ``notebooks/05_dashboard.ipynb``, shipped as package data."""
+    path = shipped_folder("cxrbench.app", "notebooks") / DASHBOARD_NAME
+    if not path.is_file():
+        raise DataRootError(f"{path}: the dashboard notebook is missing; reinstall cxrbench")
+    return path
+
+
+def voila_dir() -> Path:
+    """``cxrbench/app/voila/``: our Voila template (``templates/cxrbench``) and config (``config/voila.json``)."""
+    folder = resources.files("cxrbench.app") / "voila"
+    if not (isinstance(folder, Path) and (folder / "config" / "voila.json").is_file()):
+        raise DataRootError(f"{folder}: the Voila template and config are missing; reinstall cxrbench")
+    return folder
+
+
+def default_demo_info() -> Path:
+    """Where ``cxrbench demo prepare`` writes ``demo.json`` by default: ``build/demo/`` of the source checkout,
+    else of the current directory (an installed package)."""
+    return (source_checkout() or Path.cwd()) / "build" / "demo" / "demo.json"
 
 
 @dataclass(frozen=True)
@@ -45,31 +69,20 @@ class DemoSettings:
 
 
 def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
-    """The demo's data folder and its kind: ``$CXRBENCH_DATA``, ``../shared/data/cxr``, else phantoms.
+    """The demo's data folder and its kind: ``data``, ``$CXRBENCH_DATA``, ``../shared/data/cxr``, else phantoms.
 
     Returns ``(folder with the training images, kind)`` where kind is ``"shared"``, ``"custom"`` or
-    ``"phantoms"``.
+    ``"phantoms"``; the folder is absolute. Raises :class:`DataRootError` naming a folder that was given
+    (``--data`` or ``$CXRBENCH_DATA``) and does not exist.
     """
-    from cxrbench.data import default_cache_dir, shared_data_root
-    from cxrbench.data.synthetic import write_phantom_set
-
-    origin = "--data" if data else "$CXRBENCH_DATA"
-    data = data or os.environ.get("CXRBENCH_DATA")
-    if data:
-        path = Path(data)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: the demo's data folder ({origin}) does not exist or is not a folder")
-        path = path.resolve()  # Voila's kernel runs in notebooks/: relative paths would point elsewhere
-        if (path / "nih" / "manifest.csv").is_file():
-            return path / "nih", "shared"
-        return path, "custom"
-    shared = shared_data_root()
-    if shared is not None:
-        return shared / "cxr" / "nih", "shared"
-    root = default_cache_dir() / "demo-phantoms"
-    if not (root / "manifest.csv").is_file():
-        write_phantom_set(root, 160, size=256, seed=0)
-    return root, "phantoms"
+    found = locate_data_root(data, given_origin="--data", env_var="CXRBENCH_DATA", n_phantoms=160, seed=0,
+                             phantom_folder="demo-phantoms")
+    path = found.path.resolve()  # Voila's kernel runs in the notebook's folder: relative paths would point elsewhere
+    if found.kind == "shared":
+        return path / "cxr" / "nih", "shared"
+    if found.kind == "custom" and (path / "nih" / "manifest.csv").is_file():
+        return path / "nih", "shared"
+    return path, found.kind
 
 
 def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[str | Path, ...] = ()) -> dict[str, str]:
@@ -203,14 +216,16 @@ def wait_for_voila(port: int, timeout: float = 60.0, proc: subprocess.Popen | No
     raise ServeError(f"voila did not answer on port {port} within {timeout:.0f} s")
 
 
-def voila_command(port: int, notebook: Path = DASHBOARD_NOTEBOOK) -> list[str]:
-    """The Voila command line: local only, no browser, a taken port is an error (no silent move).
+def voila_command(port: int, notebook: Path | None = None) -> list[str]:
+    """The Voila command line for ``notebook`` (default :func:`dashboard_notebook`): local only, no browser,
+    a taken port is an error (no silent move). Voila runs as ``python -m voila`` with this interpreter, the one
+    that has cxrbench and Voila installed, whatever ``voila`` is on ``PATH``.
 
-    Uploads up to 64 MB (a large DICOM) come from ``cxrbench/voila/config/voila.json``, which
-    :func:`serve` puts on ``JUPYTER_CONFIG_PATH``; tornado's default websocket limit is 10 MB.
+    Uploads up to 64 MB (a large DICOM) come from ``cxrbench/app/voila/config/voila.json``, which
+    :func:`voila_env` puts on ``JUPYTER_CONFIG_PATH``; tornado's default websocket limit is 10 MB.
     """
-    exe = Path(sys.executable).with_name("voila")
-    return [str(exe) if exe.exists() else "voila", str(notebook), "--no-browser", f"--port={port}",
+    notebook = notebook or dashboard_notebook()
+    return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}",
             "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light", "--template=cxrbench"]
 
 
@@ -218,18 +233,19 @@ def voila_env(info: dict[str, Any], env: dict[str, str] | None = None) -> dict[s
     """The environment Voila runs in: the demo bundles, our template and our Voila config."""
     env = {**os.environ, **(env or {})}
     env["CXRBENCH_DEMO"] = json.dumps(info)
-    # our template (the lab template without CDN stylesheets) lives in cxrbench/voila/templates
-    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("JUPYTER_PATH", "")]))
-    # and its config (the websocket message limit for uploads) in cxrbench/voila/config
-    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
-        filter(None, [str(Path(__file__).parent / "voila" / "config"), env.get("JUPYTER_CONFIG_PATH", "")]))
+    voila = voila_dir()
+    # our template (the lab template without CDN stylesheets) lives in cxrbench/app/voila/templates
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(voila.parent), env.get("JUPYTER_PATH", "")]))
+    # and its config (the websocket message limit for uploads) in cxrbench/app/voila/config
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, [str(voila / "config"), env.get("JUPYTER_CONFIG_PATH", "")]))
     return env
 
 
 def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
     check_port_free(port)
-    proc = subprocess.Popen(voila_command(port), env=voila_env(info, env), cwd=str(REPO))
+    checkout = source_checkout()  # Voila runs where `make demo` runs; an installed package runs in the current folder
+    proc = subprocess.Popen(voila_command(port), env=voila_env(info, env), cwd=str(checkout) if checkout else None)
     if wait:
         try:
             wait_for_voila(port, proc=proc)

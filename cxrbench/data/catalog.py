@@ -1,4 +1,4 @@
-"""The dataset catalogue (``data_manifests/*.yaml``) and ``cxrbench data check``.
+"""The dataset catalogue (``data_manifests/*.yaml``, shipped as package data) and ``cxrbench data check``.
 
 Each YAML describes one public dataset: source, licence, citation, how to obtain it, the label
 columns, and one or more *layouts* a local copy may have. A layout names the reader that reads it
@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cxrbench.data import manifests as _m
+from cxrbench.data.locations import DataRootError, shipped_folder
 
 __all__ = ["CheckResult", "DatasetSpec", "check_dataset", "list_datasets", "load_spec", "manifests_dir"]
 
@@ -33,11 +34,17 @@ _READERS = {
 
 
 def manifests_dir() -> Path:
-    """``$CXRBENCH_MANIFESTS``, else ``data_manifests/`` of the source checkout."""
+    """The catalogue folder: ``$CXRBENCH_MANIFESTS``, else ``data_manifests/`` shipped with the package.
+
+    Raises :class:`~cxrbench.data.locations.DataRootError` when ``$CXRBENCH_MANIFESTS`` is not a folder or
+    the package was installed without its catalogue.
+    """
     env = os.environ.get("CXRBENCH_MANIFESTS")
     if env:
+        if not Path(env).is_dir():
+            raise DataRootError(f"{env}: $CXRBENCH_MANIFESTS is not a folder")
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "data_manifests"
+    return shipped_folder("cxrbench.data", "data_manifests")
 
 
 @dataclass
@@ -57,7 +64,7 @@ class DatasetSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "DatasetSpec":
+    def from_yaml(cls, path: str | os.PathLike) -> DatasetSpec:
         path = Path(path)
         data = yaml.safe_load(path.read_text())
         need = ["name", "title", "source", "licence", "citation", "obtain", "layouts"]
@@ -75,11 +82,16 @@ class DatasetSpec:
 
 
 def list_datasets() -> dict[str, DatasetSpec]:
-    """Every spec in :func:`manifests_dir`, by name."""
-    specs = {}
-    for p in sorted(manifests_dir().glob("*.yaml")):
+    """Every spec in :func:`manifests_dir`, by name; a catalogue without any is an error, never an empty list."""
+    folder = manifests_dir()
+    specs: dict[str, DatasetSpec] = {}
+    for p in sorted(folder.glob("*.yaml")):
         spec = DatasetSpec.from_yaml(p)
+        if spec.name in specs:
+            raise ValueError(f"{p}: dataset name {spec.name!r} is already used by {specs[spec.name].path}")
         specs[spec.name] = spec
+    if not specs:
+        raise DataRootError(f"{folder}: no dataset manifests (*.yaml) in the catalogue folder")
     return specs
 
 
@@ -95,7 +107,7 @@ def load_spec(name_or_path: str | os.PathLike) -> DatasetSpec:
     matches = [n for n, spec in specs.items() if n.startswith(name) or name in spec.extra.get("aliases", [])]
     if len(matches) == 1:
         return specs[matches[0]]
-    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(specs) or '(none found in ' + str(manifests_dir()) + ')'}")
+    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(specs)}")
 
 
 @dataclass

@@ -50,7 +50,8 @@ class Precision:
 
     def describe(self) -> str:
         """E.g. ``"bf16 autocast, channels_last"`` or ``"fp32"`` (recorded in results and cards)."""
-        name = "fp32" if self.autocast_dtype is None else f"{str(self.autocast_dtype).split('.')[-1][:4]} autocast"
+        names = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+        name = names.get(self.autocast_dtype, f"{self.autocast_dtype} autocast")
         return name + (", channels_last" if self.channels_last else "")
 
 

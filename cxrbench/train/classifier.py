@@ -95,7 +95,7 @@ class ClassifierConfig(RunConfig):
             raise ValueError("epochs and batch_size must be >= 1")
 
     def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,
+        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,  # type: ignore[arg-type]
                           channels=self.in_channels)
 
 
@@ -223,6 +223,7 @@ class ClassifierFamily:
         val_preds = parts["val"][1]
         ops = fit_operating_points(val_preds.labels, val_preds.probabilities, self.labels, fitted_on="validation")
         for name, (ds, preds) in parts.items():
+            assert preds.labels is not None  # a CXRDataset always has labels
             table = predictions_table(ds.manifest["image_id"].tolist(), preds.logits, self.labels, ops)
             for j, f in enumerate(self.labels):
                 table[f"{f}_label"] = preds.labels[:, j].astype(int)

@@ -66,7 +66,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The random states needed to resume exactly (tensors and plain values only)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     py_state = random.getstate()
     state = {"torch": torch.get_rng_state(), "python": list(py_state[1]), "python_version": py_state[0],
              "python_gauss": py_state[2], "numpy": torch.from_numpy(np_state[1].astype(np.int64)),

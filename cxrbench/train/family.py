@@ -95,9 +95,17 @@ class Family(Protocol[R]):
     ``finish`` get the plain model.
     """
 
-    config: RunConfig
-    settings: LoopSettings
-    result_class: type[R]
+    @property
+    def config(self) -> RunConfig:
+        """The run's config (its resume key must match a resumed checkpoint's)."""
+
+    @property
+    def settings(self) -> LoopSettings:
+        """What the loop needs of the config."""
+
+    @property
+    def result_class(self) -> type[R]:
+        """The result the loop makes, the finish step completes and the training function returns."""
 
     def prepare(self, ctx: RunContext) -> Dataset:
         """Split, decode and set up the data; return the training set (items: images first)."""

@@ -127,7 +127,9 @@ def _train_loader(train_set: Dataset, settings: LoopSettings, ctx: RunContext,
     generator = torch.Generator().manual_seed(settings.seed + ctx.dist.rank)
     parts.generators["loader"] = generator
     n = len(train_set)  # type: ignore[arg-type]
-    sampler = DistributedSampler(train_set, shuffle=True, seed=settings.seed) if ctx.dist.enabled else None
+    sampler: DistributedSampler | None = None
+    if ctx.dist.enabled:
+        sampler = DistributedSampler(train_set, shuffle=True, seed=settings.seed)
     loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler,
                         generator=generator, num_workers=settings.num_workers, drop_last=n > settings.batch_size,
                         pin_memory=ctx.device.type == "cuda")
@@ -261,9 +263,9 @@ def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool 
     ``family.result_class`` with ``epochs_run`` (the last finished epoch), ``best_epoch`` /
     ``best_value`` of the monitored metric (0 / NaN when no epoch had a finite value), ``history``.
     """
-    ctx, ckpt = _open(family, Path(out_dir), resume, progress)
     settings = family.settings
     try:
+        ctx, ckpt = _open(family, Path(out_dir), resume, progress)
         train_set = family.prepare(ctx)
         parts = family.build(ctx)
         loader, sampler = _train_loader(train_set, settings, ctx, parts)
@@ -287,6 +289,6 @@ def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool 
             family.finish(load_best(parts.model, ctx.out), result, ctx)
         ctx.barrier()
     finally:
-        if ctx.dist.enabled and torch.distributed.is_initialized():
+        if dist_info().enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return result

@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ from cxrbench.data import CXRDataset
 from cxrbench.models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_optimizers
 from cxrbench.models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
 from cxrbench.models.bundle import ModelCard, save_bundle
-from cxrbench.ood.scoring import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
+from cxrbench.ood.scoring import SCORER_NAMES, OODCutoff, OODModel, chester_ssim_cutoff, fit_cutoff, score_batches
 from cxrbench.preprocess import Preprocess
 from cxrbench.train.common import RunConfig, decode_all, run_split, training_record
 from cxrbench.train.family import LoopResult, LoopSettings, TrainingParts
@@ -197,10 +197,11 @@ class OODFamily:
         """The model, Adam (one for the autoencoder; discriminator + encoder/decoder for ALI), ALI's noise."""
         cfg = self.config
         model = ctx.place(cfg.build_model())
+        lr = DEFAULT_LR[cfg.model] if cfg.lr is None else cfg.lr
         if isinstance(model, ALI):
-            self.optimizers = dict(zip(("d", "g"), make_ali_optimizers(model, lr=cfg.lr, betas=cfg.betas)))
+            self.optimizers = dict(zip(("d", "g"), make_ali_optimizers(model, lr=lr, betas=cfg.betas)))
         else:
-            self.optimizers = {"g": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)}
+            self.optimizers = {"g": torch.optim.Adam(model.parameters(), lr=lr, betas=cfg.betas)}
         self.noise = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1)
         return TrainingParts(model, dict(self.optimizers), generators={"noise": self.noise})
 
@@ -214,8 +215,9 @@ class OODFamily:
         if len(x) < 2:  # batch norm needs two images
             return None
         cfg = self.config
-        if not isinstance(model, ALI):
-            return {"train_loss": ae_train_step(model, self.optimizers["g"], x, loss=cfg.ae_loss)}
+        if isinstance(model, ConvAutoencoder):
+            return {"train_loss": ae_train_step(model, self.optimizers["g"], x, loss=cfg.ae_loss)}  # type: ignore[arg-type]
+        assert isinstance(model, ALI)
         out = ali_train_step(model, self.optimizers["d"], self.optimizers["g"], x, recon_weight=cfg.recon_weight,
                              generator=self.noise)
         out.pop("latent_mse")  # latent cycle term not used here
@@ -226,11 +228,11 @@ class OODFamily:
 
     def validate(self, model: nn.Module, ctx: RunContext) -> dict[str, float]:
         """Median SSIM of the val reconstructions (monitored), mean L1 / L2, median latent norm."""
-        return _validate(model, self.val_set, ctx.device)
+        return _validate(cast(OODModel, model), self.val_set, ctx.device)
 
     def finish(self, model: nn.Module, result: OODTrainResult, ctx: RunContext) -> None:
         """Scores of val and test -> percentile cutoff on val -> bundle."""
-        _finish(result, model, self, ctx.device)
+        _finish(result, cast(OODModel, model), self, ctx.device)
 
 
 def _loader(ds: CXRDataset, batch_size: int = 64) -> DataLoader:
@@ -238,13 +240,13 @@ def _loader(ds: CXRDataset, batch_size: int = 64) -> DataLoader:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, val_set: CXRDataset, device: torch.device) -> dict[str, float]:
+def _validate(model: OODModel, val_set: CXRDataset, device: torch.device) -> dict[str, float]:
     scores = score_batches(model, _loader(val_set), device=device)
     return {"val_ssim_median": float(np.median(scores["ssim_raw"])), "val_l1": float(scores["l1"].mean()),
             "val_l2": float(scores["l2"].mean()), "val_latent_median": float(np.median(scores["latent"]))}
 
 
-def _scores_table(model: nn.Module, ds: CXRDataset, name: str, device: torch.device) -> pd.DataFrame:
+def _scores_table(model: OODModel, ds: CXRDataset, name: str, device: torch.device) -> pd.DataFrame:
     if len(ds) == 0:
         return pd.DataFrame(columns=["image_id", "split", *SCORE_COLUMNS])
     scores = score_batches(model, _loader(ds), device=device)
@@ -254,7 +256,7 @@ def _scores_table(model: nn.Module, ds: CXRDataset, name: str, device: torch.dev
     return table
 
 
-def _finish(result: OODTrainResult, model: nn.Module, family: OODFamily, device: torch.device) -> None:
+def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: torch.device) -> None:
     """Scores of val and test -> percentile cutoff on val -> bundle."""
     out, cfg, s = result.out_dir, family.config, family.split
     tables = {name: _scores_table(model, family._part(name), name, device) for name in ("val", "test")}
@@ -291,4 +293,4 @@ def _finish(result: OODTrainResult, model: nn.Module, family: OODFamily, device:
                                  train_seconds=result.train_seconds, precision=result.precision),
         metrics=metrics, name=f"{cfg.model}-z{cfg.latent_dim}-w{cfg.width}",
         description="OOD gate trained with cxrbench train ood; an image is OOD when its score > cutoff")
-    result.bundle = save_bundle(out / "bundle", model, card)
+    result.bundle = save_bundle(out / "bundle", cast(nn.Module, model), card)

@@ -109,7 +109,11 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 @dataclass
 class RunContext:
-    """Where and how this process trains; handed to every method of a :class:`Family`."""
+    """Where and how this process trains; handed to every method of a family.
+
+    ``resuming`` says whether the loop resumes a checkpoint (decided before ``prepare``, so a family
+    can tell a resumed run from a fresh one in a used folder).
+    """
 
     out: Path
     device: torch.device

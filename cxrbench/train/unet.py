@@ -96,7 +96,8 @@ class UNetConfig(RunConfig):
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
     def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize, channels=1)
+        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,  # type: ignore[arg-type]
+                          channels=1)
 
 
 @dataclass

@@ -65,11 +65,25 @@ def _unet(df, out, **kw):
 FAMILIES = {"classifier": (_classifier, ClassifierFamily), "ali": (_ali, OODFamily), "unet": (_unet, UNetFamily)}
 
 
+@pytest.fixture(scope="module")
+def reference(phantoms, tmp_path_factory):
+    """``reference(family)``: the folder of that family's uninterrupted 3-epoch run (trained once)."""
+    done: dict[str, Path] = {}
+
+    def run(family: str) -> Path:
+        if family not in done:
+            done[family] = tmp_path_factory.mktemp(f"ref-{family}") / "ref"
+            FAMILIES[family][0](load_manifest(phantoms), done[family])
+        return done[family]
+
+    return run
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(family, phantoms, tmp_path, monkeypatch):
+def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(family, phantoms, reference, tmp_path,
+                                                                        monkeypatch):
     train, family_cls = FAMILIES[family]
     df = load_manifest(phantoms)
-    train(df, tmp_path / "ref")
     real_step, calls = family_cls.train_step, []
 
     def dying_step(self, *args):
@@ -85,15 +99,15 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(family, 
     monkeypatch.setattr(family_cls, "train_step", real_step)
     resumed = train(df, tmp_path / "run", resume=True)
     assert [h["epoch"] for h in resumed.history] == [2, 3] and resumed.epochs_run == 3
-    assert_same_run(tmp_path / "ref", tmp_path / "run", 3)
+    assert_same_run(reference(family), tmp_path / "run", 3)
 
 
 @pytest.mark.parametrize("family", ["classifier", "unet"])
-def test_a_kill_between_checkpoint_and_log_loses_no_row_and_no_best_weights(family, phantoms, tmp_path, monkeypatch):
+def test_a_kill_between_checkpoint_and_log_loses_no_row_and_no_best_weights(family, phantoms, reference, tmp_path,
+                                                                             monkeypatch):
     """Killed right after epoch 2's checkpoint: its row and its best weights come back from the checkpoint."""
     train, _ = FAMILIES[family]
     df = load_manifest(phantoms)
-    train(df, tmp_path / "ref")
     real_save = loop.save_training_state
 
     def save_then_die(out, epoch, *args, **kwargs):
@@ -111,7 +125,7 @@ def test_a_kill_between_checkpoint_and_log_loses_no_row_and_no_best_weights(fami
     resumed = train(df, run, resume=True)
     assert [h["epoch"] for h in resumed.history] == [3]
     assert not (run / loop.PENDING_BEST).exists()
-    assert_same_run(tmp_path / "ref", run, 3)
+    assert_same_run(reference(family), run, 3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -209,6 +209,28 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(pairs, tmp_path):
                                   pd.read_csv(out / "evaluation_test.csv"))
 
 
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_on_cpu(pairs, tmp_path):
+    """Under torchrun the U-Net trains data-parallel through the same loop: each rank sees half the pairs."""
+    import os
+    import subprocess
+    import sys
+
+    from cxrbench.models.bundle import load_bundle
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           "-m", "cxrbench.cli", "train", "unet", "--data", str(pairs), "--out", str(out), "--size", "32",
+           "--base-channels", "4", "--depth", "2", "--epochs", "2", "--batch-size", "2", "--device", "cpu", "-q"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    metrics = pd.read_csv(out / "metrics.csv")
+    n_train = int((pd.read_csv(out / "split.csv")["split"] == "train").sum())
+    assert list(metrics["epoch"]) == [1, 2] and (metrics["world_size"] == 2).all()
+    assert (metrics["train_images"] <= (n_train + 1) // 2).all()  # each rank saw half of the training pairs
+    assert load_bundle(out / "bundle", kind="segmentation").card.training["epochs_run"] == 2
+
+
 def test_train_and_segment_cli(pairs, tmp_path, capsys):
     from cxrbench.cli.main import main
 

@@ -102,7 +102,6 @@ def init_distributed(device: torch.device) -> DistInfo:
     return info
 
 
-
 # --------------------------------------------------------------------------------------------------
 # the context a family's methods get
 
@@ -128,6 +127,7 @@ class RunContext:
         return self.dist.is_main
 
     def barrier(self) -> None:
+        """Wait for every rank (a no-op for one process)."""
         if self.dist.enabled:
             torch.distributed.barrier()
 

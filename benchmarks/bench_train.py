@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from cxrbench.data import CXRDataset, load_manifest, shared_data_root  # noqa: E402
 from cxrbench.models.classifier import build_classifier  # noqa: E402
 from cxrbench.preprocess import Preprocess  # noqa: E402
-from cxrbench.train.common import autocast  # noqa: E402
+from cxrbench.train.runtime import autocast  # noqa: E402
 
 NIH_TRAIN_IMAGES = 78_484
 

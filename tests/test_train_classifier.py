@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from resume_check import assert_same_run, kill_after_rows
 
 from cxrbench.cli.main import main
 from cxrbench.data import load_manifest
@@ -53,30 +52,39 @@ def test_training_writes_everything_and_a_usable_bundle(phantoms, tmp_path):
     assert {"Effusion", "Effusion_raw", "Effusion_label"} <= set(preds.columns)
 
 
-def test_resume_after_kill_reaches_the_same_epoch_count(phantoms, tmp_path):
-    """Kill a real training process mid-run, resume it, and end with every epoch logged once."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cxrbench.cli", "train", "classifier", "--data", str(phantoms), "--out", str(out),
-           "--arch", "resnet18", "--size", "32", "--epochs", "6", "--batch-size", "8", "--bootstrap", "20",
-           "--patience", "0", "-q"]
+def test_learns_two_clear_phantom_findings_to_test_macro_auc_at_least_0_75(tmp_path):
+    """Chance is 0.5: on 96 phantoms where half show Cardiomegaly and half Effusion (independently), a
+    ResNet18 at 32 px trained for 4 epochs reaches a test macro AUC >= 0.75 and every finding > 0.6
+    (measured 0.82-0.89 over phantom seeds 3-5)."""
+    root = write_phantom_set(tmp_path / "set", 96, size=64, seed=3, prevalence={"Cardiomegaly": 0.5, "Effusion": 0.5})
+    cfg = ClassifierConfig(arch="resnet18", image_size=32, batch_size=16, epochs=4, labels=["Cardiomegaly", "Effusion"],
+                           augment=False, early_stopping_patience=0, fractions=(0.6, 0.1, 0.3), eval_bootstrap=50,
+                           seed=3)
+    r = train_classifier(load_manifest(root), tmp_path / "run", cfg, progress=False, cache_dir=tmp_path / "cache")
+    assert r.evaluation is not None and (r.evaluation["n_pos"] >= 6).all()  # enough positives to mean something
+    assert r.summary["macro_auc"] >= 0.75, r.evaluation[["finding", "auc", "n_pos"]]
+    assert (r.evaluation["auc"] > 0.6).all(), r.evaluation[["finding", "auc", "n_pos"]]
+    first, last = r.history[0], r.history[-1]
+    assert last["train_loss"] < 0.7 * first["train_loss"]
+
+
+def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(phantoms, tmp_path):
+    """Kill a real training process after >= 2 logged epochs, resume it: every epoch logged once, and the
+    same metrics and bit-identical weights as the same run uninterrupted."""
+    out, args = tmp_path / "run", ["train", "classifier", "--data", str(phantoms), "--arch", "resnet18", "--size", "32",
+                                   "--epochs", "6", "--batch-size", "8", "--bootstrap", "20", "--patience", "0", "-q"]
+    cmd = [sys.executable, "-m", "cxrbench.cli", *args, "--out", str(out)]
     env = {**os.environ, "CXRBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        rows = len(pd.read_csv(out / "metrics.csv")) if (out / "metrics.csv").is_file() else 0
-        if rows >= 2 or proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training finished before it could be interrupted: " + proc.stdout.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(pd.read_csv(out / "metrics.csv"))
-    assert 2 <= done_before < 6 and not (out / "bundle").exists()
+    before = kill_after_rows(cmd, out, env, rows=2)
+    assert 2 <= len(before) < 6 and not (out / "bundle").exists()
     res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    metrics = pd.read_csv(out / "metrics.csv")
-    assert list(metrics["epoch"]) == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "bundle" / "card.json").read_text())["training"]["epochs_run"] == 6
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv").iloc[:len(before)], before)  # kept, not rerun
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    assert_same_run(tmp_path / "ref", out, 6)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ref" / "predictions_test.csv"),
+                                  pd.read_csv(out / "predictions_test.csv"))
 
 
 def test_resume_refuses_other_settings(phantoms, tmp_path):

@@ -12,10 +12,13 @@ from torch import nn
 
 from cxrbench.train.common import (
     CheckpointError,
+    MetricLog,
     RunConfig,
+    best_weights_epoch,
     load_best,
     open_run,
     restore_training_state,
+    rng_state,
     run_split,
     save_best,
     save_training_state,
@@ -112,3 +115,31 @@ def test_run_split_is_reused_on_resume_and_refuses_an_empty_val(tmp_path):
     assert (again == s).all()
     with pytest.raises(ValueError, match="no 'val' images"):
         run_split(df, tmp_path / "other", (0.8, 0.0, 0.2), seed=0, split=pd.Series(["train"] * 20))
+
+
+def test_each_rank_takes_its_own_random_states_and_a_missing_rank_is_warned(tmp_path):
+    model, st = _setup()
+    torch.manual_seed(11)
+    rank0 = rng_state()
+    torch.manual_seed(22)
+    rank1 = rng_state()
+    save_training_state(tmp_path, 1, model, st, _Cfg(), rng=[rank0, rank1])
+    ckpt = open_run(tmp_path, _Cfg(), resume=True)
+    restore_training_state(ckpt, model, st, rank=1)
+    assert torch.equal(torch.get_rng_state(), rank1["torch"])
+    with pytest.warns(RuntimeWarning, match="random states of 2 ranks; rank 2 takes rank 0's"):
+        restore_training_state(ckpt, model, st, rank=2)
+    assert torch.equal(torch.get_rng_state(), rank0["torch"])
+
+
+def test_best_weights_record_their_epoch_and_the_log_its_last_epoch(tmp_path):
+    model, _ = _setup()
+    assert best_weights_epoch(save_best(model, tmp_path, 7)) == 7
+    assert best_weights_epoch(save_best(model, tmp_path)) is None and best_weights_epoch(tmp_path / "absent") is None
+    log = MetricLog(tmp_path / "metrics.csv")
+    assert log.last_epoch() == 0
+    log.append({"epoch": 1, "loss": 0.5})
+    log.append({"epoch": 2, "loss": 0.25, "new_column": 1})
+    assert log.last_epoch() == 2 and log.rows()[0]["new_column"] == ""
+    log.truncate_after(1)
+    assert [r["epoch"] for r in log.rows()] == ["1"]

@@ -319,8 +319,7 @@ def ali_train_step(
         raise ValueError(f"loss weights must be >= 0, got recon {recon_weight}, latent {latent_weight}")
     threshold = chance_discriminator_loss(gan_loss, smooth) if halt_threshold == "chance" else halt_threshold
     model.train()
-    n = x.shape[0]
-    z_prior = torch.randn(n, model.latent_dim, generator=generator, device=x.device)
+    z_prior = torch.randn(x.shape[0], model.latent_dim, generator=generator, device=x.device)
 
     # One forward pass of encoder and decoder serves both updates: the discriminator
     # sees detached copies, the encoder/generator update backpropagates through them.
@@ -328,8 +327,22 @@ def ali_train_step(
     z_hat = model.sample_latent(mu, logvar, generator=generator)
     x_tilde = model.decode(z_prior)
     recon_l1 = F.l1_loss(model.decode(mu), x)
+    out = _discriminator_update(model, opt_d, x, z_hat, x_tilde, z_prior, smooth=smooth, gan_loss=gan_loss,
+                                generator=generator)
+    halted = threshold is not None and out["d_loss"] > threshold
+    out.update(g_step_taken=0.0 if halted else 1.0, recon_l1=recon_l1.item(), g_adv_loss=float("nan"),
+               latent_mse=float("nan"), g_loss=float("nan"))
+    if not halted:
+        out.update(_generator_update(model, opt_g, x, z_hat, x_tilde, z_prior, recon_l1, gan_loss=gan_loss,
+                                     recon_weight=recon_weight, latent_weight=latent_weight))
+    return out
 
-    # Discriminator: encoder pairs (x, E(x)) are "real", generator pairs (G(z), z) "fake".
+
+def _discriminator_update(model: ALI, opt_d: torch.optim.Optimizer, x: torch.Tensor, z_hat: torch.Tensor,
+                          x_tilde: torch.Tensor, z_prior: torch.Tensor, *, smooth: bool, gan_loss: GanLoss,
+                          generator: torch.Generator | None) -> dict[str, float]:
+    """One step of the discriminator: encoder pairs (x, E(x)) are "real", generator pairs (G(z), z) "fake"."""
+    n = x.shape[0]
     if smooth:
         t_real = sample_smoothed_labels(n, True, generator=generator, device=x.device)
         t_fake = sample_smoothed_labels(n, False, generator=generator, device=x.device)
@@ -341,22 +354,16 @@ def ali_train_step(
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
+    return {"d_loss": d_loss.item(), "d_real_score": d_real.detach().mean().item(),
+            "d_fake_score": d_fake.detach().mean().item()}
 
-    halted = threshold is not None and d_loss.item() > threshold
-    out = {
-        "d_loss": d_loss.item(),
-        "d_real_score": d_real.detach().mean().item(),
-        "d_fake_score": d_fake.detach().mean().item(),
-        "g_step_taken": 0.0 if halted else 1.0,
-        "recon_l1": recon_l1.item(),
-        "g_adv_loss": float("nan"),
-        "latent_mse": float("nan"),
-        "g_loss": float("nan"),
-    }
-    if halted:
-        return out
 
-    # Encoder/generator: flipped hard targets against the updated, frozen discriminator.
+def _generator_update(model: ALI, opt_g: torch.optim.Optimizer, x: torch.Tensor, z_hat: torch.Tensor,
+                      x_tilde: torch.Tensor, z_prior: torch.Tensor, recon_l1: torch.Tensor, *, gan_loss: GanLoss,
+                      recon_weight: float, latent_weight: float) -> dict[str, float]:
+    """One step of encoder and decoder: flipped hard targets against the updated, frozen discriminator."""
+    n = x.shape[0]
+    out: dict[str, float] = {}
     for p in model.discriminator_parameters():
         p.requires_grad_(False)
     try:
@@ -376,5 +383,4 @@ def ali_train_step(
     finally:
         for p in model.discriminator_parameters():
             p.requires_grad_(True)
-    out.update(g_adv_loss=g_adv.item(), g_loss=g_loss.item())
-    return out
+    return {**out, "g_adv_loss": g_adv.item(), "g_loss": g_loss.item()}

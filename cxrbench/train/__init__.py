@@ -1,9 +1,13 @@
-"""Training loops (classifier, OOD models, lung U-Net), sharing checkpoints, resume, AMP and DDP."""
+"""Training: one epoch loop (:mod:`cxrbench.train.loop`) and three families that run in it (classifier, OOD model,
+lung U-Net), sharing one checkpoint format, exact resume, early stopping, AMP and DDP."""
 
 from cxrbench.train.classifier import ClassifierConfig, TrainResult, train_classifier
 from cxrbench.train.common import CheckpointError
+from cxrbench.train.family import Family, LoopResult, LoopSettings, TrainingParts
+from cxrbench.train.loop import run_training
 from cxrbench.train.ood import OODConfig, OODTrainResult, train_ood
 from cxrbench.train.unet import UNetConfig, UNetTrainResult, train_unet
 
-__all__ = ["CheckpointError", "ClassifierConfig", "OODConfig", "OODTrainResult", "TrainResult", "UNetConfig",
-           "UNetTrainResult", "train_classifier", "train_ood", "train_unet"]
+__all__ = ["CheckpointError", "ClassifierConfig", "Family", "LoopResult", "LoopSettings", "OODConfig", "OODTrainResult",
+           "TrainResult", "TrainingParts", "UNetConfig", "UNetTrainResult", "run_training", "train_classifier",
+           "train_ood", "train_unet"]

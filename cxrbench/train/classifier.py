@@ -9,15 +9,16 @@ What a run writes to its output folder::
     config.json       the ClassifierConfig
     split.csv         image_id, patient_id, split (reused on resume)
     metrics.csv       one row per epoch: losses, val macro AUC, lr, seconds, images/s
-    checkpoint.pt     last finished epoch (model, optimizer, scheduler, RNG, history) for --resume
+    checkpoint.pt     last finished epoch (model, optimizer, scheduler, generators, RNG states) for --resume
     best.safetensors  weights of the best epoch on the monitored validation metric
     predictions_val.csv / predictions_test.csv
     evaluation.csv    per-finding AUC with half-split spread and bootstrap CI on the test split
     bundle/           the model bundle: best weights + card (operating points fitted on val, metrics on test)
 
-Interrupted runs resume from ``checkpoint.pt`` with ``resume=True`` and end at the same epoch count.
-Under ``torchrun`` the loop runs data-parallel (DDP; gloo on CPU, nccl on CUDA); rank 0 writes.
-On CUDA it uses bf16 autocast and channels_last.
+The epochs run in the one training loop (:mod:`cxrbench.train.loop`): interrupted runs resume from
+``checkpoint.pt`` with ``resume=True`` and end with the same weights and metrics as an uninterrupted
+run. Under ``torchrun`` the loop runs data-parallel (DDP; gloo on CPU, nccl on CUDA); rank 0 writes.
+On CUDA it uses bf16 autocast and channels_last (:func:`cxrbench.train.runtime.precision_policy`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from cxrbench.data import CXRDataset
 from cxrbench.evaluation.calibration import fit_operating_points
@@ -41,25 +40,12 @@ from cxrbench.inference.predict import predict_dataset, predictions_table
 from cxrbench.models.bundle import ModelCard, save_bundle
 from cxrbench.models.classifier import build_classifier
 from cxrbench.preprocess import Preprocess
-from cxrbench.train.common import (
-    MetricLog,
-    RunConfig,
-    Stopwatch,
-    autocast,
-    init_distributed,
-    load_best,
-    open_run,
-    pick_device,
-    restore_training_state,
-    run_split,
-    save_best,
-    save_training_state,
-    seed_everything,
-    training_record,
-    wrap_ddp,
-)
+from cxrbench.train.common import RunConfig, decode_all, run_split, training_record
+from cxrbench.train.family import LoopResult, LoopSettings, TrainingParts
+from cxrbench.train.loop import run_training
+from cxrbench.train.runtime import RunContext
 
-__all__ = ["ClassifierConfig", "TrainResult", "cxr_augmentation", "train_classifier"]
+__all__ = ["ClassifierConfig", "ClassifierFamily", "TrainResult", "cxr_augmentation", "train_classifier"]
 
 
 @dataclass
@@ -109,21 +95,17 @@ class ClassifierConfig(RunConfig):
             raise ValueError("epochs and batch_size must be >= 1")
 
     def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,
+        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,  # type: ignore[arg-type]
                           channels=self.in_channels)
 
 
 @dataclass
-class TrainResult:
-    out_dir: Path
-    epochs_run: int
-    best_epoch: int
-    best_value: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+class TrainResult(LoopResult):
+    """What :func:`train_classifier` did: the loop's account plus the bundle and the test evaluation."""
+
     bundle: Path | None = None
     evaluation: pd.DataFrame | None = None
     summary: dict[str, Any] = field(default_factory=dict)
-    stopped_early: bool = False
 
 
 def cxr_augmentation(cfg: ClassifierConfig):
@@ -164,133 +146,106 @@ def train_classifier(
     split : optional split names per row (``train``/``val``/``test``); default a patient split.
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
     """
-    cfg = config or ClassifierConfig()
-    out = Path(out_dir)
-    device = pick_device(cfg.device)
-    dist = init_distributed(device)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    labels = _labels_of(manifest, cfg)
-    seed_everything(cfg.seed + dist.rank)
-    preprocess = cfg.preprocess()
-    s = run_split(manifest, out, cfg.fractions, cfg.seed, split, write=dist.is_main)
-
-    full = CXRDataset(manifest, preprocess, label_columns=labels, cache_dir=cache_dir)
-    train_set = full.subset((s == "train").to_numpy())
-    if cfg.augment:
-        train_set.transform = cxr_augmentation(cfg)
-    val_set = full.subset((s == "val").to_numpy())
-    if dist.is_main:  # decode every file once, up front, and drop unreadable ones with one report
-        report = full.build_cache(workers=2, progress=progress)
-        if report.n_failed:
-            print(f"warning: {report.summary()}")
-    if dist.enabled:
-        torch.distributed.barrier()
-    train_set, val_set = train_set.readable(), val_set.readable()
-
-    model = build_classifier(cfg.arch, len(labels), cfg.in_channels, pretrained=cfg.pretrained, dropout=cfg.dropout)
-    model = model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ddp_model = wrap_ddp(model, device, dist)
-    pos_weight = train_set.pos_weight().to(device) if cfg.use_pos_weight else None
-    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    mode = "min" if cfg.monitor == "val_loss" else "max"
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.plateau_factor,
-                                                           patience=cfg.plateau_patience)
-    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if dist.enabled else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
-                        generator=generator if sampler is None else None,
-                        persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
-
-    log = MetricLog(out / "metrics.csv")
-    start_epoch, best_value, best_epoch, bad_epochs = 1, math.inf if mode == "min" else -math.inf, 0, 0
-    history: list[dict[str, Any]] = []
-    stateful = {"optimizer": optimizer, "scheduler": scheduler, "loader_rng": generator}
-    ckpt = open_run(out, cfg, resume, write=dist.is_main)
-    if ckpt is not None:
-        start_epoch = restore_training_state(ckpt, model, stateful)
-        best_value, best_epoch, bad_epochs = float(ckpt["best_value"]), int(ckpt["best_epoch"]), int(ckpt["bad_epochs"])
-        if dist.is_main:
-            log.truncate_after(start_epoch - 1)
-            print(f"resuming {out} after epoch {start_epoch - 1} (best {cfg.monitor} {best_value:.4f} at epoch {best_epoch})")
-    elif dist.is_main:
-        log.truncate_after(0)
-
-    stopped_early = False
-    epoch = start_epoch - 1
-    patience = cfg.early_stopping_patience
-    if patience > 0 and bad_epochs >= patience:  # a resumed run that had already stopped early
-        stopped_early, start_epoch = True, cfg.epochs + 1
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        clock = Stopwatch()
-        train_loss, seen = _train_one_epoch(ddp_model, loader, criterion, optimizer, device, cfg, epoch, progress and dist.is_main)
-        train_seconds = clock()
-        val = _validate(model, val_set, criterion, labels, device, cfg)
-        value = val["val_loss"] if mode == "min" else val["val_auc"]
-        if math.isnan(value):
-            value = val["val_loss"]
-        scheduler.step(value)
-        improved = value < best_value if mode == "min" else value > best_value
-        if improved:
-            best_value, best_epoch, bad_epochs = value, epoch, 0
-            if dist.is_main:
-                save_best(model, out)
-        else:
-            bad_epochs += 1
-        row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
-               "train_images": seen, "world_size": dist.world_size, "seconds": clock(),
-               "images_per_s": seen * dist.world_size / max(train_seconds, 1e-9), "best": int(improved)}
-        history.append(row)
-        if dist.is_main:
-            log.append(row)
-            save_training_state(out, epoch, model, stateful, cfg,
-                                best_value=best_value, best_epoch=best_epoch, bad_epochs=bad_epochs)
-            if progress:
-                print(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
-                      f"val macro AUC {val['val_auc']:.3f}, {row['images_per_s']:.1f} img/s")
-        if patience > 0 and bad_epochs >= patience:
-            stopped_early = True
-            if dist.is_main and progress:
-                print(f"early stop: no improvement of {cfg.monitor} for {patience} epochs")
-            break
-
-    result = TrainResult(out, epoch, best_epoch, best_value, history, stopped_early=stopped_early)
-    if dist.is_main:
-        _finish(result, model, full, s, labels, cfg, preprocess, device, data_description)
-    if dist.enabled:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return result
+    family = ClassifierFamily(manifest, config or ClassifierConfig(), split=split, cache_dir=cache_dir,
+                              data_description=data_description)
+    return run_training(family, out_dir, resume=resume, progress=progress)
 
 
-def _train_one_epoch(model, loader, criterion, optimizer, device, cfg, epoch, progress) -> tuple[float, int]:
-    model.train()
-    total, seen = 0.0, 0
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
+class ClassifierFamily:
+    """The classifier as a family of the epoch loop (:func:`cxrbench.train.loop.run_training`)."""
 
-        batches = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
-    for step, (x, y, _) in enumerate(batches):
-        if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg.channels_last and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.amp):
-            loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
+    result_class = TrainResult
+
+    def __init__(self, manifest: pd.DataFrame, config: ClassifierConfig, *, split: pd.Series | None = None,
+                 cache_dir: str | os.PathLike | None = "auto", data_description: str = "") -> None:
+        cfg = self.config = config
+        self.manifest, self.given_split, self.cache_dir = manifest, split, cache_dir
+        self.data_description = data_description
+        self.labels = _labels_of(manifest, cfg)
+        self.preprocess = cfg.preprocess()
+        self.settings = LoopSettings(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, monitor=cfg.monitor,
+            mode="min" if cfg.monitor == "val_loss" else "max", seed=cfg.seed, device=cfg.device,
+            patience=cfg.early_stopping_patience, num_workers=cfg.num_workers,
+            max_steps_per_epoch=cfg.max_steps_per_epoch, amp=cfg.amp, channels_last=cfg.channels_last,
+            epoch_line=(("train loss", "train_loss", ".4f"), ("val loss", "val_loss", ".4f"),
+                        ("val macro AUC", "val_auc", ".3f")))
+
+    def prepare(self, ctx: RunContext) -> CXRDataset:
+        """The patient split, the uint8 cache (decoded once, by rank 0), the train and val sets."""
+        cfg = self.config
+        self.split = ctx.main_first(lambda write: run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed,
+                                                            self.given_split, write=write))
+        self.full = CXRDataset(self.manifest, self.preprocess, label_columns=self.labels, cache_dir=self.cache_dir)
+        ctx.main_first(lambda write: decode_all(self.full, ctx.progress) if write else None)
+        self.train_set = self._part("train")
+        if cfg.augment:
+            self.train_set.transform = cxr_augmentation(cfg)
+        self.val_set = self._part("val")
+        return self.train_set
+
+    def _part(self, name: str) -> CXRDataset:
+        return self.full.subset((self.split == name).to_numpy()).readable()
+
+    def build(self, ctx: RunContext) -> TrainingParts:
+        """The network, BCE with per-finding ``pos_weight``, Adam and the plateau schedule."""
+        cfg = self.config
+        model = ctx.place(build_classifier(cfg.arch, len(self.labels), cfg.in_channels, pretrained=cfg.pretrained,
+                                           dropout=cfg.dropout))
+        pos_weight = self.train_set.pos_weight().to(ctx.device) if cfg.use_pos_weight else None
+        self.criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=self.settings.mode,
+                                                             factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        return TrainingParts(model, {"adam": self.optimizer}, {"plateau": plateau})
+
+    def train_step(self, model: nn.Module, batch: list[Any], ctx: RunContext) -> dict[str, torch.Tensor]:
+        """One Adam step on ``(x (B, C, S, S), y (B, F) 0/1, index)``; the batch's mean BCE."""
+        x, y, _ = batch
+        with ctx.autocast():
+            loss = self.criterion(model(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(x)
-        seen += len(x)
-    return total / max(seen, 1), seen
+        self.optimizer.step()
+        return {"train_loss": loss.detach()}
+
+    def validate(self, model: nn.Module, ctx: RunContext) -> dict[str, float]:
+        """``val_loss`` (BCE, no pos_weight), ``val_auc`` (macro), ``val_auc_defined`` (findings with both classes)."""
+        return _validate(model, self.val_set, self.criterion, self.labels, ctx.device, self.config)
+
+    def finish(self, model: nn.Module, result: TrainResult, ctx: RunContext) -> None:
+        """Operating points on val -> predictions and evaluation on test -> bundle."""
+        cfg, out = self.config, result.out_dir
+        parts = {}
+        for name in ("val", "test"):
+            ds = self._part(name)
+            parts[name] = (ds, predict_dataset(model, ds, batch_size=max(cfg.batch_size, 32), device=ctx.device))
+        val_preds = parts["val"][1]
+        ops = fit_operating_points(val_preds.labels, val_preds.probabilities, self.labels, fitted_on="validation")
+        for name, (ds, preds) in parts.items():
+            assert preds.labels is not None  # a CXRDataset always has labels
+            table = predictions_table(ds.manifest["image_id"].tolist(), preds.logits, self.labels, ops)
+            for j, f in enumerate(self.labels):
+                table[f"{f}_label"] = preds.labels[:, j].astype(int)
+            table.to_csv(out / f"predictions_{name}.csv", index=False)
+        metrics: dict[str, Any] = {"best_epoch": result.best_epoch, f"best_{cfg.monitor}": _num(result.best_value)}
+        test_ds, test_preds = parts["test"]
+        if len(test_ds):
+            evaluation, summary = evaluate_predictions(test_preds.labels, test_preds.probabilities, self.labels, ops,
+                                                       n_boot=cfg.eval_bootstrap, seed=cfg.seed)
+            evaluation.to_csv(out / "evaluation.csv", index=False)
+            result.evaluation, result.summary = evaluation, summary
+            metrics["test"] = _test_metrics(evaluation, summary, len(test_ds))
+        card = ModelCard(
+            kind="classifier", builder="classifier",
+            builder_kwargs={"arch": cfg.arch, "num_outputs": len(self.labels), "in_channels": cfg.in_channels,
+                            "dropout": cfg.dropout},
+            labels=list(self.labels), preprocess=self.preprocess.to_dict(), operating_points=ops.to_dict(),
+            training=training_record(out, self.full.manifest, self.split, cfg, result.epochs_run,
+                                     self.data_description, precision=result.precision),
+            metrics=metrics, name=f"{cfg.arch}-{len(self.labels)}",
+            description="trained with cxrbench train classifier")
+        result.bundle = save_bundle(out / "bundle", model, card)
 
 
 @torch.no_grad()
@@ -305,42 +260,10 @@ def _validate(model, val_set, criterion, labels, device, cfg) -> dict[str, float
     return {"val_loss": loss, "val_auc": float(macro.auc), "val_auc_defined": int(macro.n_defined)}
 
 
-def _finish(result: TrainResult, model, full: CXRDataset, s: pd.Series, labels, cfg, preprocess, device,
-            data_description) -> None:
-    """Best weights -> operating points on val -> evaluation on test -> bundle."""
-    out = result.out_dir
-    load_best(model, out)
-    parts = {}
-    for name in ("val", "test"):
-        ds = full.subset((s == name).to_numpy()).readable()
-        preds = predict_dataset(model, ds, batch_size=max(cfg.batch_size, 32), device=device)
-        parts[name] = (ds, preds)
-    val_ds, val_preds = parts["val"]
-    ops = fit_operating_points(val_preds.labels, val_preds.probabilities, labels, fitted_on="validation")
-    metrics: dict[str, Any] = {"best_epoch": result.best_epoch, f"best_{cfg.monitor}": result.best_value}
-    for name, (ds, preds) in parts.items():
-        table = predictions_table(ds.manifest["image_id"].tolist(), preds.logits, labels, ops)
-        for j, f in enumerate(labels):
-            table[f"{f}_label"] = preds.labels[:, j].astype(int)
-        table.to_csv(out / f"predictions_{name}.csv", index=False)
-    test_ds, test_preds = parts["test"]
-    if len(test_ds):
-        evaluation, summary = evaluate_predictions(test_preds.labels, test_preds.probabilities, labels, ops,
-                                                   n_boot=cfg.eval_bootstrap, seed=cfg.seed)
-        evaluation.to_csv(out / "evaluation.csv", index=False)
-        result.evaluation, result.summary = evaluation, summary
-        metrics["test"] = {
-            "split": "test", "n_images": len(test_ds), "summary": _jsonable(summary),
-            "per_finding": {r["finding"]: {k: _num(r[k]) for k in ("auc", "auc_std_half_splits", "auc_ci_low",
-                                                                       "auc_ci_high", "n_pos", "f1")}
-                            for r in evaluation.to_dict("records")}}
-    card = ModelCard(
-        kind="classifier", builder="classifier",
-        builder_kwargs={"arch": cfg.arch, "num_outputs": len(labels), "in_channels": cfg.in_channels, "dropout": cfg.dropout},
-        labels=list(labels), preprocess=preprocess.to_dict(), operating_points=ops.to_dict(),
-        training=training_record(out, full.manifest, s, cfg, result.epochs_run, data_description),
-        metrics=metrics, name=f"{cfg.arch}-{len(labels)}", description="trained with cxrbench train classifier")
-    result.bundle = save_bundle(out / "bundle", model, card)
+def _test_metrics(evaluation: pd.DataFrame, summary: dict[str, Any], n_images: int) -> dict[str, Any]:
+    keys = ("auc", "auc_std_half_splits", "auc_ci_low", "auc_ci_high", "n_pos", "f1")
+    return {"split": "test", "n_images": n_images, "summary": _jsonable(summary),
+            "per_finding": {r["finding"]: {k: _num(r[k]) for k in keys} for r in evaluation.to_dict("records")}}
 
 
 def _num(v: Any) -> Any:

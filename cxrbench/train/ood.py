@@ -11,21 +11,23 @@ What a run writes to its output folder::
     config.json       the OODConfig
     split.csv         image_id, patient_id, split (reused on resume)
     metrics.csv       one row per epoch: losses, val median SSIM, val L1/L2, seconds, images/s
-    checkpoint.pt     last finished epoch (model, optimizers, RNG states) for --resume
+    checkpoint.pt     last finished epoch (model, optimizers, generators, RNG states) for --resume
     best.safetensors  weights of the epoch with the highest validation median SSIM
     scores_val.csv / scores_test.csv   per-image scores of the best weights (higher = more OOD)
     bundle/           kind "ood": weights + card (scorer, cutoff, how it was chosen, val score summary)
 
-Interrupted runs resume from ``checkpoint.pt`` with ``resume=True`` and end at the same epoch count.
+The epochs run in the one training loop (:mod:`cxrbench.train.loop`): interrupted runs resume from
+``checkpoint.pt`` with ``resume=True`` and end with the same weights and metrics as an uninterrupted
+run. The OOD models train in one process (fp32; not under ``torchrun``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -37,24 +39,14 @@ from cxrbench.data import CXRDataset
 from cxrbench.models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_ali_optimizers
 from cxrbench.models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
 from cxrbench.models.bundle import ModelCard, save_bundle
-from cxrbench.ood import SCORER_NAMES, OODCutoff, chester_ssim_cutoff, fit_cutoff, score_batches
+from cxrbench.ood import SCORER_NAMES, OODCutoff, OODModel, chester_ssim_cutoff, fit_cutoff, score_batches
 from cxrbench.preprocess import Preprocess
-from cxrbench.train.common import (
-    MetricLog,
-    RunConfig,
-    Stopwatch,
-    load_best,
-    open_run,
-    pick_device,
-    restore_training_state,
-    run_split,
-    save_best,
-    save_training_state,
-    seed_everything,
-    training_record,
-)
+from cxrbench.train.common import RunConfig, decode_all, run_split, training_record
+from cxrbench.train.family import LoopResult, LoopSettings, TrainingParts
+from cxrbench.train.loop import run_training
+from cxrbench.train.runtime import RunContext
 
-__all__ = ["OOD_MODELS", "OODConfig", "OODTrainResult", "score_summary", "train_ood"]
+__all__ = ["OOD_MODELS", "OODConfig", "OODFamily", "OODTrainResult", "score_summary", "train_ood"]
 
 OOD_MODELS: tuple[str, ...] = ("autoencoder", "ali")
 DEFAULT_LR: dict[str, float] = {"autoencoder": 1e-3, "ali": 5e-4}
@@ -123,18 +115,12 @@ class OODConfig(RunConfig):
 
 
 @dataclass
-class OODTrainResult:
-    """What :func:`train_ood` did: epochs, best epoch, the fitted cutoff and per-image scores."""
+class OODTrainResult(LoopResult):
+    """What :func:`train_ood` did: the loop's account plus the bundle, the fitted cutoff and per-image scores."""
 
-    out_dir: Path
-    epochs_run: int
-    best_epoch: int
-    best_value: float
-    history: list[dict[str, Any]] = field(default_factory=list)
     bundle: Path | None = None
     cutoff: OODCutoff | None = None
     scores: pd.DataFrame | None = None
-    train_seconds: float = 0.0
 
 
 def score_summary(values: np.ndarray) -> dict[str, float]:
@@ -166,113 +152,87 @@ def train_ood(
     split : optional split names per row (``train``/``val``/``test``); default a seeded patient split.
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
     """
-    cfg = config or OODConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    s = run_split(manifest, out, cfg.fractions, cfg.seed, split)
-    full = CXRDataset(manifest, cfg.preprocess(), label_columns=[], cache_dir=cache_dir)
-    report = full.build_cache(workers=2, progress=progress)
-    if report.n_failed:
-        print(f"warning: {report.summary()}")
-    train_set = full.subset((s == "train").to_numpy()).readable()
-    val_set = full.subset((s == "val").to_numpy()).readable()
-    if len(train_set) < 2 or len(val_set) < 1:
-        raise ValueError(f"need >= 2 readable train and >= 1 val images, got {len(train_set)} and {len(val_set)}")
-
-    model = cfg.build_model().to(device)
-    if cfg.model == "ali":
-        opts = dict(zip(("d", "g"), make_ali_optimizers(model, lr=cfg.lr, betas=cfg.betas)))
-    else:
-        opts = {"g": torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)}
-    loader_rng = torch.Generator().manual_seed(cfg.seed)
-    noise_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=loader_rng,
-                        num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
-                        persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
-
-    log = MetricLog(out / "metrics.csv")
-    start_epoch, best_value, best_epoch, train_seconds = 1, -math.inf, 0, 0.0
-    stateful = {"optimizers": opts, "loader_rng": loader_rng, "noise_rng": noise_rng}
-    ckpt = open_run(out, cfg, resume)
-    if ckpt is not None:
-        start_epoch = restore_training_state(ckpt, model, stateful)
-        best_value, best_epoch = float(ckpt["best_value"]), int(ckpt["best_epoch"])
-        train_seconds = float(ckpt["train_seconds"])
-        history = [dict(r) for r in ckpt["history"]]
-        log.truncate_after(0)  # the checkpoint's rows are the log: no row lost or repeated by a kill
-        for row in history:
-            log.append(row)
-        if progress:
-            print(f"resuming {out} after epoch {start_epoch - 1} (best val median SSIM {best_value:.4f} "
-                  f"at epoch {best_epoch})")
-    else:
-        history = []
-        log.truncate_after(0)
-
-    first_new = len(history)
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        clock = Stopwatch()
-        losses, seen = _train_one_epoch(model, opts, loader, device, cfg, epoch, progress, noise_rng)
-        epoch_train_seconds = clock()
-        train_seconds += epoch_train_seconds
-        val = _validate(model, val_set, device)
-        improved = val["val_ssim_median"] > best_value
-        if improved:
-            best_value, best_epoch = val["val_ssim_median"], epoch
-            save_best(model, out)
-        row = {"epoch": epoch, **losses, **val, "lr": cfg.lr, "train_images": seen, "seconds": clock(),
-               "images_per_s": seen / max(epoch_train_seconds, 1e-9), "best": int(improved)}
-        history.append(row)
-        save_training_state(out, epoch, model, stateful, cfg, best_value=best_value, best_epoch=best_epoch,
-                            train_seconds=train_seconds, history=history)
-        log.append(row)  # after the checkpoint, so a logged epoch is always a resumable one
-        if progress:
-            print(f"epoch {epoch}/{cfg.epochs}: train loss {losses['train_loss']:.4f}, val median SSIM "
-                  f"{val['val_ssim_median']:.3f}, val L1 {val['val_l1']:.4f}, {row['images_per_s']:.1f} img/s")
-
-    result = OODTrainResult(out, epoch, best_epoch, best_value, history[first_new:], train_seconds=train_seconds)
-    _finish(result, model, full, s, cfg, device, data_description)
-    return result
+    family = OODFamily(manifest, config or OODConfig(), split=split, cache_dir=cache_dir,
+                       data_description=data_description)
+    return run_training(family, out_dir, resume=resume, progress=progress)
 
 
-def _train_one_epoch(model, opts, loader, device, cfg: OODConfig, epoch: int, progress: bool,
-                     noise_rng: torch.Generator) -> tuple[dict[str, float], int]:
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
+class OODFamily:
+    """The OOD reconstruction model as a family of the epoch loop (:func:`cxrbench.train.loop.run_training`).
 
-        batches = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False)
-    sums: dict[str, list[float]] = {}
-    seen = 0
-    for step, (x, _, _) in enumerate(batches):
-        if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
-            break
-        if len(x) < 2:  # batch norm needs two images
-            continue
-        x = x.to(device, non_blocking=True)
-        if cfg.model == "ali":
-            out = ali_train_step(model, opts["d"], opts["g"], x, recon_weight=cfg.recon_weight, generator=noise_rng)
-            out.pop("latent_mse")  # latent cycle term not used here
-            out = {"train_loss": out["recon_l1"], **out}
+    The best epoch has the highest validation median SSIM of the reconstructions; no schedule, no
+    early stopping.
+    """
+
+    result_class = OODTrainResult
+
+    def __init__(self, manifest: pd.DataFrame, config: OODConfig, *, split: pd.Series | None = None,
+                 cache_dir: str | os.PathLike | None = "auto", data_description: str = "") -> None:
+        cfg = self.config = config
+        self.manifest, self.given_split, self.cache_dir = manifest, split, cache_dir
+        self.data_description = data_description
+        self.settings = LoopSettings(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, monitor="val_ssim_median", mode="max", seed=cfg.seed,
+            device=cfg.device, num_workers=cfg.num_workers, max_steps_per_epoch=cfg.max_steps_per_epoch,
+            data_parallel=False,
+            epoch_line=(("train loss", "train_loss", ".4f"), ("val median SSIM", "val_ssim_median", ".3f"),
+                        ("val L1", "val_l1", ".4f")))
+
+    def prepare(self, ctx: RunContext) -> CXRDataset:
+        """The patient split, the 64 px uint8 cache, the train and val sets (>= 2 and >= 1 images)."""
+        cfg = self.config
+        self.split = run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed, self.given_split)
+        self.full = CXRDataset(self.manifest, cfg.preprocess(), label_columns=[], cache_dir=self.cache_dir)
+        decode_all(self.full, ctx.progress)
+        train_set, self.val_set = self._part("train"), self._part("val")
+        if len(train_set) < 2 or len(self.val_set) < 1:
+            raise ValueError(f"need >= 2 readable train and >= 1 val images, got {len(train_set)} and "
+                             f"{len(self.val_set)}")
+        return train_set
+
+    def _part(self, name: str) -> CXRDataset:
+        return self.full.subset((self.split == name).to_numpy()).readable()
+
+    def build(self, ctx: RunContext) -> TrainingParts:
+        """The model, Adam (one for the autoencoder; discriminator + encoder/decoder for ALI), ALI's noise."""
+        cfg = self.config
+        model = ctx.place(cfg.build_model())
+        lr = DEFAULT_LR[cfg.model] if cfg.lr is None else cfg.lr
+        if isinstance(model, ALI):
+            self.optimizers = dict(zip(("d", "g"), make_ali_optimizers(model, lr=lr, betas=cfg.betas)))
         else:
-            out = {"train_loss": ae_train_step(model, opts["g"], x, loss=cfg.ae_loss)}
-        for k, v in out.items():
-            sums.setdefault(k, []).append(v)
-        seen += len(x)
-    means = {k: _nanmean(v) for k, v in sums.items()}
-    if "g_step_taken" in means:
-        means["g_steps_fraction"] = means.pop("g_step_taken")
-    means.setdefault("train_loss", math.nan)
-    return means, seen
+            self.optimizers = {"g": torch.optim.Adam(model.parameters(), lr=lr, betas=cfg.betas)}
+        self.noise = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1)
+        return TrainingParts(model, dict(self.optimizers), generators={"noise": self.noise})
 
+    def train_step(self, model: nn.Module, batch: list[Any], ctx: RunContext) -> dict[str, float] | None:
+        """One step on ``(x (B, 1, 64, 64) in [0, 1], ...)``; ``train_loss`` is the reconstruction L1.
 
-def _nanmean(values: list[float]) -> float:
-    arr = np.asarray(values, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    return float(arr.mean()) if arr.size else math.nan
+        ALI also reports its discriminator and generator losses (those of a halted generator step are
+        left out of the epoch's means) and ``g_steps_fraction``.
+        """
+        x = batch[0]
+        if len(x) < 2:  # batch norm needs two images
+            return None
+        cfg = self.config
+        if isinstance(model, ConvAutoencoder):
+            return {"train_loss": ae_train_step(model, self.optimizers["g"], x, loss=cfg.ae_loss)}  # type: ignore[arg-type]
+        assert isinstance(model, ALI)
+        out = ali_train_step(model, self.optimizers["d"], self.optimizers["g"], x, recon_weight=cfg.recon_weight,
+                             generator=self.noise)
+        out.pop("latent_mse")  # latent cycle term not used here
+        out["g_steps_fraction"] = out.pop("g_step_taken")
+        if not out["g_steps_fraction"]:
+            del out["g_adv_loss"], out["g_loss"]
+        return {"train_loss": out["recon_l1"], **out}
+
+    def validate(self, model: nn.Module, ctx: RunContext) -> dict[str, float]:
+        """Median SSIM of the val reconstructions (monitored), mean L1 / L2, median latent norm."""
+        return _validate(cast(OODModel, model), self.val_set, ctx.device)
+
+    def finish(self, model: nn.Module, result: OODTrainResult, ctx: RunContext) -> None:
+        """Scores of val and test -> percentile cutoff on val -> bundle."""
+        _finish(result, cast(OODModel, model), self, ctx.device)
 
 
 def _loader(ds: CXRDataset, batch_size: int = 64) -> DataLoader:
@@ -280,13 +240,13 @@ def _loader(ds: CXRDataset, batch_size: int = 64) -> DataLoader:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, val_set: CXRDataset, device: torch.device) -> dict[str, float]:
+def _validate(model: OODModel, val_set: CXRDataset, device: torch.device) -> dict[str, float]:
     scores = score_batches(model, _loader(val_set), device=device)
     return {"val_ssim_median": float(np.median(scores["ssim_raw"])), "val_l1": float(scores["l1"].mean()),
             "val_l2": float(scores["l2"].mean()), "val_latent_median": float(np.median(scores["latent"]))}
 
 
-def _scores_table(model: nn.Module, ds: CXRDataset, name: str, device: torch.device) -> pd.DataFrame:
+def _scores_table(model: OODModel, ds: CXRDataset, name: str, device: torch.device) -> pd.DataFrame:
     if len(ds) == 0:
         return pd.DataFrame(columns=["image_id", "split", *SCORE_COLUMNS])
     scores = score_batches(model, _loader(ds), device=device)
@@ -296,13 +256,10 @@ def _scores_table(model: nn.Module, ds: CXRDataset, name: str, device: torch.dev
     return table
 
 
-def _finish(result: OODTrainResult, model: nn.Module, full: CXRDataset, s: pd.Series, cfg: OODConfig,
-            device: torch.device, data_description: str) -> None:
-    """Best weights -> scores of val and test -> percentile cutoff on val -> bundle."""
-    out = result.out_dir
-    load_best(model, out)
-    tables = {name: _scores_table(model, full.subset((s == name).to_numpy()).readable(), name, device)
-              for name in ("val", "test")}
+def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: torch.device) -> None:
+    """Scores of val and test -> percentile cutoff on val -> bundle."""
+    out, cfg, s = result.out_dir, family.config, family.split
+    tables = {name: _scores_table(model, family._part(name), name, device) for name in ("val", "test")}
     cutoff = fit_cutoff(tables["val"][cfg.scorer].to_numpy(), cfg.percentile, cfg.scorer)
     chester = chester_ssim_cutoff()
     rejected: dict[str, dict[str, float | None]] = {}
@@ -332,8 +289,8 @@ def _finish(result: OODTrainResult, model: nn.Module, full: CXRDataset, s: pd.Se
     card = ModelCard(
         kind="ood", builder=cfg.model, builder_kwargs=cfg.builder_kwargs(), labels=[],
         preprocess=cfg.preprocess().to_dict(), ood=ood_info,
-        training=training_record(out, full.manifest, s, cfg, result.epochs_run, data_description,
-                                 train_seconds=result.train_seconds),
+        training=training_record(out, family.full.manifest, s, cfg, result.epochs_run, family.data_description,
+                                 train_seconds=result.train_seconds, precision=result.precision),
         metrics=metrics, name=f"{cfg.model}-z{cfg.latent_dim}-w{cfg.width}",
         description="OOD gate trained with cxrbench train ood; an image is OOD when its score > cutoff")
-    result.bundle = save_bundle(out / "bundle", model, card)
+    result.bundle = save_bundle(out / "bundle", cast(nn.Module, model), card)

@@ -12,15 +12,18 @@ What a run writes to its output folder::
     config.json        the UNetConfig
     split.csv          image_id, patient_id, split (reused on resume)
     metrics.csv        one row per epoch: losses, val Dice/IoU, lr, seconds
-    checkpoint.pt      last finished epoch (model, optimizer, scheduler, RNG) for --resume
+    checkpoint.pt      last finished epoch (model, optimizer, scheduler, generators, RNG states) for --resume
     best.safetensors   weights of the epoch with the best validation Dice
     evaluation_test.csv / evaluation_val.csv   per-image Dice and IoU (ignored pixels left out)
     bundle/            segmentation bundle: best weights + card (Dice/IoU on test in ``metrics``)
+
+The epochs run in the one training loop (:mod:`cxrbench.train.loop`): interrupted runs resume from
+``checkpoint.pt`` with ``resume=True`` and end with the same weights and metrics as an uninterrupted
+run; under ``torchrun`` the U-Net trains data-parallel like the classifier (rank 0 writes).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cxrbench.io import ImageReadError
@@ -45,23 +49,13 @@ from cxrbench.models.unet import (
     soft_dice_loss,
 )
 from cxrbench.preprocess import Preprocess
-from cxrbench.train.common import (
-    MetricLog,
-    RunConfig,
-    Stopwatch,
-    load_best,
-    open_run,
-    pick_device,
-    restore_training_state,
-    run_split,
-    save_best,
-    save_training_state,
-    seed_everything,
-    training_record,
-)
+from cxrbench.train.common import RunConfig, run_split, training_record
+from cxrbench.train.family import LoopResult, LoopSettings, TrainingParts
+from cxrbench.train.loop import run_training
+from cxrbench.train.runtime import RunContext
 
-__all__ = ["MaskPairDataset", "PairAugmentation", "UNetConfig", "UNetTrainResult", "evaluate_unet", "load_mask_pairs",
-           "train_unet"]
+__all__ = ["MaskPairDataset", "PairAugmentation", "UNetConfig", "UNetFamily", "UNetTrainResult", "evaluate_unet",
+           "load_mask_pairs", "train_unet"]
 
 
 @dataclass
@@ -102,16 +96,14 @@ class UNetConfig(RunConfig):
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
     def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize, channels=1)
+        return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,  # type: ignore[arg-type]
+                          channels=1)
 
 
 @dataclass
-class UNetTrainResult:
-    out_dir: Path
-    epochs_run: int
-    best_epoch: int
-    best_value: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+class UNetTrainResult(LoopResult):
+    """What :func:`train_unet` did: the loop's account plus the bundle and the per-image test evaluation."""
+
     bundle: Path | None = None
     evaluation: pd.DataFrame | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -194,7 +186,7 @@ class MaskPairDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# training
 
 
 def train_unet(
@@ -216,73 +208,93 @@ def train_unet(
     split : optional split names per row; default a seeded patient split (``cfg.fractions``).
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
     """
-    cfg = config or UNetConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    manifest = manifest.reset_index(drop=True)
-    s = run_split(manifest, out, cfg.fractions, cfg.seed, split)
-    preprocess = cfg.preprocess()
-    images, labels, errors = load_mask_pairs(manifest, preprocess)
-    for pos, reason in errors.items():
-        warnings.warn(f"skipping pair {manifest['path'][pos]}: {reason}", RuntimeWarning, stacklevel=2)
-    readable = np.array([i not in errors for i in range(len(manifest))], dtype=bool)
-    part = {name: ((s == name).to_numpy() & readable) for name in ("train", "val", "test")}
-    augment = (PairAugmentation(cfg.hflip, cfg.max_rotation, cfg.max_translation, cfg.scale_range)
-               if cfg.augment else None)
-    train_set = MaskPairDataset(images[part["train"]], labels[part["train"]], preprocess, augment)
-    val_set = MaskPairDataset(images[part["val"]], labels[part["val"]], preprocess)
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError("no readable training or validation pairs")
+    family = UNetFamily(manifest, config or UNetConfig(), split=split, data_description=data_description)
+    return run_training(family, out_dir, resume=resume, progress=progress)
 
-    model = UNet(1, cfg.base_channels, cfg.depth).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
-                                                           patience=cfg.plateau_patience)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train_set) > cfg.batch_size)
 
-    log = MetricLog(out / "metrics.csv")
-    start_epoch, best_value, best_epoch = 1, -math.inf, 0
-    stateful = {"optimizer": optimizer, "scheduler": scheduler, "loader_rng": generator}
-    ckpt = open_run(out, cfg, resume)
-    if ckpt is not None:
-        start_epoch = restore_training_state(ckpt, model, stateful)
-        best_value, best_epoch = float(ckpt["best_value"]), int(ckpt["best_epoch"])
-        log.truncate_after(start_epoch - 1)
-        if progress:
-            print(f"resuming {out} after epoch {start_epoch - 1} "
-                  f"(best val Dice {best_value:.4f} at epoch {best_epoch})")
-    else:
-        log.truncate_after(0)
+class UNetFamily:
+    """The lung U-Net as a family of the epoch loop (:func:`cxrbench.train.loop.run_training`).
 
-    history: list[dict[str, Any]] = []
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        clock = Stopwatch()
-        train_loss, seen = _train_one_epoch(model, loader, optimizer, device, cfg)
-        train_seconds = clock()
-        val = _validate(model, val_set, device, cfg)
-        scheduler.step(val["val_dice"])
-        improved = val["val_dice"] > best_value
-        if improved:
-            best_value, best_epoch = val["val_dice"], epoch
-            save_best(model, out)
-        row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": optimizer.param_groups[0]["lr"],
-               "train_images": seen, "seconds": clock(), "images_per_s": seen / max(train_seconds, 1e-9),
-               "best": int(improved)}
-        history.append(row)
-        log.append(row)
-        save_training_state(out, epoch, model, stateful, cfg, best_value=best_value, best_epoch=best_epoch)
-        if progress:
-            print(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val['val_loss']:.4f}, "
-                  f"val Dice {val['val_dice']:.4f}, IoU {val['val_iou']:.4f}, {row['seconds']:.1f} s")
+    The best epoch has the highest validation Dice, which also drives the plateau schedule.
+    """
 
-    result = UNetTrainResult(out, epoch, best_epoch, best_value, history)
-    _finish(result, model, manifest, s, readable, cfg, preprocess, device, data_description)
-    return result
+    result_class = UNetTrainResult
+
+    def __init__(self, manifest: pd.DataFrame, config: UNetConfig, *, split: pd.Series | None = None,
+                 data_description: str = "") -> None:
+        cfg = self.config = config
+        self.manifest, self.given_split = manifest.reset_index(drop=True), split
+        self.data_description = data_description
+        self.preprocess = cfg.preprocess()
+        self.settings = LoopSettings(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, monitor="val_dice", mode="max", seed=cfg.seed,
+            device=cfg.device, max_steps_per_epoch=cfg.max_steps_per_epoch,
+            epoch_line=(("train loss", "train_loss", ".4f"), ("val loss", "val_loss", ".4f"),
+                        ("val Dice", "val_dice", ".4f"), ("IoU", "val_iou", ".4f")))
+
+    def prepare(self, ctx: RunContext) -> MaskPairDataset:
+        """The patient split; every pair decoded at the model's size; the train (augmented) and val sets."""
+        cfg = self.config
+        self.split = ctx.main_first(lambda write: run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed,
+                                                            self.given_split, write=write))
+        images, labels, errors = load_mask_pairs(self.manifest, self.preprocess)
+        for pos, reason in errors.items() if ctx.is_main else ():
+            warnings.warn(f"skipping pair {self.manifest['path'][pos]}: {reason}", RuntimeWarning, stacklevel=2)
+        self.readable = np.array([i not in errors for i in range(len(self.manifest))], dtype=bool)
+        train, val = ((self.split == name).to_numpy() & self.readable for name in ("train", "val"))
+        augment = (PairAugmentation(cfg.hflip, cfg.max_rotation, cfg.max_translation, cfg.scale_range)
+                   if cfg.augment else None)
+        train_set = MaskPairDataset(images[train], labels[train], self.preprocess, augment)
+        self.val_set = MaskPairDataset(images[val], labels[val], self.preprocess)
+        if len(train_set) == 0 or len(self.val_set) == 0:
+            raise ValueError("no readable training or validation pairs")
+        return train_set
+
+    def build(self, ctx: RunContext) -> TrainingParts:
+        """The U-Net, Adam, and the plateau schedule on the validation Dice."""
+        cfg = self.config
+        model = ctx.place(UNet(1, cfg.base_channels, cfg.depth))
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=cfg.plateau_factor,
+                                                             patience=cfg.plateau_patience)
+        return TrainingParts(model, {"adam": self.optimizer}, {"plateau": plateau})
+
+    def train_step(self, model: nn.Module, batch: list[Any], ctx: RunContext) -> dict[str, torch.Tensor]:
+        """One Adam step on ``(x, target, valid)`` (see :class:`MaskPairDataset`); BCE (+ soft Dice)."""
+        x, target, valid = batch
+        with ctx.autocast():
+            loss = _loss(model(x).float(), target, valid, self.config.dice_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"train_loss": loss.detach()}
+
+    def validate(self, model: nn.Module, ctx: RunContext) -> dict[str, float]:
+        """``val_loss``, ``val_dice`` (monitored) and ``val_iou`` at the model's resolution."""
+        return _validate(model, self.val_set, ctx.device, self.config)
+
+    def finish(self, model: nn.Module, result: UNetTrainResult, ctx: RunContext) -> None:
+        """Per-image Dice/IoU on val and test at the displayed-crop resolution -> bundle."""
+        cfg, out = self.config, result.out_dir
+        metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "best_val_dice": result.best_value}
+        for name in ("val", "test"):
+            rows = self.manifest[(self.split == name).to_numpy() & self.readable].reset_index(drop=True)
+            table = evaluate_unet(model, self.preprocess, rows, threshold=cfg.threshold, device=ctx.device)
+            table.to_csv(out / f"evaluation_{name}.csv", index=False)
+            if len(table):
+                metrics[name] = {"split": name, **_summary(table)}
+            if name == "test":
+                result.evaluation, result.summary = table, metrics.get("test", {})
+        card = ModelCard(
+            kind="segmentation", builder="unet",
+            builder_kwargs={"in_channels": 1, "base_channels": cfg.base_channels, "depth": cfg.depth},
+            labels=["lung"], preprocess=self.preprocess.to_dict(),
+            training=training_record(out, self.manifest, self.split, cfg, result.epochs_run, self.data_description,
+                                     threshold=cfg.threshold, output="(B, 1, H, W) logits; lung = sigmoid > threshold",
+                                     precision=result.precision),
+            metrics=metrics, name=f"unet-{cfg.base_channels}x{cfg.depth}-{cfg.image_size}px",
+            description="lung U-Net trained with cxrbench train unet (mask value 127 ignored)")
+        result.bundle = save_bundle(out / "bundle", model, card)
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, dice_weight: float) -> torch.Tensor:
@@ -290,22 +302,6 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, dice_
     if dice_weight > 0:
         loss = loss + dice_weight * soft_dice_loss(logits, target, valid)
     return loss
-
-
-def _train_one_epoch(model, loader, optimizer, device, cfg: UNetConfig) -> tuple[float, int]:
-    model.train()
-    total, seen = 0.0, 0
-    for step, (x, target, valid) in enumerate(loader):
-        if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
-            break
-        x, target, valid = x.to(device), target.to(device), valid.to(device)
-        loss = _loss(model(x), target, valid, cfg.dice_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(x)
-        seen += len(x)
-    return total / max(seen, 1), seen
 
 
 @torch.no_grad()
@@ -353,29 +349,3 @@ def _summary(table: pd.DataFrame) -> dict[str, Any]:
             "dice_median": float(ok["dice"].median()), "dice_min": float(ok["dice"].min()),
             "iou_mean": float(ok["iou"].mean()), "iou_std": float(ok["iou"].std(ddof=1)) if len(ok) > 1 else 0.0,
             "resolution": "displayed crop (source pixels)", "ignored_value": IGNORE_VALUE}
-
-
-def _finish(result: UNetTrainResult, model, manifest, s, readable, cfg: UNetConfig, preprocess, device,
-            data_description: str) -> None:
-    """Best weights -> per-image Dice/IoU on val and test -> bundle."""
-    out = result.out_dir
-    load_best(model, out)
-    metrics: dict[str, Any] = {"best_epoch": result.best_epoch, "best_val_dice": result.best_value}
-    for name in ("val", "test"):
-        rows = manifest[(s == name).to_numpy() & readable].reset_index(drop=True)
-        table = evaluate_unet(model, preprocess, rows, threshold=cfg.threshold, device=device)
-        table.to_csv(out / f"evaluation_{name}.csv", index=False)
-        if len(table):
-            metrics[name] = {"split": name, **_summary(table)}
-        if name == "test":
-            result.evaluation = table
-            result.summary = metrics.get("test", {})
-    card = ModelCard(
-        kind="segmentation", builder="unet",
-        builder_kwargs={"in_channels": 1, "base_channels": cfg.base_channels, "depth": cfg.depth},
-        labels=["lung"], preprocess=preprocess.to_dict(),
-        training=training_record(out, manifest, s, cfg, result.epochs_run, data_description,
-                                 threshold=cfg.threshold, output="(B, 1, H, W) logits; lung = sigmoid > threshold"),
-        metrics=metrics, name=f"unet-{cfg.base_channels}x{cfg.depth}-{cfg.image_size}px",
-        description="lung U-Net trained with cxrbench train unet (mask value 127 ignored)")
-    result.bundle = save_bundle(out / "bundle", model, card)

@@ -1,0 +1,154 @@
+"""Where and how a training process runs: the device, the one AMP policy, torchrun's process group.
+
+:class:`RunContext` gathers them for the families' methods (:mod:`cxrbench.train.family`); the epoch
+loop (:mod:`cxrbench.train.loop`) makes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["DistInfo", "Precision", "RunContext", "autocast", "dist_info", "init_distributed", "pick_device",
+           "precision_policy"]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# device, precision, distributed
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else CPU. Under torchrun, the rank's local GPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the training steps compute: the autocast dtype (None: fp32) and the memory format."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast context for forward passes and losses on ``device`` (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        """E.g. ``"bf16 autocast, channels_last"`` or ``"fp32"`` (recorded in results and cards)."""
+        names = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}
+        name = names.get(self.autocast_dtype, f"{self.autocast_dtype} autocast")
+        return name + (", channels_last" if self.channels_last else "")
+
+
+def precision_policy(device: torch.device, amp: bool = True, channels_last: bool = True) -> Precision:
+    """The one AMP policy: what a family that asks for ``amp`` / ``channels_last`` gets on ``device``.
+
+    bf16 autocast (no loss scaling needed) and channels_last where they pay: today on CUDA only.
+    """
+    fast = device.type == "cuda"  # CPUs with avx512_bf16 / AMX would join here
+    return Precision(torch.bfloat16 if amp and fast else None, channels_last and fast)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast context :func:`precision_policy` chooses for ``device`` (for benchmarks and tools)."""
+    return precision_policy(device, amp=enabled, channels_last=False).autocast(device)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from torchrun's environment (1 process when not under torchrun)."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op for one process."""
+    info = dist_info()
+    if info.enabled and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# the context a family's methods get
+
+
+@dataclass
+class RunContext:
+    """Where and how this process trains; handed to every method of a family.
+
+    ``resuming`` says whether the loop resumes a checkpoint (decided before ``prepare``, so a family
+    can tell a resumed run from a fresh one in a used folder).
+    """
+
+    out: Path
+    device: torch.device
+    dist: DistInfo
+    precision: Precision
+    progress: bool
+    resuming: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes the run folder."""
+        return self.dist.is_main
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op for one process)."""
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    def main_first(self, fn: Callable[[bool], T]) -> T:
+        """``fn(True)`` on rank 0 (it may write), then, after a barrier, ``fn(False)`` on the others."""
+        value = fn(True) if self.is_main else None
+        self.barrier()
+        return value if self.is_main else fn(False)  # type: ignore[return-value]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Wrap forward passes and losses (not backward) in this."""
+        return self.precision.autocast(self.device)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """The model on the run's device, channels_last when the precision policy says so."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.precision.channels_last else model
+
+    def to_device(self, batch: Sequence[Any]) -> list[Any]:
+        """Tensors of a batch onto the device; the first (the images) channels_last when chosen."""
+        moved = [b.to(self.device, non_blocking=True) if isinstance(b, torch.Tensor) else b for b in batch]
+        if self.precision.channels_last and moved and getattr(moved[0], "ndim", 0) == 4:
+            moved[0] = moved[0].contiguous(memory_format=torch.channels_last)
+        return moved

@@ -292,7 +292,8 @@ def effective_bit_depth(values: np.ndarray, container_bits: int = 16, sbit: int 
 
 
 def _scaled(raw: np.ndarray, bits: int) -> np.ndarray:
-    return raw.astype(np.float32) * np.float32(1.0 / (2**bits - 1))
+    # a division, not a multiplication by the reciprocal: correctly rounded, so 8-bit pixels equal v / 255 exactly
+    return raw.astype(np.float32) / np.float32(2**bits - 1)
 
 
 def _min_max(raw: np.ndarray) -> np.ndarray:

@@ -143,8 +143,8 @@ def test_gate_trained_on_nih_rejects_95_percent_of_digits_and_keeps_85_percent_o
     """An autoencoder (Z 32, width 8, 10 epochs) trained on the NIH dev CXRs; its cutoff is the 95th
     percentile of its val scores (1 - SSIM). At that cutoff the bundle rejects >= 95 % of 500 digits
     (measured 100 %) and keeps >= 85 % of its held-out test CXRs, read from their files (measured 93 %)."""
-    from cxrbench.ood.evaluation import digits_set, score_files
-    from cxrbench.ood.scoring import score_batch
+    from cxrbench.ood.scoring import score_batch, score_files
+    from cxrbench.ood.sets import digits_set
 
     df = load_manifest(nih_dir)
     r = train_ood(df, tmp_path / "run", OODConfig(latent_dim=32, width=8, epochs=10, fractions=(0.6, 0.2, 0.2)),

@@ -22,6 +22,7 @@ from cxrbench.explain.fusion import fuse, mask_fraction
 from cxrbench.explain.gradcam import GradCAM
 from cxrbench.explain.overlay import error_overlay, overlay, overlay_all_findings
 from cxrbench.explain.saliency import ChesterSaliency
+from cxrbench.explain.targets import ALL_FINDINGS, ExplanationTargets, explanation_targets, finding_ranking, is_summed
 
 #: Registry names accepted by :func:`get_explainer`, in display order.
 EXPLAINERS: list[str] = [
@@ -63,15 +64,20 @@ def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
 
 
 __all__ = [
+    "ALL_FINDINGS",
     "CAM",
     "EXPLAINERS",
     "ChesterSaliency",
     "Explainer",
+    "ExplanationTargets",
     "GradCAM",
     "IntegratedGradients",
     "SmoothGrad",
+    "explanation_targets",
+    "finding_ranking",
     "fuse",
     "get_explainer",
+    "is_summed",
     "mask_fraction",
     "minmax_normalize",
     "error_overlay",

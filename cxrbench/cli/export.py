@@ -1,14 +1,14 @@
-"""``cxrbench export``, ``cxrbench export-web`` and ``--backend onnx`` for ``predict`` / ``analyze``."""
+"""``cxrbench export`` and ``cxrbench export-web``.
+
+(``--backend onnx`` of ``predict`` and ``analyze`` is their own option: the same
+:class:`~cxrbench.inference.pipeline.Pipeline` on :mod:`cxrbench.export.runtime`'s backends.)"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-from typing import Callable
 
-__all__ = ["add_backend_option", "add_export_commands", "analyze_onnx", "predict_onnx"]
+__all__ = ["add_export_commands"]
 
 
 def _parity_images(args: argparse.Namespace):
@@ -64,71 +64,6 @@ def _export_web(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_onnx(args: argparse.Namespace) -> int:
-    """``cxrbench predict --backend onnx``: the same CSV as the torch backend, computed by ONNX Runtime."""
-    from cxrbench.cli.classifier import write_predictions
-    from cxrbench.export.runtime import ensure_export, load_export
-
-    bundle = load_export(ensure_export(args.bundle, progress=not args.quiet)).classifier
-    return write_predictions(bundle, args, " (ONNX Runtime)")
-
-
-def analyze_onnx(args: argparse.Namespace) -> int:
-    """``cxrbench analyze --backend onnx``: OOD gate, probabilities and CAM overlays from the exported graphs."""
-    import pandas as pd
-
-    from cxrbench.app.dashboard import png_bytes
-    from cxrbench.cli.classifier import expand_files
-    from cxrbench.explain.overlay import overlay
-    from cxrbench.export.runtime import OnnxPipeline
-
-    explain = None if args.explain == "none" else args.explain
-    if explain not in (None, "cam"):
-        print(f"note: the ONNX backend explains with CAM (a forward graph), not {explain}", file=sys.stderr)
-        explain = "cam"
-    pipe = OnnxPipeline.from_paths(args.classifier, ood=args.ood, progress=not args.quiet)
-    files = expand_files(args.files)
-    if not files:
-        raise ValueError("no input files")
-    out = Path(args.out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    reports, errors = pipe.analyze_batch(files, explain=explain, allow_ood=args.allow_ood, progress=not args.quiet)
-    rows = []
-    for i, (f, r) in enumerate(zip(files, reports)):
-        if r is None:
-            rows.append({"file": f, "error": errors[i]})
-            print(f"warning: {f}: {errors[i]}", file=sys.stderr)
-            continue
-        rows.append({**r.to_row(), "file": f})
-        if r.maps is not None:
-            png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
-            (out / "overlays" / f"{i:04d}_{Path(f).stem}.png").write_bytes(png)
-    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
-    pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
-    n_rej = sum(1 for r in reports if r is not None and r.rejected)
-    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the OOD gate "
-          "(ONNX Runtime)")
-    return 0 if len(errors) < len(files) else 1
-
-
-def add_backend_option(parser: argparse.ArgumentParser, onnx_func: Callable[[argparse.Namespace], int]) -> None:
-    """Give an existing command ``--backend {torch,onnx}``; ``onnx`` runs ``onnx_func`` instead of the command.
-
-    Does nothing when the command already has a ``--backend`` option (its owner then dispatches).
-    """
-    if "--backend" in parser._option_string_actions:
-        return
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                        help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is exported "
-                             "once and cached, parity-checked; an export folder is used as is)")
-    torch_func = parser.get_default("func")
-
-    def dispatch(args: argparse.Namespace) -> int:
-        return onnx_func(args) if args.backend == "onnx" else torch_func(args)
-
-    parser.set_defaults(func=dispatch)
-
-
 def _add_parity_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--images", nargs="+", default=None,
                    help="parity-check images (files, folders, globs); default: real NIH images from the shared data")
@@ -157,7 +92,3 @@ def add_export_commands(sub: argparse._SubParsersAction) -> None:
                                                    "(default $CXRBENCH_NPM_DIR or ~/.cache/cxrbench/npm)")
     q.add_argument("--serve", type=int, default=None, metavar="PORT", help="then serve the app on 127.0.0.1:PORT")
     q.set_defaults(func=_export_web)
-
-    for name, func in (("predict", predict_onnx), ("analyze", analyze_onnx)):
-        if name in sub.choices:
-            add_backend_option(sub.choices[name], func)

@@ -20,18 +20,19 @@ FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Mass"]
 def test_summed_saliency_explains_all_findings_in_one_map_unless_findings_are_named():
     assert is_summed("saliency") and not is_summed("saliency_per_finding") and not is_summed("gradcam")
     assert explanation_targets("saliency", FINDINGS) == ExplanationTargets(None, [ALL_FINDINGS])
-    assert explanation_targets("saliency", FINDINGS).findings(4) == [0, 1, 2, 3]
+    assert explanation_targets("saliency", FINDINGS).outputs(4) == [0, 1, 2, 3]
     named = explanation_targets("saliency", FINDINGS, ["Effusion", "Mass"])
-    assert named == ExplanationTargets([2, 3], ["Effusion+Mass"]) and named.findings(4) == [2, 3]
+    assert named == ExplanationTargets([2, 3], ["Effusion+Mass"]) and named.outputs(4) == [2, 3]
 
 
 def test_per_finding_methods_take_a_name_a_list_or_the_top_k_of_the_ranking():
     assert explanation_targets("gradcam", FINDINGS, "Mass") == ExplanationTargets([3], ["Mass"])
     assert explanation_targets("cam", FINDINGS, ["Mass", "Atelectasis"]).labels == ["Mass", "Atelectasis"]
     ranking = finding_ranking(np.array([0.1, 0.7, 0.4, 0.9]))
-    assert explanation_targets("gradcam", FINDINGS, ranking=ranking, top=2) == ExplanationTargets([3, 1],
-                                                                                                  ["Mass", "Cardiomegaly"])
-    assert explanation_targets("saliency_per_finding", FINDINGS, [], ranking=ranking).index == [3, 1, 2]  # empty: default
+    top2 = explanation_targets("gradcam", FINDINGS, ranking=ranking, top=2)
+    assert top2 == ExplanationTargets([3, 1], ["Mass", "Cardiomegaly"])
+    # an empty list means the default, as before
+    assert explanation_targets("saliency_per_finding", FINDINGS, [], ranking=ranking).index == [3, 1, 2]
     with pytest.raises(ValueError, match="pass their ranking"):
         explanation_targets("gradcam", FINDINGS)
     for top in (0, -1, 1.5, True):

@@ -325,10 +325,11 @@ def test_explanation_targets_are_the_reports_ranking_everywhere(bundles, image):
     r = pipe.analyze(image, explain="cam")
     expected = explanation_targets("cam", pipe.findings, ranking=finding_ranking(r.calibrated, r.raw))
     assert r.map_labels == expected.labels == list(r.table()["finding"][:3])
-    assert r.map_findings == [pipe.findings.index(f) for f in r.map_labels]
+    assert r.explained_outputs == [pipe.findings.index(f) for f in r.map_labels]
     summed = pipe.analyze(image, explain="saliency", targets=["Effusion", "Mass"])
-    assert summed.map_labels == ["Effusion+Mass"] and summed.maps.shape == (1, 64, 64) and summed.map_findings == [2, 4]
-    assert pipe.analyze(image, explain="saliency").map_findings == list(range(14))
+    assert summed.map_labels == ["Effusion+Mass"] and summed.maps.shape == (1, 64, 64)
+    assert summed.explained_outputs == [2, 4]
+    assert pipe.analyze(image, explain="saliency").explained_outputs == list(range(14))
 
 
 def test_without_operating_points_the_raw_probabilities_rank_the_findings(image, tmp_path):

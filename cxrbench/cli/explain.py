@@ -179,8 +179,9 @@ def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, tar
         target = out / f"{stem}_{method}_all.png"
         _save_png(target, overlay_all_findings(report.image, maps, names))
         written.append(target.name)
-    row.update(targets="|".join(names), raw_probabilities="|".join(f"{report.raw[i]:.4f}" for i in report.map_findings),
-               maps=f"{stem}_{method}.npy", overlays="|".join(written), seconds=time.perf_counter() - t0)
+    probabilities = "|".join(f"{report.raw[i]:.4f}" for i in report.explained_outputs)
+    row.update(targets="|".join(names), raw_probabilities=probabilities, maps=f"{stem}_{method}.npy",
+               overlays="|".join(written), seconds=time.perf_counter() - t0)
     return row
 
 

@@ -44,7 +44,7 @@ class ExplanationTargets:
     index: list[int] | None
     labels: list[str]
 
-    def findings(self, n_outputs: int) -> list[int]:
+    def outputs(self, n_outputs: int) -> list[int]:
         """The output indices the maps explain (all ``n_outputs`` when ``index`` is None)."""
         return list(range(n_outputs)) if self.index is None else list(self.index)
 

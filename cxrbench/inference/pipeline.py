@@ -80,7 +80,7 @@ class Report:
     ``image``: the displayed crop, ``(S, S)`` float32 [0, 1] at the classifier's input size (maps align
     with it). ``raw``/``calibrated``: ``(F,)`` or None when the image was rejected. ``maps``: ``(K, S, S)``
     float32 explanation maps (in [0, 1] unless the caller asked for raw values) with ``map_labels`` naming
-    each (``"all findings"`` for Chester's saliency) and ``map_findings`` the output indices they explain.
+    each (``"all findings"`` for Chester's saliency) and ``explained_outputs`` the output indices they explain.
     ``timings``: seconds per stage.
     """
 
@@ -97,7 +97,7 @@ class Report:
     method: str | None = None
     maps: np.ndarray | None = None
     map_labels: list[str] = field(default_factory=list)
-    map_findings: list[int] = field(default_factory=list)
+    explained_outputs: list[int] = field(default_factory=list)
     lung_mask: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -280,7 +280,7 @@ class Pipeline:
         maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
                                                **{**DEFAULT_MAP_OPTIONS, **(options or {})})
         return replace(report, method=method, maps=np.asarray(maps[0], dtype=np.float32), map_labels=chosen.labels,
-                       map_findings=chosen.findings(len(self.findings)),
+                       explained_outputs=chosen.outputs(len(self.findings)),
                        timings={**report.timings, "explain": time.perf_counter() - t})
 
     # ------------------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, tar
         row["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
         return row
     maps, names = report.maps, report.map_labels
+    assert maps is not None and report.raw is not None  # analyze explains every image it does not reject (no gate)
     np.save(out / f"{stem}_{method}.npy", maps.astype(np.float32), allow_pickle=False)
     written = []
     for name, heat in zip(names, maps):

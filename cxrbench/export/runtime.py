@@ -158,7 +158,8 @@ class OnnxCAM:
         maps = self.classifier.cam(x)["cam"]
         index = target_matrix(targets, maps.shape[0], maps.shape[1]).numpy()
         maps = np.take_along_axis(maps, index[:, :, None, None], axis=1)
-        maps = np.nan_to_num(resize_maps(maps, tuple(x.shape[-2:])), nan=0.0, posinf=0.0, neginf=0.0)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        maps = np.nan_to_num(resize_maps(maps, size), nan=0.0, posinf=0.0, neginf=0.0)
         return postprocess_maps(maps, relu=self.relu, sigma=self.sigma, normalize=self.normalize)  # type: ignore[arg-type]
 
 
@@ -261,11 +262,13 @@ def backend_agreement(torch_pipeline: Pipeline, onnx_pipeline: Pipeline, sources
     for src in sources:
         a = torch_pipeline.analyze(src, explain=explain, allow_ood=True)
         b = onnx_pipeline.analyze(src, explain=explain, allow_ood=True)
+        assert a.raw is not None and b.raw is not None and a.calibrated is not None and b.calibrated is not None
         rows.append({"source": Path(a.source).name,
                      "raw_max_abs_diff": float(np.max(np.abs(a.raw - b.raw))),
                      "calibrated_max_abs_diff": float(np.nanmax(np.abs(a.calibrated - b.calibrated))),
                      "ood_score_abs_diff": abs(a.ood.score - b.ood.score) if a.ood and b.ood else np.nan,
-                     "map_max_abs_diff": float(np.abs(a.maps - b.maps).max()) if a.maps is not None else np.nan})
+                     "map_max_abs_diff": float(np.abs(a.maps - b.maps).max())
+                     if a.maps is not None and b.maps is not None else np.nan})
     return pd.DataFrame(rows)
 
 

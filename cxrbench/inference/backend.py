@@ -22,7 +22,7 @@ from torch import nn
 
 from cxrbench.explain import EXPLAINERS, get_explainer
 from cxrbench.explain.base import Explainer, Targets
-from cxrbench.ood.scoring import score_batch
+from cxrbench.ood.scoring import OODModel, score_batch
 
 __all__ = ["ClassifierBackend", "GateBackend", "GateOutput", "TorchClassifier", "TorchGate", "classifier_backend",
            "gate_backend"]
@@ -102,12 +102,16 @@ class TorchGate:
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if not isinstance(self.model, OODModel):
+            raise TypeError(f"{type(model).__name__} is not an OOD model "
+                            "(it needs latent_mean, reconstruct, latent_dim and image_size)")
+        self.ood_model: OODModel = self.model
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> GateOutput:
         x = x.to(self.device)
-        scores = score_batch(self.model, x)  # type: ignore[arg-type]
-        return GateOutput(scores, self.model.reconstruct(x).float().cpu().numpy())
+        scores = score_batch(self.ood_model, x)
+        return GateOutput(scores, self.ood_model.reconstruct(x).float().cpu().numpy())
 
 
 def classifier_backend(model: Any, device: str | torch.device = "cpu") -> ClassifierBackend:

@@ -132,7 +132,7 @@ def operating_points_of(bundle: Bundle) -> OperatingPoints | None:
 
 
 def predictions_table(
-    names: Sequence[str],
+    names: Sequence[str | os.PathLike],
     logits: np.ndarray,
     labels: Sequence[str],
     operating_points: OperatingPoints | None,

@@ -42,7 +42,6 @@ from torch import nn
 
 from cxrbench import __version__
 from cxrbench.data import load_manifest, shared_data_root
-from cxrbench.data.synthetic import make_phantom
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.explain import get_explainer
 from cxrbench.io import read_image
@@ -212,6 +211,8 @@ def default_parity_images(n: int = 8) -> tuple[list[Any], str]:
     if root is not None and (root / "cxr" / "nih" / "manifest.csv").is_file():
         paths = load_manifest(root / "cxr" / "nih", on_missing="drop")["path"].tolist()
         return [str(p) for p in paths[:n]], f"NIH ChestX-ray14 ({root / 'cxr' / 'nih'})"
+    from cxrbench.data.synthetic import make_phantom  # only without real data: keeps scipy's filters off the import
+
     return [make_phantom(256, seed=i).image for i in range(n)], "synthetic phantoms (no real data found)"
 
 

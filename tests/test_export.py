@@ -12,7 +12,14 @@ import torch
 from cxrbench.cli.main import main
 from cxrbench.evaluation.calibration import calibrate
 from cxrbench.export.onnx import CalibratedClassifier, ParityError, export_models, parity_check, read_onnx_card
-from cxrbench.export.runtime import OnnxPipeline, load_export, make_session
+from cxrbench.export.runtime import (
+    OnnxClassifier,
+    OnnxOODModel,
+    load_export,
+    load_pipeline,
+    make_session,
+    pipeline_from_export,
+)
 from cxrbench.inference.pipeline import Pipeline
 from cxrbench.labels import NIH_FINDINGS
 from cxrbench.models.bundle import Bundle, ModelCard, load_bundle, untrained_classifier_bundle, untrained_ood_bundle
@@ -98,8 +105,11 @@ def test_in_graph_calibration_handles_operating_points_at_0_and_1():
 
 def test_onnx_backend_gives_the_same_report_as_torch(exported, files):
     torch_pipe = Pipeline.from_paths(exported / "clf", ood=exported / "ood")
-    onnx_pipe = OnnxPipeline.from_export(exported / "onnx", threads=1)
-    assert onnx_pipe.describe()["backend"] == "onnxruntime"
+    onnx_pipe = pipeline_from_export(exported / "onnx", threads=1)
+    # the same Pipeline, with the exported graphs as its backends
+    assert type(onnx_pipe) is Pipeline and onnx_pipe.describe()["backend"] == "onnxruntime"
+    assert isinstance(onnx_pipe.classifier_backend, OnnxClassifier) and isinstance(onnx_pipe.gate_backend, OnnxOODModel)
+    assert onnx_pipe.warm_up() > 0  # the default warm-up method (saliency) needs gradients: left out, no error
     gate_verdicts = set()
     for f in files:
         a = torch_pipe.analyze(f, explain="cam", allow_ood=True)
@@ -181,4 +191,4 @@ def test_errors_name_what_is_wrong(exported, tmp_path):
     with pytest.raises(ValueError, match="expected a classifier bundle"):
         export_models(load_bundle(exported / "ood"), tmp_path / "x")
     with pytest.raises(ValueError, match="runs on the CPU"):
-        OnnxPipeline.from_paths(exported / "onnx", device="cuda")
+        load_pipeline(exported / "onnx", backend="onnx", device="cuda")

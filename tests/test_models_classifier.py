@@ -20,11 +20,11 @@ from cxrbench.models.classifier import (
     disable_inplace_relu,
     embed,
     feature_layer,
+    from_torchxrayvision,
 )
 from cxrbench.models.weights import (
     WeightsUnavailableError,
     adapt_conv_weight,
-    from_torchxrayvision,
     load_chexnet_checkpoint,
     torchvision_weights_path,
 )

@@ -62,9 +62,10 @@ def test_report_with_gate_probabilities_and_saliency(bundles, image):
 
 def test_warm_up_runs_the_whole_chain_even_through_a_closed_gate(bundles, image):
     pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed")  # rejects everything
-    assert not pipe._explainers
+    assert not pipe.classifier_backend.explainers
     assert pipe.warm_up() > 0
-    assert "saliency" in pipe._explainers  # the explainer was built and run, not skipped by the gate
+    # the explainer was built and run, not skipped by the gate
+    assert "saliency" in {method for method, _ in pipe.classifier_backend.explainers}
     r = pipe.analyze(_png(image), name="x.png")
     assert r.rejected and r.raw is None  # warming up did not open the gate
 
@@ -314,3 +315,133 @@ def test_a_port_left_in_time_wait_by_a_stopped_demo_is_free():
     client.close()
     server.close()
     check_port_free(port)
+
+
+# --------------------------------------------------------------------------------------------------
+# one inference path: targets, backends, explanation from a report, batched predict, the lung mask
+
+
+def test_explanation_targets_are_the_reports_ranking_everywhere(bundles, image):
+    from cxrbench.explain.targets import explanation_targets, finding_ranking
+
+    pipe = Pipeline.from_paths(bundles / "clf")
+    r = pipe.analyze(image, explain="cam")
+    expected = explanation_targets("cam", pipe.findings, ranking=finding_ranking(r.calibrated, r.raw))
+    assert r.map_labels == expected.labels == list(r.table()["finding"][:3])
+    assert r.explained_outputs == [pipe.findings.index(f) for f in r.map_labels]
+    summed = pipe.analyze(image, explain="saliency", targets=["Effusion", "Mass"])
+    assert summed.map_labels == ["Effusion+Mass"] and summed.maps.shape == (1, 64, 64)
+    assert summed.explained_outputs == [2, 4]
+    assert pipe.analyze(image, explain="saliency").explained_outputs == list(range(14))
+
+
+def test_without_operating_points_the_raw_probabilities_rank_the_findings(image, tmp_path):
+    untrained_classifier_bundle(tmp_path / "raw", preprocess=Preprocess(size=64))
+    bundle = load_bundle(tmp_path / "raw")
+    bundle.card.operating_points = {}
+    pipe = Pipeline(bundle)
+    r = pipe.analyze(image, explain="gradcam")
+    assert np.isnan(r.calibrated).all()
+    by_raw = [pipe.findings[i] for i in np.argsort(-r.raw, kind="stable")]
+    assert r.map_labels == by_raw[:3] and list(r.table()["finding"]) == by_raw
+
+
+def test_explain_recomputes_only_the_explanation(bundles, image, monkeypatch):
+    pipe = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_open")
+    report = pipe.analyze(image, explain=None)
+    full = pipe.analyze(image, explain="gradcam", targets="Effusion")
+
+    def no_forward(x):
+        raise AssertionError("the classifier or the gate ran again")
+
+    monkeypatch.setattr(pipe.classifier_backend, "logits", no_forward)
+    monkeypatch.setattr(pipe.gate_backend, "score", no_forward)
+    again = pipe.explain(report, "gradcam", "Effusion")
+    assert again.map_labels == ["Effusion"] and again.method == "gradcam" and "explain" in again.timings
+    np.testing.assert_allclose(again.maps, full.maps, atol=1e-6)
+    assert again.raw is report.raw and again.ood is report.ood
+    assert report.maps is None and "explain" not in report.timings  # the report it was given is unchanged
+    from cxrbench.explain.base import minmax_normalize
+
+    raw_maps = pipe.explain(report, "gradcam", "Effusion", options={"normalize": None})  # the method's own values
+    assert not np.allclose(raw_maps.maps, again.maps)
+    np.testing.assert_allclose(minmax_normalize(raw_maps.maps), again.maps, atol=1e-5)
+    closed = Pipeline.from_paths(bundles / "clf", ood=bundles / "ood_closed")
+    with pytest.raises(ValueError, match="rejected by the OOD gate"):
+        closed.explain(closed.analyze(image, explain=None), "cam")
+
+
+def test_predict_is_batched_and_gives_the_reports_probabilities(bundles, image, tmp_path):
+    from cxrbench.data.synthetic import make_phantom
+
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(_png(make_phantom(80, seed=i).image))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    files.insert(2, tmp_path / "bad.png")
+    pipe = Pipeline.from_paths(bundles / "clf")
+    calls = []
+    logits = pipe.classifier_backend.logits
+    pipe.classifier_backend.logits = lambda x: calls.append(len(x)) or logits(x)
+    table = pipe.predict(files, batch_size=2)
+    assert calls == [2, 2, 1]  # five readable images in three forward passes
+    assert list(table["error"] != "") == [False, False, True, False, False, False]
+    for i, f in enumerate(files):
+        if i == 2:
+            assert np.isnan(table.loc[i, "Effusion_raw"]) and table.loc[i, "file"].endswith("bad.png")
+            assert "not a recognised image format" in table.loc[i, "error"]
+            continue
+        r = pipe.analyze(f, explain=None)
+        np.testing.assert_allclose(table.loc[i, [f"{x}_raw" for x in pipe.findings]].to_numpy(float), r.raw, atol=1e-5)
+        np.testing.assert_allclose(table.loc[i, pipe.findings].to_numpy(float), r.calibrated, atol=1e-5)
+
+
+class _MeanBackend:
+    """A backend that is not torch: logit_f = (f + 1) * (mean input - 0.5); no explanations."""
+
+    name = "mean"
+    explain_methods = ()
+
+    def logits(self, x):
+        mean = x.float().mean(dim=(1, 2, 3)).numpy()[:, None]
+        return ((np.arange(14) + 1) * (mean - 0.5)).astype(np.float32)
+
+    def explain(self, x, method, targets=None, **options):
+        raise ValueError(f"the mean backend cannot explain with {method}")
+
+
+def test_any_backend_that_follows_the_protocol_serves_the_same_pipeline(bundles, image):
+    from cxrbench.inference.backend import ClassifierBackend
+    from cxrbench.models.bundle import Bundle
+
+    clf = load_bundle(bundles / "clf")
+    assert isinstance(_MeanBackend(), ClassifierBackend)
+    pipe = Pipeline(Bundle(_MeanBackend(), clf.card, clf.path), ood=load_bundle(bundles / "ood_open"))
+    r = pipe.analyze(image, explain=None)
+    mean = float(pipe.model_inputs(r.image).mean())
+    np.testing.assert_allclose(r.raw, 1 / (1 + np.exp(-(np.arange(14) + 1) * (mean - 0.5))), rtol=1e-5)
+    np.testing.assert_allclose(r.calibrated, pipe.calibrate(r.raw))
+    assert r.ood is not None and r.ood.in_distribution
+    assert pipe.describe()["backend"] == "mean"
+    with pytest.raises(ValueError, match="cannot explain with gradcam"):
+        pipe.analyze(image, explain="gradcam")
+
+
+def test_the_lung_mask_of_a_report_is_predict_lung_mask(bundles, image, tmp_path):
+    import torch
+
+    from cxrbench.models.bundle import ModelCard
+    from cxrbench.models.unet import UNet, predict_lung_mask
+
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 1, "base_channels": 4, "depth": 2}
+    save_bundle(tmp_path / "unet", UNet(**kwargs), ModelCard(kind="segmentation", builder="unet", builder_kwargs=kwargs,
+                                                            labels=["lung"], preprocess=Preprocess(size=32).to_dict()))
+    unet = load_bundle(tmp_path / "unet")
+    pipe = Pipeline(load_bundle(bundles / "clf"), unet=unet)
+    r = pipe.analyze(image, explain=None)
+    assert r.lung_mask.shape == r.image.shape == (64, 64) and r.lung_mask.dtype == bool and "segment" in r.timings
+    np.testing.assert_array_equal(r.lung_mask, predict_lung_mask(unet.model, unet.preprocess, r.image)[0])
+    with pytest.raises(ValueError, match="expected a segmentation bundle"):
+        Pipeline(load_bundle(bundles / "clf"), unet=load_bundle(bundles / "clf"))

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cxrbench.explain.targets import is_summed
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.io import ImageReadError
 from cxrbench.models.bundle import format_metric
@@ -201,7 +202,7 @@ class Dashboard:
             self.analyze_path(self.examples[name])
 
     def _on_method(self, change: dict[str, Any]) -> None:
-        self.finding.disabled = change["new"] == "saliency"
+        self.finding.disabled = is_summed(change["new"])  # one map of all findings: no finding to choose
         self._reexplain()
 
     def _rerun(self) -> None:
@@ -222,7 +223,7 @@ class Dashboard:
         self.busy.value = "<span class='cxr-spinner'>⏳ analysing…</span>"
         t0 = time.perf_counter()
         try:
-            targets = None if self.method.value == "saliency" else [self.finding.value]
+            targets = None if is_summed(self.method.value) else self.finding.value
             report = self.pipeline.analyze(content, name=name, explain=self.method.value, targets=targets,
                                            allow_ood=self.override.value)
         except ImageReadError as exc:
@@ -253,7 +254,7 @@ class Dashboard:
         self.bars.outputs = ()
         self.note.layout.display = "none" if report.raw is None else ""
         if report.raw is not None:
-            if self.method.value == "saliency":  # preselect the most probable finding for per-finding methods
+            if is_summed(self.method.value):  # preselect the most probable finding for per-finding methods
                 self._quiet = True
                 self.finding.value = report.table()["finding"].iloc[0]
                 self._quiet = False
@@ -306,7 +307,7 @@ class Dashboard:
             self.overlay.value = png_bytes(r.image) if r is not None else b""
             return
         k = 0
-        if r.method != "saliency" and self.finding.value in r.map_labels:
+        if not is_summed(r.method or "") and self.finding.value in r.map_labels:
             k = r.map_labels.index(self.finding.value)
         heat = gaussian_smooth(r.maps[k], float(self.smoothing.value))
         threshold = float(self.hide_below.value) or None

@@ -40,36 +40,39 @@ def _analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from cxrbench.app.dashboard import png_bytes
-    from cxrbench.cli.classifier import expand_files
+    from cxrbench.cli.classifier import backend_note, expand_files
     from cxrbench.explain.overlay import overlay
-    from cxrbench.inference.pipeline import Pipeline
+    from cxrbench.export.runtime import load_pipeline
 
-    pipe = Pipeline.from_paths(args.classifier, ood=args.ood)
+    pipe = load_pipeline(args.classifier, ood=args.ood, backend=args.backend, progress=not args.quiet)
+    explain = None if args.explain == "none" else args.explain
+    methods = pipe.classifier_backend.explain_methods
+    if explain is not None and explain not in methods:
+        fallback = methods[0] if methods else None
+        print(f"note: the {pipe.classifier_backend.name} backend cannot explain with {explain}; "
+              f"{f'using {fallback}' if fallback else 'no overlays'}", file=sys.stderr)
+        explain = fallback
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    reports, errors = pipe.analyze_batch(files, explain=None if args.explain == "none" else args.explain,
-                                         allow_ood=args.allow_ood, progress=not args.quiet)
+    reports, errors = pipe.analyze_batch(files, explain=explain, allow_ood=args.allow_ood, progress=not args.quiet)
     rows = []
     for i, (f, r) in enumerate(zip(files, reports)):
         if r is None:
             rows.append({"file": f, "error": errors[i]})
             print(f"warning: {f}: {errors[i]}", file=sys.stderr)
             continue
-        row = r.to_row()
-        row["file"] = f
-        rows.append(row)
+        rows.append({**r.to_row(), "file": f})
         if r.maps is not None:
-            name = f"{i:04d}_{Path(f).stem}.png"
-            (out / "overlays" / name).write_bytes(png_bytes(overlay(r.image, r.maps[0], alpha=0.5)))
-    table = pd.DataFrame(rows)
+            png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
+            (out / "overlays" / f"{i:04d}_{Path(f).stem}.png").write_bytes(png)
     cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
-    table = table.reindex(columns=cols)
-    table.to_csv(out / "analysis.csv", index=False)
+    pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
     n_rej = sum(1 for r in reports if r is not None and r.rejected)
-    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the OOD gate")
+    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the "
+          f"OOD gate{backend_note(args.backend)}")
     return 0 if len(errors) < len(files) else 1
 
 
@@ -93,8 +96,9 @@ def add_app_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--ood", default=None, help="OOD bundle (without it every image is analysed)")
     q.add_argument("files", nargs="+")
     q.add_argument("--out", required=True, help="folder for analysis.csv and overlays/")
-    q.add_argument("--explain", default="saliency", help="explanation method for the overlays, or 'none'")
+    q.add_argument("--explain", default="saliency", help="explanation method for the overlays, or 'none' "
+                                                         "(the onnx backend explains with cam)")
     q.add_argument("--allow-ood", action="store_true", help="give probabilities for rejected images too")
-    q.add_argument("-q", "--quiet", action="store_true")
     add_backend_argument(q)
+    q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_analyze)

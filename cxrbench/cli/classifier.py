@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cxrbench.cli.options import add_backend_argument
 
-__all__ = ["add_classifier_commands", "expand_files", "train_subparsers"]
+__all__ = ["add_classifier_commands", "backend_note", "expand_files", "train_subparsers"]
 
 
 def expand_files(items: list[str]) -> list[str]:
@@ -26,6 +26,11 @@ def expand_files(items: list[str]) -> list[str]:
         else:
             out.append(item)  # a missing file is reported per row, not fatal
     return out
+
+
+def backend_note(backend: str) -> str:
+    """What a command's summary line adds for ``backend`` (nothing for torch)."""
+    return " (ONNX Runtime)" if backend == "onnx" else ""
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -57,7 +62,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from cxrbench.data import CXRDataset, load_manifest, load_split
     from cxrbench.evaluation.metrics import evaluate_predictions
-    from cxrbench.inference.predict import operating_points_of, predict_dataset, predictions_table
+    from cxrbench.inference.pipeline import Pipeline
+    from cxrbench.inference.predict import operating_points_of, predictions_table
     from cxrbench.models.bundle import load_bundle
 
     bundle = load_bundle(args.bundle, kind="classifier")
@@ -75,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if report.n_failed:
         print(f"warning: {report.summary()}", file=sys.stderr)
     ds = ds.readable()
-    preds = predict_dataset(bundle.model, ds, batch_size=args.batch_size, progress=not args.quiet)
+    preds = Pipeline(bundle).predict_dataset(ds, batch_size=args.batch_size, progress=not args.quiet)
     ops = operating_points_of(bundle)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,30 +99,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0 if np.isfinite(summary["macro_auc"]) else 1
 
 
-def write_predictions(bundle, args: argparse.Namespace, note: str = "") -> int:
-    """``cxrbench predict``'s work for a loaded classifier (a torch bundle or an ONNX Runtime one): the CSV
-    of calibrated and raw probabilities, a warning per unreadable file; exit 1 when none was readable."""
-    from cxrbench.inference.predict import operating_points_of, predict_files, predictions_table
+def _predict(args: argparse.Namespace) -> int:
+    """The CSV of calibrated and raw probabilities, batched, on either backend; a warning per unreadable file;
+    exit 1 when none was readable."""
+    from cxrbench.export.runtime import load_pipeline
 
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
-    logits, errors = predict_files(bundle.model, bundle.preprocess, files, batch_size=args.batch_size,
-                                   progress=not args.quiet)
-    table = predictions_table(files, logits, bundle.labels, operating_points_of(bundle), errors)
+    pipe = load_pipeline(args.bundle, backend=args.backend, progress=not args.quiet)
+    table = pipe.predict(files, batch_size=args.batch_size, progress=not args.quiet)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    for pos, reason in errors.items():
-        print(f"warning: {files[pos]}: {reason}", file=sys.stderr)
-    print(f"wrote {out}: {len(files) - len(errors)} predicted, {len(errors)} unreadable{note}")
-    return 0 if len(errors) < len(files) else 1
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from cxrbench.models.bundle import load_bundle
-
-    return write_predictions(load_bundle(args.bundle, kind="classifier"), args)
+    failed = table[table["error"] != ""]
+    for f, reason in zip(failed["file"], failed["error"]):
+        print(f"warning: {f}: {reason}", file=sys.stderr)
+    print(f"wrote {out}: {len(files) - len(failed)} predicted, {len(failed)} unreadable{backend_note(args.backend)}")
+    return 0 if len(failed) < len(files) else 1
 
 
 def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -199,6 +199,6 @@ def add_classifier_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("files", nargs="+", help="image files, folders or globs")
     q.add_argument("--out", required=True, help="CSV to write")
     q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("-q", "--quiet", action="store_true")
     add_backend_argument(q)
+    q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_predict)

@@ -19,6 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
+    from cxrbench.inference.pipeline import Pipeline
+
 __all__ = ["add_explain_commands", "explain_files", "segment_files"]
 
 
@@ -109,23 +111,6 @@ def _segment(args: argparse.Namespace) -> int:
 # explain
 
 
-def _choose_targets(method: str, labels: list[str], names: Sequence[str] | None, ranking: np.ndarray,
-                    top: int) -> tuple[list[int] | None, list[str]]:
-    """Output indices to explain and the names of the maps."""
-    if names:
-        unknown = [n for n in names if n not in labels]
-        if unknown:
-            raise ValueError(f"unknown findings {unknown}; the bundle's findings are {labels}")
-        index = [labels.index(n) for n in names]
-    elif method == "saliency":
-        return None, ["all findings"]
-    else:
-        index = [int(i) for i in np.argsort(-np.nan_to_num(ranking, nan=-1.0), kind="stable")[:top]]
-    if method == "saliency":
-        return index, ["+".join(labels[i] for i in index)]
-    return index, [labels[i] for i in index]
-
-
 def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: str, *,
                   targets: Sequence[str] | None = None, top: int = 3, sigma: float | None = None,
                   cmap: str = "jet", alpha: float = 0.5, progress: bool = False) -> pd.DataFrame:
@@ -137,68 +122,68 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
     also ``OUT/<stem>_<method>_all.png`` (all findings at once, Chester Fig. 8).
 
     ``targets``: finding names; default: the ``top`` most probable findings (calibrated when the
-    bundle has operating points), or all findings summed for ``method="saliency"``.
-    Returns the table written to ``OUT/explain_summary.csv``.
+    bundle has operating points), or all findings summed for ``method="saliency"``
+    (:func:`cxrbench.explain.targets.explanation_targets`). Each image goes through
+    :meth:`cxrbench.inference.pipeline.Pipeline.analyze` (no gate). Returns the table written to
+    ``OUT/explain_summary.csv``.
     """
     import pandas as pd
-    import torch
 
-    from cxrbench.evaluation.calibration import calibrate
-    from cxrbench.explain import EXPLAINERS, get_explainer, overlay, overlay_all_findings
-    from cxrbench.inference.predict import operating_points_of
-    from cxrbench.io import ImageReadError, read_image
-    from cxrbench.models.bundle import load_bundle
+    from cxrbench.explain import EXPLAINERS
+    from cxrbench.explain.targets import explanation_targets
+    from cxrbench.inference.pipeline import Pipeline
 
     if method not in EXPLAINERS:
         raise ValueError(f"unknown method {method!r}; choose one of {EXPLAINERS}")
-    bundle = load_bundle(bundle_path, kind="classifier")
-    labels, pp, model = bundle.labels, bundle.preprocess, bundle.model
-    ops = operating_points_of(bundle)
-    explainer = get_explainer(method, model, sigma=sigma)
+    pipe = Pipeline.from_paths(bundle_path)
+    # unknown findings or a bad --top fail here, before any file is read
+    explanation_targets(method, pipe.findings, targets, ranking=range(len(pipe.findings)), top=top)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
     items = list(zip(files, _unique_stems(files)))
     if progress:
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc=f"explaining ({method})", unit="img")
-    for f, stem in items:
-        row: dict[str, Any] = {"file": f, "method": method, "targets": "", "raw_probabilities": "", "maps": "",
-                               "overlays": "", "seconds": np.nan, "error": ""}
-        t0 = time.perf_counter()
-        try:
-            display = pp.geometry(read_image(f).pixels)
-        except (ImageReadError, ValueError) as exc:
-            row["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
-            rows.append(row)
-            continue
-        x = torch.from_numpy(pp.intensity(display))[None]
-        with torch.no_grad():
-            prob = torch.sigmoid(model(x).float())[0].numpy()
-        ranking = prob
-        if ops is not None:
-            ranking = calibrate(prob[None], ops.as_array(labels))[0]
-        index, names = _choose_targets(method, labels, targets, ranking, top)
-        maps = explainer(x, targets=index)[0]
-        np.save(out / f"{stem}_{method}.npy", maps.astype(np.float32), allow_pickle=False)
-        written = []
-        for name, heat in zip(names, maps):
-            target = out / f"{stem}_{method}_{name.replace(' ', '_').replace('+', '-')}.png"
-            _save_png(target, overlay(display, heat, cmap=cmap, alpha=alpha))
-            written.append(target.name)
-        if len(names) > 1:
-            target = out / f"{stem}_{method}_all.png"
-            _save_png(target, overlay_all_findings(display, maps, names))
-            written.append(target.name)
-        chosen = index if index is not None else range(len(labels))
-        row.update(targets="|".join(names), raw_probabilities="|".join(f"{prob[i]:.4f}" for i in chosen),
-                   maps=f"{stem}_{method}.npy", overlays="|".join(written), seconds=time.perf_counter() - t0)
-        rows.append(row)
+    rows = [_explain_file(pipe, f, stem, out, method, targets, top=top, sigma=sigma, cmap=cmap, alpha=alpha)
+            for f, stem in items]
     table = pd.DataFrame(rows, columns=["file", "method", "targets", "raw_probabilities", "maps", "overlays", "seconds",
                                         "error"])
     table.to_csv(out / "explain_summary.csv", index=False)
     return table
+
+
+def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, targets: Sequence[str] | None, *, top: int,
+                  sigma: float | None, cmap: str, alpha: float) -> dict[str, Any]:
+    """One row of ``explain_summary.csv``; writes the file's ``.npy`` maps and overlays."""
+    from cxrbench.explain import overlay, overlay_all_findings
+    from cxrbench.io import ImageReadError
+
+    row: dict[str, Any] = {"file": f, "method": method, "targets": "", "raw_probabilities": "", "maps": "",
+                           "overlays": "", "seconds": np.nan, "error": ""}
+    t0 = time.perf_counter()
+    try:
+        report = pipe.analyze(f, explain=method, targets=targets, top=top,
+                              explain_options={"normalize": None, "sigma": sigma})  # the raw maps
+    except (ImageReadError, ValueError) as exc:
+        row["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
+        return row
+    maps, names = report.maps, report.map_labels
+    assert maps is not None and report.raw is not None  # analyze explains every image it does not reject (no gate)
+    np.save(out / f"{stem}_{method}.npy", maps.astype(np.float32), allow_pickle=False)
+    written = []
+    for name, heat in zip(names, maps):
+        target = out / f"{stem}_{method}_{name.replace(' ', '_').replace('+', '-')}.png"
+        _save_png(target, overlay(report.image, heat, cmap=cmap, alpha=alpha))
+        written.append(target.name)
+    if len(names) > 1:
+        target = out / f"{stem}_{method}_all.png"
+        _save_png(target, overlay_all_findings(report.image, maps, names))
+        written.append(target.name)
+    probabilities = "|".join(f"{report.raw[i]:.4f}" for i in report.explained_outputs)
+    row.update(targets="|".join(names), raw_probabilities=probabilities, maps=f"{stem}_{method}.npy",
+               overlays="|".join(written), seconds=time.perf_counter() - t0)
+    return row
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -1,16 +1,14 @@
-"""``cxrbench export``, ``cxrbench export-web``, and what ``predict`` / ``analyze`` run with ``--backend onnx``."""
+"""``cxrbench export`` and ``cxrbench export-web``.
+
+(``--backend onnx`` of ``predict`` and ``analyze`` is their own option: the same
+:class:`~cxrbench.inference.pipeline.Pipeline` on :mod:`cxrbench.export.runtime`'s backends.)"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
-from cxrbench.cli.options import Subcommands
-
-__all__ = ["ONNX_COMMANDS", "add_export_commands", "analyze_onnx", "predict_onnx"]
+__all__ = ["add_export_commands"]
 
 
 def _parity_images(args: argparse.Namespace):
@@ -42,8 +40,7 @@ def _export(args: argparse.Namespace) -> int:
                            tolerance=args.tolerance, opset=args.opset, threads=args.threads)
     _print_parity(result.parity)
     graphs = ", ".join(f"{g['file']} ({g['bytes'] / 1e6:.1f} MB)" for g in result.manifest["graphs"].values())
-    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} "
-          f"<= {args.tolerance:g}")
+    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} <= {args.tolerance:g}")
     print(f"wrote {result.path}: {graphs} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -67,74 +64,19 @@ def _export_web(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_onnx(args: argparse.Namespace) -> int:
-    """``cxrbench predict --backend onnx``: the same CSV as the torch backend, computed by ONNX Runtime."""
-    from cxrbench.cli.classifier import write_predictions
-    from cxrbench.export.runtime import ensure_export, load_export
-
-    bundle = load_export(ensure_export(args.bundle, progress=not args.quiet)).classifier
-    return write_predictions(bundle, args, " (ONNX Runtime)")
-
-
-def analyze_onnx(args: argparse.Namespace) -> int:
-    """``cxrbench analyze --backend onnx``: OOD gate, probabilities and CAM overlays from the exported graphs."""
-    import pandas as pd
-
-    from cxrbench.app.dashboard import png_bytes
-    from cxrbench.cli.classifier import expand_files
-    from cxrbench.explain.overlay import overlay
-    from cxrbench.export.runtime import OnnxPipeline
-
-    explain = None if args.explain == "none" else args.explain
-    if explain not in (None, "cam"):
-        print(f"note: the ONNX backend explains with CAM (a forward graph), not {explain}", file=sys.stderr)
-        explain = "cam"
-    pipe = OnnxPipeline.from_paths(args.classifier, ood=args.ood, progress=not args.quiet)
-    files = expand_files(args.files)
-    if not files:
-        raise ValueError("no input files")
-    out = Path(args.out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    reports, errors = pipe.analyze_batch(files, explain=explain, allow_ood=args.allow_ood, progress=not args.quiet)
-    rows = []
-    for i, (f, r) in enumerate(zip(files, reports)):
-        if r is None:
-            rows.append({"file": f, "error": errors[i]})
-            print(f"warning: {f}: {errors[i]}", file=sys.stderr)
-            continue
-        rows.append({**r.to_row(), "file": f})
-        if r.maps is not None:
-            png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
-            (out / "overlays" / f"{i:04d}_{Path(f).stem}.png").write_bytes(png)
-    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
-    pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
-    n_rej = sum(1 for r in reports if r is not None and r.rejected)
-    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the "
-          "OOD gate (ONNX Runtime)")
-    return 0 if len(errors) < len(files) else 1
-
-
-#: command -> its handler under ``--backend onnx`` (the commands add the option with
-#: :func:`cxrbench.cli.options.add_backend_argument`)
-ONNX_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"predict": predict_onnx, "analyze": analyze_onnx}
-
-
 def _add_parity_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--images", nargs="+", default=None,
                    help="parity-check images (files, folders, globs); default: real NIH images from the shared data")
     q.add_argument("--n-images", type=int, default=8, help="how many parity images")
-    q.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |logit difference| torch vs ONNX Runtime")
+    q.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| torch vs ONNX Runtime")
 
 
-def add_export_commands(sub: Subcommands) -> None:
-    """Register ``export`` and ``export-web``."""
+def add_export_commands(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("export", help="export a classifier (+ OOD) bundle to ONNX, parity-checked against PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--bundle", required=True, help="classifier bundle")
     q.add_argument("--ood", default=None, help="OOD bundle (ALI or autoencoder)")
-    q.add_argument("--out", required=True,
-                   help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
+    q.add_argument("--out", required=True, help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
     _add_parity_options(q)
     q.add_argument("--opset", type=int, default=17)
     q.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the check")

@@ -2,8 +2,8 @@
 
 Each group (:mod:`.data`, :mod:`.classifier`, :mod:`.app`, :mod:`.explain`, :mod:`.ood`, :mod:`.export`)
 registers its commands with an ``add_<group>_commands(sub)`` function; :data:`COMMAND_GROUPS` lists them
-in the order ``cxrbench --help`` shows them. A command's handler is its ``func`` default, or, with
-``--backend onnx``, its entry in :data:`cxrbench.cli.export.ONNX_COMMANDS`. Every command prints what it
+in the order ``cxrbench --help`` shows them. A command's handler is its ``func`` default (``--backend`` is
+an ordinary option of the commands that run a Pipeline). Every command prints what it
 did and where it wrote; errors are one line on stderr and a non-zero exit code, never a traceback
 (``--debug`` shows it).
 
@@ -23,7 +23,7 @@ from cxrbench.cli.app import add_app_commands
 from cxrbench.cli.classifier import add_classifier_commands
 from cxrbench.cli.data import add_data_commands
 from cxrbench.cli.explain import add_explain_commands
-from cxrbench.cli.export import ONNX_COMMANDS, add_export_commands
+from cxrbench.cli.export import add_export_commands
 from cxrbench.cli.ood import add_ood_commands
 from cxrbench.cli.options import CommandError, Subcommands
 
@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
-    """The function that runs the parsed command (its ONNX Runtime form under ``--backend onnx``)."""
-    if getattr(args, "backend", "torch") == "onnx":
-        return ONNX_COMMANDS[args.command]
+    """The function that runs the parsed command."""
     return args.func
 
 

@@ -29,8 +29,8 @@ class CommandError(Exception):
 
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """Give a command ``--backend {torch,onnx}``; with ``onnx`` the ``cxrbench`` command runs the handler
-    of :data:`cxrbench.cli.export.ONNX_COMMANDS` registered under the command's name instead of its own."""
+    """Give a command ``--backend {torch,onnx}``: its handler builds the same
+    :class:`~cxrbench.inference.pipeline.Pipeline` on PyTorch or on ONNX Runtime's backends."""
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is "
                              "exported once and cached, parity-checked; an export folder is used as is)")

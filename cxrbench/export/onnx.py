@@ -36,15 +36,22 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pytorch_msssim import ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d
 from torch import nn
 
 from cxrbench import __version__
+from cxrbench.data import load_manifest, shared_data_root
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
+from cxrbench.explain import get_explainer
+from cxrbench.io import read_image
 from cxrbench.models.bundle import Bundle, ModelCard, _json_default
+from cxrbench.models.classifier import classifier_layer
+from cxrbench.ood.scoring import SSIM_WIN_SIZE, score_batch
 
 __all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
            "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_models",
-           "image_pixels", "parity_check", "read_onnx_card"]
+           "image_pixels", "make_session", "parity_check", "read_onnx_card"]
 
 DEFAULT_OPSET = 17
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "calibrated")
@@ -86,8 +93,6 @@ class CalibratedClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, thresholds: np.ndarray, *, cam: bool = False) -> None:
         super().__init__()
-        from cxrbench.models.classifier import classifier_layer
-
         self.model = model
         self.fc = classifier_layer(model)
         self.cam = cam
@@ -119,17 +124,11 @@ class OODGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        from pytorch_msssim.ssim import _fspecial_gauss_1d
-
-        from cxrbench.ood.scoring import SSIM_WIN_SIZE
-
         self.model = model
         # the window as a constant (pytorch-msssim builds it from x.shape[1], a dynamic value in the trace)
         self.register_buffer("window", _fspecial_gauss_1d(SSIM_WIN_SIZE, 1.5)[None])  # (1, 1, 1, 11)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from pytorch_msssim import ssim
-
         z = self.model.latent_mean(x)
         recon = self.model.decode(z)
         diff = (x - recon).flatten(1)
@@ -192,23 +191,33 @@ def read_onnx_card(path: str | os.PathLike) -> tuple[ModelCard, str]:
 # parity
 
 
+def make_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``path`` (``threads``: intra-op threads, None for ORT's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # idle ORT threads would otherwise spin after each run and slow PyTorch in the same process (2 shared cores)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
 def default_parity_images(n: int = 8) -> tuple[list[Any], str]:
     """``n`` real NIH images from the shared data (paths), else synthetic phantoms (arrays); and which."""
-    from cxrbench.data import load_manifest, shared_data_root
-
     root = shared_data_root()
     if root is not None and (root / "cxr" / "nih" / "manifest.csv").is_file():
         paths = load_manifest(root / "cxr" / "nih", on_missing="drop")["path"].tolist()
         return [str(p) for p in paths[:n]], f"NIH ChestX-ray14 ({root / 'cxr' / 'nih'})"
-    from cxrbench.data.synthetic import make_phantom
+    from cxrbench.data.synthetic import make_phantom  # only without real data: keeps scipy's filters off the import
 
     return [make_phantom(256, seed=i).image for i in range(n)], "synthetic phantoms (no real data found)"
 
 
 def image_pixels(source: Any) -> np.ndarray:
     """``(H, W)`` float [0, 1] pixels of a path / bytes (:func:`cxrbench.io.read_image`) or of an array as is."""
-    from cxrbench.io import read_image
-
     return np.asarray(source, dtype=np.float32) if isinstance(source, np.ndarray) else read_image(source).pixels
 
 
@@ -239,10 +248,6 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
     passed``. Calibrated outputs are compared with :func:`~cxrbench.evaluation.calibration.calibrate` applied to
     PyTorch's probabilities; NaN positions (no operating point) must match.
     """
-    from cxrbench.explain import get_explainer
-    from cxrbench.export.runtime import make_session
-    from cxrbench.ood.scoring import score_batch
-
     if images is None:
         images = default_parity_images()[0]
     if not len(images):

@@ -1,19 +1,18 @@
-"""ONNX Runtime backend: the exported graphs behind the same :class:`~cxrbench.inference.pipeline.Pipeline` and Report.
+"""ONNX Runtime backend: the exported graphs as backends of the same :class:`~cxrbench.inference.pipeline.Pipeline`.
 
-The exported graphs (:mod:`cxrbench.export.onnx`) are wrapped in small parameter-free ``nn.Module`` adapters
-that take and return torch tensors, so every piece of logic that uses a model — the pipeline's gate,
-calibration and report, :func:`cxrbench.ood.scoring.score_batch`, :func:`cxrbench.inference.predict.predict_files` —
-runs unchanged on ONNX Runtime:
+The exported graphs (:mod:`cxrbench.export.onnx`) are wrapped in small parameter-free adapters that follow
+the protocols of :mod:`cxrbench.inference.backend`, so the pipeline runs them exactly as it runs PyTorch:
+the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbench.inference.pipeline.Report`.
 
-- :class:`OnnxClassifier`: ``forward(x)`` -> logits ``(B, F)`` from ``classifier.onnx``; ``cam(x)`` runs ``cam.onnx``.
-- :class:`OnnxOODModel`: ``latent_mean(x)``, ``reconstruct(x)`` and ``scores(x)`` from ``ood.onnx``.
-- :class:`OnnxCAM`: the CAM explainer through the forward-only CAM graph (same post-processing as
-  :class:`cxrbench.explain.CAM`). Gradient methods (saliency, Grad-CAM, IG) need the torch backend.
+- :class:`OnnxClassifier`: ``logits(x)`` from ``classifier.onnx``; ``explain(x, "cam", ...)`` through
+  ``cam.onnx`` (:class:`OnnxCAM`). Gradient methods (saliency, Grad-CAM, IG) need the torch backend.
+- :class:`OnnxOODModel`: ``score(x)`` (every OOD score and the reconstruction) from ``ood.onnx``; also
+  ``latent_mean`` / ``reconstruct`` of :class:`cxrbench.ood.scoring.OODModel`.
 
->>> pipe = OnnxPipeline.from_paths("bundles/classifier", ood="bundles/ood")   # doctest: +SKIP
->>> pipe.analyze("chest.png", explain="cam").table()                          # doctest: +SKIP
+>>> pipe = load_pipeline("bundles/classifier", ood="bundles/ood", backend="onnx")   # doctest: +SKIP
+>>> pipe.analyze("chest.png", explain="cam").table()                               # doctest: +SKIP
 
-``from_paths`` accepts bundle folders (exported once to ``$CXRBENCH_CACHE/onnx/<hash>``, parity
+:func:`load_pipeline` accepts bundle folders (exported once to ``$CXRBENCH_CACHE/onnx/<hash>``, parity
 checked) or a folder written by ``cxrbench export``.
 """
 
@@ -30,26 +29,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, read_onnx_card
+from cxrbench import __version__
+from cxrbench.data import default_cache_dir
+from cxrbench.explain.base import Targets, postprocess_maps, resize_maps, target_matrix
+from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, make_session, read_onnx_card
+from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
-from cxrbench.models.bundle import Bundle, load_bundle
+from cxrbench.models.bundle import Bundle, load_bundle, read_card
 
-__all__ = ["ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "OnnxPipeline", "backend_agreement",
-           "ensure_export", "latency_table", "load_export", "make_session"]
+__all__ = ["BACKENDS", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "backend_agreement",
+           "ensure_export", "latency_table", "load_export", "load_pipeline", "make_session", "pipeline_from_export"]
 
-
-def make_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``path`` (``threads``: intra-op threads, None for ORT's default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # idle ORT threads would otherwise spin after each run and slow PyTorch in the same process (2 shared cores)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+#: ``--backend`` choices of the CLI: PyTorch, or ONNX Runtime on the exported graphs
+BACKENDS = ("torch", "onnx")
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -78,7 +70,10 @@ class _OrtGraph(nn.Module):
 
 
 class OnnxClassifier(_OrtGraph):
-    """``classifier.onnx`` as a torch module: ``(B, C, S, S)`` model input -> logits ``(B, F)``."""
+    """``classifier.onnx`` as a :class:`~cxrbench.inference.backend.ClassifierBackend`: ``(B, C, S, S)`` model
+    input -> logits ``(B, F)``; CAM maps through ``cam.onnx`` when the export has it."""
+
+    name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, cam_path: str | os.PathLike | None = None, *,
                  threads: int | None = None) -> None:
@@ -88,11 +83,15 @@ class OnnxClassifier(_OrtGraph):
         self.num_outputs = int(self.session.get_outputs()[0].shape[1])
         self.arch = "onnx"
         self.cam_path = Path(cam_path) if cam_path else None
+        self.explain_methods: tuple[str, ...] = ("cam",) if self.cam_path else ()
         self.threads = threads
         self._cam: _OrtGraph | None = None
 
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        return self.outputs(x)["logits"].copy()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.outputs(x)["logits"].copy()).to(x.device)
+        return torch.from_numpy(self.logits(x)).to(x.device)
 
     def cam(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """``cam.onnx`` outputs: logits, probabilities, calibrated ``(B, F)`` and cam ``(B, F, S, S)``."""
@@ -102,9 +101,19 @@ class OnnxClassifier(_OrtGraph):
             self._cam = _OrtGraph(self.cam_path, self.threads)
         return self._cam.outputs(x)
 
+    def explain(self, x: torch.Tensor, method: str, targets: Targets = None, **options: Any) -> np.ndarray:
+        """CAM maps ``(B, K, S, S)`` (:class:`OnnxCAM` with ``options``); other methods raise ``ValueError``."""
+        if method != "cam":
+            raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
+                             "needs gradients: use the torch backend")
+        return OnnxCAM(self, **options)(x, targets)
+
 
 class OnnxOODModel(_OrtGraph):
-    """``ood.onnx`` following :class:`cxrbench.ood.scoring.OODModel`: ``(B, 1, 64, 64)`` in [0, 1] in."""
+    """``ood.onnx`` as a :class:`~cxrbench.inference.backend.GateBackend` (and a
+    :class:`cxrbench.ood.scoring.OODModel`): ``(B, 1, 64, 64)`` in [0, 1] in."""
+
+    name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
         super().__init__(path, threads)
@@ -122,10 +131,12 @@ class OnnxOODModel(_OrtGraph):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)
 
-    def scores(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """The in-graph scores ``l1, l2, ssim, ssim_raw, latent``, each ``(B,)`` float64 (as ``score_batch``)."""
+    def score(self, x: torch.Tensor) -> GateOutput:
+        """The in-graph scores ``l1, l2, ssim, ssim_raw, latent``, each ``(B,)`` float64 (as ``score_batch``),
+        and the reconstruction, from one run of the graph."""
         out = self.outputs(x)
-        return {k: out[k].astype(np.float64) for k in ("l1", "l2", "ssim", "ssim_raw", "latent")}
+        return GateOutput({k: out[k].astype(np.float64) for k in ("l1", "l2", "ssim", "ssim_raw", "latent")},
+                          out["reconstruction"].copy())
 
 
 class OnnxCAM:
@@ -141,16 +152,15 @@ class OnnxCAM:
                  relu: bool = False) -> None:
         self.classifier, self.normalize, self.sigma, self.relu = classifier, normalize, sigma, relu
 
-    def __call__(self, x: torch.Tensor, targets: Sequence[int] | Sequence[Sequence[int]] | None = None) -> np.ndarray:
-        from cxrbench.explain.base import postprocess_maps, resize_maps, target_matrix
-
+    def __call__(self, x: torch.Tensor, targets: Targets = None) -> np.ndarray:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(f"x must be a (B, C, H, W) torch.Tensor, got {getattr(x, 'shape', type(x).__name__)}")
         maps = self.classifier.cam(x)["cam"]
         index = target_matrix(targets, maps.shape[0], maps.shape[1]).numpy()
         maps = np.take_along_axis(maps, index[:, :, None, None], axis=1)
-        maps = np.nan_to_num(resize_maps(maps, tuple(x.shape[-2:])), nan=0.0, posinf=0.0, neginf=0.0)
-        return postprocess_maps(maps, relu=self.relu, sigma=self.sigma, normalize=self.normalize)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        maps = np.nan_to_num(resize_maps(maps, size), nan=0.0, posinf=0.0, neginf=0.0)
+        return postprocess_maps(maps, relu=self.relu, sigma=self.sigma, normalize=self.normalize)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -187,9 +197,6 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     Bundle folders are exported (with the parity check) once into ``cache_dir`` (default
     ``$CXRBENCH_CACHE/onnx``), keyed by the weights' SHA-256 and the cxrbench version.
     """
-    from cxrbench import __version__
-    from cxrbench.models.bundle import read_card
-
     classifier = Path(classifier)
     if (classifier / MANIFEST).is_file():
         if ood is not None:
@@ -200,8 +207,6 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     identity = json.dumps([__version__] + [c.weights_sha256 or c.created for c in cards])
     key = hashlib.sha256(identity.encode()).hexdigest()[:20]
     if cache_dir is None:
-        from cxrbench.data import default_cache_dir
-
         cache_dir = default_cache_dir() / "onnx"
     out = Path(cache_dir) / key
     if not (out / MANIFEST).is_file():
@@ -212,39 +217,32 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     return out
 
 
-class OnnxPipeline(Pipeline):
-    """:class:`~cxrbench.inference.pipeline.Pipeline` on ONNX Runtime: the same chain and the same :class:`Report`.
+def pipeline_from_export(path: str | os.PathLike, *, unet: str | os.PathLike | None = None,
+                         threads: int | None = None) -> Pipeline:
+    """A :class:`~cxrbench.inference.pipeline.Pipeline` on an export folder's graphs (ONNX Runtime, CPU).
 
-    Explanations: ``"cam"`` only (the exported forward graph); other methods raise ``ValueError``.
+    Explanations: ``"cam"`` only (the exported forward graph); other methods raise ``ValueError``. A lung
+    U-Net bundle (``unet``) runs in PyTorch.
     """
+    models = load_export(path, threads=threads)
+    return Pipeline(models.classifier, models.ood, load_bundle(unet, kind="segmentation") if unet else None)
 
-    @classmethod
-    def from_export(cls, path: str | os.PathLike, *, unet: str | os.PathLike | None = None,
-                    threads: int | None = None) -> "OnnxPipeline":
-        models = load_export(path, threads=threads)
-        pipe = cls(models.classifier, models.ood, load_bundle(unet, kind="segmentation") if unet else None)
-        pipe.manifest = models.manifest
-        return pipe
 
-    @classmethod
-    def from_paths(cls, classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
-                   unet: str | os.PathLike | None = None, *, device: str = "cpu", threads: int | None = None,
-                   progress: bool = False) -> "OnnxPipeline":
-        """Bundle folders (exported once, cached) or an export folder; ``device`` must be ``"cpu"``."""
-        if str(device) != "cpu":
-            raise ValueError(f"the ONNX Runtime backend runs on the CPU; got device={device!r}")
-        return cls.from_export(ensure_export(classifier, ood, progress=progress), unet=unet, threads=threads)
+def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
+                  unet: str | os.PathLike | None = None, *, backend: str = "torch", device: str = "cpu",
+                  threads: int | None = None, progress: bool = False) -> Pipeline:
+    """The pipeline of bundle folders on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime).
 
-    def explainer(self, method: str):
-        if method != "cam":
-            raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
-                             "needs gradients: use the torch backend")
-        if "cam" not in self._explainers:
-            self._explainers["cam"] = OnnxCAM(self.classifier.model, normalize="minmax")
-        return self._explainers["cam"]
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "backend": "onnxruntime"}
+    For ``"onnx"``, ``classifier`` may also be an export folder; bundle folders are exported once into the cache
+    (:func:`ensure_export`, parity-checked); ``device`` must then be ``"cpu"`` and ``threads`` sets ORT's threads.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "torch":
+        return Pipeline.from_paths(classifier, ood=ood, unet=unet, device=device)
+    if str(device) != "cpu":
+        raise ValueError(f"the ONNX Runtime backend runs on the CPU; got device={device!r}")
+    return pipeline_from_export(ensure_export(classifier, ood, progress=progress), unet=unet, threads=threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,11 +262,13 @@ def backend_agreement(torch_pipeline: Pipeline, onnx_pipeline: Pipeline, sources
     for src in sources:
         a = torch_pipeline.analyze(src, explain=explain, allow_ood=True)
         b = onnx_pipeline.analyze(src, explain=explain, allow_ood=True)
+        assert a.raw is not None and b.raw is not None and a.calibrated is not None and b.calibrated is not None
         rows.append({"source": Path(a.source).name,
                      "raw_max_abs_diff": float(np.max(np.abs(a.raw - b.raw))),
                      "calibrated_max_abs_diff": float(np.nanmax(np.abs(a.calibrated - b.calibrated))),
                      "ood_score_abs_diff": abs(a.ood.score - b.ood.score) if a.ood and b.ood else np.nan,
-                     "map_max_abs_diff": float(np.abs(a.maps - b.maps).max()) if a.maps is not None else np.nan})
+                     "map_max_abs_diff": float(np.abs(a.maps - b.maps).max())
+                     if a.maps is not None and b.maps is not None else np.nan})
     return pd.DataFrame(rows)
 
 

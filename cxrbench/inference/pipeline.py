@@ -3,26 +3,45 @@
 >>> pipe = Pipeline.from_paths("bundles/classifier", ood="bundles/ood")     # doctest: +SKIP
 >>> report = pipe.analyze("chest.png", explain="saliency")                   # doctest: +SKIP
 >>> report.table()                                                            # doctest: +SKIP
+>>> pipe.explain(report, "gradcam", "Effusion")   # only the explanation again  # doctest: +SKIP
+>>> pipe.predict(["a.png", "b.dcm"])              # batched, the predict CSV    # doctest: +SKIP
 
 An image the OOD gate rejects gets no probabilities unless the caller overrides the gate
 (``allow_ood=True``); the report still carries the reconstruction and its error map, so a user can
 see *why* it was rejected. Everything runs locally, on the CPU by default; nothing is written to disk.
+
+The models run behind the backends of :mod:`cxrbench.inference.backend` (PyTorch here; ONNX Runtime
+through :func:`cxrbench.export.runtime.load_pipeline`), so every face -- ``cxrbench predict`` /
+``analyze`` / ``explain``, the dashboard, the notebooks -- runs the same steps: :meth:`Pipeline.read`,
+the gate, :meth:`Pipeline.model_inputs`, the backend's logits, calibration, :meth:`Pipeline.explain`
+(targets from :mod:`cxrbench.explain.targets`) and :func:`cxrbench.models.unet.predict_lung_mask`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
+from cxrbench.explain.targets import DEFAULT_TOP, explanation_targets, finding_ranking
+from cxrbench.inference.backend import ClassifierBackend, GateBackend, classifier_backend, gate_backend
+from cxrbench.inference.predict import (
+    Predictions,
+    operating_points_of,
+    predict_dataset,
+    predict_files,
+    predictions_table,
+)
 from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_image
 from cxrbench.models.bundle import Bundle, load_bundle
+from cxrbench.models.unet import predict_lung_mask
+from cxrbench.preprocess import check_unit_range
 
 __all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
 
@@ -60,7 +79,8 @@ class Report:
 
     ``image``: the displayed crop, ``(S, S)`` float32 [0, 1] at the classifier's input size (maps align
     with it). ``raw``/``calibrated``: ``(F,)`` or None when the image was rejected. ``maps``: ``(K, S, S)``
-    explanation maps in [0, 1] with ``map_labels`` naming each (``"all findings"`` for Chester's saliency).
+    float32 explanation maps (in [0, 1] unless the caller asked for raw values) with ``map_labels`` naming
+    each (``"all findings"`` for Chester's saliency) and ``explained_outputs`` the output indices they explain.
     ``timings``: seconds per stage.
     """
 
@@ -77,6 +97,7 @@ class Report:
     method: str | None = None
     maps: np.ndarray | None = None
     map_labels: list[str] = field(default_factory=list)
+    explained_outputs: list[int] = field(default_factory=list)
     lung_mask: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -92,12 +113,13 @@ class Report:
                 f"{self.ood.score:.3f} > cutoff {self.ood.cutoff:.3f}); no prediction is made")
 
     def table(self) -> pd.DataFrame:
-        """One row per finding: calibrated and raw probability, operating point; highest first."""
+        """One row per finding: calibrated and raw probability, operating point; most probable first
+        (:func:`~cxrbench.explain.targets.finding_ranking`, the order explanations pick their top-k from)."""
         if self.raw is None:
             return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point"])
         df = pd.DataFrame({"finding": self.findings, "calibrated": self.calibrated, "raw": self.raw,
                            "operating_point": self.operating_points})
-        return df.sort_values("calibrated", ascending=False, na_position="last").reset_index(drop=True)
+        return df.iloc[finding_ranking(self.calibrated, self.raw)].reset_index(drop=True)
 
     def to_row(self) -> dict[str, Any]:
         """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``, ``error``."""
@@ -111,10 +133,17 @@ class Report:
         return row
 
 
+#: post-processing of the maps in a :class:`Report` unless the caller says otherwise (see :meth:`Pipeline.explain`)
+DEFAULT_MAP_OPTIONS: dict[str, Any] = {"normalize": "minmax"}
+
+
 class Pipeline:
     """A classifier bundle, optionally an OOD bundle and a lung U-Net bundle, ready to analyse images.
 
-    Models are loaded once (at construction) and kept in eval mode on ``device``.
+    Models are loaded once (at construction) and kept in eval mode on ``device``. A bundle whose model
+    already is a backend (:mod:`cxrbench.inference.backend`; the ONNX Runtime adapters of
+    :func:`cxrbench.export.runtime.load_export`) is run by it; a torch network by
+    :class:`~cxrbench.inference.backend.TorchClassifier` / :class:`~cxrbench.inference.backend.TorchGate`.
     """
 
     def __init__(self, classifier: Bundle, ood: Bundle | None = None, unet: Bundle | None = None,
@@ -123,38 +152,42 @@ class Pipeline:
             raise ValueError(f"{classifier.path}: expected a classifier bundle, got {classifier.card.kind}")
         if ood is not None and ood.card.kind != "ood":
             raise ValueError(f"{ood.path}: expected an OOD bundle, got {ood.card.kind}")
+        if unet is not None and unet.card.kind != "segmentation":
+            raise ValueError(f"{unet.path}: expected a segmentation bundle, got {unet.card.kind}")
         self.device = torch.device(device)
         self.classifier, self.ood, self.unet = classifier, ood, unet
-        for b in (classifier, ood, unet):
-            if b is not None:
-                b.model.to(self.device).eval()
+        self.classifier_backend: ClassifierBackend = classifier_backend(classifier.model, self.device)
+        self.gate_backend: GateBackend | None = gate_backend(ood.model, self.device) if ood is not None else None
+        if unet is not None:
+            unet.model.to(self.device).eval()
         self.findings = classifier.labels
         ops = classifier.card.operating_points
         self.operating_points = (OperatingPoints.from_dict(ops).as_array(self.findings) if ops
                                  else np.full(len(self.findings), np.nan))
-        self._explainers: dict[str, Any] = {}
 
     @classmethod
     def from_paths(cls, classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
                    unet: str | os.PathLike | None = None, *, device: str = "cpu") -> "Pipeline":
+        """Load bundle folders (PyTorch); :func:`cxrbench.export.runtime.load_pipeline` chooses a backend."""
         return cls(load_bundle(classifier, kind="classifier"),
                    load_bundle(ood, kind="ood") if ood else None,
                    load_bundle(unet, kind="segmentation") if unet else None, device=device)
 
     def warm_up(self, explain: str | None = "saliency") -> float:
         """Run the whole chain once on a synthetic image so that the first real one does not pay for
-        torch's first-call set-up (about 0.5 s on a 2-core CPU); returns the seconds it took."""
+        torch's first-call set-up (about 0.5 s on a 2-core CPU); returns the seconds it took. A method the
+        backend cannot compute (gradients on ONNX Runtime) is left out of the warm-up."""
         t0 = time.perf_counter()
+        explain = explain if explain in self.classifier_backend.explain_methods else None
         ramp = np.linspace(0.1, 0.9, 256, dtype=np.float32)
         self.analyze(np.outer(ramp, ramp[::-1]), name="<warm-up>", explain=explain, allow_ood=True)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------
+    # the steps
     def read(self, source: ImageSource | np.ndarray, name: str | None = None) -> Image:
         """An :class:`~cxrbench.io.Image` from a path, bytes, file object or a ``(H, W)`` [0, 1] array."""
         if isinstance(source, np.ndarray):
-            from cxrbench.preprocess import check_unit_range
-
             check_unit_range(source, name or "array")
             if source.ndim != 2:
                 raise ValueError(f"{name or 'array'}: expected a (H, W) grey image, got shape {source.shape}")
@@ -163,53 +196,95 @@ class Pipeline:
             return Image(source.astype(np.float32), meta)
         return read_image(source, name=name)
 
+    def model_inputs(self, displays: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """The classifier's input ``(B, C, S, S)`` float32 for displayed crops (``(S, S)`` or ``(B, S, S)`` [0, 1])."""
+        stack = np.asarray(displays, dtype=np.float32)
+        stack = stack[None] if stack.ndim == 2 else stack
+        pp = self.classifier.preprocess
+        return torch.from_numpy(np.stack([pp.intensity(d) for d in stack]))
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        """Chester Eq. 1 at the bundle's operating points: ``(..., F)`` raw -> calibrated, NaN without one."""
+        return np.asarray(calibrate(np.asarray(raw, dtype=np.float64), self.operating_points), dtype=np.float64)
+
+    def gate(self, pixels: np.ndarray) -> OODResult:
+        """The OOD gate's verdict on an image's ``(H, W)`` [0, 1] pixels (needs an OOD bundle)."""
+        if self.ood is None or self.gate_backend is None:
+            raise ValueError("no OOD bundle loaded")
+        pp = self.ood.preprocess
+        small = pp.geometry(pixels)
+        out = self.gate_backend.score(torch.from_numpy(pp.intensity(small))[None])
+        cutoff = self.ood.card.ood.get("cutoff", {})
+        scorer = cutoff.get("scorer", "ssim")
+        rec = np.asarray(out.reconstruction[0, 0], dtype=np.float32)
+        return OODResult(scorer=scorer, score=float(out.scores[scorer][0]),
+                         cutoff=float(cutoff.get("threshold", np.inf)), cutoff_method=str(cutoff.get("method", "")),
+                         scores={k: float(v[0]) for k, v in out.scores.items()}, input=small, reconstruction=rec,
+                         error=np.abs(small - rec))
+
+    # ------------------------------------------------------------------------------------------
+    # one image
     def analyze(self, source: ImageSource | np.ndarray, *, name: str | None = None, explain: str | None = "saliency",
-                targets: Sequence[str] | None = None, allow_ood: bool = False) -> Report:
+                targets: str | Sequence[str] | None = None, top: int = DEFAULT_TOP, allow_ood: bool = False,
+                explain_options: Mapping[str, Any] | None = None) -> Report:
         """Run the chain on one image; see the module doc.
 
         Parameters
         ----------
         explain : explanation method (``"saliency"``, ``"gradcam"``, ``"cam"`` ...; see
             :data:`cxrbench.explain.EXPLAINERS`) or None for none.
-        targets : findings to explain (per-finding methods); default: the three most probable.
+        targets, top : what to explain (:func:`cxrbench.explain.targets.explanation_targets`): a finding, a list
+            of findings, or by default all findings summed (saliency) / the ``top`` most probable.
         allow_ood : give probabilities even when the gate rejects the image (the report says so).
+        explain_options : post-processing of the maps (default :data:`DEFAULT_MAP_OPTIONS`, min-max to [0, 1]).
 
         Raises :class:`~cxrbench.io.ImageReadError` for unreadable input (nothing else is lost).
         """
         t0 = time.perf_counter()
         img = self.read(source, name)
-        timings = {"read": time.perf_counter() - t0}
-        pp = self.classifier.preprocess
-        display = pp.geometry(img.pixels)
-        report = Report(source=img.meta.source, meta=img.meta, image=display, findings=list(self.findings),
-                        operating_points=self.operating_points, timings=timings)
+        report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(img.pixels),
+                        findings=list(self.findings), operating_points=self.operating_points,
+                        timings={"read": time.perf_counter() - t0})
         if self.ood is not None:
             t = time.perf_counter()
-            report.ood = self._gate(img.pixels)
-            timings["ood"] = time.perf_counter() - t
+            report.ood = self.gate(img.pixels)
+            report.timings["ood"] = time.perf_counter() - t
             report.rejected = not report.ood.in_distribution and not allow_ood
             report.overridden = not report.ood.in_distribution and allow_ood
-        if report.rejected:
-            timings["total"] = time.perf_counter() - t0
-            return report
-        t = time.perf_counter()
-        x = torch.from_numpy(pp.intensity(display))[None].to(self.device)
-        with torch.no_grad():
-            logits = self.classifier.model(x)[0].float().cpu().numpy()
-        report.raw = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        report.calibrated = self._calibrate(report.raw)
-        timings["classify"] = time.perf_counter() - t
-        if explain:
+        if not report.rejected:
             t = time.perf_counter()
-            self._explain(report, x, explain, targets)
-            timings["explain"] = time.perf_counter() - t
-        if self.unet is not None:
-            t = time.perf_counter()
-            report.lung_mask = self.segment(display)
-            timings["segment"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
+            report.raw = 1.0 / (1.0 + np.exp(-self.classifier_backend.logits(self.model_inputs(report.image))[0]
+                                             .astype(np.float64)))
+            report.calibrated = self.calibrate(report.raw)
+            report.timings["classify"] = time.perf_counter() - t
+            if explain:
+                report = self.explain(report, explain, targets, top=top, options=explain_options)
+            if self.unet is not None:
+                t = time.perf_counter()
+                report.lung_mask = predict_lung_mask(self.unet.model, self.unet.preprocess, report.image,
+                                                     device=self.device)[0]
+                report.timings["segment"] = time.perf_counter() - t
+        report.timings["total"] = time.perf_counter() - t0
         return report
 
+    def explain(self, report: Report, method: str, targets: str | Sequence[str] | None = None, *,
+                top: int = DEFAULT_TOP, options: Mapping[str, Any] | None = None) -> Report:
+        """A copy of ``report`` with the maps of ``method`` (only the explanation is computed: the image, the
+        gate and the probabilities are the report's). ``targets``/``top``/``options`` as in :meth:`analyze`."""
+        if report.raw is None:
+            raise ValueError(f"{report.source}: rejected by the OOD gate, so there is nothing to explain "
+                             "(analyse with allow_ood=True to override the gate)")
+        t = time.perf_counter()
+        ranking = finding_ranking(report.calibrated, report.raw)
+        chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top)
+        maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
+                                               **{**DEFAULT_MAP_OPTIONS, **(options or {})})
+        return replace(report, method=method, maps=np.asarray(maps[0], dtype=np.float32), map_labels=chosen.labels,
+                       explained_outputs=chosen.outputs(len(self.findings)),
+                       timings={**report.timings, "explain": time.perf_counter() - t})
+
+    # ------------------------------------------------------------------------------------------
+    # many images
     def analyze_batch(self, sources: Sequence[str | os.PathLike], *, explain: str | None = None,
                       allow_ood: bool = False, progress: bool = True) -> tuple[list[Report | None], dict[int, str]]:
         """:meth:`analyze` over files; unreadable ones give ``None`` and an entry in the error dict."""
@@ -228,76 +303,28 @@ class Pipeline:
                 errors[i] = exc.reason if isinstance(exc, ImageReadError) else str(exc)
         return reports, errors
 
-    # ------------------------------------------------------------------------------------------
-    def _calibrate(self, raw: np.ndarray) -> np.ndarray:
-        ok = np.isfinite(self.operating_points)
-        out = np.full_like(raw, np.nan)
-        if ok.any():
-            out[ok] = calibrate(raw[ok][None], self.operating_points[ok])[0]
-        return out
+    def predict(self, files: Sequence[str | os.PathLike], *, batch_size: int = 16, progress: bool = False
+                ) -> pd.DataFrame:
+        """The ``predict`` CSV for image files (no gate, no explanation), ``batch_size`` images per forward pass:
+        :func:`~cxrbench.inference.predict.predictions_table` with an ``error`` for each unreadable file."""
+        logits, errors = predict_files(self.classifier_backend, self.classifier.preprocess, files,
+                                       batch_size=batch_size, progress=progress)
+        return predictions_table(files, logits, self.findings, operating_points_of(self.classifier), errors)
 
-    def _gate(self, pixels: np.ndarray) -> OODResult:
-        from cxrbench.ood.scoring import score_batch
-
-        assert self.ood is not None
-        card = self.ood.card
-        pp = self.ood.preprocess
-        small = pp.geometry(pixels)
-        x = torch.from_numpy(pp.intensity(small))[None].to(self.device)
-        with torch.no_grad():
-            scores = score_batch(self.ood.model, x)
-            recon = self.ood.model.reconstruct(x)
-        cutoff = card.ood.get("cutoff", {})
-        scorer = cutoff.get("scorer", "ssim")
-        rec = recon[0, 0].float().cpu().numpy()
-        return OODResult(scorer=scorer, score=float(scores[scorer][0]), cutoff=float(cutoff.get("threshold", np.inf)),
-                         cutoff_method=str(cutoff.get("method", "")),
-                         scores={k: float(v[0]) for k, v in scores.items()}, input=small, reconstruction=rec,
-                         error=np.abs(small - rec))
-
-    def explainer(self, method: str):
-        """The (cached) explainer of the classifier for ``method``."""
-        if method not in self._explainers:
-            from cxrbench.explain import get_explainer
-
-            self._explainers[method] = get_explainer(method, self.classifier.model, normalize="minmax")
-        return self._explainers[method]
-
-    def _explain(self, report: Report, x: torch.Tensor, method: str, targets: Sequence[str] | None) -> None:
-        if method == "saliency":
-            idx, labels = None, ["all findings"]
-        else:
-            if targets:
-                unknown = [t for t in targets if t not in self.findings]
-                if unknown:
-                    raise ValueError(f"unknown findings {unknown}; expected some of {self.findings}")
-                idx = [self.findings.index(t) for t in targets]
-            else:
-                idx = list(np.argsort(-np.nan_to_num(report.calibrated, nan=-1.0))[:3])
-            labels = [self.findings[i] for i in idx]
-        maps = self.explainer(method)(x, targets=idx)
-        report.method, report.maps, report.map_labels = method, np.asarray(maps[0], dtype=np.float32), labels
-
-    def segment(self, display: np.ndarray) -> np.ndarray:
-        """Lung mask ``(S, S)`` bool of the displayed crop (needs a U-Net bundle)."""
-        if self.unet is None:
-            raise ValueError("no U-Net bundle loaded")
-        pp = self.unet.preprocess
-        small = pp.geometry(display)
-        x = torch.from_numpy(pp.intensity(small))[None].to(self.device)
-        with torch.no_grad():
-            prob = torch.sigmoid(self.unet.model(x))[0, 0]
-        prob = torch.nn.functional.interpolate(prob[None, None], size=display.shape, mode="bilinear", align_corners=False)
-        return (prob[0, 0] > 0.5).cpu().numpy()
+    def predict_dataset(self, dataset, *, batch_size: int = 32, num_workers: int = 0, progress: bool = False
+                        ) -> Predictions:
+        """Logits of every item of a :class:`~cxrbench.data.CXRDataset` built with this classifier's preprocessing."""
+        return predict_dataset(self.classifier_backend, dataset, batch_size=batch_size, num_workers=num_workers,
+                               progress=progress)
 
     def describe(self) -> dict[str, Any]:
         """What is loaded (for the dashboard's footer and logs)."""
         d: dict[str, Any] = {"classifier": str(self.classifier.path), "arch": self.classifier.card.builder_kwargs,
-                             "findings": len(self.findings), "device": str(self.device)}
+                             "findings": len(self.findings), "device": str(self.device),
+                             "backend": self.classifier_backend.name}
         if self.ood is not None:
             d["ood"] = str(self.ood.path)
             d["ood_cutoff"] = self.ood.card.ood.get("cutoff")
         if self.unet is not None:
             d["unet"] = str(self.unet.path)
         return d
-

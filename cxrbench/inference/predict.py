@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
+from cxrbench.inference.backend import ClassifierBackend, classifier_backend
 from cxrbench.io import ImageReadError, read_image
 from cxrbench.models.bundle import Bundle
 from cxrbench.preprocess import Preprocess
@@ -39,9 +40,8 @@ class Predictions:
         return 1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))
 
 
-@torch.no_grad()
 def predict_dataset(
-    model: nn.Module,
+    model: nn.Module | ClassifierBackend,
     dataset,
     *,
     batch_size: int = 32,
@@ -49,9 +49,11 @@ def predict_dataset(
     num_workers: int = 0,
     progress: bool = False,
 ) -> Predictions:
-    """Logits for every item of a :class:`~cxrbench.data.CXRDataset` (in dataset order)."""
-    device = torch.device(device)
-    model = model.to(device).eval()
+    """Logits for every item of a :class:`~cxrbench.data.CXRDataset` (in dataset order).
+
+    ``model``: a torch classifier (run on ``device``) or any :class:`~cxrbench.inference.backend.ClassifierBackend`.
+    """
+    backend = classifier_backend(model, device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
@@ -59,18 +61,22 @@ def predict_dataset(
         loader = tqdm(loader, desc="predicting", unit="batch", leave=False)
     logits, labels, index = [], [], []
     for x, y, i in loader:
-        logits.append(model(x.to(device)).float().cpu().numpy())
+        logits.append(backend.logits(x))
         labels.append(y.numpy())
         index.append(i.numpy())
     if not logits:
-        width = getattr(model, "num_outputs", 0)
+        width = _n_outputs(model)
         return Predictions(np.zeros((0, width), np.float32), np.zeros((0, width), np.float32), np.zeros(0, int))
     return Predictions(np.concatenate(logits), np.concatenate(labels), np.concatenate(index))
 
 
-@torch.no_grad()
+def _n_outputs(model: object) -> int:
+    inner = getattr(model, "model", model)  # a TorchClassifier's network
+    return int(getattr(model, "num_outputs", getattr(inner, "num_outputs", 0)))
+
+
 def predict_files(
-    model: nn.Module,
+    model: nn.Module | ClassifierBackend,
     preprocess: Preprocess,
     files: Sequence[str | os.PathLike],
     *,
@@ -78,20 +84,21 @@ def predict_files(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Logits ``(N, F)`` for image files; unreadable files get a row of NaN and an entry in ``errors``.
+    """Logits ``(N, F)`` float32 for image files, ``batch_size`` images per forward pass.
 
-    Returns ``(logits, errors)`` where ``errors`` maps the position of a failed file to its reason.
+    ``model``: a torch classifier (run on ``device``) or any :class:`~cxrbench.inference.backend.ClassifierBackend`.
+    Unreadable files get a row of NaN and an entry in ``errors``. Returns ``(logits, errors)`` where
+    ``errors`` maps the position of a failed file to its reason.
     """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    width = getattr(model, "num_outputs", None)
+    backend = classifier_backend(model, device)
     out: list[np.ndarray | None] = [None] * len(files)
     errors: dict[int, str] = {}
-    batch, where = [], []
+    batch: list[np.ndarray] = []
+    where: list[int] = []
 
     def flush() -> None:
         if batch:
-            y = model(torch.from_numpy(np.stack(batch)).to(device)).float().cpu().numpy()
+            y = backend.logits(torch.from_numpy(np.stack(batch)))
             for k, pos in enumerate(where):
                 out[pos] = y[k]
             batch.clear()
@@ -111,10 +118,11 @@ def predict_files(
         if len(batch) >= batch_size:
             flush()
     flush()
-    if width is None:
-        width = next((len(o) for o in out if o is not None), 0)
-    logits = np.stack([o if o is not None else np.full(width, np.nan, np.float32) for o in out]) if files else np.zeros((0, width))
-    return logits.astype(np.float32), errors
+    width = next((len(o) for o in out if o is not None), _n_outputs(model))
+    if not files:
+        return np.zeros((0, width), np.float32), errors
+    rows = [o if o is not None else np.full(width, np.nan, np.float32) for o in out]
+    return np.stack(rows).astype(np.float32), errors
 
 
 def operating_points_of(bundle: Bundle) -> OperatingPoints | None:
@@ -124,7 +132,7 @@ def operating_points_of(bundle: Bundle) -> OperatingPoints | None:
 
 
 def predictions_table(
-    names: Sequence[str],
+    names: Sequence[str | os.PathLike],
     logits: np.ndarray,
     labels: Sequence[str],
     operating_points: OperatingPoints | None,

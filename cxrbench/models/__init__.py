@@ -19,10 +19,10 @@ _LAZY: dict[str, str] = {
     "disable_inplace_relu": "cxrbench.models.classifier",
     "embed": "cxrbench.models.classifier",
     "feature_layer": "cxrbench.models.classifier",
+    "from_torchxrayvision": "cxrbench.models.classifier",
     # weights
     "WeightsUnavailableError": "cxrbench.models.weights",
     "adapt_first_conv": "cxrbench.models.weights",
-    "from_torchxrayvision": "cxrbench.models.weights",
     "load_chexnet_checkpoint": "cxrbench.models.weights",
     "load_torchvision_backbone": "cxrbench.models.weights",
     "torchvision_weights_path": "cxrbench.models.weights",

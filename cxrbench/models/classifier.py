@@ -11,13 +11,21 @@ the head (parameter-free, so it adds no state-dict key), and helper attributes
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from cxrbench.models.weights import adapt_first_conv, load_torchvision_backbone
+from cxrbench.models.weights import (
+    TORCHVISION_WEIGHTS,
+    _load_checked,
+    _rename_old_dense_keys,
+    adapt_first_conv,
+    load_torchvision_backbone,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -28,6 +36,7 @@ __all__ = [
     "disable_inplace_relu",
     "embed",
     "feature_layer",
+    "from_torchxrayvision",
 ]
 
 
@@ -170,8 +179,6 @@ def build_classifier(
     model = ARCHITECTURES[arch](num_outputs=num_outputs, in_channels=in_channels, dropout=dropout)
     model.pretrained_weights = None
     if pretrained:
-        from cxrbench.models.weights import TORCHVISION_WEIGHTS
-
         load_torchvision_backbone(model, arch, allow_download=allow_download)
         model.pretrained_weights = ".".join(TORCHVISION_WEIGHTS[arch])
     return disable_inplace_relu(model)
@@ -204,3 +211,34 @@ def embed(model: nn.Module, x: Tensor) -> Tensor:
     Runs with whatever grad mode and train/eval mode the caller set.
     """
     return _unwrap(model).embed(x)
+
+
+# --------------------------------------------------------------------------------------------
+# torchxrayvision (optional)
+# --------------------------------------------------------------------------------------------
+def from_torchxrayvision(xrv_model_or_weights: Any) -> nn.Module:
+    """Turn a torchxrayvision DenseNet (or its weights name, e.g. ``"densenet121-res224-nih"``) into a cxrbench model.
+
+    Returns a 1-channel :class:`~cxrbench.models.classifier.DenseNet121` with one logit per
+    torchxrayvision pathology; ``model.labels`` holds the pathology names and
+    ``model.xrv_operating_points`` its ``op_threshs`` (or None). torchxrayvision expects input
+    scaled to [-1024, 1024], not cxrbench's normalisation: keep that in mind when you compare outputs.
+    Raises ``ImportError`` when torchxrayvision is not installed.
+    """
+    try:
+        import torchxrayvision as xrv  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "from_torchxrayvision needs the optional package 'torchxrayvision' (pip install torchxrayvision); "
+            "it is not installed in this environment."
+        ) from err
+    source = xrv.models.DenseNet(weights=xrv_model_or_weights) if isinstance(xrv_model_or_weights, str) else xrv_model_or_weights
+    pathologies = list(getattr(source, "pathologies", []))
+    head = source.classifier
+    model = build_classifier("densenet121", num_outputs=head.out_features, in_channels=1, pretrained=False)
+    state_dict = {k: v for k, v in source.state_dict().items() if k.startswith(("features.", "classifier."))}
+    _load_checked(model, _rename_old_dense_keys(state_dict), source="torchxrayvision model")
+    model.labels = tuple(pathologies)
+    op = getattr(source, "op_threshs", None)
+    model.xrv_operating_points = None if op is None else torch.as_tensor(op).detach().cpu().numpy()
+    return model

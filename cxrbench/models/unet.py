@@ -223,7 +223,8 @@ def read_mask_pair(path: str | os.PathLike, mask_path: str | os.PathLike,
 @torch.no_grad()
 def predict_lung_mask(model: nn.Module, preprocess: Preprocess, display: np.ndarray, *,
                       threshold: float = 0.5, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Lung mask of a displayed crop, as :meth:`cxrbench.inference.pipeline.Pipeline.segment` computes it.
+    """Lung mask of a displayed crop: the one segmentation step (the pipeline's report, ``cxrbench segment``,
+    U-Net evaluation and the notebooks all call it).
 
     Parameters
     ----------

@@ -1,4 +1,7 @@
-"""Weight loaders for outside formats: torchvision ImageNet weights, CheXNet checkpoints, torchxrayvision.
+"""Weight loaders for outside formats: torchvision ImageNet weights, CheXNet checkpoints (into any model).
+
+These loaders fill a model they are given, so the classifier factory (:mod:`cxrbench.models.classifier`)
+builds on them; :func:`cxrbench.models.classifier.from_torchxrayvision`, which builds its own model, lives there.
 
 Everything here loads with ``torch.load(weights_only=True)``: tensors and plain containers only, never
 arbitrary pickled objects. Nothing is downloaded unless the caller asks for it (``allow_download=True``).
@@ -23,7 +26,6 @@ __all__ = [
     "load_chexnet_checkpoint",
     "load_torchvision_backbone",
     "torchvision_weights_path",
-    "from_torchxrayvision",
 ]
 
 #: torchvision ImageNet weights per architecture: (enum class name, member name).
@@ -271,36 +273,3 @@ def load_chexnet_checkpoint(
         source = str(path_or_state_dict)
     state_dict = _rename_old_dense_keys({_chexnet_key(k): v for k, v in raw.items()})
     return _load_checked(model, state_dict, source=source)
-
-
-# --------------------------------------------------------------------------------------------
-# torchxrayvision (optional)
-# --------------------------------------------------------------------------------------------
-def from_torchxrayvision(xrv_model_or_weights: Any) -> nn.Module:
-    """Turn a torchxrayvision DenseNet (or its weights name, e.g. ``"densenet121-res224-nih"``) into a cxrbench model.
-
-    Returns a 1-channel :class:`~cxrbench.models.classifier.DenseNet121` with one logit per
-    torchxrayvision pathology; ``model.labels`` holds the pathology names and
-    ``model.xrv_operating_points`` its ``op_threshs`` (or None). torchxrayvision expects input
-    scaled to [-1024, 1024], not cxrbench's normalisation: keep that in mind when you compare outputs.
-    Raises ``ImportError`` when torchxrayvision is not installed.
-    """
-    try:
-        import torchxrayvision as xrv  # noqa: F401
-    except ImportError as err:
-        raise ImportError(
-            "from_torchxrayvision needs the optional package 'torchxrayvision' (pip install torchxrayvision); "
-            "it is not installed in this environment."
-        ) from err
-    from cxrbench.models.classifier import build_classifier
-
-    source = xrv.models.DenseNet(weights=xrv_model_or_weights) if isinstance(xrv_model_or_weights, str) else xrv_model_or_weights
-    pathologies = list(getattr(source, "pathologies", []))
-    head = source.classifier
-    model = build_classifier("densenet121", num_outputs=head.out_features, in_channels=1, pretrained=False)
-    state_dict = {k: v for k, v in source.state_dict().items() if k.startswith(("features.", "classifier."))}
-    _load_checked(model, _rename_old_dense_keys(state_dict), source="torchxrayvision model")
-    model.labels = tuple(pathologies)
-    op = getattr(source, "op_threshs", None)
-    model.xrv_operating_points = None if op is None else torch.as_tensor(op).detach().cpu().numpy()
-    return model

@@ -53,7 +53,11 @@ _LAZY: dict[str, str] = {
     "export_models": "cxrbench.export.onnx",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = ["__version__", "Bundle", "CXRDataset", "ClassifierConfig", "Image", "ImageMeta", "ImageReadError",
+          "ModelCard", "NIH_FINDINGS", "OODConfig", "OperatingPoints", "Pipeline", "Preprocess", "Report",
+          "UNetConfig", "build_classifier", "calibrate", "evaluate_predictions", "export_models",
+          "fit_operating_points", "get_explainer", "load_bundle", "load_manifest", "patient_split", "read_image",
+          "save_bundle", "train_classifier", "train_ood", "train_unet"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from cxrbench.data import CXRDataset, load_manifest, patient_split

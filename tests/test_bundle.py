@@ -9,6 +9,7 @@ import torch
 
 from cxrbench.labels import NIH_FINDINGS
 from cxrbench.models.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
+from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.models.classifier import build_classifier
 from cxrbench.preprocess import Preprocess
 
@@ -111,7 +112,7 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
     import numpy as np
 
     from cxrbench.inference.pipeline import Pipeline
-    from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle
+    from cxrbench.models.bundle import untrained_classifier_bundle
 
     rng = np.random.default_rng(0)
     images = [rng.random((40 + i, 48), dtype=np.float32) for i in range(9)]
@@ -136,7 +137,7 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
 
 def test_info_command_describes_any_bundle_and_verifies_it(tmp_path, capsys):
     from cxrbench.cli.main import main
-    from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle
+    from cxrbench.models.bundle import untrained_classifier_bundle
 
     clf = untrained_classifier_bundle(tmp_path / "c", preprocess=Preprocess(size=32), thresholds={"Hernia": None})
     card = read_card(clf)

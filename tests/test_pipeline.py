@@ -14,7 +14,8 @@ from PIL import Image as PILImage
 from cxrbench.inference.pipeline import Pipeline, RejectedImageError
 from cxrbench.io import ImageReadError
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.models.bundle import load_bundle, save_bundle, untrained_classifier_bundle, untrained_ood_bundle
+from cxrbench.models.bundle import load_bundle, save_bundle, untrained_classifier_bundle
+from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.preprocess import Preprocess
 
 

@@ -24,7 +24,8 @@ from cxrbench.export.web.browser import BrowserApp, chromium_path
 from cxrbench.export.web.study import browser_arrays, preprocessing_study, python_reference, staged_images
 from cxrbench.inference.pipeline import Pipeline
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.models.bundle import untrained_classifier_bundle, untrained_ood_bundle
+from cxrbench.models.bundle import untrained_classifier_bundle
+from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.preprocess import Preprocess
 
 N_IMAGES = 20

@@ -115,8 +115,6 @@ class Dashboard:
     SMOOTHING = 2.0
 
     def __init__(self, pipeline: Pipeline, examples: Mapping[str, str | Path] | None = None):
-        import ipywidgets as w
-
         self.pipeline = pipeline
         self.examples = {k: str(v) for k, v in (examples or {}).items()}
         self.report: Report | None = None
@@ -125,6 +123,13 @@ class Dashboard:
         self._quiet = False
         per_finding = pipeline.classifier.card.test_metrics.get("per_finding") or {}
         self._test_auc = {f: m.get("auc") for f, m in per_finding.items()} or None  # shown on hover
+        self._build_inputs()
+        self._build_outputs()
+        self._observe()
+        self.widget = self._layout()
+
+    def _build_inputs(self) -> None:
+        import ipywidgets as w
 
         self.upload = w.FileUpload(accept=UPLOAD_ACCEPT, multiple=False, description="Upload X-ray")
         self.upload.add_class("cxr-upload")
@@ -132,6 +137,18 @@ class Dashboard:
         self.example.add_class("cxr-example")
         self.override = w.Checkbox(value=False, description="analyse even if not recognised as a chest X-ray",
                                    indent=False, layout=w.Layout(width="auto"))
+        self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
+        self.finding = w.Dropdown(options=list(self.pipeline.findings), description="finding", disabled=True)
+        self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
+        self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",
+                                        tooltip="map values under this fraction of the maximum are not drawn, "
+                                                "so the anatomy shows through")
+        self.smoothing = w.FloatSlider(value=self.SMOOTHING, min=0.0, max=8.0, step=0.5, description="smoothing",
+                                       tooltip="Gaussian σ in model-input pixels (display only; 0 = the raw map)")
+
+    def _build_outputs(self) -> None:
+        import ipywidgets as w
+
         self.busy = w.HTML("")
         self.busy.add_class("cxr-busy")
         self.message = w.HTML("")
@@ -144,20 +161,13 @@ class Dashboard:
         self.bars.add_class("cxr-bars")
         self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>",
                            layout=w.Layout(width="540px", display="none"))  # shown with the bars
-        self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
-        self.finding = w.Dropdown(options=list(pipeline.findings), description="finding", disabled=True)
-        self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
-        self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",
-                                        tooltip="map values under this fraction of the maximum are not drawn, "
-                                                "so the anatomy shows through")
-        self.smoothing = w.FloatSlider(value=self.SMOOTHING, min=0.0, max=8.0, step=0.5, description="smoothing",
-                                       tooltip="Gaussian σ in model-input pixels (display only; 0 = the raw map)")
         self.overlay = w.Image(format="png", layout=w.Layout(width="384px", height="384px", object_fit="contain",
                                                              visibility="hidden"))
         self.overlay.add_class("cxr-overlay")
         self.timing = w.HTML("")
         self.timing.add_class("cxr-timing")
 
+    def _observe(self) -> None:
         self.upload.observe(self._on_upload, names="value")
         self.example.observe(self._on_example, names="value")
         self.override.observe(lambda _: self._rerun(), names="value")
@@ -167,9 +177,12 @@ class Dashboard:
         self.smoothing.observe(lambda _: self._draw_overlay(), names="value")
         self.hide_below.observe(lambda _: self._draw_overlay(), names="value")
 
+    def _layout(self):
+        import ipywidgets as w
+
         header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
                         "this machine; nothing is uploaded anywhere else.</p>")
-        self.about = w.HTML(model_summary(pipeline))
+        self.about = w.HTML(model_summary(self.pipeline))
         self.about.add_class("cxr-about")
         left = w.VBox([self.upload, self.example, self.override, self.busy, self.message, self.verdict,
                        self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity,
@@ -177,7 +190,7 @@ class Dashboard:
                       layout=w.Layout(width="430px", min_width="430px", overflow="hidden"))
         right = w.VBox([self.bars, self.note, self.overlay], layout=w.Layout(width="560px", min_width="560px"))
         body = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
-        self.widget = w.VBox([header, self.about, body, self.timing])
+        return w.VBox([header, self.about, body, self.timing])
 
     # ------------------------------------------------------------------ entry points
     def analyze_bytes(self, name: str, content: bytes) -> Report | None:

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -349,6 +349,44 @@ def _resolve(findings: Sequence[str]) -> list[str]:
     return [f for f in SUPPORTED_FINDINGS if f in names]
 
 
+def _checked_request(size: Any, findings: Any, seed: Any) -> list[str]:
+    """The canonical names of ``findings``, after checking the arguments of :func:`make_phantom`."""
+    if isinstance(findings, str):
+        raise TypeError("findings must be a sequence of names such as ['Nodule'], not a single string")
+    if not isinstance(size, (int, np.integer)) or size < _MIN_SIZE:
+        raise ValueError(f"size must be an integer >= {_MIN_SIZE}, got {size!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return _resolve(findings)
+
+
+def _draw_lesions(img: np.ndarray, wanted: Sequence[str], finding_rng: dict, anat: Any, uv: tuple[np.ndarray, np.ndarray],
+                  lungs: list[np.ndarray], markings: np.ndarray, heart: np.ndarray,
+                  heart_scale: float) -> dict[str, np.ndarray]:
+    """Draw the ``wanted`` findings into ``img`` (in place), each from its own stream; their masks."""
+    u, v = uv
+    lung = lungs[0] | lungs[1]
+    lesions: dict[str, np.ndarray] = {}
+    taken: list[tuple[float, float, float]] = []
+
+    def inside(pu: np.ndarray, pv: np.ndarray) -> np.ndarray:
+        """In a lung, off the heart and mediastinum, and off the hila (where a nodule would hide)."""
+        off_hila = np.minimum(np.hypot(pu - anat.shift + 0.17, pv), np.hypot(pu - anat.shift - 0.17, pv)) > 0.12
+        return ((anat.lung_shape(pu, pv, -1) | anat.lung_shape(pu, pv, 1)) & ~anat.heart(pu, pv, heart_scale * 1.05)
+                & ~anat.mediastinum(pu, pv) & off_hila)
+
+    for name, radii, wobble in (("Mass", _MASS_RADIUS, 0.12), ("Nodule", _NODULE_RADIUS, 0.04)):
+        if name in wanted:
+            lesions[name] = _add_round_lesion(img, finding_rng[name], u, v, lung, inside, radii, wobble, taken)
+    if "Effusion" in wanted:
+        lesions["Effusion"] = _add_effusion(img, finding_rng["Effusion"], anat, u, v, lungs, markings)
+    if "Pneumothorax" in wanted:
+        lesions["Pneumothorax"] = _add_pneumothorax(img, finding_rng["Pneumothorax"], anat, u, v, lungs, markings)
+    if "Cardiomegaly" in wanted:
+        lesions["Cardiomegaly"] = heart.copy()
+    return lesions
+
+
 def make_phantom(size: int = 256, *, findings: Sequence[str] = (), seed: int = 0) -> Phantom:
     """Draw one frontal chest radiograph.
 
@@ -362,13 +400,7 @@ def make_phantom(size: int = 256, *, findings: Sequence[str] = (), seed: int = 0
     -------
     Phantom with a (size, size) float32 image in [0, 1] and its masks.
     """
-    if isinstance(findings, str):
-        raise TypeError("findings must be a sequence of names such as ['Nodule'], not a single string")
-    if not isinstance(size, (int, np.integer)) or size < _MIN_SIZE:
-        raise ValueError(f"size must be an integer >= {_MIN_SIZE}, got {size!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    wanted = _resolve(findings)
+    wanted = _checked_request(size, findings, seed)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2 + len(SUPPORTED_FINDINGS))]
     anat, tex_rng = _draw_anatomy(streams[0]), streams[1]
     finding_rng = dict(zip(SUPPORTED_FINDINGS, streams[2:]))  # one stream each: findings stay independent
@@ -404,24 +436,7 @@ def make_phantom(size: int = 256, *, findings: Sequence[str] = (), seed: int = 0
     img += (0.13 * post + 0.07 * ant) * body * (1 - 0.8 * abdomen) * (1 - 0.7 * cardio)
     img += 0.15 * _clavicles(anat, u, v) * body
 
-    lesions: dict[str, np.ndarray] = {}
-    taken: list[tuple[float, float, float]] = []
-
-    def inside(pu: np.ndarray, pv: np.ndarray) -> np.ndarray:
-        """In a lung, off the heart and mediastinum, and off the hila (where a nodule would hide)."""
-        off_hila = np.minimum(np.hypot(pu - anat.shift + 0.17, pv), np.hypot(pu - anat.shift - 0.17, pv)) > 0.12
-        return ((anat.lung_shape(pu, pv, -1) | anat.lung_shape(pu, pv, 1)) & ~anat.heart(pu, pv, heart_scale * 1.05)
-                & ~anat.mediastinum(pu, pv) & off_hila)
-
-    for name, radii, wobble in (("Mass", _MASS_RADIUS, 0.12), ("Nodule", _NODULE_RADIUS, 0.04)):
-        if name in wanted:
-            lesions[name] = _add_round_lesion(img, finding_rng[name], u, v, lung, inside, radii, wobble, taken)
-    if "Effusion" in wanted:
-        lesions["Effusion"] = _add_effusion(img, finding_rng["Effusion"], anat, u, v, lungs, markings)
-    if "Pneumothorax" in wanted:
-        lesions["Pneumothorax"] = _add_pneumothorax(img, finding_rng["Pneumothorax"], anat, u, v, lungs, markings)
-    if "Cardiomegaly" in wanted:
-        lesions["Cardiomegaly"] = heart.copy()
+    lesions = _draw_lesions(img, wanted, finding_rng, anat, (u, v), lungs, markings, heart, heart_scale)
 
     img = ndimage.gaussian_filter(img, sigma=max(0.5, 1.1 * size / 256))
     img += tex_rng.normal(0.0, 0.012, img.shape)

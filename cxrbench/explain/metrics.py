@@ -298,6 +298,38 @@ def _region_list(regions: Any, n: int, shape: tuple[int, int]) -> list[np.ndarra
     return out
 
 
+def _method_maps(explainer: Any, method: str, images: torch.Tensor, targets: Sequence[int],
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) maps of one method, one image at a time, and the seconds each took (random: noise maps)."""
+    n, shape = images.shape[0], tuple(images.shape[-2:])
+    maps = np.zeros((n, *shape), np.float32)
+    seconds = np.zeros(n)
+    for i in range(n):
+        t0 = time.perf_counter()
+        if explainer is None:
+            maps[i] = rng.random(shape, dtype=np.float32)
+        else:
+            chosen = None if method == "saliency" else [int(targets[i])]
+            maps[i] = explainer(images[i : i + 1], targets=chosen)[0, 0]
+        seconds[i] = time.perf_counter() - t0
+    return maps, seconds
+
+
+def _method_table(detail: pd.DataFrame, top_fraction: float) -> pd.DataFrame:
+    """The per-image rows of :func:`compare_methods` summarised per method (``random`` has no time)."""
+    pct = f"iou_top{100 * top_fraction:g}%"
+    agg = {"n_images": ("image", "size"), "seconds_per_image": ("seconds", "median")}
+    for col, name in (("pointing_hit", "pointing_game"), ("iou_topk", pct), ("mass_in_region", "mass_in_region"),
+                      ("mass_in_lungs", "mass_in_lungs"), ("deletion_auc", "deletion_auc"),
+                      ("insertion_auc", "insertion_auc")):
+        if col in detail.columns:
+            agg[name] = (col, "mean")
+    table = detail.groupby("method", sort=False).agg(**agg).reset_index()
+    if "random" in table["method"].values:
+        table.loc[table["method"] == "random", "seconds_per_image"] = np.nan
+    return table
+
+
 def compare_methods(
     model: nn.Module,
     images: torch.Tensor,
@@ -357,16 +389,7 @@ def compare_methods(
     all_curves: dict[str, FaithfulnessCurves] = {}
     for method in [*methods, *(["random"] if include_random else [])]:
         explainer = None if method == "random" else get_explainer(method, model, **options.get(method, {}))
-        maps = np.zeros((n, *shape), np.float32)
-        seconds = np.zeros(n)
-        for i in range(n):
-            t0 = time.perf_counter()
-            if explainer is None:
-                maps[i] = rng.random(shape, dtype=np.float32)
-            else:
-                chosen = None if method == "saliency" else [int(targets[i])]
-                maps[i] = explainer(images[i : i + 1], targets=chosen)[0, 0]
-            seconds[i] = time.perf_counter() - t0
+        maps, seconds = _method_maps(explainer, method, images, targets, rng)
         curves = (deletion_insertion(model, images, maps, targets, steps=curve_steps, baseline=baseline)
                   if curve_steps > 0 else None)
         if curves is not None:
@@ -383,14 +406,5 @@ def compare_methods(
                 row.update(deletion_auc=curves.deletion_auc[i], insertion_auc=curves.insertion_auc[i])
             details.append(row)
     detail = pd.DataFrame(details)
-    pct = f"iou_top{100 * top_fraction:g}%"
-    agg = {"n_images": ("image", "size"), "seconds_per_image": ("seconds", "median")}
-    for col, name in (("pointing_hit", "pointing_game"), ("iou_topk", pct), ("mass_in_region", "mass_in_region"),
-                      ("mass_in_lungs", "mass_in_lungs"), ("deletion_auc", "deletion_auc"),
-                      ("insertion_auc", "insertion_auc")):
-        if col in detail.columns:
-            agg[name] = (col, "mean")
-    table = detail.groupby("method", sort=False).agg(**agg).reset_index()
-    if "random" in table["method"].values:
-        table.loc[table["method"] == "random", "seconds_per_image"] = np.nan
+    table = _method_table(detail, top_fraction)
     return MethodComparison(table, detail, all_curves) if return_details else table

@@ -32,13 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrbench.models.card import (BUILDERS, BUNDLE_FORMAT, BundleError, ModelCard, describe_card, format_metric,
-                                  versions)
+from cxrbench.models.card import BUILDERS, BUNDLE_FORMAT, BundleError, ModelCard, describe_card, format_metric, versions
 from cxrbench.preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
-           "format_metric", "load_bundle", "read_card", "save_bundle", "untrained_classifier_bundle",
-           "untrained_ood_bundle", "versions"]
+           "format_metric", "load_bundle", "read_card", "save_bundle", "untrained_classifier_bundle", "versions"]
 
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
 
@@ -163,31 +161,6 @@ def untrained_classifier_bundle(path: str | os.PathLike, *, arch: str = "resnet1
         kind="classifier", builder="classifier", builder_kwargs=kwargs, labels=list(NIH_FINDINGS),
         preprocess=preprocess.to_dict(), operating_points={"thresholds": ops, "fitted_on": "untrained"},
         name=name or f"untrained {arch}", description=description))
-
-
-def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base_channels: int = 16,
-                         images: Any = None, threshold: float | None = None, seed: int = 0,
-                         description: str = "seeded random weights (no skill)") -> Path:
-    """An autoencoder OOD bundle (64 px, 1 - SSIM scorer) with seeded random weights.
-
-    Its cutoff is ``threshold`` if given, else the median score over ``images`` (half are rejected),
-    else one no score reaches (it never rejects).
-    """
-    from cxrbench.ood.scoring import score_batch
-
-    kwargs = {"latent_dim": latent_dim, "base_channels": base_channels}
-    preprocess = Preprocess(size=64, normalize="zero_one")
-    torch.manual_seed(seed)
-    model = build_model("autoencoder", kwargs).eval()
-    method = "given"
-    if threshold is None and images is not None and len(images):
-        threshold, method = float(np.median(score_batch(model, _stacked(images, preprocess))["ssim"])), "median"
-    elif threshold is None:
-        threshold, method = 10.0, "never rejects"
-    return save_bundle(path, model, ModelCard(
-        kind="ood", builder="autoencoder", builder_kwargs=kwargs, preprocess=preprocess.to_dict(),
-        ood={"cutoff": {"scorer": "ssim", "threshold": float(threshold), "method": f"untrained: {method}"}},
-        description=description))
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:

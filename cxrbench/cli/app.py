@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxrbench.cli.options import add_backend_argument
+from cxrbench.cli.options import Subcommands, add_backend_argument
 
 __all__ = ["add_app_commands"]
 
@@ -76,7 +76,8 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0 if len(errors) < len(files) else 1
 
 
-def add_app_commands(sub: argparse._SubParsersAction) -> None:
+def add_app_commands(sub: Subcommands) -> None:
+    """Register ``demo prepare``, ``demo serve`` and ``analyze``."""
     p = sub.add_parser("demo", help="train the demo bundles and serve the dashboard locally")
     dsub = p.add_subparsers(dest="demo_command", required=True, metavar="COMMAND")
     for name, func, helptext in (("prepare", _demo_prepare, "train (or reuse) the demo bundles"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from cxrbench.cli.options import Subcommands
+
 __all__ = ["add_export_commands"]
 
 
@@ -71,7 +73,8 @@ def _add_parity_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| torch vs ONNX Runtime")
 
 
-def add_export_commands(sub: argparse._SubParsersAction) -> None:
+def add_export_commands(sub: Subcommands) -> None:
+    """Register ``export`` (ONNX) and ``export-web`` (the in-browser app)."""
     q = sub.add_parser("export", help="export a classifier (+ OOD) bundle to ONNX, parity-checked against PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--bundle", required=True, help="classifier bundle")

@@ -16,6 +16,8 @@ parser reads :data:`EXPLAINERS` without importing torch; the captum-based method
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
@@ -114,6 +116,23 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """This package, keeping the function :func:`overlay` under its name once the submodule of that name loads.
+
+    The import system binds every submodule it loads to an attribute of its package; imported eagerly, the
+    package re-bound ``overlay`` to the function right after, and ``from cxrbench.explain import overlay``
+    keeps meaning the function now that the submodule loads on first use.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "overlay" and isinstance(value, types.ModuleType):
+            value = value.overlay
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -13,24 +13,14 @@ import matplotlib
 import numpy as np
 import torch
 
+from cxrbench._types import to_numpy
 from cxrbench.explain.base import minmax_normalize, resize_maps
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
-def _to_numpy(name: str, array: ArrayLike) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(array).__name__}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return array
-
-
 def _grey_image(image: ArrayLike) -> np.ndarray:
-    image = _to_numpy("image", image)
+    image = to_numpy(image, name="image", finite=True)
     if image.ndim != 2:
         raise ValueError(f"image must be a (H, W) grey image, got shape {image.shape}")
     if image.min() < -1e-6 or image.max() > 1 + 1e-6:
@@ -79,7 +69,7 @@ def overlay(
         (H, W, 3) uint8 RGB.
     """
     grey = _grey_image(image)
-    heat = _to_numpy("heatmap", heatmap)
+    heat = to_numpy(heatmap, name="heatmap", finite=True)
     if heat.ndim != 2:
         raise ValueError(f"heatmap must be (h, w), got shape {heat.shape}")
     try:
@@ -107,7 +97,7 @@ def error_overlay(image: ArrayLike, error: ArrayLike, scale: float = ERROR_SCALE
     ``scale`` up, and fades linearly to none at 0.
     """
     grey = _grey_image(image)
-    err = _to_numpy("error", error)
+    err = to_numpy(error, name="error", finite=True)
     if err.shape != grey.shape:
         raise ValueError(f"error map shape {err.shape} differs from image shape {grey.shape}")
     if not scale > 0:
@@ -156,7 +146,7 @@ def overlay_all_findings(
         (H, W, 3) uint8 RGB.
     """
     grey = _grey_image(image)
-    maps = _to_numpy("maps", maps)
+    maps = to_numpy(maps, name="maps", finite=True)
     if maps.ndim != 3:
         raise ValueError(f"maps must be (F, h, w), got shape {maps.shape}")
     if findings is not None and len(findings) != maps.shape[0]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cxrbench import __version__
+from cxrbench._types import to_numpy
 from cxrbench.data import default_cache_dir
 from cxrbench.explain.base import Targets, postprocess_maps, resize_maps, target_matrix
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, make_session, read_onnx_card
@@ -44,12 +45,6 @@ __all__ = ["BACKENDS", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODMo
 BACKENDS = ("torch", "onnx")
 
 
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
-    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-
-
 class _OrtGraph(nn.Module):
     """Base adapter: one ONNX Runtime session, outputs by name, the last result cached."""
 
@@ -62,7 +57,7 @@ class _OrtGraph(nn.Module):
 
     def outputs(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Every graph output for the batch ``x`` (float32 numpy arrays, by output name)."""
-        arr = _numpy(x)
+        arr = to_numpy(x, name="batch")
         key = hashlib.blake2b(repr(arr.shape).encode() + arr.tobytes(), digest_size=16).digest()
         if self._last is None or self._last[0] != key:
             self._last = (key, dict(zip(self.output_names, self.session.run(None, {"x": arr}))))

@@ -41,7 +41,7 @@ from cxrbench.inference.predict import (
 from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_image
 from cxrbench.models.bundle import Bundle, load_bundle
 from cxrbench.models.unet import predict_lung_mask
-from cxrbench.preprocess import check_unit_range
+from cxrbench._types import check_unit_range
 
 __all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
 

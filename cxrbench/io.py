@@ -103,6 +103,7 @@ class ImageMeta:
     low_dynamic_range: bool = False
 
     def to_dict(self) -> dict:
+        """The metadata as a JSON-ready dict (tuples as lists)."""
         d = asdict(self)
         d["original_size"] = list(self.original_size)
         d["notes"] = list(self.notes)
@@ -118,6 +119,7 @@ class Image:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the pixels."""
         return self.pixels.shape  # type: ignore[return-value]
 
 

@@ -198,6 +198,7 @@ class Dashboard:
         return self._run((name, bytes(content)))
 
     def analyze_path(self, path: str | Path) -> Report | None:
+        """Analyse an image file on disk exactly as if its bytes were uploaded."""
         p = Path(path)
         return self.analyze_bytes(p.name, p.read_bytes())
 

@@ -65,6 +65,7 @@ class DatasetSpec:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> DatasetSpec:
+        """Read and check one catalogue YAML; ValueError naming the file and its missing keys or unknown reader."""
         path = Path(path)
         data = yaml.safe_load(path.read_text())
         need = ["name", "title", "source", "licence", "citation", "obtain", "layouts"]
@@ -128,9 +129,11 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the copy is complete (verdict ``ok``)."""
         return self.verdict == "ok"
 
     def report(self, show: int = 10) -> str:
+        """The check as text: layout, missing or unreadable files (``show`` of each kind) and verdict."""
         lines = [f"{self.dataset} at {self.root}"]
         if self.layout:
             lines.append(f"  layout: {self.layout}")

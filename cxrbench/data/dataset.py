@@ -48,9 +48,11 @@ class CacheReport:
 
     @property
     def n_failed(self) -> int:
+        """How many files could not be decoded."""
         return len(self.failures)
 
     def summary(self) -> str:
+        """One line: how many images were cached, decoded and unreadable, and how long it took."""
         s = (f"{self.n_total} images: {self.n_cached_before} already cached, {self.n_decoded} decoded, "
              f"{self.n_failed} unreadable, in {self.seconds:.1f} s")
         if self.failures:

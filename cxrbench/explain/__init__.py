@@ -119,7 +119,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """This package, keeping the function :func:`overlay` under its name once the submodule of that name loads.
+    """The package itself, keeping the function :func:`overlay` under its name once the submodule of that name loads.
 
     The import system binds every submodule it loads to an attribute of its package; imported eagerly, the
     package re-bound ``overlay`` to the function right after, and ``from cxrbench.explain import overlay``

@@ -100,6 +100,7 @@ class CalibratedClassifier(nn.Module):
             self.register_buffer(name, torch.from_numpy(value))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits, probabilities and calibrated probabilities (and, with ``cam``, the class activation maps)."""
         if self.cam:
             features = self.model.forward_features(x)  # (B, K, h, w), rectified as CAM uses them
             logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
@@ -129,6 +130,7 @@ class OODGraph(nn.Module):
         self.register_buffer("window", _fspecial_gauss_1d(SSIM_WIN_SIZE, 1.5)[None])  # (1, 1, 1, 11)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Reconstruction, latent mean and the scores ``l1, l2, ssim, ssim_raw, latent`` of one batch."""
         z = self.model.latent_mean(x)
         recon = self.model.decode(z)
         diff = (x - recon).flatten(1)
@@ -296,6 +298,7 @@ class ExportResult:
 
     @property
     def max_logit_diff(self) -> float:
+        """The largest absolute logit difference between PyTorch and ONNX Runtime over the parity images."""
         rows = self.parity[self.parity["output"] == "logits"]
         return float(rows["max_abs_diff"].max())
 

@@ -83,9 +83,11 @@ class OnnxClassifier(_OrtGraph):
         self._cam: _OrtGraph | None = None
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """``(B, F)`` float32 logits from ``classifier.onnx``."""
         return self.outputs(x)["logits"].copy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits as a tensor on ``x``'s device (the ``nn.Module`` interface)."""
         return torch.from_numpy(self.logits(x)).to(x.device)
 
     def cam(self, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -124,6 +126,7 @@ class OnnxOODModel(_OrtGraph):
         return torch.from_numpy(self.outputs(x)["reconstruction"].copy()).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction (the ``nn.Module`` interface)."""
         return self.reconstruct(x)
 
     def score(self, x: torch.Tensor) -> GateOutput:
@@ -148,6 +151,7 @@ class OnnxCAM:
         self.classifier, self.normalize, self.sigma, self.relu = classifier, normalize, sigma, relu
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> np.ndarray:
+        """``(B, F, H, W)`` CAM maps of ``targets`` from ``cam.onnx``, post-processed like the torch CAM."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(f"x must be a (B, C, H, W) torch.Tensor, got {getattr(x, 'shape', type(x).__name__)}")
         maps = self.classifier.cam(x)["cam"]

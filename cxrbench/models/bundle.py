@@ -51,10 +51,12 @@ class Bundle:
 
     @property
     def preprocess(self) -> Preprocess:
+        """The card's preprocessing (what every input must go through)."""
         return self.card.preprocessing
 
     @property
     def labels(self) -> list[str]:
+        """The model's output names, in output order."""
         return list(self.card.labels)
 
 

@@ -67,6 +67,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` lung logits of a ``(B, C, H, W)`` batch of any size (padded to ``2**depth``)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         h, w = x.shape[-2:]

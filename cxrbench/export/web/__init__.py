@@ -182,6 +182,7 @@ class StaticServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving and release the port."""
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -377,7 +377,8 @@ def _open_dicom(data: bytes, label: str, max_pixels: int):
     if rows == 0 or cols == 0:
         raise ImageReadError(label, f"DICOM image has zero size ({cols}x{rows})")
     if rows * cols > max_pixels:
-        raise ImageReadError(label, f"image is too large ({cols}x{rows} = {rows * cols:,} pixels; limit {max_pixels:,})")
+        raise ImageReadError(label, f"image is too large ({cols}x{rows} = {rows * cols:,} pixels; "
+                                    f"limit {max_pixels:,})")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageReadError(label, f"multi-frame DICOM ({frames} frames); one frame expected")

@@ -237,11 +237,13 @@ def voila_env(info: dict[str, Any], env: dict[str, str] | None = None) -> dict[s
     # our template (the lab template without CDN stylesheets) lives in cxrbench/app/voila/templates
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(voila.parent), env.get("JUPYTER_PATH", "")]))
     # and its config (the websocket message limit for uploads) in cxrbench/app/voila/config
-    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, [str(voila / "config"), env.get("JUPYTER_CONFIG_PATH", "")]))
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, [str(voila / "config"),
+                                                             env.get("JUPYTER_CONFIG_PATH", "")]))
     return env
 
 
-def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
     check_port_free(port)
     checkout = source_checkout()  # Voila runs where `make demo` runs; an installed package runs in the current folder

@@ -16,7 +16,8 @@ def _demo_prepare(args: argparse.Namespace) -> int:
     from cxrbench.app.demo import prepare_demo
 
     info = prepare_demo(args.out, data=args.data, force=args.force, progress=not args.quiet)
-    print(f"classifier: {info['classifier']}\nood gate:   {info.get('ood')}\nexamples:   {len(info.get('examples', {}))}")
+    print(f"classifier: {info['classifier']}\nood gate:   {info.get('ood')}\n"
+          f"examples:   {len(info.get('examples', {}))}")
     return 0
 
 
@@ -83,7 +84,8 @@ def add_app_commands(sub: Subcommands) -> None:
     for name, func, helptext in (("prepare", _demo_prepare, "train (or reuse) the demo bundles"),
                                  ("serve", _demo_serve, "prepare, then serve the dashboard on 127.0.0.1")):
         q = dsub.add_parser(name, help=helptext)
-        q.add_argument("--data", default=None, help="data folder (default $CXRBENCH_DATA, ../shared/data/cxr, else phantoms)")
+        q.add_argument("--data", default=None,
+                       help="data folder (default $CXRBENCH_DATA, ../shared/data/cxr, else phantoms)")
         q.add_argument("--out", default="build/demo", help="where the demo bundles are cached")
         q.add_argument("-q", "--quiet", action="store_true")
         if name == "prepare":

@@ -169,7 +169,8 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--epochs", type=int, default=10)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--patience", type=int, default=3, help="early stopping after this many epochs without improvement (0: off)")
+    q.add_argument("--patience", type=int, default=3,
+                   help="early stopping after this many epochs without improvement (0: off)")
     q.add_argument("--monitor", default="val_loss", choices=("val_loss", "val_auc"))
     q.add_argument("--no-pos-weight", action="store_true", help="plain BCE instead of per-finding pos_weight")
     q.add_argument("--no-augment", action="store_true")

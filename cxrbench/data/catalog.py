@@ -77,7 +77,8 @@ class DatasetSpec:
                 raise ValueError(f"{path}: layout {i} has unknown reader {layout.get('reader')!r}")
         known = set(need) | {"label_columns", "role"}
         return cls(name=data["name"], title=data["title"], source=data["source"], licence=data["licence"],
-                   citation=data["citation"], obtain=data["obtain"], label_columns=list(data.get("label_columns") or []),
+                   citation=data["citation"], obtain=data["obtain"],
+                   label_columns=list(data.get("label_columns") or []),
                    layouts=list(data["layouts"]), role=data.get("role", "train"), path=path,
                    extra={k: v for k, v in data.items() if k not in known})
 

@@ -100,7 +100,8 @@ class ImageCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         n, s = len(self.paths), self.size
         pix, stat = self.dir / "pixels.u8", self.dir / "status.u8"
-        if not stat.exists() or stat.stat().st_size != max(n, 1) or not pix.exists() or pix.stat().st_size != max(n * s * s, 1):
+        if (not stat.exists() or stat.stat().st_size != max(n, 1)
+                or not pix.exists() or pix.stat().st_size != max(n * s * s, 1)):
             # create both files at full size (sparse on most file systems), status last
             with open(pix, "wb") as f:
                 f.truncate(max(n * s * s, 1))
@@ -221,7 +222,8 @@ class CXRDataset(Dataset):
         if absent:
             raise ValueError(f"label columns {absent} are not in the manifest")
         self.label_columns = cols
-        self.labels = np.array(self.manifest[cols].to_numpy(dtype=np.float32)) if cols else np.zeros((len(manifest), 0), np.float32)
+        self.labels = (np.array(self.manifest[cols].to_numpy(dtype=np.float32)) if cols
+                       else np.zeros((len(manifest), 0), np.float32))
         if cache_dir == "auto":
             cache_dir = default_cache_dir()
         self.cache = ImageCache(self.manifest["path"].tolist(), preprocess, cache_dir)

@@ -307,7 +307,8 @@ def read_mask_pairs(root: str | os.PathLike, *, images: str = "images", masks: s
     img_dir, mask_dir = root / images, root / masks
     if not img_dir.is_dir():
         raise ManifestError(f"{root}: no '{images}/' folder of images")
-    mask_index = {Path(p).stem: p for p in _index_images(mask_dir, recursive=False).values()} if mask_dir.is_dir() else {}
+    masks = _index_images(mask_dir, recursive=False).values() if mask_dir.is_dir() else []
+    mask_index = {Path(p).stem: p for p in masks}
     rows = []
     for name, path in sorted(_index_images(img_dir, recursive=False).items()):
         stem = Path(name).stem

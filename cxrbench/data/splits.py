@@ -74,13 +74,15 @@ def patient_split(
 def check_patient_disjoint(df: pd.DataFrame, split: pd.Series | str = "split", patient_col: str = "patient_id") -> None:
     """Raise :class:`SplitError` naming the patients that appear in more than one split."""
     s = df[split] if isinstance(split, str) else split
-    per_patient = pd.DataFrame({"p": df[patient_col].astype(str).to_numpy(), "s": np.asarray(s)}).groupby("p")["s"].nunique()
+    per_patient = (pd.DataFrame({"p": df[patient_col].astype(str).to_numpy(), "s": np.asarray(s)})
+                   .groupby("p")["s"].nunique())
     leaking = per_patient[per_patient > 1]
     if len(leaking):
         raise SplitError(f"{len(leaking)} patients are in more than one split (e.g. {list(leaking.index[:5])})")
 
 
-def split_summary(df: pd.DataFrame, split: pd.Series | str = "split", label_columns: Sequence[str] | None = None) -> pd.DataFrame:
+def split_summary(df: pd.DataFrame, split: pd.Series | str = "split",
+                  label_columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Images, patients and positives per label in each split."""
     s = df[split] if isinstance(split, str) else split
     label_columns = list(label_columns if label_columns is not None else df.attrs.get("label_columns", []))

@@ -360,8 +360,8 @@ def _checked_request(size: Any, findings: Any, seed: Any) -> list[str]:
     return _resolve(findings)
 
 
-def _draw_lesions(img: np.ndarray, wanted: Sequence[str], finding_rng: dict, anat: Any, uv: tuple[np.ndarray, np.ndarray],
-                  lungs: list[np.ndarray], markings: np.ndarray, heart: np.ndarray,
+def _draw_lesions(img: np.ndarray, wanted: Sequence[str], finding_rng: dict, anat: Any,
+                  uv: tuple[np.ndarray, np.ndarray], lungs: list[np.ndarray], markings: np.ndarray, heart: np.ndarray,
                   heart_scale: float) -> dict[str, np.ndarray]:
     """Draw the ``wanted`` findings into ``img`` (in place), each from its own stream; their masks."""
     u, v = uv

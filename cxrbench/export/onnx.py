@@ -5,7 +5,8 @@
     DIR/
         classifier.onnx   x -> logits, probabilities (sigmoid), calibrated (Chester Eq. 1, operating points baked in)
         cam.onnx          x -> the same three outputs + cam: per-finding CAM at input size (forward only)
-        ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM), ssim_raw, latent
+        ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM),
+                          ssim_raw, latent
         export.json       what was exported: files, inputs/outputs, labels, preprocessing, thresholds, cutoff, parity
         parity.csv        max/mean |torch - ONNX Runtime| per graph output
 
@@ -356,7 +357,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         if len(failed):
             worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g}"
                               for r in failed.itertuples())
-            raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: {worst}")
+            raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: "
+                              f"{worst}")
         import onnxruntime
 
         mean, std = pp.stats()

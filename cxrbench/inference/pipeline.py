@@ -125,7 +125,8 @@ class Report:
         return df.iloc[finding_ranking(self.calibrated, self.raw)].reset_index(drop=True)
 
     def to_row(self) -> dict[str, Any]:
-        """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``, ``error``."""
+        """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``,
+        ``error``."""
         row: dict[str, Any] = {"file": self.source}
         for j, f in enumerate(self.findings):
             row[f] = float(self.calibrated[j]) if self.calibrated is not None else np.nan

@@ -232,7 +232,8 @@ def from_torchxrayvision(xrv_model_or_weights: Any) -> nn.Module:
             "from_torchxrayvision needs the optional package 'torchxrayvision' (pip install torchxrayvision); "
             "it is not installed in this environment."
         ) from err
-    source = xrv.models.DenseNet(weights=xrv_model_or_weights) if isinstance(xrv_model_or_weights, str) else xrv_model_or_weights
+    source = (xrv.models.DenseNet(weights=xrv_model_or_weights) if isinstance(xrv_model_or_weights, str)
+              else xrv_model_or_weights)
     pathologies = list(getattr(source, "pathologies", []))
     head = source.classifier
     model = build_classifier("densenet121", num_outputs=head.out_features, in_channels=1, pretrained=False)

@@ -193,7 +193,8 @@ def _torchvision_weights(arch: str) -> Any:
     import torchvision.models as tvm
 
     if arch not in TORCHVISION_WEIGHTS:
-        raise ValueError(f"no torchvision weights known for arch {arch!r}; expected one of {sorted(TORCHVISION_WEIGHTS)}")
+        raise ValueError(f"no torchvision weights known for arch {arch!r}; "
+                         f"expected one of {sorted(TORCHVISION_WEIGHTS)}")
     enum_name, member = TORCHVISION_WEIGHTS[arch]
     return getattr(getattr(tvm, enum_name), member)
 

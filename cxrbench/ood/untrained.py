@@ -31,7 +31,8 @@ def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base
     model = build_model("autoencoder", kwargs).eval()
     method = "given"
     if threshold is None and images is not None and len(images):
-        threshold, method = float(np.median(score_batch(model, torch.from_numpy(np.stack([preprocess(im) for im in images])))["ssim"])), "median"
+        batch = torch.from_numpy(np.stack([preprocess(im) for im in images]))
+        threshold, method = float(np.median(score_batch(model, batch)["ssim"])), "median"
     elif threshold is None:
         threshold, method = 10.0, "never rejects"
     return save_bundle(path, model, ModelCard(

@@ -86,7 +86,8 @@ class BrowserApp:
         """``window.cxrbenchAnalyze`` on each URL (relative to the page), in order, without re-rendering."""
         return self.page.evaluate(
             "async ([urls, opts]) => { const out = [];"
-            " for (const u of urls) out.push(await window.cxrbenchAnalyze(u, opts)); return out; }", [list(urls), {"render": False, **options}])
+            " for (const u of urls) out.push(await window.cxrbenchAnalyze(u, opts)); return out; }",
+            [list(urls), {"render": False, **options}])
 
     def preprocess(self, url: str, **options: Any) -> dict[str, Any]:
         """``window.cxrbenchPreprocess``: the model inputs the page computes.

@@ -118,8 +118,8 @@ def main() -> None:
     if args.bundle:
         study_app = export_web(study_bundle, tmp / "study_web", tmp / "ood", images=files[:8])
         parity = json.loads((study_app / "models" / "export.json").read_text())["parity"]["rows"]
-        write_table([{"model": str(study_bundle), **r} for r in parity if r["output"] in ("logits", "calibrated", "cam")],
-                    args.out, "onnx_parity_study_bundle")
+        rows = [{"model": str(study_bundle), **r} for r in parity if r["output"] in ("logits", "calibrated", "cam")]
+        write_table(rows, args.out, "onnx_parity_study_bundle")
     pipe = Pipeline.from_paths(study_bundle, ood=tmp / "ood")
     python = python_reference(pipe, files)
     browser = run_browser_study(study_app, files, RESIZE_MODES, inputs=True)

@@ -33,7 +33,8 @@ def test_known_bug():
 def test_passes():
     pass
 '''
-MODULE_SKIP = 'import pytest\npytest.importorskip("a_module_that_is_not_installed")\n\ndef test_never_runs():\n    pass\n'
+MODULE_SKIP = ('import pytest\npytest.importorskip("a_module_that_is_not_installed")\n\n'
+               'def test_never_runs():\n    pass\n')
 
 
 def _pytest(folder: Path, ci: str | None) -> subprocess.CompletedProcess:

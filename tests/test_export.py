@@ -1,4 +1,5 @@
-"""cxrbench.export.onnx and cxrbench.export.runtime: graphs, card metadata, parity gate, the same Report on ONNX Runtime."""
+"""cxrbench.export.onnx and cxrbench.export.runtime: graphs, card metadata, parity gate, the same Report on
+ONNX Runtime."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def check_unit_range(image: Any, what: str = "image", tol: float = 1e-4) -> None
         raise PreprocessError(f"{what} values span [{lo:.4g}, {hi:.4g}], outside [0, 1]: {hint}")
 
 
-def to_numpy(x: ArrayOrTensor, *, name: str = "array", dtype: DTypeLike = np.float32,
+def to_numpy(x: ArrayOrTensor, *, name: str = "array", dtype: DTypeLike | None = np.float32,
              finite: bool = False) -> np.ndarray:
     """A numpy array or torch tensor (any shape, any device) as a C-contiguous numpy array of ``dtype``.
 

@@ -120,7 +120,7 @@ class Image:
     @property
     def shape(self) -> tuple[int, int]:
         """``(H, W)`` of the pixels."""
-        return self.pixels.shape  # type: ignore[return-value]
+        return self.pixels.shape
 
 
 def source_name(source: ImageSource, name: str | None = None) -> str:

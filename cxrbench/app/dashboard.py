@@ -120,7 +120,7 @@ class Dashboard:
         self.pipeline = pipeline
         self.examples = {k: str(v) for k, v in (examples or {}).items()}
         self.report: Report | None = None
-        self.figure = None
+        self.figure: Any = None  # the plotly Figure of the last report (plotly is imported by plots.app)
         self._source: tuple[str, bytes] | None = None
         self._quiet = False
         per_finding = pipeline.classifier.card.test_metrics.get("per_finding") or {}

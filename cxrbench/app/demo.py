@@ -141,12 +141,12 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
     fingerprint = _fingerprint(train_dir, settings)
     info_path = out / "demo.json"
     if info_path.is_file() and not force:
-        info = json.loads(info_path.read_text())
-        if info.get("fingerprint") == fingerprint and all(
-                Path(info[k], "card.json").is_file() for k in ("classifier", "ood") if info.get(k)):
+        cached: dict[str, Any] = json.loads(info_path.read_text())
+        if cached.get("fingerprint") == fingerprint and all(
+                Path(cached[k], "card.json").is_file() for k in ("classifier", "ood") if cached.get(k)):
             if progress:
                 print(f"demo bundles up to date in {out} (data: {train_dir}, {kind})")
-            return info
+            return cached
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +164,8 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
     ocfg = OODConfig(model=settings.ood_model, epochs=settings.ood_epochs, percentile=settings.ood_percentile,
                      seed=settings.seed)
     ood = train_ood(manifest, out / "ood_run", ocfg, progress=progress, resume=True)
+    if clf.bundle is None or ood.bundle is None:  # only a non-main torchrun rank writes no bundle
+        raise RuntimeError(f"demo training in {out} wrote no bundle (run it as one process, not under torchrun)")
     info["ood"] = str(ood.bundle)
     info["examples"] = demo_examples(train_dir, kind, bundles=(clf.bundle, ood.bundle))
     info["seconds"] = round(time.perf_counter() - t0, 1)

@@ -152,7 +152,8 @@ class ImageCache:
         self._status[i] = _OK
         return arr
 
-    def build(self, indices: Sequence[int] | None = None, *, workers: int = 2, progress: bool = False) -> CacheReport:
+    def build(self, indices: Sequence[int] | np.ndarray | None = None, *, workers: int = 2,
+              progress: bool = False) -> CacheReport:
         """Decode every image (or those at ``indices``) not yet cached, in threads.
 
         Pillow releases the GIL while decoding, so two threads use two cores. Unreadable files do

@@ -146,27 +146,27 @@ def overlay_all_findings(
         (H, W, 3) uint8 RGB.
     """
     grey = _grey_image(image)
-    maps = to_numpy(maps, name="maps", finite=True)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be (F, h, w), got shape {maps.shape}")
-    if findings is not None and len(findings) != maps.shape[0]:
-        raise ValueError(f"got {len(findings)} finding names for {maps.shape[0]} maps")
+    stack = to_numpy(maps, name="maps", finite=True)
+    if stack.ndim != 3:
+        raise ValueError(f"maps must be (F, h, w), got shape {stack.shape}")
+    if findings is not None and len(findings) != stack.shape[0]:
+        raise ValueError(f"got {len(findings)} finding names for {stack.shape[0]} maps")
     if only is not None:
         if findings is None:
             raise ValueError("only= needs findings= (the names of the maps)")
         unknown = sorted(set(only) - set(findings))
         if unknown:
             raise ValueError(f"only= names findings not in findings=: {unknown}")
-        maps = maps[[i for i, name in enumerate(findings) if name in set(only)]]
+        stack = stack[[i for i, name in enumerate(findings) if name in set(only)]]
     max_alpha = _check_unit("max_alpha", max_alpha)
     rgb = np.asarray(colour, dtype=np.float32)
     if rgb.shape != (3,) or rgb.min() < 0 or rgb.max() > 1:
         raise ValueError(f"colour must be three floats in [0, 1], got {colour}")
-    maps = np.maximum(resize_maps(maps, grey.shape), 0.0)
+    stack = np.maximum(resize_maps(stack, grey.shape), 0.0)
     if per_finding_normalize:
-        maps = minmax_normalize(maps)
+        stack = minmax_normalize(stack)
     else:
-        peak = float(maps.max()) if maps.size else 0.0
-        maps = maps / peak if peak > 0 else np.zeros_like(maps)
-    combined = maps.max(axis=0) if maps.shape[0] else np.zeros(grey.shape, np.float32)
+        peak = float(stack.max()) if stack.size else 0.0
+        stack = stack / peak if peak > 0 else np.zeros_like(stack)
+    combined = stack.max(axis=0) if stack.shape[0] else np.zeros(grey.shape, np.float32)
     return _blend(grey, rgb, max_alpha * combined)

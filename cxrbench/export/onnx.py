@@ -47,8 +47,8 @@ from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.explain import get_explainer
 from cxrbench.io import read_image
 from cxrbench.models.bundle import Bundle, ModelCard, _json_default
-from cxrbench.models.classifier import classifier_layer
-from cxrbench.ood.scoring import SSIM_WIN_SIZE, score_batch
+from cxrbench.models.classifier import classifier_layer, feature_maps
+from cxrbench.ood.scoring import SSIM_WIN_SIZE, OODModel, as_ood_model, score_batch
 
 __all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
            "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_models",
@@ -92,10 +92,15 @@ class CalibratedClassifier(nn.Module):
     upsampled to the input size, as :class:`cxrbench.explain.CAM` computes it before normalisation.
     """
 
+    opt: torch.Tensor  # the buffers of calibration_constants, each (F,)
+    low: torch.Tensor
+    high: torch.Tensor
+    nan: torch.Tensor
+
     def __init__(self, model: nn.Module, thresholds: np.ndarray, *, cam: bool = False) -> None:
         super().__init__()
-        self.model = model
-        self.fc = classifier_layer(model)
+        self.model: nn.Module = model
+        self.fc: nn.Linear = classifier_layer(model)  # TypeError unless model is a cxrbench classifier
         self.cam = cam
         for name, value in calibration_constants(thresholds).items():
             self.register_buffer(name, torch.from_numpy(value))
@@ -103,7 +108,7 @@ class CalibratedClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Logits, probabilities and calibrated probabilities (and, with ``cam``, the class activation maps)."""
         if self.cam:
-            features = self.model.forward_features(x)  # (B, K, h, w), rectified as CAM uses them
+            features = feature_maps(self.model, x)  # (B, K, h, w), rectified as CAM uses them
             logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
         else:
             logits = self.model(x)
@@ -126,7 +131,7 @@ class OODGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: OODModel = as_ood_model(model)
         # the window as a constant (pytorch-msssim builds it from x.shape[1], a dynamic value in the trace)
         self.register_buffer("window", _fspecial_gauss_1d(SSIM_WIN_SIZE, 1.5)[None])  # (1, 1, 1, 11)
 
@@ -274,7 +279,7 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
     if ood is not None:
         opp = ood.preprocess
         x64 = torch.from_numpy(np.stack([opp(p) for p in pixels]))
-        ood_model = ood.model.eval()
+        ood_model = as_ood_model(ood.model.eval())
         with torch.no_grad():
             oref = score_batch(ood_model, x64)
             oref["reconstruction"] = ood_model.reconstruct(x64).numpy()

@@ -243,6 +243,6 @@ def predict_lung_mask(model: nn.Module, preprocess: Preprocess, display: np.ndar
     if display.ndim != 2:
         raise ValueError(f"display must be a (S, S) grey image, got shape {display.shape}")
     x = torch.from_numpy(preprocess.intensity(preprocess.geometry(display)))[None].to(device)
-    prob = torch.sigmoid(model.to(device).eval()(x).float())
-    prob = F.interpolate(prob, size=display.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    logit_prob = torch.sigmoid(model.to(device).eval()(x).float())
+    prob = F.interpolate(logit_prob, size=display.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
     return prob > threshold, prob.astype(np.float32)

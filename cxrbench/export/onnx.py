@@ -31,7 +31,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -121,6 +121,14 @@ class CalibratedClassifier(nn.Module):
         return logits, p, calibrated, maps
 
 
+@runtime_checkable
+class _Decodable(OODModel, Protocol):
+    """An OOD model with the decoder the graph runs on the latent mean (ALI and autoencoder have one)."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, Z) -> (B, 1, S, S) in [0, 1]."""
+
+
 class OODGraph(nn.Module):
     """An OOD model (ALI or autoencoder) as one graph: reconstruction, latent mean and every score.
 
@@ -131,7 +139,9 @@ class OODGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model: OODModel = as_ood_model(model)
+        if not isinstance(model, _Decodable):
+            raise TypeError(f"{type(model).__name__} is not an ALI or autoencoder (it lacks decode)")
+        self.model: _Decodable = model
         # the window as a constant (pytorch-msssim builds it from x.shape[1], a dynamic value in the trace)
         self.register_buffer("window", _fspecial_gauss_1d(SSIM_WIN_SIZE, 1.5)[None])  # (1, 1, 1, 11)
 

@@ -65,6 +65,15 @@ class _HeadMixin(nn.Module):
     xrv_operating_points: np.ndarray | None
     pretrained_weights: str | None = None  # e.g. "DenseNet121_Weights.IMAGENET1K_V1", set by build_classifier
 
+    def _finish_init(self, num_outputs: int, in_channels: int, dropout: float) -> None:
+        """After torchvision's constructor: the sizes, the head's dropout, the first conv and non-inplace ReLUs."""
+        self.num_outputs = num_outputs
+        self.in_channels = 3
+        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if in_channels != 3:
+            adapt_first_conv(self, in_channels)
+        disable_inplace_relu(self)
+
     def forward_features(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -100,12 +109,7 @@ class DenseNet121(_HeadMixin, DenseNet):
 
     def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
         super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_outputs)
-        self.num_outputs = num_outputs
-        self.in_channels = 3
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if in_channels != 3:
-            adapt_first_conv(self, in_channels)
-        disable_inplace_relu(self)
+        self._finish_init(num_outputs, in_channels, dropout)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """ReLU'd final feature maps ``(B, 1024, h, w)``; h = w = H/32 for an ``(B, C, H, W)`` input."""
@@ -137,12 +141,7 @@ class ResNet18(_HeadMixin, ResNet):
 
     def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_outputs)
-        self.num_outputs = num_outputs
-        self.in_channels = 3
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if in_channels != 3:
-            adapt_first_conv(self, in_channels)
-        disable_inplace_relu(self)
+        self._finish_init(num_outputs, in_channels, dropout)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Output of ``layer4``: ``(B, 512, h, w)``, h = w = H/32 for an ``(B, C, H, W)`` input."""

@@ -58,9 +58,6 @@ class OODModel(Protocol):
     def latent_mean(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> (B, Z)."""
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, Z) -> (B, 1, S, S) in [0, 1]."""
-
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> (B, 1, S, S) in [0, 1]."""
 
@@ -68,8 +65,7 @@ class OODModel(Protocol):
 def as_ood_model(model: Any) -> OODModel:
     """``model`` (an OOD bundle's ALI or autoencoder) as an :class:`OODModel`; TypeError for anything else."""
     if not isinstance(model, OODModel):
-        raise TypeError(f"{type(model).__name__} is not an OOD model (ALI or autoencoder): it lacks latent_mean, "
-                        "decode, reconstruct, latent_dim or image_size")
+        raise TypeError(f"{type(model).__name__} lacks latent_mean/reconstruct/latent_dim/image_size")
     return model
 
 
@@ -131,8 +127,7 @@ def score_batch(model: OODModel, x: torch.Tensor) -> dict[str, np.ndarray]:
     The model is put in eval mode. Returns ``"l1"``, ``"l2"``, ``"ssim"`` (1 - SSIM),
     ``"ssim_raw"`` and ``"latent"`` (||mu||_2), each a (B,) float64 array.
     """
-    if not isinstance(model, OODModel):
-        raise TypeError(f"{type(model).__name__} lacks latent_mean/reconstruct/latent_dim/image_size")
+    model = as_ood_model(model)
     check_image_batch(x, model.image_size)
     if isinstance(model, torch.nn.Module):
         model.eval()

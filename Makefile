@@ -11,10 +11,11 @@ PORT ?= 8866
 # under CI (CI=true, as CI services and .ci/run set it) a missing prerequisite is an error, never a skip
 CI_STRICT := $(filter true True TRUE 1 yes,$(CI))
 
-.PHONY: venv browser test test-fast demo demo-prepare data-tour benchmarks clean help
+.PHONY: venv browser lint test test-fast demo demo-prepare data-tour benchmarks clean help
 
 help:
-	@echo "make test        create/refresh .venv, then run the whole test suite"
+	@echo "make lint        ruff (cxrbench, tests, benchmarks) and mypy (the package), configured in pyproject.toml"
+	@echo "make test        create/refresh .venv, make lint, then run the whole test suite"
 	@echo "make demo        create/refresh .venv, train the demo bundles once, serve the dashboard on 127.0.0.1:$(PORT)"
 	@echo "make data-tour   execute notebooks/00_data_tour.ipynb into build/ (+ HTML)"
 	@echo "make benchmarks  speed and memory tables under build/benchmarks/"
@@ -39,7 +40,12 @@ browser:
 	  else echo "warning: chromium missing and cannot apt-get install it: browser tests will be skipped"; fi; }
 	@command -v chromium >/dev/null 2>&1 || [ -z "$(CI_STRICT)" ] || { echo "error: chromium is still missing after apt-get install" >&2; exit 1; }
 
-test: venv browser
+# code health: ruff and mypy (the dev extra installs both), configured in pyproject.toml; `make test` runs it first
+lint: venv
+	$(PY) -m ruff check cxrbench tests benchmarks
+	$(PY) -m mypy
+
+test: lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

@@ -24,15 +24,18 @@ def main() -> None:
     rows = []
     table_path = root / "nih_metadata" / "Data_Entry_2017_v2020.csv.gz"
     med, best = timed(lambda: read_nih_table(table_path), args.repeat)
-    rows.append({"step": "read NIH label table (112,120 rows)", "median_s": med, "min_s": best, "per_image_ms": med / 112120 * 1e3})
+    rows.append({"step": "read NIH label table (112,120 rows)", "median_s": med, "min_s": best,
+                 "per_image_ms": med / 112120 * 1e3})
     table = read_nih_table(table_path)
     med, best = timed(lambda: patient_split(table, seed=0), args.repeat)
-    rows.append({"step": "patient split 70/10/20 of the full table", "median_s": med, "min_s": best, "per_image_ms": med / len(table) * 1e3})
+    rows.append({"step": "patient split 70/10/20 of the full table", "median_s": med, "min_s": best,
+                 "per_image_ms": med / len(table) * 1e3})
 
     nih = load_manifest(root / "cxr" / "nih")
     paths = nih["path"].tolist()
     med, best = timed(lambda: [read_image(p) for p in paths], args.repeat)
-    rows.append({"step": f"read_image x{len(paths)} NIH dev PNGs", "median_s": med, "min_s": best, "per_image_ms": med / len(paths) * 1e3})
+    rows.append({"step": f"read_image x{len(paths)} NIH dev PNGs", "median_s": med, "min_s": best,
+                 "per_image_ms": med / len(paths) * 1e3})
     for size in (224, 128):
         def build(size=size):
             with tempfile.TemporaryDirectory() as d:
@@ -51,7 +54,8 @@ def main() -> None:
         med, best = timed(lambda: [plain[i] for i in range(len(plain))], 1)
         rows.append({"step": f"items without cache (decode every time) x{len(plain)} at 224 px", "median_s": med,
                      "min_s": best, "per_image_ms": med / len(plain) * 1e3})
-    rows.append({"step": "peak RSS (MB)", "median_s": peak_rss_mb(), "min_s": float("nan"), "per_image_ms": float("nan")})
+    rows.append({"step": "peak RSS (MB)", "median_s": peak_rss_mb(), "min_s": float("nan"),
+                 "per_image_ms": float("nan")})
     write_table(rows, args.out, "data")
 
 

@@ -4,7 +4,8 @@ Images: the 481 NIH + 450 paediatric dev images (256 px PNGs), cycled to reach N
 a fresh subprocess, so its peak resident memory (``ru_maxrss``) is its own; ``rss_after_import_mb`` is
 the same process before extracting, so ``peak - after_import`` is what extraction added. Preprocessing:
 224 px, histogram equalisation, [-1, 1]; chunks of 64 images into an on-disk cache; one torch thread
-(``CXRBENCH_BENCH_THREADS`` to change). ``--repeat`` is not used: each (kind, N) runs once. The CNN is randomly initialised (speed does not depend on the weights).
+(``CXRBENCH_BENCH_THREADS`` to change). ``--repeat`` is not used: each (kind, N) runs once. The CNN is randomly
+initialised (speed does not depend on the weights).
 """
 
 from __future__ import annotations

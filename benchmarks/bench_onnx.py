@@ -29,7 +29,7 @@ from _common import write_table  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 from cxrbench.io import read_image  # noqa: E402
 from cxrbench.labels import NIH_FINDINGS  # noqa: E402
-from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle,  # noqa: E402
+from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle  # noqa: E402
 from cxrbench.ood.untrained import untrained_ood_bundle  # noqa: E402
 
 CHESTER = {"load_s": "12 ± 2", "forward_s": "1.3 ± 0.5"}
@@ -118,8 +118,8 @@ def main() -> None:
     if args.bundle:
         study_app = export_web(study_bundle, tmp / "study_web", tmp / "ood", images=files[:8])
         parity = json.loads((study_app / "models" / "export.json").read_text())["parity"]["rows"]
-        write_table([{"model": str(study_bundle), **r} for r in parity if r["output"] in ("logits", "calibrated", "cam")],
-                    args.out, "onnx_parity_study_bundle")
+        rows = [{"model": str(study_bundle), **r} for r in parity if r["output"] in ("logits", "calibrated", "cam")]
+        write_table(rows, args.out, "onnx_parity_study_bundle")
     pipe = Pipeline.from_paths(study_bundle, ood=tmp / "ood")
     python = python_reference(pipe, files)
     browser = run_browser_study(study_app, files, RESIZE_MODES, inputs=True)

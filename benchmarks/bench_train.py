@@ -81,10 +81,12 @@ def main() -> None:
                 variants = [(True, True), (False, False)] if device.type == "cuda" else [(True, False), (False, False)]
                 for cached, optimised in variants:
                     rate = measure(arch, size, cached, device, optimised, steps, cache)
-                    rows.append({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu (2 threads)"),
+                    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (2 threads)"
+                    rows.append({"device": str(name),
                                  "arch": arch, "size": size,
                                  "data": "uint8 cache" if cached else "PNG decode per step",
-                                 "precision": "bf16 + channels_last" if optimised and device.type == "cuda" else "float32",
+                                 "precision": ("bf16 + channels_last" if optimised and device.type == "cuda"
+                                               else "float32"),
                                  "images_per_s": round(rate, 2),
                                  "full_NIH_epoch_h": round(NIH_TRAIN_IMAGES / rate / 3600, 2)})
                     print(rows[-1], flush=True)

@@ -62,15 +62,17 @@ def check_unit_range(image: Any, what: str = "image", tol: float = 1e-4) -> None
         raise PreprocessError(f"{what} values span [{lo:.4g}, {hi:.4g}], outside [0, 1]: {hint}")
 
 
-def to_numpy(x: ArrayOrTensor, *, name: str = "array", dtype: DTypeLike = np.float32,
+def to_numpy(x: ArrayOrTensor, *, name: str = "array", dtype: DTypeLike | None = np.float32,
              finite: bool = False) -> np.ndarray:
     """A numpy array or torch tensor (any shape, any device) as a C-contiguous numpy array of ``dtype``.
 
-    Tensors are detached and copied to the CPU. Raises TypeError for anything else, and ValueError
-    naming ``name`` when ``finite`` is set and a value is NaN or infinite.
+    Tensors are detached and copied to the CPU (bfloat16, which numpy lacks, as float32); ``dtype=None``
+    keeps the dtype. Raises TypeError for anything else, and ValueError naming ``name`` when ``finite`` is
+    set and a value is NaN or infinite.
     """
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch.Tensor, recognised without importing torch
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
     out = np.ascontiguousarray(x, dtype=dtype)

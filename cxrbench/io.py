@@ -103,6 +103,7 @@ class ImageMeta:
     low_dynamic_range: bool = False
 
     def to_dict(self) -> dict:
+        """The metadata as a JSON-ready dict (tuples as lists)."""
         d = asdict(self)
         d["original_size"] = list(self.original_size)
         d["notes"] = list(self.notes)
@@ -118,7 +119,8 @@ class Image:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.pixels.shape  # type: ignore[return-value]
+        """``(H, W)`` of the pixels."""
+        return self.pixels.shape
 
 
 def source_name(source: ImageSource, name: str | None = None) -> str:
@@ -375,7 +377,8 @@ def _open_dicom(data: bytes, label: str, max_pixels: int):
     if rows == 0 or cols == 0:
         raise ImageReadError(label, f"DICOM image has zero size ({cols}x{rows})")
     if rows * cols > max_pixels:
-        raise ImageReadError(label, f"image is too large ({cols}x{rows} = {rows * cols:,} pixels; limit {max_pixels:,})")
+        raise ImageReadError(label, f"image is too large ({cols}x{rows} = {rows * cols:,} pixels; "
+                                    f"limit {max_pixels:,})")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageReadError(label, f"multi-frame DICOM ({frames} frames); one frame expected")

@@ -91,10 +91,12 @@ class Preprocess:
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (what a bundle's card stores)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        """Settings from :meth:`to_dict`; PreprocessError naming any unknown field."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -102,9 +104,11 @@ class Preprocess:
         return cls(**d)
 
     def to_json(self) -> str:
+        """The settings as canonical JSON (sorted keys), e.g. a cache key."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def replace(self, **changes: Any) -> "Preprocess":
+        """A copy with ``changes`` applied, validated again."""
         return type(self).from_dict({**self.to_dict(), **changes})
 
     # ---------------------------------------------------------------- steps

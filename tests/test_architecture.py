@@ -144,7 +144,8 @@ def _function_lengths() -> list[tuple[int, str]]:
                 if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
                         first.value.value, str):
                     start += first.end_lineno - first.lineno + 1  # the docstring does not count
-                out.append((node.end_lineno - start + 1, f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}"))
+                where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}"
+                out.append((node.end_lineno - start + 1, where))
     return out
 
 

@@ -9,8 +9,8 @@ import torch
 
 from cxrbench.labels import NIH_FINDINGS
 from cxrbench.models.bundle import BundleError, ModelCard, load_bundle, read_card, save_bundle
-from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.models.classifier import build_classifier
+from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.preprocess import Preprocess
 
 

@@ -33,7 +33,8 @@ def test_known_bug():
 def test_passes():
     pass
 '''
-MODULE_SKIP = 'import pytest\npytest.importorskip("a_module_that_is_not_installed")\n\ndef test_never_runs():\n    pass\n'
+MODULE_SKIP = ('import pytest\npytest.importorskip("a_module_that_is_not_installed")\n\n'
+               'def test_never_runs():\n    pass\n')
 
 
 def _pytest(folder: Path, ci: str | None) -> subprocess.CompletedProcess:
@@ -114,3 +115,20 @@ def test_every_test_has_a_timeout_and_notebooks_and_browsers_a_longer_one(reques
     assert notebook.get_closest_marker("timeout").args == (conftest.LONG_TIMEOUT_S,)
     assert browser.get_closest_marker("timeout").args == (conftest.LONG_TIMEOUT_S,)
     assert plain.get_closest_marker("timeout") is None and own.get_closest_marker("timeout").args == (42,)
+
+
+def test_make_test_runs_ruff_and_mypy_before_the_suite(tmp_path):
+    """`make test` lints first (ruff on the package, tests and benchmarks, then mypy), and the dev extra has both."""
+    dry = subprocess.run(["make", "--dry-run", "test", f"VENV={tmp_path / 'venv'}"], cwd=CHECKOUT,
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+
+    def first(fragment: str) -> int:
+        return next(i for i, line in enumerate(lines) if fragment in line)
+
+    assert first("-m ruff check cxrbench tests benchmarks") < first("-m mypy") < first("-m pytest")
+    import tomllib
+
+    dev = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    assert {"ruff", "mypy"} <= {req.split(">")[0].split("=")[0].strip() for req in dev}

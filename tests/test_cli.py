@@ -27,6 +27,47 @@ def test_console_script_is_installed():
     assert exe.returncode == 0 and "cxrbench" in exe.stdout
 
 
+def _imported_modules(importtime_stderr: str) -> set[str]:
+    """The module names a ``python -X importtime`` run printed on stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_data_list_starts_without_importing_torch():
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "cxrbench.cli", "data", "list"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "nih-chestxray14" in run.stdout
+    modules = _imported_modules(run.stderr)
+    assert "cxrbench.data.catalog" in modules  # the parse saw the run
+    assert not {m for m in modules if m == "torch" or m.startswith("torch.")}
+
+
+_HELP_OF_EVERY_COMMAND = """
+import argparse, contextlib, io, sys
+from cxrbench.cli.main import build_parser, main
+
+def leaves(parser, prefix):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]  # argparse has no public walk
+    if not subs:
+        return [prefix]
+    return [leaf for name, p in subs[0].choices.items() for leaf in leaves(p, [*prefix, name])]
+
+commands = leaves(build_parser(), [])
+for command in commands:
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        main([*command, "--help"])
+    assert "usage: cxrbench " + " ".join(command) in out.getvalue(), command
+print(len(commands), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_help_of_every_command_imports_no_torch():
+    run = subprocess.run([sys.executable, "-c", _HELP_OF_EVERY_COMMAND], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    n_commands, torch_modules = run.stdout.split(" ", 1)
+    assert int(n_commands) >= 15 and torch_modules.strip() == "[]"
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out

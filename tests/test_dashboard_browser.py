@@ -27,7 +27,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.realdata,
-              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")]
+              pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                 reason="Debian's chromium is not installed (.ci/run installs it)")]
 
 
 def _read64(path) -> torch.Tensor:
@@ -69,7 +70,8 @@ def app(shared_data, tmp_path_factory):
                                             ood={"cutoff": cutoff.to_dict()}))
     clf = build_classifier("resnet18", 14, 1).eval()
     save_bundle(root / "clf", clf, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
+        kind="classifier", builder="classifier",
+        builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
         labels=list(NIH_FINDINGS), preprocess=Preprocess(size=128).to_dict(),
         operating_points={"thresholds": {f: 0.5 for f in NIH_FINDINGS}, "fitted_on": "validation"}))
     info = {"classifier": str(root / "clf"), "ood": str(root / "ood"),

@@ -178,7 +178,8 @@ def test_compare_methods_table_ranks_a_focused_model_above_chance():
     assert len(detail) == 3 * (len(methods) + 1) and (table["n_images"] == 3).all()
     # the curves behind the table's AUC columns come back too (the notebook plots them without recomputing)
     assert list(curves) == [*methods, "random"] and curves["gradcam"].deletion.shape == (3, 5)
-    assert curves["gradcam"].deletion_auc.mean() == pytest.approx(table.set_index("method").loc["gradcam", "deletion_auc"])
+    expected = table.set_index("method").loc["gradcam", "deletion_auc"]
+    assert curves["gradcam"].deletion_auc.mean() == pytest.approx(expected)
     fig = faithfulness_figure(curves, ["gradcam", "random"])
     assert [len(ax.get_lines()) for ax in fig.axes] == [2, 2]
     rows = table.set_index("method")

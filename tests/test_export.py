@@ -1,4 +1,5 @@
-"""cxrbench.export.onnx and cxrbench.export.runtime: graphs, card metadata, parity gate, the same Report on ONNX Runtime."""
+"""cxrbench.export.onnx and cxrbench.export.runtime: graphs, card metadata, parity gate, the same Report on
+ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from cxrbench.export.runtime import (
 from cxrbench.inference.pipeline import Pipeline
 from cxrbench.labels import NIH_FINDINGS
 from cxrbench.models.bundle import Bundle, ModelCard, load_bundle, untrained_classifier_bundle
-from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.models.classifier import ResNet18, build_classifier
+from cxrbench.ood.untrained import untrained_ood_bundle
 from cxrbench.preprocess import Preprocess
 
 pytestmark = pytest.mark.realdata

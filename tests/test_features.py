@@ -33,7 +33,8 @@ def _write_pngs(folder, n, size=40, seed=0):
         p = folder / f"img_{i:03d}.png"
         Image.fromarray(img).save(p)
         paths.append(str(p))
-    return pd.DataFrame({"path": paths, "image_id": [f"img_{i}" for i in range(n)], "patient_id": [str(i) for i in range(n)]})
+    return pd.DataFrame({"path": paths, "image_id": [f"img_{i}" for i in range(n)],
+                         "patient_id": [str(i) for i in range(n)]})
 
 
 @pytest.fixture
@@ -102,7 +103,8 @@ def test_interrupted_extraction_resumes_and_equals_an_uninterrupted_run(manifest
             raise KeyboardInterrupt("simulated interruption")
 
     with pytest.raises(KeyboardInterrupt):
-        extract_features(manifest, "lbp", PP, tmp_path / "part.npy", chunk_size=3, progress=False, on_chunk=stop_after_two)
+        extract_features(manifest, "lbp", PP, tmp_path / "part.npy", chunk_size=3, progress=False,
+                         on_chunk=stop_after_two)
     computed = []
     resumed = extract_features(manifest, "lbp", PP, tmp_path / "part.npy", chunk_size=3, progress=False,
                                on_chunk=lambda c, n: computed.append((c, n)))
@@ -116,7 +118,8 @@ def test_interrupted_extraction_resumes_and_equals_an_uninterrupted_run(manifest
 
 def test_cache_is_recomputed_when_settings_change(manifest, tmp_path):
     calls = []
-    extract_features(manifest, "hog", PP, tmp_path / "h.npy", chunk_size=5, progress=False, spec=FeatureSpec(hog_cell=8))
+    extract_features(manifest, "hog", PP, tmp_path / "h.npy", chunk_size=5, progress=False,
+                     spec=FeatureSpec(hog_cell=8))
     out = extract_features(manifest, "hog", PP, tmp_path / "h.npy", chunk_size=5, progress=False,
                            spec=FeatureSpec(hog_cell=16), on_chunk=lambda c, n: calls.append(c))
     assert calls == [0, 1] and out.shape == (10, FeatureSpec(hog_cell=16).dim("hog", 32))

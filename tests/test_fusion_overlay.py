@@ -164,3 +164,15 @@ def test_error_overlay_uses_a_fixed_scale_so_small_errors_stay_grey() -> None:
         error_overlay(grey, np.zeros((4, 4)))
     with pytest.raises(ValueError, match="scale must be > 0"):
         error_overlay(grey, small, scale=0.0)
+
+
+def test_the_lazy_package_offers_the_overlay_function_whatever_loads_first() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import cxrbench.explain as e; assert 'torch' not in sys.modules, 'torch on import'; "
+            "import cxrbench.explain.overlay; from cxrbench.explain import overlay; "
+            "print(overlay.__module__, overlay.__name__, len(e.EXPLAINERS))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["cxrbench.explain.overlay", "overlay", "6"]

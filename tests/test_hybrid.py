@@ -109,8 +109,8 @@ def test_single_finding_f1_is_the_positive_class_f1():
     thr = hybrid.fit_operating_points(y[:30], s[:30], ["Pneumonia"]).as_array()
     expected = f1_score(y[30:, 0], s[30:, 0] >= thr[0])
     assert row["Micro-F1"] == pytest.approx(expected) and row["Macro-F1"] == pytest.approx(expected)
-    nothing = hybrid.evaluate_scores(y[:30], 0 * s[:30], y[30:], 0 * s[30:], ["Pneumonia"], thresholds=np.array([np.inf]),
-                                     n_permutations=50, n_boot=20)
+    nothing = hybrid.evaluate_scores(y[:30], 0 * s[:30], y[30:], 0 * s[30:], ["Pneumonia"],
+                                     thresholds=np.array([np.inf]), n_permutations=50, n_boot=20)
     assert nothing["Micro-F1"] == 0.0 and nothing["Hamming loss"] == pytest.approx(y[30:].mean())
 
 

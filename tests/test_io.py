@@ -18,7 +18,8 @@ from cxrbench.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
 def _png_bytes(arr: np.ndarray, mode: str | None = None, **kw) -> bytes:
     buf = io.BytesIO()
-    PILImage.fromarray(arr, mode=mode).save(buf, format="PNG", **kw) if mode else PILImage.fromarray(arr).save(buf, format="PNG", **kw)
+    image = PILImage.fromarray(arr, mode=mode) if mode else PILImage.fromarray(arr)
+    image.save(buf, format="PNG", **kw)
     return buf.getvalue()
 
 

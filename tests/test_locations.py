@@ -103,9 +103,11 @@ def _reads_data_root_variable(node: ast.AST) -> bool:
     """``os.environ.get("CXRBENCH_DATA")``, ``os.environ["CXRBENCH_SHARED_DATA"]``, ``os.getenv(...)``."""
     if isinstance(node, ast.Call) and node.args:
         key, func = node.args[0], ast.unparse(node.func)
-        return func in ("os.environ.get", "os.getenv", "environ.get") and getattr(key, "value", None) in DATA_ROOT_VARIABLES
+        return (func in ("os.environ.get", "os.getenv", "environ.get")
+                and getattr(key, "value", None) in DATA_ROOT_VARIABLES)
     if isinstance(node, ast.Subscript):
-        return ast.unparse(node.value) in ("os.environ", "environ") and getattr(node.slice, "value", None) in DATA_ROOT_VARIABLES
+        return (ast.unparse(node.value) in ("os.environ", "environ")
+                and getattr(node.slice, "value", None) in DATA_ROOT_VARIABLES)
     return False
 
 
@@ -135,7 +137,8 @@ def test_data_list_without_a_catalogue_is_an_error_not_silence(tmp_path, monkeyp
     monkeypatch.setenv("CXRBENCH_MANIFESTS", str(tmp_path / "empty"))
     assert main(["data", "list"]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.strip() == f"cxrbench: error: {tmp_path / 'empty'}: no dataset manifests (*.yaml) in the catalogue folder"
+    assert out == "" and err.strip() == (f"cxrbench: error: {tmp_path / 'empty'}: no dataset manifests (*.yaml) "
+                                         "in the catalogue folder")
     monkeypatch.setenv("CXRBENCH_MANIFESTS", str(tmp_path / "absent"))
     assert main(["data", "list"]) == 1
     assert "absent: $CXRBENCH_MANIFESTS is not a folder" in capsys.readouterr().err

@@ -97,7 +97,8 @@ def test_evaluate_predictions_table_and_summary() -> None:
     y, s = _synthetic(300, 3, seed=9)
     table, summary = evaluate_predictions(y, s, findings, thresholds=points, n_boot=200)
     assert list(table.finding) == findings and len(table) == 3
-    for column in ("n_pos", "n_neg", "auc", "auc_std_half_splits", "auc_ci_low", "auc_ci_high", "threshold", "f1", "note"):
+    for column in ("n_pos", "n_neg", "auc", "auc_std_half_splits", "auc_ci_low", "auc_ci_high", "threshold", "f1",
+                   "note"):
         assert column in table.columns
     for j in range(3):
         assert table.auc[j] == pytest.approx(roc_auc_score(y[:, j], s[:, j]))

@@ -14,7 +14,8 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "00_data_tour.ipynb": {"image_size": 96, "images_per_finding": 2, "findings_to_show": 3, "n_phantoms": 4},
     "01_train_classifier.ipynb": {"image_size": 48, "epochs": 2, "max_steps_per_epoch": 3, "bootstrap": 50,
                                   "out_dir": "{tmp}/run01"},
-    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 3},
+    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "image_size": 48, "epochs": 1,
+                                      "max_steps_per_epoch": 3},
     "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
                                    "latency_batches": [1, 4], "write_web_app": False},
     # the Voila app: under papermill it must run and show a widget (driven in a browser by test_dashboard_browser.py)

@@ -11,13 +11,13 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import cxrbench.ood as oe  # noqa: E402
 from cxrbench.data import load_manifest  # noqa: E402
 from cxrbench.data.synthetic import write_phantom_set  # noqa: E402
 from cxrbench.labels import NIH_FINDINGS  # noqa: E402
 from cxrbench.models.autoencoder import ConvAutoencoder  # noqa: E402
 from cxrbench.models.bundle import ModelCard, load_bundle, save_bundle  # noqa: E402
 from cxrbench.models.classifier import build_classifier  # noqa: E402
-import cxrbench.ood as oe  # noqa: E402
 from cxrbench.ood import CORRUPTIONS, SCORER_NAMES  # noqa: E402
 from cxrbench.preprocess import Preprocess  # noqa: E402
 

@@ -200,7 +200,8 @@ def test_dashboard_says_what_the_models_are_and_how_well_they_did(bundles, image
         text = model_summary(Pipeline.from_paths(tmp_path / "rated"))
         assert f"Test macro AUC <b>{macro:.3f}</b> on 96 held-out images" in text
         assert ("A weak model" in text) == weak and "No OOD gate" in text
-        assert text.count("<tr>") == 15 and "Hernia</td><td style='padding:0 8px 0 0'>0.730" in text and "337 of 481 images" in text
+        assert text.count("<tr>") == 15 and "337 of 481 images" in text
+        assert "Hernia</td><td style='padding:0 8px 0 0'>0.730" in text
         assert "Edema</td><td style='padding:0 8px 0 0'>n/a</td><td style='padding:0 8px 0 0'>[n/a, n/a]" in text
     # and each bar's hover gives its finding's test AUC
     dash = Dashboard(Pipeline.from_paths(tmp_path / "rated"))

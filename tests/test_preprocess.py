@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cxrbench.io import read_image
 from cxrbench._types import check_unit_range
+from cxrbench.io import read_image
 from cxrbench.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, PreprocessError
 
 

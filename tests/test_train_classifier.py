@@ -103,8 +103,10 @@ def test_early_stopping_and_plateau_decay(phantoms, tmp_path, monkeypatch):
     import cxrbench.train.classifier as tc
 
     losses = iter([1.0, 0.9, 0.95, 0.97, 0.99, 1.2, 1.3, 1.4])  # improves twice, then never
-    monkeypatch.setattr(tc, "_validate", lambda *a, **k: {"val_loss": next(losses), "val_auc": 0.5, "val_auc_defined": 1})
-    cfg = ClassifierConfig(epochs=8, max_steps_per_epoch=1, **{**TINY, "early_stopping_patience": 3, "plateau_patience": 1})
+    monkeypatch.setattr(tc, "_validate",
+                        lambda *a, **k: {"val_loss": next(losses), "val_auc": 0.5, "val_auc_defined": 1})
+    cfg = ClassifierConfig(epochs=8, max_steps_per_epoch=1,
+                           **{**TINY, "early_stopping_patience": 3, "plateau_patience": 1})
     r = train_classifier(load_manifest(phantoms), tmp_path / "run", cfg, progress=False, cache_dir=tmp_path / "c")
     assert r.stopped_early and r.epochs_run == 5 and r.best_epoch == 2
     lrs = [h["lr"] for h in r.history]
@@ -134,7 +136,8 @@ def test_evaluate_and_predict_commands(phantoms, tmp_path, capsys):
     r = train_classifier(df, tmp_path / "run", ClassifierConfig(epochs=1, **TINY), progress=False,
                          cache_dir=tmp_path / "c")
     assert main(["evaluate", "--bundle", str(r.bundle), "--data", str(phantoms), "--split",
-                 str(tmp_path / "run" / "split.csv"), "--out", str(tmp_path / "ev"), "--bootstrap", "20", "-q"]) in (0, 1)
+                 str(tmp_path / "run" / "split.csv"), "--out", str(tmp_path / "ev"), "--bootstrap", "20",
+                 "-q"]) in (0, 1)
     out = capsys.readouterr().out
     assert "macro AUC" in out and (tmp_path / "ev" / "evaluation.csv").is_file()
     ev = pd.read_csv(tmp_path / "ev" / "evaluation.csv")

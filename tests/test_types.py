@@ -43,6 +43,9 @@ def test_to_numpy_of_arrays_and_tensors():
     np.testing.assert_array_equal(out, t.detach().numpy().T)
     a = np.arange(4, dtype=np.int64)
     assert to_numpy(a, dtype=np.float64).dtype == np.float64
+    assert to_numpy(a, dtype=None).dtype == np.int64  # dtype=None keeps the dtype (lung masks stay integer)
+    half = to_numpy(torch.tensor([0.25, 1.0], dtype=torch.bfloat16))  # numpy has no bfloat16
+    assert half.dtype == np.float32 and half.tolist() == [0.25, 1.0]
     with pytest.raises(TypeError, match="heatmap must be a numpy array or torch tensor, got list"):
         to_numpy([1.0, 2.0], name="heatmap")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="heatmap contains NaN"):

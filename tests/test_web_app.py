@@ -1,4 +1,5 @@
-"""The browser-only app (cxrbench export-web) in headless Chromium: the same numbers as Python, nothing leaves 127.0.0.1.
+"""The browser-only app (cxrbench export-web) in headless Chromium: the same numbers as Python, nothing leaves
+127.0.0.1.
 
 Tolerance, justified. The page reproduces the Python preprocessing exactly (Pillow's antialiased resampling
 re-implemented in float64 with float32 intermediates, Pillow's luma, numpy's float32 normalisation), which
@@ -32,7 +33,8 @@ N_IMAGES = 20
 LOGIT_TOLERANCE = 1e-4
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.realdata,
-              pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (.ci/run installs it)"),
+              pytest.mark.skipif(chromium_path() is None,
+                                 reason="Debian's chromium is not installed (.ci/run installs it)"),
               pytest.mark.skipif(shutil.which("npm") is None and installed_onnxruntime_web() is None,
                                  reason="npm is needed once to install onnxruntime-web (install Node.js)")]
 
@@ -45,7 +47,8 @@ def files(nih_dir):
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, files):
-    """ResNet18 at 224 px (operating points at the median raw probability), a gate with its cutoff at the median score."""
+    """ResNet18 at 224 px (operating points at the median raw probability), a gate with its cutoff at the median
+    score."""
     root = tmp_path_factory.mktemp("web")
     from cxrbench.io import read_image
 
@@ -93,7 +96,8 @@ def test_browser_probabilities_match_python_on_20_nih_images(app, bundles, pytho
     cal_diff = np.abs(browser["calibrated"] - python["calibrated"])
     assert raw_diff.max() <= raw_tol, f"raw probabilities differ by up to {raw_diff.max():.3g}"
     assert np.all(cal_diff[:, :-1] <= cal_tol[:-1]), f"calibrated differ by up to {np.nanmax(cal_diff):.3g}"
-    assert np.isnan(browser["calibrated"][:, -1]).all() and np.isnan(python["calibrated"][:, -1]).all()  # Hernia: no opt
+    # Hernia: no operating point
+    assert np.isnan(browser["calibrated"][:, -1]).all() and np.isnan(python["calibrated"][:, -1]).all()
     # the gate: 1 - SSIM computed in the graph, cutoff at the median, so both verdicts occur
     np.testing.assert_allclose(browser["ood_score"], python["ood_score"], atol=1e-4)
     cutoff = pillow_results[0]["ood"]["cutoff"]
@@ -130,8 +134,8 @@ def test_browser_preprocessing_equals_python(app, files):
 def test_canvas_resizing_is_what_makes_browser_and_python_differ(app, python, pillow_results):
     """Chester Fig. 9 on 20 images: the browser's own canvas resize moves the probabilities; the exact path does not."""
     canvas = app.analyze(app.urls, resize="canvas-high", allowOod=True)
-    study = preprocessing_study(python, {"pillow": browser_arrays(pillow_results), "canvas-high": browser_arrays(canvas)},
-                                NIH_FINDINGS)
+    browsers = {"pillow": browser_arrays(pillow_results), "canvas-high": browser_arrays(canvas)}
+    study = preprocessing_study(python, browsers, NIH_FINDINGS)
     assert set(study["finding"]) == set(NIH_FINDINGS[:-1]) | {"all findings"}  # Hernia has no operating point
     overall = study[study["finding"] == "all findings"].set_index("resize")
     assert overall.loc["pillow", "max_abs_diff"] < 1e-4

@@ -28,14 +28,17 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 #: What the build reads: a fresh clone has these (and nothing else the build needs).
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "cxrbench", "data_manifests", "notebooks")
 #: Shipped as package data: top-level folder of the repository -> where the wheel carries it.
-SHIPPED = {"data_manifests/*.yaml": "cxrbench/data/data_manifests", "notebooks/05_dashboard.ipynb": "cxrbench/app/notebooks",
+SHIPPED = {"data_manifests/*.yaml": "cxrbench/data/data_manifests",
+           "notebooks/05_dashboard.ipynb": "cxrbench/app/notebooks",
            "cxrbench/app/voila/config/voila.json": "cxrbench/app/voila/config",
            "cxrbench/app/voila/templates/cxrbench/*": "cxrbench/app/voila/templates/cxrbench"}
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
+         timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -72,7 +75,8 @@ def venv(wheel, tmp_path_factory) -> dict:
     python = root / "venv" / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
           "--no-compile", str(wheel)], cwd=root)
-    site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip()
+    site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                cwd=root).stdout.strip()
     (Path(site) / "cxrbench-test-dependencies.pth").write_text("\n".join(_project_site_packages()) + "\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "CXRBENCH_MANIFESTS", "CXRBENCH_DATA", "CXRBENCH_SHARED_DATA")}
@@ -102,7 +106,8 @@ def test_the_wheel_carries_the_catalogue_the_dashboard_and_the_voila_files(wheel
 def test_the_installed_package_is_the_wheel_not_the_checkout(venv):
     probe = ("import json, cxrbench, importlib.metadata as m; from cxrbench.data.catalog import manifests_dir;"
              "from cxrbench.app.demo import dashboard_notebook; from cxrbench.data.locations import source_checkout;"
-             "d = m.distribution('cxrbench'); print(json.dumps({'file': cxrbench.__file__, 'manifests': str(manifests_dir()),"
+             "d = m.distribution('cxrbench'); print(json.dumps({'file': cxrbench.__file__, "
+             "'manifests': str(manifests_dir()),"
              "'notebook': str(dashboard_notebook()), 'checkout': str(source_checkout()),"
              "'direct_url': json.loads(d.read_text('direct_url.json') or '{}')}))")
     found = json.loads(_run([str(venv["python"]), "-c", probe], cwd=venv["cwd"], env=venv["env"]).stdout)

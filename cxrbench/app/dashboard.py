@@ -61,7 +61,8 @@ def model_summary(pipeline: Pipeline) -> str:
     esc = html.escape
     arch = card.builder_kwargs.get("arch", card.builder)
     label = card.name if card.name and str(arch) in card.name else f"{card.name} ({arch})".strip()
-    lines = [f"<b>Classifier</b> {esc(label)}: {card.preprocessing.size} px, {len(card.labels)} finding{'s' * (len(card.labels) != 1)}"]
+    n = len(card.labels)
+    lines = [f"<b>Classifier</b> {esc(label)}: {card.preprocessing.size} px, {n} finding{'s' * (n != 1)}"]
     if card.training.get("data"):
         n_train = (card.training.get("split_counts") or {}).get("train")
         n_all = card.training.get("n_images", "?")
@@ -93,7 +94,8 @@ def model_summary(pipeline: Pipeline) -> str:
     if pipeline.ood is not None:
         cut = pipeline.ood.card.ood.get("cutoff", {})
         lines.append(f"<b>OOD gate</b> {esc(pipeline.ood.card.builder)}: an image is rejected when its "
-                     f"{esc(str(cut.get('scorer', '?')))} score exceeds {float(cut.get('threshold', float('nan'))):.3f} "
+                     f"{esc(str(cut.get('scorer', '?')))} score exceeds "
+                     f"{float(cut.get('threshold', float('nan'))):.3f} "
                      f"({esc(str(cut.get('method', '?')))}).")
     else:
         lines.append("<b>No OOD gate</b>: every image is analysed.")
@@ -118,7 +120,7 @@ class Dashboard:
         self.pipeline = pipeline
         self.examples = {k: str(v) for k, v in (examples or {}).items()}
         self.report: Report | None = None
-        self.figure = None
+        self.figure: Any = None  # the plotly Figure of the last report (plotly is imported by plots.app)
         self._source: tuple[str, bytes] | None = None
         self._quiet = False
         per_finding = pipeline.classifier.card.test_metrics.get("per_finding") or {}
@@ -198,6 +200,7 @@ class Dashboard:
         return self._run((name, bytes(content)))
 
     def analyze_path(self, path: str | Path) -> Report | None:
+        """Analyse an image file on disk exactly as if its bytes were uploaded."""
         p = Path(path)
         return self.analyze_bytes(p.name, p.read_bytes())
 
@@ -207,7 +210,8 @@ class Dashboard:
         if not files:
             return
         item = files[0]
-        self.analyze_bytes(item["name"], item["content"].tobytes() if hasattr(item["content"], "tobytes") else item["content"])
+        content = item["content"]
+        self.analyze_bytes(item["name"], content.tobytes() if hasattr(content, "tobytes") else content)
 
     def _on_example(self, change: dict[str, Any]) -> None:
         name = change["new"]
@@ -303,9 +307,9 @@ class Dashboard:
         if o.in_distribution:
             self.verdict.value = f"<p style='color:#1e7b34'>✔ Looks like a frontal chest X-ray ({detail}).</p>"
         elif report.rejected:
-            self.verdict.value = (f"<p class='cxr-rejected' style='color:#b00020'><b>✘ Rejected: this does not look like a "
-                                  f"frontal chest X-ray</b> ({detail}). The model was not trained on images like this, "
-                                  "so no prediction is shown. Red marks where the reconstruction fails.</p>")
+            self.verdict.value = (f"<p class='cxr-rejected' style='color:#b00020'><b>✘ Rejected: this does not look "
+                                  f"like a frontal chest X-ray</b> ({detail}). The model was not trained on images "
+                                  "like this, so no prediction is shown. Red marks where the reconstruction fails.</p>")
         else:
             self.verdict.value = (f"<p style='color:#b36b00'>⚠ Not recognised as a chest X-ray ({detail}); analysed "
                                   "anyway because you asked. Treat the numbers with suspicion.</p>")
@@ -348,6 +352,7 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
     if not classifier:
         return w.HTML("<h3>No model bundles yet</h3><p>Run <code>make demo</code> or "
                       "<code>cxrbench demo prepare</code> first, or pass a classifier bundle.</p>")
-    pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None, unet=unet or info.get("unet") or None)
+    pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None,
+                                   unet=unet or info.get("unet") or None)
     pipeline.warm_up()  # before the page shows: the first upload then costs what every later one does
     return Dashboard(pipeline, examples=info.get("examples") or {})

@@ -141,12 +141,12 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
     fingerprint = _fingerprint(train_dir, settings)
     info_path = out / "demo.json"
     if info_path.is_file() and not force:
-        info = json.loads(info_path.read_text())
-        if info.get("fingerprint") == fingerprint and all(
-                Path(info[k], "card.json").is_file() for k in ("classifier", "ood") if info.get(k)):
+        cached: dict[str, Any] = json.loads(info_path.read_text())
+        if cached.get("fingerprint") == fingerprint and all(
+                Path(cached[k], "card.json").is_file() for k in ("classifier", "ood") if cached.get(k)):
             if progress:
                 print(f"demo bundles up to date in {out} (data: {train_dir}, {kind})")
-            return info
+            return cached
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +164,8 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
     ocfg = OODConfig(model=settings.ood_model, epochs=settings.ood_epochs, percentile=settings.ood_percentile,
                      seed=settings.seed)
     ood = train_ood(manifest, out / "ood_run", ocfg, progress=progress, resume=True)
+    if clf.bundle is None or ood.bundle is None:  # only a non-main torchrun rank writes no bundle
+        raise RuntimeError(f"demo training in {out} wrote no bundle (run it as one process, not under torchrun)")
     info["ood"] = str(ood.bundle)
     info["examples"] = demo_examples(train_dir, kind, bundles=(clf.bundle, ood.bundle))
     info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -237,11 +239,13 @@ def voila_env(info: dict[str, Any], env: dict[str, str] | None = None) -> dict[s
     # our template (the lab template without CDN stylesheets) lives in cxrbench/app/voila/templates
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(voila.parent), env.get("JUPYTER_PATH", "")]))
     # and its config (the websocket message limit for uploads) in cxrbench/app/voila/config
-    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, [str(voila / "config"), env.get("JUPYTER_CONFIG_PATH", "")]))
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(filter(None, [str(voila / "config"),
+                                                             env.get("JUPYTER_CONFIG_PATH", "")]))
     return env
 
 
-def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen:
+def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
     check_port_free(port)
     checkout = source_checkout()  # Voila runs where `make demo` runs; an installed package runs in the current folder

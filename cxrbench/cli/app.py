@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxrbench.cli.options import add_backend_argument
+from cxrbench.cli.options import Subcommands, add_backend_argument
 
 __all__ = ["add_app_commands"]
 
@@ -16,7 +16,8 @@ def _demo_prepare(args: argparse.Namespace) -> int:
     from cxrbench.app.demo import prepare_demo
 
     info = prepare_demo(args.out, data=args.data, force=args.force, progress=not args.quiet)
-    print(f"classifier: {info['classifier']}\nood gate:   {info.get('ood')}\nexamples:   {len(info.get('examples', {}))}")
+    print(f"classifier: {info['classifier']}\nood gate:   {info.get('ood')}\n"
+          f"examples:   {len(info.get('examples', {}))}")
     return 0
 
 
@@ -76,13 +77,15 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0 if len(errors) < len(files) else 1
 
 
-def add_app_commands(sub: argparse._SubParsersAction) -> None:
+def add_app_commands(sub: Subcommands) -> None:
+    """Register ``demo prepare``, ``demo serve`` and ``analyze``."""
     p = sub.add_parser("demo", help="train the demo bundles and serve the dashboard locally")
     dsub = p.add_subparsers(dest="demo_command", required=True, metavar="COMMAND")
     for name, func, helptext in (("prepare", _demo_prepare, "train (or reuse) the demo bundles"),
                                  ("serve", _demo_serve, "prepare, then serve the dashboard on 127.0.0.1")):
         q = dsub.add_parser(name, help=helptext)
-        q.add_argument("--data", default=None, help="data folder (default $CXRBENCH_DATA, ../shared/data/cxr, else phantoms)")
+        q.add_argument("--data", default=None,
+                       help="data folder (default $CXRBENCH_DATA, ../shared/data/cxr, else phantoms)")
         q.add_argument("--out", default="build/demo", help="where the demo bundles are cached")
         q.add_argument("-q", "--quiet", action="store_true")
         if name == "prepare":

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
+import weakref
 from pathlib import Path
 
-from cxrbench.cli.options import add_backend_argument
+from cxrbench.cli.options import Subcommands, add_backend_argument
 
 __all__ = ["add_classifier_commands", "backend_note", "expand_files", "train_subparsers"]
+
+#: each top-level registry -> the registry of its ``train`` group (one group however many families add to it)
+_TRAIN_GROUPS: weakref.WeakKeyDictionary[Subcommands, Subcommands] = weakref.WeakKeyDictionary()
 
 
 def expand_files(items: list[str]) -> list[str]:
@@ -119,15 +123,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if len(failed) < len(files) else 1
 
 
-def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The ``train`` group (created once; model families add their sub-command to it)."""
-    existing = sub.choices.get("train")
-    if existing is not None:
-        return existing._cxrbench_sub  # type: ignore[attr-defined]
-    p = sub.add_parser("train", help="train a model (classifier, ...)")
-    tsub = p.add_subparsers(dest="train_command", required=True, metavar="MODEL")
-    p._cxrbench_sub = tsub  # type: ignore[attr-defined]
-    return tsub
+def train_subparsers(sub: Subcommands) -> Subcommands:
+    """The ``train`` group of ``sub`` (created on first call; each model family adds its sub-command to it)."""
+    if sub not in _TRAIN_GROUPS:
+        p = sub.add_parser("train", help="train a model (classifier, ...)")
+        _TRAIN_GROUPS[sub] = p.add_subparsers(dest="train_command", required=True, metavar="MODEL")
+    return _TRAIN_GROUPS[sub]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -147,7 +148,8 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_classifier_commands(sub: argparse._SubParsersAction) -> None:
+def add_classifier_commands(sub: Subcommands) -> None:
+    """Register ``info``, ``train classifier``, ``evaluate`` and ``predict``."""
     q = sub.add_parser("info", help="what a bundle is: model, input, labels, training, calibration, test metrics")
     q.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folder(s) of any kind")
     q.add_argument("--json", action="store_true", help="print the whole card as JSON")
@@ -167,7 +169,8 @@ def add_classifier_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--epochs", type=int, default=10)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--patience", type=int, default=3, help="early stopping after this many epochs without improvement (0: off)")
+    q.add_argument("--patience", type=int, default=3,
+                   help="early stopping after this many epochs without improvement (0: off)")
     q.add_argument("--monitor", default="val_loss", choices=("val_loss", "val_auc"))
     q.add_argument("--no-pos-weight", action="store_true", help="plain BCE instead of per-finding pos_weight")
     q.add_argument("--no-augment", action="store_true")

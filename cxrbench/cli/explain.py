@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxrbench.cli.options import Subcommands
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -230,7 +232,7 @@ def _train_unet(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_explain_commands(sub: argparse._SubParsersAction) -> None:
+def add_explain_commands(sub: Subcommands) -> None:
     """Register ``train unet``, ``segment`` and ``explain``."""
     from cxrbench.cli.classifier import train_subparsers
     from cxrbench.explain import EXPLAINERS

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from cxrbench.cli.options import Subcommands
+
 __all__ = ["add_export_commands"]
 
 
@@ -40,7 +42,8 @@ def _export(args: argparse.Namespace) -> int:
                            tolerance=args.tolerance, opset=args.opset, threads=args.threads)
     _print_parity(result.parity)
     graphs = ", ".join(f"{g['file']} ({g['bytes'] / 1e6:.1f} MB)" for g in result.manifest["graphs"].values())
-    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} <= {args.tolerance:g}")
+    print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} "
+          f"<= {args.tolerance:g}")
     print(f"wrote {result.path}: {graphs} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -68,15 +71,18 @@ def _add_parity_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--images", nargs="+", default=None,
                    help="parity-check images (files, folders, globs); default: real NIH images from the shared data")
     q.add_argument("--n-images", type=int, default=8, help="how many parity images")
-    q.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| torch vs ONNX Runtime")
+    q.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |logit difference| torch vs ONNX Runtime")
 
 
-def add_export_commands(sub: argparse._SubParsersAction) -> None:
+def add_export_commands(sub: Subcommands) -> None:
+    """Register ``export`` (ONNX) and ``export-web`` (the in-browser app)."""
     q = sub.add_parser("export", help="export a classifier (+ OOD) bundle to ONNX, parity-checked against PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--bundle", required=True, help="classifier bundle")
     q.add_argument("--ood", default=None, help="OOD bundle (ALI or autoencoder)")
-    q.add_argument("--out", required=True, help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
+    q.add_argument("--out", required=True,
+                   help="folder for classifier.onnx, cam.onnx, ood.onnx, export.json, parity.csv")
     _add_parity_options(q)
     q.add_argument("--opset", type=int, default=17)
     q.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the check")

@@ -3,9 +3,16 @@
 >>> from cxrbench.data import load_manifest, patient_split
 >>> df = load_manifest("../shared/data/cxr/nih")          # doctest: +SKIP
 >>> df["split"] = patient_split(df, seed=0)               # doctest: +SKIP
+
+The torch ``Dataset`` (:mod:`cxrbench.data.dataset`) is imported on first use, so the catalogue and the
+manifests (``cxrbench data list``) load without torch.
 """
 
-from cxrbench.data.dataset import CacheReport, CXRDataset, ImageCache, default_cache_dir
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from cxrbench.data.locations import (
     DataRoot,
     DataRootError,
@@ -38,6 +45,12 @@ from cxrbench.data.splits import (
     split_summary,
 )
 
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from cxrbench.data.dataset import CacheReport, CXRDataset, ImageCache, default_cache_dir
+
+#: the names of :mod:`cxrbench.data.dataset`, imported (with torch) when first asked for
+_LAZY = ("CacheReport", "CXRDataset", "ImageCache", "default_cache_dir")
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "SPLIT_NAMES",
@@ -69,3 +82,16 @@ __all__ = [
     "shipped_folder",
     "split_summary",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :mod:`cxrbench.data.dataset`, imported (with torch) when first asked for."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module("cxrbench.data.dataset"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cxrbench.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

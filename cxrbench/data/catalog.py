@@ -65,6 +65,7 @@ class DatasetSpec:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> DatasetSpec:
+        """Read and check one catalogue YAML; ValueError naming the file and its missing keys or unknown reader."""
         path = Path(path)
         data = yaml.safe_load(path.read_text())
         need = ["name", "title", "source", "licence", "citation", "obtain", "layouts"]
@@ -76,7 +77,8 @@ class DatasetSpec:
                 raise ValueError(f"{path}: layout {i} has unknown reader {layout.get('reader')!r}")
         known = set(need) | {"label_columns", "role"}
         return cls(name=data["name"], title=data["title"], source=data["source"], licence=data["licence"],
-                   citation=data["citation"], obtain=data["obtain"], label_columns=list(data.get("label_columns") or []),
+                   citation=data["citation"], obtain=data["obtain"],
+                   label_columns=list(data.get("label_columns") or []),
                    layouts=list(data["layouts"]), role=data.get("role", "train"), path=path,
                    extra={k: v for k, v in data.items() if k not in known})
 
@@ -128,9 +130,11 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the copy is complete (verdict ``ok``)."""
         return self.verdict == "ok"
 
     def report(self, show: int = 10) -> str:
+        """The check as text: layout, missing or unreadable files (``show`` of each kind) and verdict."""
         lines = [f"{self.dataset} at {self.root}"]
         if self.layout:
             lines.append(f"  layout: {self.layout}")

@@ -48,9 +48,11 @@ class CacheReport:
 
     @property
     def n_failed(self) -> int:
+        """How many files could not be decoded."""
         return len(self.failures)
 
     def summary(self) -> str:
+        """One line: how many images were cached, decoded and unreadable, and how long it took."""
         s = (f"{self.n_total} images: {self.n_cached_before} already cached, {self.n_decoded} decoded, "
              f"{self.n_failed} unreadable, in {self.seconds:.1f} s")
         if self.failures:
@@ -98,7 +100,8 @@ class ImageCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         n, s = len(self.paths), self.size
         pix, stat = self.dir / "pixels.u8", self.dir / "status.u8"
-        if not stat.exists() or stat.stat().st_size != max(n, 1) or not pix.exists() or pix.stat().st_size != max(n * s * s, 1):
+        if (not stat.exists() or stat.stat().st_size != max(n, 1)
+                or not pix.exists() or pix.stat().st_size != max(n * s * s, 1)):
             # create both files at full size (sparse on most file systems), status last
             with open(pix, "wb") as f:
                 f.truncate(max(n * s * s, 1))
@@ -149,7 +152,8 @@ class ImageCache:
         self._status[i] = _OK
         return arr
 
-    def build(self, indices: Sequence[int] | None = None, *, workers: int = 2, progress: bool = False) -> CacheReport:
+    def build(self, indices: Sequence[int] | np.ndarray | None = None, *, workers: int = 2,
+              progress: bool = False) -> CacheReport:
         """Decode every image (or those at ``indices``) not yet cached, in threads.
 
         Pillow releases the GIL while decoding, so two threads use two cores. Unreadable files do
@@ -219,7 +223,8 @@ class CXRDataset(Dataset):
         if absent:
             raise ValueError(f"label columns {absent} are not in the manifest")
         self.label_columns = cols
-        self.labels = np.array(self.manifest[cols].to_numpy(dtype=np.float32)) if cols else np.zeros((len(manifest), 0), np.float32)
+        self.labels = (np.array(self.manifest[cols].to_numpy(dtype=np.float32)) if cols
+                       else np.zeros((len(manifest), 0), np.float32))
         if cache_dir == "auto":
             cache_dir = default_cache_dir()
         self.cache = ImageCache(self.manifest["path"].tolist(), preprocess, cache_dir)

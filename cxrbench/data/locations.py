@@ -89,7 +89,8 @@ def find_shared_data() -> DataRoot | None:
 
 
 def shared_data_root() -> Path | None:
-    """The folder of the shared dev data (holding ``cxr/`` and ``nih_metadata/``), else None; see :func:`find_shared_data`."""
+    """The folder of the shared dev data (holding ``cxr/`` and ``nih_metadata/``), else None;
+    see :func:`find_shared_data`."""
     found = find_shared_data()
     return None if found is None else found.path
 

@@ -307,7 +307,8 @@ def read_mask_pairs(root: str | os.PathLike, *, images: str = "images", masks: s
     img_dir, mask_dir = root / images, root / masks
     if not img_dir.is_dir():
         raise ManifestError(f"{root}: no '{images}/' folder of images")
-    mask_index = {Path(p).stem: p for p in _index_images(mask_dir, recursive=False).values()} if mask_dir.is_dir() else {}
+    mask_files = _index_images(mask_dir, recursive=False).values() if mask_dir.is_dir() else []
+    mask_index = {Path(m).stem: m for m in mask_files}
     rows = []
     for name, path in sorted(_index_images(img_dir, recursive=False).items()):
         stem = Path(name).stem
@@ -411,7 +412,7 @@ def bounding_boxes(row: pd.Series) -> list[tuple[str, float, float, float, float
     for col in ("bbox_256_json", "lesion_bbox_json"):
         text = row.get(col)
         if isinstance(text, str) and text.strip():
-            return [tuple(b) for b in json.loads(text)]  # type: ignore[misc]
+            return [tuple(b) for b in json.loads(text)]
     return []
 
 

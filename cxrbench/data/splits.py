@@ -47,11 +47,11 @@ def patient_split(
     -------
     pandas.Series of split names, indexed like ``df``. 112,120 NIH rows take about 0.1 s.
     """
-    fractions = np.asarray(fractions, dtype=float)
-    if len(fractions) != len(names):
-        raise SplitError(f"{len(fractions)} fractions for {len(names)} split names")
-    if np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
-        raise SplitError(f"fractions must be >= 0 and sum to 1, got {fractions.tolist()}")
+    shares = np.asarray(fractions, dtype=float)
+    if len(shares) != len(names):
+        raise SplitError(f"{len(shares)} fractions for {len(names)} split names")
+    if np.any(shares < 0) or not np.isclose(shares.sum(), 1.0):
+        raise SplitError(f"fractions must be >= 0 and sum to 1, got {shares.tolist()}")
     if patient_col not in df.columns:
         raise SplitError(f"no '{patient_col}' column; patient-level splits need patient ids")
     patients = df[patient_col].astype(str).to_numpy()
@@ -61,7 +61,7 @@ def patient_split(
     uniques, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(uniques))
     cum_images = np.cumsum(counts[order])
-    bounds = np.cumsum(fractions)[:-1] * len(patients)
+    bounds = np.cumsum(shares)[:-1] * len(patients)
     # a patient goes to the split in which its cumulative image count starts
     start = cum_images - counts[order]
     split_of_ordered = np.searchsorted(bounds, start, side="right")
@@ -74,13 +74,15 @@ def patient_split(
 def check_patient_disjoint(df: pd.DataFrame, split: pd.Series | str = "split", patient_col: str = "patient_id") -> None:
     """Raise :class:`SplitError` naming the patients that appear in more than one split."""
     s = df[split] if isinstance(split, str) else split
-    per_patient = pd.DataFrame({"p": df[patient_col].astype(str).to_numpy(), "s": np.asarray(s)}).groupby("p")["s"].nunique()
+    per_patient = (pd.DataFrame({"p": df[patient_col].astype(str).to_numpy(), "s": np.asarray(s)})
+                   .groupby("p")["s"].nunique())
     leaking = per_patient[per_patient > 1]
     if len(leaking):
         raise SplitError(f"{len(leaking)} patients are in more than one split (e.g. {list(leaking.index[:5])})")
 
 
-def split_summary(df: pd.DataFrame, split: pd.Series | str = "split", label_columns: Sequence[str] | None = None) -> pd.DataFrame:
+def split_summary(df: pd.DataFrame, split: pd.Series | str = "split",
+                  label_columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Images, patients and positives per label in each split."""
     s = df[split] if isinstance(split, str) else split
     label_columns = list(label_columns if label_columns is not None else df.attrs.get("label_columns", []))

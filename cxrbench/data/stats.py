@@ -27,7 +27,8 @@ def label_table(df: pd.DataFrame, label_columns: Sequence[str] | None = None) ->
     return out.sort_values("positives", ascending=False)
 
 
-def cooccurrence(df: pd.DataFrame, label_columns: Sequence[str] | None = None, *, normalize: bool = False) -> pd.DataFrame:
+def cooccurrence(df: pd.DataFrame, label_columns: Sequence[str] | None = None, *,
+                 normalize: bool = False) -> pd.DataFrame:
     """``C[i, j]`` = images with both labels i and j (diagonal: images with i).
 
     With ``normalize``, row i is divided by the count of i: ``P(j | i)``.

@@ -229,12 +229,12 @@ def _ribs(anat: _Anatomy, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.
 
 def _clavicles(anat: _Anatomy, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Both clavicles: gently S-shaped bands rising laterally across the lung apices, (H, W) in [0, 1]."""
-    out = 0.0
+    bands = []
     for i, s in enumerate((-1, 1)):
         x = (s * (u - anat.shift) - 0.06) / 0.6
         centre = anat.lung_top[i] + 0.06 - 0.13 * x + 0.035 * np.sin(2 * np.pi * x)
-        out = out + _band(v - centre, 0.032 + 0.008 * (1 - x)) * ((x > 0) & (x < 1))
-    return out
+        bands.append(_band(v - centre, 0.032 + 0.008 * (1 - x)) * ((x > 0) & (x < 1)))
+    return bands[0] + bands[1]
 
 
 def _spine(anat: _Anatomy, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -360,8 +360,8 @@ def _checked_request(size: Any, findings: Any, seed: Any) -> list[str]:
     return _resolve(findings)
 
 
-def _draw_lesions(img: np.ndarray, wanted: Sequence[str], finding_rng: dict, anat: Any, uv: tuple[np.ndarray, np.ndarray],
-                  lungs: list[np.ndarray], markings: np.ndarray, heart: np.ndarray,
+def _draw_lesions(img: np.ndarray, wanted: Sequence[str], finding_rng: dict, anat: Any,
+                  uv: tuple[np.ndarray, np.ndarray], lungs: list[np.ndarray], markings: np.ndarray, heart: np.ndarray,
                   heart_scale: float) -> dict[str, np.ndarray]:
     """Draw the ``wanted`` findings into ``img`` (in place), each from its own stream; their masks."""
     u, v = uv

@@ -8,27 +8,59 @@ hooks released, model state restored, finite maps) and post-processing options.
 >>> explainer = get_explainer("gradcam", model, normalize="minmax")   # doctest: +SKIP
 >>> maps = explainer(x, targets=[1, 2])                               # doctest: +SKIP
 
-The captum-based methods (:class:`IntegratedGradients`, :class:`SmoothGrad`) are imported on first use:
-importing captum costs about half a second, which ``cxrbench predict`` and the app's start need not pay.
+Every name but :data:`EXPLAINERS` and :func:`get_explainer` is imported on first use, so the CLI's
+parser reads :data:`EXPLAINERS` without importing torch; the captum-based methods (:class:`IntegratedGradients`,
+:class:`SmoothGrad`) bring captum (about half a second), which ``cxrbench predict`` and the app's start need not pay.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from torch import nn
 
-from cxrbench.explain.base import Explainer, minmax_normalize, postprocess_maps, resize_maps
-from cxrbench.explain.cam import CAM
-from cxrbench.explain.fusion import fuse, mask_fraction
-from cxrbench.explain.gradcam import GradCAM
-from cxrbench.explain.overlay import error_overlay, overlay, overlay_all_findings
-from cxrbench.explain.saliency import ChesterSaliency
-from cxrbench.explain.targets import ALL_FINDINGS, ExplanationTargets, explanation_targets, finding_ranking, is_summed
-
-if TYPE_CHECKING:  # pragma: no cover
     from cxrbench.explain.attributions import IntegratedGradients, SmoothGrad
+    from cxrbench.explain.base import Explainer, minmax_normalize, postprocess_maps, resize_maps
+    from cxrbench.explain.cam import CAM
+    from cxrbench.explain.fusion import fuse, mask_fraction
+    from cxrbench.explain.gradcam import GradCAM
+    from cxrbench.explain.overlay import error_overlay, overlay, overlay_all_findings
+    from cxrbench.explain.saliency import ChesterSaliency
+    from cxrbench.explain.targets import (
+        ALL_FINDINGS,
+        ExplanationTargets,
+        explanation_targets,
+        finding_ranking,
+        is_summed,
+    )
+
+#: public name -> the module that defines it, imported on first use (``cxrbench.explain.EXPLAINERS`` and
+#: the CLI's ``--method`` choices need no torch)
+_LAZY: dict[str, str] = {
+    "Explainer": "cxrbench.explain.base",
+    "minmax_normalize": "cxrbench.explain.base",
+    "postprocess_maps": "cxrbench.explain.base",
+    "resize_maps": "cxrbench.explain.base",
+    "CAM": "cxrbench.explain.cam",
+    "fuse": "cxrbench.explain.fusion",
+    "mask_fraction": "cxrbench.explain.fusion",
+    "GradCAM": "cxrbench.explain.gradcam",
+    "error_overlay": "cxrbench.explain.overlay",
+    "overlay": "cxrbench.explain.overlay",
+    "overlay_all_findings": "cxrbench.explain.overlay",
+    "ChesterSaliency": "cxrbench.explain.saliency",
+    "ALL_FINDINGS": "cxrbench.explain.targets",
+    "ExplanationTargets": "cxrbench.explain.targets",
+    "explanation_targets": "cxrbench.explain.targets",
+    "finding_ranking": "cxrbench.explain.targets",
+    "is_summed": "cxrbench.explain.targets",
+    "IntegratedGradients": "cxrbench.explain.attributions",
+    "SmoothGrad": "cxrbench.explain.attributions",
+}
 
 #: names of the captum-based methods -> their module, imported on first use
 _CAPTUM_METHODS = {"integrated_gradients": "IntegratedGradients", "smoothgrad": "SmoothGrad"}
@@ -57,6 +89,10 @@ def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
         Options of the explainer class (e.g. ``normalize="minmax"``, ``sigma=2.0``,
         ``target_layer=``, ``n_steps=``).
     """
+    from cxrbench.explain.cam import CAM
+    from cxrbench.explain.gradcam import GradCAM
+    from cxrbench.explain.saliency import ChesterSaliency
+
     if name == "saliency":
         return ChesterSaliency(model, per_finding=False, **kwargs)
     if name == "saliency_per_finding":
@@ -70,12 +106,33 @@ def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
 
 
 def __getattr__(name: str) -> Any:
-    """``IntegratedGradients`` / ``SmoothGrad``, imported (with captum) when first asked for."""
-    if name in _CAPTUM_METHODS.values():
-        value = getattr(importlib.import_module("cxrbench.explain.attributions"), name)
+    """A public name of :data:`_LAZY`, imported when first asked for (the captum methods with captum)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cxrbench.explain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """The package itself, keeping the function :func:`overlay` under its name once the submodule of that name loads.
+
+    The import system binds every submodule it loads to an attribute of its package; imported eagerly, the
+    package re-bound ``overlay`` to the function right after, and ``from cxrbench.explain import overlay``
+    keeps meaning the function now that the submodule loads on first use.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "overlay" and isinstance(value, types.ModuleType):
+            value = value.overlay
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -28,7 +28,7 @@ import abc
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -67,11 +67,11 @@ def _resolve_layers(
     """
     if target_layer is None:
         if hasattr(model, "features") and isinstance(getattr(model, "classifier", None), nn.Linear):
-            target_layer = model.features  # torchvision DenseNet
+            target_layer = model.get_submodule("features")  # torchvision DenseNet
         elif hasattr(model, "layer4"):
-            target_layer = model.layer4  # torchvision ResNet
+            target_layer = model.get_submodule("layer4")  # torchvision ResNet
         elif isinstance(getattr(model, "features", None), nn.Module):
-            target_layer = model.features
+            target_layer = model.get_submodule("features")
         else:
             raise ValueError(
                 f"cannot find the feature layer of {type(model).__name__}: it has neither "
@@ -105,7 +105,7 @@ def prepared_model(model: nn.Module) -> Iterator[nn.Module]:
     try:
         model.eval()
         for module in inplace_modules:
-            module.inplace = False
+            setattr(module, "inplace", False)  # a bool flag (nn.Module's stubs type attributes as tensors)
         yield model
     finally:
         for module, flag in zip(inplace_modules, inplace_flags):
@@ -163,12 +163,13 @@ def target_matrix(targets: Targets, batch_size: int, num_outputs: int) -> torch.
     if per_image:
         if len(targets) != batch_size:
             raise ValueError(f"per-image targets has {len(targets)} lists for a batch of {batch_size}")
-        lengths = {len(t) for t in targets}
+        nested = cast(Sequence[Sequence[int]], targets)  # every item is a sequence (checked above)
+        lengths = {len(t) for t in nested}
         if len(lengths) != 1 or 0 in lengths:
             raise ValueError(f"per-image target lists must be non-empty and of equal length, got {lengths}")
-        rows = [list(t) for t in targets]
+        rows = [list(t) for t in nested]
     else:
-        rows = [list(targets)] * batch_size
+        rows = [list(cast(Sequence[int], targets))] * batch_size
     for row in rows:
         for index in row:
             if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
@@ -283,6 +284,8 @@ class Explainer(abc.ABC):
         if sigma is not None and (not np.isfinite(sigma) or sigma < 0):
             raise ValueError(f"sigma must be a finite number >= 0 (pixels) or None, got {sigma}")
         self.model = model
+        self.target_layer: nn.Module | None
+        self.fc: nn.Linear | None
         if self.uses_target_layer:
             self.target_layer, self.fc = _resolve_layers(model, target_layer, fc)
         else:
@@ -320,7 +323,7 @@ class Explainer(abc.ABC):
         x = x.detach()
         with prepared_model(self.model), torch.enable_grad():
             raw = self._compute(x, targets)
-        maps = resize_maps(raw, tuple(x.shape[-2:]))
+        maps = resize_maps(raw, (x.shape[-2], x.shape[-1]))
         if not np.isfinite(maps).all():
             warnings.warn(
                 f"{type(self).__name__}: non-finite values in the maps were set to 0",

@@ -12,17 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cxrbench._types import to_numpy
 from cxrbench.explain.base import gaussian_smooth, minmax_normalize, resize_maps
 
 ArrayLike = np.ndarray | torch.Tensor
-
-
-def _as_float_array(name: str, array: ArrayLike) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(array).__name__}")
-    return array
 
 
 def mask_to_unit(mask: ArrayLike) -> np.ndarray:
@@ -31,7 +24,7 @@ def mask_to_unit(mask: ArrayLike) -> np.ndarray:
     bool masks map to {0, 1}; integer masks with values above 1 (0/255 PNG masks) are divided by
     255; float masks must already lie in [0, 1] (probabilities or binary).
     """
-    mask = _as_float_array("lung_mask", mask)
+    mask = to_numpy(mask, name="lung_mask", dtype=None)
     if mask.dtype == bool:
         return mask.astype(np.float32)
     if np.issubdtype(mask.dtype, np.integer):
@@ -98,7 +91,7 @@ def fuse(
         raise TypeError(f"lam must be a number in [0, 1], got {lam!r}")
     if not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
-    heat = _as_float_array("heatmap", heatmap).astype(np.float32)
+    heat = to_numpy(heatmap, name="heatmap")
     if not np.isfinite(heat).all():
         raise ValueError("heatmap contains NaN or Inf")
     mask = _mask_for(heat, mask_to_unit(lung_mask))
@@ -128,7 +121,7 @@ def mask_fraction(heatmap: ArrayLike, mask: ArrayLike) -> float | np.ndarray:
     float or np.ndarray (B, F)
         Fractions in [0, 1]; NaN where the heat map has no positive mass (undefined).
     """
-    heat = _as_float_array("heatmap", heatmap).astype(np.float32)
+    heat = to_numpy(heatmap, name="heatmap")
     mask = _mask_for(heat, mask_to_unit(mask))
     heat = np.maximum(resize_maps(heat, tuple(mask.shape[-2:])), 0.0).astype(np.float64)
     total = heat.sum(axis=(-2, -1))

@@ -260,7 +260,7 @@ def deletion_insertion(
             curves[:, n] = values.view(2, steps + 1).cpu().numpy()
     finally:
         model.train(was_training)
-    aucs = [np.trapezoid(part, fractions, axis=-1) for part in curves]
+    aucs = [np.asarray(np.trapezoid(part, fractions, axis=-1)) for part in curves]
     return FaithfulnessCurves(fractions, curves[0], curves[1], aucs[0], aucs[1], score)
 
 
@@ -301,7 +301,7 @@ def _region_list(regions: Any, n: int, shape: tuple[int, int]) -> list[np.ndarra
 def _method_maps(explainer: Any, method: str, images: torch.Tensor, targets: Sequence[int],
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) maps of one method, one image at a time, and the seconds each took (random: noise maps)."""
-    n, shape = images.shape[0], tuple(images.shape[-2:])
+    n, shape = images.shape[0], (images.shape[-2], images.shape[-1])
     maps = np.zeros((n, *shape), np.float32)
     seconds = np.zeros(n)
     for i in range(n):
@@ -380,7 +380,7 @@ def compare_methods(
     unknown = [m for m in methods if m not in EXPLAINERS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {EXPLAINERS}")
-    n, shape = images.shape[0], tuple(images.shape[-2:])
+    n, shape = images.shape[0], (images.shape[-2], images.shape[-1])
     region_masks = _region_list(regions, n, shape)
     lungs = None if lung_masks is None else _as_array("lung_masks", lung_masks).astype(bool)
     options = explainer_options or {}
@@ -396,10 +396,11 @@ def compare_methods(
             all_curves[method] = curves
         for i in range(n):
             row: dict[str, Any] = {"method": method, "image": i, "target": int(targets[i]), "seconds": seconds[i]}
-            if region_masks[i] is not None and region_masks[i].any():
-                row.update(pointing_hit=float(pointing_game(maps[i], region_masks[i], tolerance=tolerance)),
-                           iou_topk=topk_iou(maps[i], region_masks[i], top_fraction),
-                           mass_in_region=mass_fraction(maps[i], region_masks[i]))
+            region = region_masks[i]
+            if region is not None and region.any():
+                row.update(pointing_hit=float(pointing_game(maps[i], region, tolerance=tolerance)),
+                           iou_topk=topk_iou(maps[i], region, top_fraction),
+                           mass_in_region=mass_fraction(maps[i], region))
             if lungs is not None:
                 row["mass_in_lungs"] = mass_fraction(maps[i], lungs[i])
             if curves is not None:

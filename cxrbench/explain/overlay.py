@@ -13,24 +13,14 @@ import matplotlib
 import numpy as np
 import torch
 
+from cxrbench._types import to_numpy
 from cxrbench.explain.base import minmax_normalize, resize_maps
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
-def _to_numpy(name: str, array: ArrayLike) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(array).__name__}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return array
-
-
 def _grey_image(image: ArrayLike) -> np.ndarray:
-    image = _to_numpy("image", image)
+    image = to_numpy(image, name="image", finite=True)
     if image.ndim != 2:
         raise ValueError(f"image must be a (H, W) grey image, got shape {image.shape}")
     if image.min() < -1e-6 or image.max() > 1 + 1e-6:
@@ -79,7 +69,7 @@ def overlay(
         (H, W, 3) uint8 RGB.
     """
     grey = _grey_image(image)
-    heat = _to_numpy("heatmap", heatmap)
+    heat = to_numpy(heatmap, name="heatmap", finite=True)
     if heat.ndim != 2:
         raise ValueError(f"heatmap must be (h, w), got shape {heat.shape}")
     try:
@@ -107,7 +97,7 @@ def error_overlay(image: ArrayLike, error: ArrayLike, scale: float = ERROR_SCALE
     ``scale`` up, and fades linearly to none at 0.
     """
     grey = _grey_image(image)
-    err = _to_numpy("error", error)
+    err = to_numpy(error, name="error", finite=True)
     if err.shape != grey.shape:
         raise ValueError(f"error map shape {err.shape} differs from image shape {grey.shape}")
     if not scale > 0:
@@ -156,27 +146,27 @@ def overlay_all_findings(
         (H, W, 3) uint8 RGB.
     """
     grey = _grey_image(image)
-    maps = _to_numpy("maps", maps)
-    if maps.ndim != 3:
-        raise ValueError(f"maps must be (F, h, w), got shape {maps.shape}")
-    if findings is not None and len(findings) != maps.shape[0]:
-        raise ValueError(f"got {len(findings)} finding names for {maps.shape[0]} maps")
+    stack = to_numpy(maps, name="maps", finite=True)
+    if stack.ndim != 3:
+        raise ValueError(f"maps must be (F, h, w), got shape {stack.shape}")
+    if findings is not None and len(findings) != stack.shape[0]:
+        raise ValueError(f"got {len(findings)} finding names for {stack.shape[0]} maps")
     if only is not None:
         if findings is None:
             raise ValueError("only= needs findings= (the names of the maps)")
         unknown = sorted(set(only) - set(findings))
         if unknown:
             raise ValueError(f"only= names findings not in findings=: {unknown}")
-        maps = maps[[i for i, name in enumerate(findings) if name in set(only)]]
+        stack = stack[[i for i, name in enumerate(findings) if name in set(only)]]
     max_alpha = _check_unit("max_alpha", max_alpha)
     rgb = np.asarray(colour, dtype=np.float32)
     if rgb.shape != (3,) or rgb.min() < 0 or rgb.max() > 1:
         raise ValueError(f"colour must be three floats in [0, 1], got {colour}")
-    maps = np.maximum(resize_maps(maps, grey.shape), 0.0)
+    stack = np.maximum(resize_maps(stack, grey.shape), 0.0)
     if per_finding_normalize:
-        maps = minmax_normalize(maps)
+        stack = minmax_normalize(stack)
     else:
-        peak = float(maps.max()) if maps.size else 0.0
-        maps = maps / peak if peak > 0 else np.zeros_like(maps)
-    combined = maps.max(axis=0) if maps.shape[0] else np.zeros(grey.shape, np.float32)
+        peak = float(stack.max()) if stack.size else 0.0
+        stack = stack / peak if peak > 0 else np.zeros_like(stack)
+    combined = stack.max(axis=0) if stack.shape[0] else np.zeros(grey.shape, np.float32)
     return _blend(grey, rgb, max_alpha * combined)

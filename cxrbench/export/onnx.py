@@ -5,7 +5,8 @@
     DIR/
         classifier.onnx   x -> logits, probabilities (sigmoid), calibrated (Chester Eq. 1, operating points baked in)
         cam.onnx          x -> the same three outputs + cam: per-finding CAM at input size (forward only)
-        ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM), ssim_raw, latent
+        ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM),
+                          ssim_raw, latent
         export.json       what was exported: files, inputs/outputs, labels, preprocessing, thresholds, cutoff, parity
         parity.csv        max/mean |torch - ONNX Runtime| per graph output
 
@@ -30,7 +31,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -46,8 +47,8 @@ from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.explain import get_explainer
 from cxrbench.io import read_image
 from cxrbench.models.bundle import Bundle, ModelCard, _json_default
-from cxrbench.models.classifier import classifier_layer
-from cxrbench.ood.scoring import SSIM_WIN_SIZE, score_batch
+from cxrbench.models.classifier import classifier_layer, feature_maps
+from cxrbench.ood.scoring import SSIM_WIN_SIZE, OODModel, as_ood_model, score_batch
 
 __all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
            "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_models",
@@ -91,17 +92,23 @@ class CalibratedClassifier(nn.Module):
     upsampled to the input size, as :class:`cxrbench.explain.CAM` computes it before normalisation.
     """
 
+    opt: torch.Tensor  # the buffers of calibration_constants, each (F,)
+    low: torch.Tensor
+    high: torch.Tensor
+    nan: torch.Tensor
+
     def __init__(self, model: nn.Module, thresholds: np.ndarray, *, cam: bool = False) -> None:
         super().__init__()
-        self.model = model
-        self.fc = classifier_layer(model)
+        self.model: nn.Module = model
+        self.fc: nn.Linear = classifier_layer(model)  # TypeError unless model is a cxrbench classifier
         self.cam = cam
         for name, value in calibration_constants(thresholds).items():
             self.register_buffer(name, torch.from_numpy(value))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits, probabilities and calibrated probabilities (and, with ``cam``, the class activation maps)."""
         if self.cam:
-            features = self.model.forward_features(x)  # (B, K, h, w), rectified as CAM uses them
+            features = feature_maps(self.model, x)  # (B, K, h, w), rectified as CAM uses them
             logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
         else:
             logits = self.model(x)
@@ -114,6 +121,14 @@ class CalibratedClassifier(nn.Module):
         return logits, p, calibrated, maps
 
 
+@runtime_checkable
+class _Decodable(OODModel, Protocol):
+    """An OOD model with the decoder the graph runs on the latent mean (ALI and autoencoder have one)."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, Z) -> (B, 1, S, S) in [0, 1]."""
+
+
 class OODGraph(nn.Module):
     """An OOD model (ALI or autoencoder) as one graph: reconstruction, latent mean and every score.
 
@@ -124,11 +139,14 @@ class OODGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        if not isinstance(model, _Decodable):
+            raise TypeError(f"{type(model).__name__} is not an ALI or autoencoder (it lacks decode)")
+        self.model: _Decodable = model
         # the window as a constant (pytorch-msssim builds it from x.shape[1], a dynamic value in the trace)
         self.register_buffer("window", _fspecial_gauss_1d(SSIM_WIN_SIZE, 1.5)[None])  # (1, 1, 1, 11)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Reconstruction, latent mean and the scores ``l1, l2, ssim, ssim_raw, latent`` of one batch."""
         z = self.model.latent_mean(x)
         recon = self.model.decode(z)
         diff = (x - recon).flatten(1)
@@ -271,7 +289,7 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
     if ood is not None:
         opp = ood.preprocess
         x64 = torch.from_numpy(np.stack([opp(p) for p in pixels]))
-        ood_model = ood.model.eval()
+        ood_model = as_ood_model(ood.model.eval())
         with torch.no_grad():
             oref = score_batch(ood_model, x64)
             oref["reconstruction"] = ood_model.reconstruct(x64).numpy()
@@ -296,6 +314,7 @@ class ExportResult:
 
     @property
     def max_logit_diff(self) -> float:
+        """The largest absolute logit difference between PyTorch and ONNX Runtime over the parity images."""
         rows = self.parity[self.parity["output"] == "logits"]
         return float(rows["max_abs_diff"].max())
 
@@ -353,7 +372,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         if len(failed):
             worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g}"
                               for r in failed.itertuples())
-            raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: {worst}")
+            raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: "
+                              f"{worst}")
         import onnxruntime
 
         mean, std = pp.stats()

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cxrbench import __version__
+from cxrbench._types import to_numpy
 from cxrbench.data import default_cache_dir
 from cxrbench.explain.base import Targets, postprocess_maps, resize_maps, target_matrix
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, make_session, read_onnx_card
@@ -44,12 +45,6 @@ __all__ = ["BACKENDS", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODMo
 BACKENDS = ("torch", "onnx")
 
 
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
-    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-
-
 class _OrtGraph(nn.Module):
     """Base adapter: one ONNX Runtime session, outputs by name, the last result cached."""
 
@@ -62,7 +57,7 @@ class _OrtGraph(nn.Module):
 
     def outputs(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Every graph output for the batch ``x`` (float32 numpy arrays, by output name)."""
-        arr = _numpy(x)
+        arr = to_numpy(x, name="batch")
         key = hashlib.blake2b(repr(arr.shape).encode() + arr.tobytes(), digest_size=16).digest()
         if self._last is None or self._last[0] != key:
             self._last = (key, dict(zip(self.output_names, self.session.run(None, {"x": arr}))))
@@ -88,9 +83,11 @@ class OnnxClassifier(_OrtGraph):
         self._cam: _OrtGraph | None = None
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """``(B, F)`` float32 logits from ``classifier.onnx``."""
         return self.outputs(x)["logits"].copy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits as a tensor on ``x``'s device (the ``nn.Module`` interface)."""
         return torch.from_numpy(self.logits(x)).to(x.device)
 
     def cam(self, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -129,6 +126,7 @@ class OnnxOODModel(_OrtGraph):
         return torch.from_numpy(self.outputs(x)["reconstruction"].copy()).to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction (the ``nn.Module`` interface)."""
         return self.reconstruct(x)
 
     def score(self, x: torch.Tensor) -> GateOutput:
@@ -153,6 +151,7 @@ class OnnxCAM:
         self.classifier, self.normalize, self.sigma, self.relu = classifier, normalize, sigma, relu
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> np.ndarray:
+        """``(B, F, H, W)`` CAM maps of ``targets`` from ``cam.onnx``, post-processed like the torch CAM."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(f"x must be a (B, C, H, W) torch.Tensor, got {getattr(x, 'shape', type(x).__name__)}")
         maps = self.classifier.cam(x)["cam"]

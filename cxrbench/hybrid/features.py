@@ -73,9 +73,11 @@ class FeatureSpec:
             raise ValueError(f"FeatureSpec.lbp_radius must be > 0, got {self.lbp_radius!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a plain dict (for cards and JSON)."""
         return asdict(self)
 
     def hog_working_size(self, image_size: int) -> int:
+        """The side HOG runs at: ``hog_size``, or ``image_size`` when the image is smaller."""
         return min(self.hog_size, image_size)
 
     def dim(self, kind: str, image_size: int) -> int:

@@ -81,6 +81,7 @@ class TorchClassifier:
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """``(B, F)`` float32 logits of the batch ``x``, computed on the model's device."""
         return self.model(x.to(self.device)).float().cpu().numpy()
 
     def explainer(self, method: str, **options: Any) -> Explainer:
@@ -91,6 +92,7 @@ class TorchClassifier:
         return self.explainers[key]
 
     def explain(self, x: torch.Tensor, method: str, targets: Targets = None, **options: Any) -> np.ndarray:
+        """``(B, F, H, W)`` maps of ``method`` for ``targets`` on the batch ``x``."""
         return self.explainer(method, **options)(x.to(self.device), targets=targets)
 
 
@@ -109,6 +111,7 @@ class TorchGate:
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> GateOutput:
+        """The OOD scores of the batch ``x`` and its reconstruction."""
         x = x.to(self.device)
         scores = score_batch(self.ood_model, x)
         return GateOutput(scores, self.ood_model.reconstruct(x).float().cpu().numpy())

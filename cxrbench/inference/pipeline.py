@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrbench._types import check_unit_range
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.explain.targets import DEFAULT_TOP, explanation_targets, finding_ranking
 from cxrbench.inference.backend import ClassifierBackend, GateBackend, classifier_backend, gate_backend
@@ -41,7 +42,6 @@ from cxrbench.inference.predict import (
 from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_image
 from cxrbench.models.bundle import Bundle, load_bundle
 from cxrbench.models.unet import predict_lung_mask
-from cxrbench.preprocess import check_unit_range
 
 __all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
 
@@ -70,6 +70,7 @@ class OODResult:
 
     @property
     def in_distribution(self) -> bool:
+        """Whether the score is at or below the cutoff."""
         return bool(self.score <= self.cutoff)
 
 
@@ -103,9 +104,11 @@ class Report:
 
     @property
     def in_distribution(self) -> bool | None:
+        """Whether the gate accepted the image; None when no gate ran."""
         return None if self.ood is None else self.ood.in_distribution
 
     def require_in_distribution(self) -> None:
+        """Raise :class:`RejectedImageError` (file, score, cutoff) if the gate rejected the image."""
         if self.rejected:
             assert self.ood is not None
             raise RejectedImageError(
@@ -122,7 +125,8 @@ class Report:
         return df.iloc[finding_ranking(self.calibrated, self.raw)].reset_index(drop=True)
 
     def to_row(self) -> dict[str, Any]:
-        """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``, ``error``."""
+        """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``,
+        ``error``."""
         row: dict[str, Any] = {"file": self.source}
         for j, f in enumerate(self.findings):
             row[f] = float(self.calibrated[j]) if self.calibrated is not None else np.nan

@@ -37,6 +37,7 @@ class Predictions:
 
     @property
     def probabilities(self) -> np.ndarray:
+        """Sigmoid of the logits, float64."""
         return 1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))
 
 

@@ -137,8 +137,8 @@ class ALI(nn.Module):
     latent_dim : int
         Size Z of the latent (Chester searched 64, 128, 256, 512; default 128).
     base_channels : int
-        Width of all conv trunks. 16 (1.1 M encoder+decoder, 1.5 M discriminator parameters) is the CPU default: in equal
-        wall-clock time it reconstructs better than 32, which suits GPU training.
+        Width of all conv trunks. 16 (1.1 M encoder+decoder, 1.5 M discriminator parameters) is the CPU default:
+        in equal wall-clock time it reconstructs better than 32, which suits GPU training.
     disc_hidden : int
         Width of the discriminator's z branch.
     dropout : float

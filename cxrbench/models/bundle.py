@@ -51,10 +51,12 @@ class Bundle:
 
     @property
     def preprocess(self) -> Preprocess:
+        """The card's preprocessing (what every input must go through)."""
         return self.card.preprocessing
 
     @property
     def labels(self) -> list[str]:
+        """The model's output names, in output order."""
         return list(self.card.labels)
 
 
@@ -97,7 +99,8 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
         # give different files (and checksums) from run to run
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         card.weights_sha256 = _sha256(tmp / WEIGHTS_FILE)
-        (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False, default=_json_default) + "\n")
+        card_json = json.dumps(card.to_dict(), indent=2, sort_keys=False, default=_json_default)
+        (tmp / CARD_FILE).write_text(card_json + "\n")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -222,11 +225,14 @@ def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: boo
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
-        raise BundleError(f"{weights}: weights do not fit the card's {card.builder}{card.builder_kwargs}: " + "; ".join(parts))
+            parts.append(f"{len(wrong)} with other shapes "
+                         f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+        raise BundleError(f"{weights}: weights do not fit the card's {card.builder}{card.builder_kwargs}: "
+                          + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     model.eval()
-    if card.kind == "classifier" and card.labels and getattr(model, "num_outputs", len(card.labels)) != len(card.labels):
+    n_labels = len(card.labels)
+    if card.kind == "classifier" and card.labels and getattr(model, "num_outputs", n_labels) != n_labels:
         raise BundleError(f"{path}: card lists {len(card.labels)} labels for a model with {model.num_outputs} outputs")
     return Bundle(model, card, path)
 

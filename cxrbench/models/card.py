@@ -107,6 +107,7 @@ class ModelCard:
 
     @property
     def preprocessing(self) -> Preprocess:
+        """The card's ``preprocess`` entry as a :class:`~cxrbench.preprocess.Preprocess`."""
         return Preprocess.from_dict(self.preprocess)
 
     @property
@@ -115,6 +116,7 @@ class ModelCard:
         return self.metrics.get("test") or {}
 
     def to_dict(self) -> dict[str, Any]:
+        """The card as a plain dict (what ``card.json`` holds)."""
         return asdict(self)
 
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ __all__ = [
     "disable_inplace_relu",
     "embed",
     "feature_layer",
+    "feature_maps",
     "from_torchxrayvision",
 ]
 
@@ -48,7 +50,7 @@ def disable_inplace_relu(model: nn.Module) -> nn.Module:
     return model
 
 
-class _HeadMixin:
+class _HeadMixin(nn.Module):
     """Shared pieces: spatial features -> pooled embedding -> dropout -> linear head (logits)."""
 
     arch: str
@@ -56,7 +58,21 @@ class _HeadMixin:
     feature_layer_name: str
     classifier_layer_name: str
     head_dropout: nn.Module
+    num_outputs: int
+    in_channels: int
+    #: set by :func:`from_torchxrayvision`: the pathology names and torchxrayvision's operating points
+    labels: tuple[str, ...]
+    xrv_operating_points: np.ndarray | None
     pretrained_weights: str | None = None  # e.g. "DenseNet121_Weights.IMAGENET1K_V1", set by build_classifier
+
+    def _finish_init(self, num_outputs: int, in_channels: int, dropout: float) -> None:
+        """After torchvision's constructor: the sizes, the head's dropout, the first conv and non-inplace ReLUs."""
+        self.num_outputs = num_outputs
+        self.in_channels = 3
+        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if in_channels != 3:
+            adapt_first_conv(self, in_channels)
+        disable_inplace_relu(self)
 
     def forward_features(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -83,6 +99,8 @@ class DenseNet121(_HeadMixin, DenseNet):
     :meth:`forward_features`, so a hook on ``features`` sees the pre-ReLU maps ``(B, 1024, H/32, W/32)``.
     """
 
+    features: nn.Sequential  # set by torchvision (which ships no type hints)
+
     arch = "densenet121"
     first_conv_name = "features.conv0"
     feature_layer_name = "features"
@@ -91,12 +109,7 @@ class DenseNet121(_HeadMixin, DenseNet):
 
     def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
         super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_outputs)
-        self.num_outputs = num_outputs
-        self.in_channels = 3
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if in_channels != 3:
-            adapt_first_conv(self, in_channels)
-        disable_inplace_relu(self)
+        self._finish_init(num_outputs, in_channels, dropout)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """ReLU'd final feature maps ``(B, 1024, h, w)``; h = w = H/32 for an ``(B, C, H, W)`` input."""
@@ -111,6 +124,15 @@ class ResNet18(_HeadMixin, ResNet):
     backward hook on a block's inner ``bn2`` would therefore fail, hooks on ``layer1..4`` are fine.
     """
 
+    conv1: nn.Conv2d  # set by torchvision (which ships no type hints)
+    bn1: nn.BatchNorm2d
+    relu: nn.ReLU
+    maxpool: nn.MaxPool2d
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     arch = "resnet18"
     first_conv_name = "conv1"
     feature_layer_name = "layer4"
@@ -119,12 +141,7 @@ class ResNet18(_HeadMixin, ResNet):
 
     def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_outputs)
-        self.num_outputs = num_outputs
-        self.in_channels = 3
-        self.head_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if in_channels != 3:
-            adapt_first_conv(self, in_channels)
-        disable_inplace_relu(self)
+        self._finish_init(num_outputs, in_channels, dropout)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Output of ``layer4``: ``(B, 512, h, w)``, h = w = H/32 for an ``(B, C, H, W)`` input."""
@@ -136,7 +153,7 @@ class ResNet18(_HeadMixin, ResNet):
         return self.forward(x)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"densenet121": DenseNet121, "resnet18": ResNet18}
+ARCHITECTURES: dict[str, type[_HeadMixin]] = {"densenet121": DenseNet121, "resnet18": ResNet18}
 
 
 def build_classifier(
@@ -184,11 +201,11 @@ def build_classifier(
     return disable_inplace_relu(model)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> _HeadMixin:
     """Strip DataParallel/DDP-style ``.module`` wrappers."""
-    while not hasattr(model, "feature_layer_name") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    if not hasattr(model, "feature_layer_name"):
+    while not isinstance(model, _HeadMixin) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.get_submodule("module")
+    if not isinstance(model, _HeadMixin):
         raise TypeError(f"{type(model).__name__} is not a cxrbench classifier (see build_classifier)")
     return model
 
@@ -202,7 +219,15 @@ def feature_layer(model: nn.Module) -> nn.Module:
 def classifier_layer(model: nn.Module) -> nn.Linear:
     """The linear head mapping pooled features ``(B, D)`` to logits ``(B, num_outputs)``."""
     inner = _unwrap(model)
-    return inner.get_submodule(inner.classifier_layer_name)
+    head = inner.get_submodule(inner.classifier_layer_name)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{inner.arch}'s {inner.classifier_layer_name!r} is a {type(head).__name__}, not nn.Linear")
+    return head
+
+
+def feature_maps(model: nn.Module, x: Tensor) -> Tensor:
+    """The rectified final feature maps ``(B, K, h, w)`` of ``x`` (what CAM weighs with the head)."""
+    return _unwrap(model).forward_features(x)
 
 
 def embed(model: nn.Module, x: Tensor) -> Tensor:
@@ -232,10 +257,11 @@ def from_torchxrayvision(xrv_model_or_weights: Any) -> nn.Module:
             "from_torchxrayvision needs the optional package 'torchxrayvision' (pip install torchxrayvision); "
             "it is not installed in this environment."
         ) from err
-    source = xrv.models.DenseNet(weights=xrv_model_or_weights) if isinstance(xrv_model_or_weights, str) else xrv_model_or_weights
+    source = (xrv.models.DenseNet(weights=xrv_model_or_weights) if isinstance(xrv_model_or_weights, str)
+              else xrv_model_or_weights)
     pathologies = list(getattr(source, "pathologies", []))
     head = source.classifier
-    model = build_classifier("densenet121", num_outputs=head.out_features, in_channels=1, pretrained=False)
+    model = _unwrap(build_classifier("densenet121", num_outputs=head.out_features, in_channels=1, pretrained=False))
     state_dict = {k: v for k, v in source.state_dict().items() if k.startswith(("features.", "classifier."))}
     _load_checked(model, _rename_old_dense_keys(state_dict), source="torchxrayvision model")
     model.labels = tuple(pathologies)

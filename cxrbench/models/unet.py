@@ -67,6 +67,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` lung logits of a ``(B, C, H, W)`` batch of any size (padded to ``2**depth``)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         h, w = x.shape[-2:]
@@ -242,6 +243,6 @@ def predict_lung_mask(model: nn.Module, preprocess: Preprocess, display: np.ndar
     if display.ndim != 2:
         raise ValueError(f"display must be a (S, S) grey image, got shape {display.shape}")
     x = torch.from_numpy(preprocess.intensity(preprocess.geometry(display)))[None].to(device)
-    prob = torch.sigmoid(model.to(device).eval()(x).float())
-    prob = F.interpolate(prob, size=display.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    logit_prob = torch.sigmoid(model.to(device).eval()(x).float())
+    prob = F.interpolate(logit_prob, size=display.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
     return prob > threshold, prob.astype(np.float32)

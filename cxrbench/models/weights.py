@@ -97,23 +97,28 @@ def adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
     new = nn.Conv2d(
         in_channels,
         conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        kernel_size=_pair(conv.kernel_size),
+        stride=_pair(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        dilation=_pair(conv.dilation),
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(adapt_conv_weight(conv.weight, in_channels))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
     if hasattr(model, "in_channels"):
-        model.in_channels = in_channels
+        setattr(model, "in_channels", in_channels)  # a plain int (torch types Module attributes as tensors)
     return model
+
+
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's ``(h, w)`` setting (torch stores them as tuples of any length)."""
+    return values[0], values[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +198,8 @@ def _torchvision_weights(arch: str) -> Any:
     import torchvision.models as tvm
 
     if arch not in TORCHVISION_WEIGHTS:
-        raise ValueError(f"no torchvision weights known for arch {arch!r}; expected one of {sorted(TORCHVISION_WEIGHTS)}")
+        raise ValueError(f"no torchvision weights known for arch {arch!r}; "
+                         f"expected one of {sorted(TORCHVISION_WEIGHTS)}")
     enum_name, member = TORCHVISION_WEIGHTS[arch]
     return getattr(getattr(tvm, enum_name), member)
 

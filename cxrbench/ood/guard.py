@@ -91,6 +91,7 @@ class ImageGuard:
         return GuardVerdict(True, measures=info)
 
     def to_dict(self) -> dict[str, Any]:
+        """The guard's thresholds as a plain dict (the OOD card's ``ood["guard"]``)."""
         return asdict(self)
 
     @classmethod

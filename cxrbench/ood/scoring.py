@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -38,8 +38,9 @@ from cxrbench.preprocess import Preprocess
 if TYPE_CHECKING:  # pragma: no cover
     from cxrbench.models.bundle import Bundle
 
-__all__ = ["OOD_PREPROCESS", "SCORER_NAMES", "SSIM_WIN_SIZE", "OODModel", "error_map", "reconstruction_scores",
-           "score_batch", "score_batches", "score_files", "score_images", "score_sets", "structural_similarity_batch"]
+__all__ = ["OOD_PREPROCESS", "SCORER_NAMES", "SSIM_WIN_SIZE", "OODModel", "as_ood_model", "error_map",
+           "reconstruction_scores", "score_batch", "score_batches", "score_files", "score_images", "score_sets",
+           "structural_similarity_batch"]
 
 SCORER_NAMES: tuple[str, ...] = ("l1", "l2", "ssim", "latent")
 SSIM_WIN_SIZE = 11
@@ -59,6 +60,13 @@ class OODModel(Protocol):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> (B, 1, S, S) in [0, 1]."""
+
+
+def as_ood_model(model: Any) -> OODModel:
+    """``model`` (an OOD bundle's ALI or autoencoder) as an :class:`OODModel`; TypeError for anything else."""
+    if not isinstance(model, OODModel):
+        raise TypeError(f"{type(model).__name__} lacks latent_mean/reconstruct/latent_dim/image_size")
+    return model
 
 
 def structural_similarity_batch(
@@ -119,8 +127,7 @@ def score_batch(model: OODModel, x: torch.Tensor) -> dict[str, np.ndarray]:
     The model is put in eval mode. Returns ``"l1"``, ``"l2"``, ``"ssim"`` (1 - SSIM),
     ``"ssim_raw"`` and ``"latent"`` (||mu||_2), each a (B,) float64 array.
     """
-    if not isinstance(model, OODModel):
-        raise TypeError(f"{type(model).__name__} lacks latent_mean/reconstruct/latent_dim/image_size")
+    model = as_ood_model(model)
     check_image_batch(x, model.image_size)
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -212,7 +219,7 @@ def score_files(bundle: Bundle, files: Sequence[PathLike], *, batch_size: int = 
 
     def flush() -> None:
         if good:
-            scores = score_batch(cast(OODModel, bundle.model), torch.as_tensor(np.stack(pixels)))
+            scores = score_batch(as_ood_model(bundle.model), torch.as_tensor(np.stack(pixels)))
             for k, pos in enumerate(good):
                 rows[pos].update({name: float(scores[name][k]) for name in SCORER_NAMES})
             good.clear()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cxrbench.models.bundle import ModelCard, build_model, save_bundle
-from cxrbench.ood.scoring import score_batch
+from cxrbench.ood.scoring import as_ood_model, score_batch
 from cxrbench.preprocess import Preprocess
 
 __all__ = ["untrained_ood_bundle"]
@@ -31,7 +31,8 @@ def untrained_ood_bundle(path: str | os.PathLike, *, latent_dim: int = 128, base
     model = build_model("autoencoder", kwargs).eval()
     method = "given"
     if threshold is None and images is not None and len(images):
-        threshold, method = float(np.median(score_batch(model, torch.from_numpy(np.stack([preprocess(im) for im in images])))["ssim"])), "median"
+        batch = torch.from_numpy(np.stack([preprocess(im) for im in images]))
+        threshold, method = float(np.median(score_batch(as_ood_model(model), batch)["ssim"])), "median"
     elif threshold is None:
         threshold, method = 10.0, "never rejects"
     return save_bundle(path, model, ModelCard(

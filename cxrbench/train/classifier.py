@@ -95,6 +95,7 @@ class ClassifierConfig(RunConfig):
             raise ValueError("epochs and batch_size must be >= 1")
 
     def preprocess(self) -> Preprocess:
+        """The preprocessing the training inputs, and so the bundle, use."""
         return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,  # type: ignore[arg-type]
                           channels=self.in_channels)
 

@@ -66,6 +66,7 @@ class TrainingParts:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
     def stateful(self) -> dict[str, Any]:
+        """What a checkpoint saves and a resume restores besides the model."""
         return {"optimizers": self.optimizers, "schedulers": self.schedulers, "generators": self.generators}
 
 

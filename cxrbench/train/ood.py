@@ -110,6 +110,7 @@ class OODConfig(RunConfig):
         return {"latent_dim": self.latent_dim, "base_channels": self.width}
 
     def build_model(self) -> nn.Module:
+        """A fresh, untrained ALI or autoencoder as configured."""
         cls = ALI if self.model == "ali" else ConvAutoencoder
         return cls(**self.builder_kwargs())
 

@@ -71,7 +71,7 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in a torchrun job (one process: rank 0 of 1)."""
+    """Where the current process stands in a torchrun job (one process: rank 0 of 1)."""
 
     rank: int = 0
     world_size: int = 1
@@ -79,10 +79,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process takes part (DDP)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs and writes."""
         return self.rank == 0
 
 

@@ -96,6 +96,7 @@ class UNetConfig(RunConfig):
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
 
     def preprocess(self) -> Preprocess:
+        """The preprocessing the training inputs, and so the bundle, use."""
         return Preprocess(size=self.image_size, normalize=self.normalize, equalize=self.equalize,  # type: ignore[arg-type]
                           channels=1)
 
@@ -158,6 +159,7 @@ class PairAugmentation:
         self.transform = v2.Compose(steps)
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same random flip/affine applied to an image and its mask; the image clamped to [0, 1]."""
         from torchvision import tv_tensors
 
         out_image, out_labels = self.transform(tv_tensors.Image(image), tv_tensors.Mask(labels))

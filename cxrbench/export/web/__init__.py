@@ -82,7 +82,8 @@ def install_onnxruntime_web(npm_dir: str | os.PathLike | None = None, *, quiet: 
     cmd = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not all((dist / f).is_file() for f in ORT_FILES):
-        raise RuntimeError(f"'npm ci' in {folder} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise RuntimeError(f"'npm ci' in {folder} failed (exit {proc.returncode}): {tail}")
     if not quiet:
         print(f"installed onnxruntime-web {version} in {folder}")
     return dist
@@ -98,7 +99,8 @@ def _check_browser_preprocess(pp: dict[str, Any], what: str) -> None:
 
 
 def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
-               ood: Bundle | str | os.PathLike | None = None, *, images: Sequence[Any] | None = None, tolerance: float = 1e-4, npm_dir: str | os.PathLike | None = None,
+               ood: Bundle | str | os.PathLike | None = None, *, images: Sequence[Any] | None = None,
+               tolerance: float = 1e-4, npm_dir: str | os.PathLike | None = None,
                threads: int | None = None) -> Path:
     """Write the static web app for a classifier (and an OOD gate) into ``out``.
 
@@ -144,8 +146,8 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
     for name in ORT_FILES:
         shutil.copyfile(dist / name, out / name)
     graphs = {k: f"models/{v['file']}" for k, v in manifest["graphs"].items()}
-    config = {key: manifest.get(key) for key in ("labels", "preprocess", "normalize_mean", "normalize_std", "thresholds",
-                                                 "ood_preprocess", "ood_cutoff", "cxrbench", "opset")}
+    config = {key: manifest.get(key) for key in ("labels", "preprocess", "normalize_mean", "normalize_std",
+                                                 "thresholds", "ood_preprocess", "ood_cutoff", "cxrbench", "opset")}
     config.update(graphs=graphs, onnxruntime_web=onnxruntime_web_version(), parity=manifest.get("parity"))
     if "ood" not in graphs:
         config.update(ood_preprocess=None, ood_cutoff=None)
@@ -182,6 +184,7 @@ class StaticServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving and release the port."""
         self.httpd.shutdown()
         self.httpd.server_close()
 

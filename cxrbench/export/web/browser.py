@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Playwright
 
 __all__ = ["CHROMIUM_ARGS", "BrowserApp", "chromium_path"]
 
@@ -47,9 +50,10 @@ class BrowserApp:
         executable = chromium_path()
         if executable is None:
             raise RuntimeError("no system Chromium found (install Debian's 'chromium' or set CXRBENCH_CHROMIUM)")
-        self._pw = sync_playwright().start()
+        pw = sync_playwright().start()
+        self._pw: Playwright | None = pw
         try:
-            self.browser = self._pw.chromium.launch(executable_path=executable, headless=True, args=list(CHROMIUM_ARGS))
+            self.browser = pw.chromium.launch(executable_path=executable, headless=True, args=list(CHROMIUM_ARGS))
             context = self.browser.new_context()
             context.route("**/*", self._route)
             self.page = context.new_page()
@@ -78,15 +82,17 @@ class BrowserApp:
         browser = getattr(self, "browser", None)
         if browser is not None:
             browser.close()
-        if getattr(self, "_pw", None) is not None:
-            self._pw.stop()
+        pw = getattr(self, "_pw", None)
+        if pw is not None:
+            pw.stop()
             self._pw = None
 
     def analyze(self, urls: Sequence[str], **options: Any) -> list[dict[str, Any]]:
         """``window.cxrbenchAnalyze`` on each URL (relative to the page), in order, without re-rendering."""
         return self.page.evaluate(
             "async ([urls, opts]) => { const out = [];"
-            " for (const u of urls) out.push(await window.cxrbenchAnalyze(u, opts)); return out; }", [list(urls), {"render": False, **options}])
+            " for (const u of urls) out.push(await window.cxrbenchAnalyze(u, opts)); return out; }",
+            [list(urls), {"render": False, **options}])
 
     def preprocess(self, url: str, **options: Any) -> dict[str, Any]:
         """``window.cxrbenchPreprocess``: the model inputs the page computes.

@@ -142,7 +142,8 @@ def run_browser_study(app_dir: str | os.PathLike, files: Sequence[str | os.PathL
     from cxrbench.export.web.browser import BrowserApp
 
     out: dict[str, Any] = {"results": {}, "inputs": {}}
-    with serve(app_dir, isolate=isolate) as server, staged_images(app_dir, files) as urls, BrowserApp(server.url) as app:
+    with (serve(app_dir, isolate=isolate) as server, staged_images(app_dir, files) as urls,
+          BrowserApp(server.url) as app):
         for mode in modes:
             out["results"][mode] = app.analyze(urls, resize=mode, allowOod=True)
             if inputs:

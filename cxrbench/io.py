@@ -26,6 +26,7 @@ Conventions
 from __future__ import annotations
 
 import io as _stdio
+import errno
 import os
 import stat
 import struct
@@ -177,12 +178,24 @@ def read_image(
 # bytes
 
 
+def _link_problem(path: Path) -> str:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 raises RuntimeError for a loop
+        return "a loop of links"
+    except OSError as exc:
+        return "a loop of links" if exc.errno == errno.ELOOP else "its target does not exist"
+    return "its target does not exist"
+
+
 def _read_bytes(source: ImageSource, label: str) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
+            if path.is_symlink():  # a link whose target is missing, or a loop of links
+                raise ImageReadError(label, f"a symbolic link that leads nowhere ({_link_problem(path)})")
             raise ImageReadError(label, "no such file")
         if path.is_dir():
             raise ImageReadError(label, "is a directory, not an image file")

@@ -25,8 +25,8 @@ Conventions
 
 from __future__ import annotations
 
-import io as _stdio
 import errno
+import io as _stdio
 import os
 import stat
 import struct

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image as PILImage
-
 from dicom_factory import make_dicom
+from PIL import Image as PILImage
 
 #: outcome kinds
 ERROR, GUARD, RESULT = "error", "guard", "result"
@@ -58,7 +57,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def png_with_header(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width x height`` (a decompression bomb when large); the data are a stub."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 16)) + _chunk(b"IEND", b"")
+    stub = _chunk(b"IDAT", zlib.compress(b"\0" * 16))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + stub + _chunk(b"IEND", b"")
 
 
 def png16(values: np.ndarray, sbit: int | None = None) -> bytes:
@@ -206,6 +206,7 @@ def build_cases(root: Path, reference: Path) -> tuple[list[Case], Path]:
     cases.append(Case("symlink_loop", loop, ERROR, "symbolic link that leads nowhere \\(a loop of links\\)"))
     dangling = root / "dangling.png"
     dangling.symlink_to(root / "deleted_target.png")
-    cases.append(Case("dangling_link", dangling, ERROR, "symbolic link that leads nowhere \\(its target does not exist\\)"))
+    cases.append(Case("dangling_link", dangling, ERROR,
+                      "symbolic link that leads nowhere \\(its target does not exist\\)"))
     cases.append(Case("missing", root / "missing.png", ERROR, "no such file"))
     return cases, special

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from input_cases import ERROR, GUARD, RESULT, Case, build_cases
 
 from cxrbench.io import read_image
 from cxrbench.labels import NIH_FINDINGS
-from input_cases import ERROR, GUARD, RESULT, Case, build_cases
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -196,7 +196,8 @@ def test_the_dashboard_gives_each_upload_its_outcome(setup):
 
     _, bundles, cases, _ = setup
     dash = Dashboard(Pipeline.from_paths(bundles / "clf", ood=bundles / "ood"))
-    reference = dash.analyze_bytes("reference.png", next(c for c in cases if c.name == "reference.png").path.read_bytes())
+    ref_case = next(c for c in cases if c.name == "reference.png")
+    reference = dash.analyze_bytes("reference.png", ref_case.path.read_bytes())
     assert reference is not None and reference.raw is not None
     failures = []
     for case in cases:

@@ -309,3 +309,19 @@ def test_truncated_jpeg_and_jpeg2000_dicoms_report_the_decode_error(bundles, tmp
         assert errors[name].startswith("corrupt or truncated DICOM pixel data ("), errors[name]
         assert "no decoder" not in errors[name] and "pylibjpeg" not in errors[name]
     assert "pylibjpeg" not in err
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    from cxrbench.data.synthetic import write_phantom_set
+    from cxrbench.train.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1: this machine has no CUDA device; use --device cpu or auto"):
+        pick_device("cuda:1")
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("auto") == torch.device("cpu")
+    data = write_phantom_set(tmp_path / "ph", 8, size=32, seed=0)
+    code, _, err = _run(["train", "classifier", "--data", data, "--out", tmp_path / "run", "--device", "cuda",
+                         "--size", "32", "--epochs", "1", "-q"], capsys)
+    assert code == 1
+    assert err == "cxrbench: error: --device cuda: this machine has no CUDA device; use --device cpu or auto\n"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cxrbench.cli.options import Subcommands, add_backend_argument
+from cxrbench.cli.outputs import OUTPUT_NAMING, output_stems, refuse_overwriting_inputs
 
 __all__ = ["add_app_commands"]
 
@@ -45,6 +46,12 @@ def _analyze(args: argparse.Namespace) -> int:
     from cxrbench.explain.overlay import overlay
     from cxrbench.export.runtime import load_pipeline
 
+    files = expand_files(args.files)
+    if not files:
+        raise ValueError("no input files")
+    out = Path(args.out)
+    stems = output_stems(files)
+    refuse_overwriting_inputs(files, [out / "analysis.csv", *(out / "overlays" / f"{s}.png" for s in stems)])
     pipe = load_pipeline(args.classifier, ood=args.ood, backend=args.backend, progress=not args.quiet)
     explain = None if args.explain == "none" else args.explain
     methods = pipe.classifier_backend.explain_methods
@@ -53,10 +60,6 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"note: the {pipe.classifier_backend.name} backend cannot explain with {explain}; "
               f"{f'using {fallback}' if fallback else 'no overlays'}", file=sys.stderr)
         explain = fallback
-    files = expand_files(args.files)
-    if not files:
-        raise ValueError("no input files")
-    out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     reports, errors = pipe.analyze_batch(files, explain=explain, allow_ood=args.allow_ood, progress=not args.quiet)
     rows = []
@@ -68,8 +71,10 @@ def _analyze(args: argparse.Namespace) -> int:
         rows.append({**r.to_row(), "file": f})
         if r.maps is not None:
             png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
-            (out / "overlays" / f"{i:04d}_{Path(f).stem}.png").write_bytes(png)
+            (out / "overlays" / f"{stems[i]}.png").write_bytes(png)
+            rows[-1]["overlay"] = f"overlays/{stems[i]}.png"
     cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
+    cols.insert(cols.index("error"), "overlay")  # the row's own overlay file, relative to --out
     pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
     n_rej = sum(1 for r in reports if r is not None and r.rejected)
     print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the "
@@ -79,6 +84,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def add_app_commands(sub: Subcommands) -> None:
     """Register ``demo prepare``, ``demo serve`` and ``analyze``."""
+    from cxrbench.explain import EXPLAINERS
+
     p = sub.add_parser("demo", help="train the demo bundles and serve the dashboard locally")
     dsub = p.add_subparsers(dest="demo_command", required=True, metavar="COMMAND")
     for name, func, helptext in (("prepare", _demo_prepare, "train (or reuse) the demo bundles"),
@@ -98,9 +105,9 @@ def add_app_commands(sub: Subcommands) -> None:
     q.add_argument("--classifier", required=True, help="classifier bundle")
     q.add_argument("--ood", default=None, help="OOD bundle (without it every image is analysed)")
     q.add_argument("files", nargs="+")
-    q.add_argument("--out", required=True, help="folder for analysis.csv and overlays/")
-    q.add_argument("--explain", default="saliency", help="explanation method for the overlays, or 'none' "
-                                                         "(the onnx backend explains with cam)")
+    q.add_argument("--out", required=True, help=f"folder for analysis.csv and overlays/<stem>.png ({OUTPUT_NAMING})")
+    q.add_argument("--explain", default="saliency", choices=("none", *EXPLAINERS),
+                   help="explanation method for the overlays, or 'none' (the onnx backend explains with cam)")
     q.add_argument("--allow-ood", action="store_true", help="give probabilities for rejected images too")
     add_backend_argument(q)
     q.add_argument("-q", "--quiet", action="store_true")

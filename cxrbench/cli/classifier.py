@@ -8,7 +8,7 @@ import sys
 import weakref
 from pathlib import Path
 
-from cxrbench.cli.options import Subcommands, add_backend_argument
+from cxrbench.cli.options import Subcommands, add_backend_argument, device_name, positive_int
 
 __all__ = ["add_classifier_commands", "backend_note", "expand_files", "train_subparsers"]
 
@@ -17,13 +17,18 @@ _TRAIN_GROUPS: weakref.WeakKeyDictionary[Subcommands, Subcommands] = weakref.Wea
 
 
 def expand_files(items: list[str]) -> list[str]:
-    """Files from arguments: files as given, folders expanded to their images, globs expanded."""
+    """Files from arguments: files as given, folders expanded to their images, globs expanded.
+
+    A folder whose name ends in an image suffix (``x.png/``) is kept as an item, so that its row says it is a
+    directory instead of the batch silently skipping it; entries of a folder are kept whatever their file type
+    (a FIFO named ``*.png`` gets a "not a regular file" row from :func:`~cxrbench.io.read_image`, never a read).
+    """
     from cxrbench.data.manifests import IMAGE_SUFFIXES
 
     out: list[str] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES:
             out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         elif any(ch in item for ch in "*?[") and not p.exists():
             out += sorted(glob.glob(item, recursive=True))
@@ -106,14 +111,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     """The CSV of calibrated and raw probabilities, batched, on either backend; a warning per unreadable file;
     exit 1 when none was readable."""
+    from cxrbench.cli.outputs import csv_output_path
     from cxrbench.export.runtime import load_pipeline
 
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
+    out = csv_output_path(args.out, "predictions.csv", files)  # refused here when it is one of the inputs
     pipe = load_pipeline(args.bundle, backend=args.backend, progress=not args.quiet)
     table = pipe.predict(files, batch_size=args.batch_size, progress=not args.quiet)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table[table["error"] != ""]
@@ -167,7 +173,7 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--equalize", default="none", choices=("none", "hist", "clahe"))
     q.add_argument("--pretrained", action="store_true", help="ImageNet weights (must be in the torch hub cache)")
     q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--batch-size", type=positive_int, default=16)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--patience", type=int, default=3,
                    help="early stopping after this many epochs without improvement (0: off)")
@@ -178,7 +184,7 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
     q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test AUC CIs")
     q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -191,7 +197,7 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--split", default=None, help="split CSV; evaluate only --subset of it")
     q.add_argument("--subset", default="test")
     q.add_argument("--out", required=True, help="folder for predictions.csv and evaluation.csv")
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=positive_int, default=32)
     q.add_argument("--bootstrap", type=int, default=1000)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("-q", "--quiet", action="store_true")
@@ -200,8 +206,9 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q = sub.add_parser("predict", help="calibrated and raw probabilities for image files, to CSV")
     q.add_argument("--bundle", required=True)
     q.add_argument("files", nargs="+", help="image files, folders or globs")
-    q.add_argument("--out", required=True, help="CSV to write")
-    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--out", required=True, help="CSV to write; an existing folder (or a path ending in /) gets "
+                                                "predictions.csv inside it; never one of the inputs")
+    q.add_argument("--batch-size", type=positive_int, default=16)
     add_backend_argument(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_predict)

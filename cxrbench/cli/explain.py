@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxrbench.cli.options import Subcommands
+from cxrbench.cli.options import Subcommands, device_name, positive_int, probability
+from cxrbench.cli.outputs import OUTPUT_NAMING, output_stems, refuse_overwriting_inputs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,18 +25,6 @@ if TYPE_CHECKING:
     from cxrbench.inference.pipeline import Pipeline
 
 __all__ = ["add_explain_commands", "explain_files", "segment_files"]
-
-
-def _unique_stems(files: Sequence[str]) -> list[str]:
-    """File stems, made unique with a numeric suffix (two folders may hold ``a.png``)."""
-    seen: dict[str, int] = {}
-    out = []
-    for f in files:
-        stem = Path(f).stem or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        out.append(stem if n == 0 else f"{stem}_{n}")
-    return out
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -53,8 +42,10 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
     """Lung masks for image files with a segmentation bundle.
 
     Each mask is written as ``OUT/<stem>_lung.png`` (uint8 0/255) at the size of the displayed crop
-    (the image's central square, source pixels). Returns the summary table written to
-    ``OUT/segment_summary.csv``: ``file, mask, side, lung_fraction, seconds, error``.
+    (the image's central square, source pixels); ``stem`` is unique per input
+    (:func:`cxrbench.cli.outputs.output_stems`). Returns the summary table written to
+    ``OUT/segment_summary.csv``: ``file, mask, side, lung_fraction, seconds, error``. An output that would
+    overwrite an input is refused before anything is read.
     """
     import pandas as pd
 
@@ -62,12 +53,16 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
     from cxrbench.models.bundle import load_bundle
     from cxrbench.models.unet import predict_lung_mask
 
-    bundle = load_bundle(bundle_path, kind="segmentation")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be strictly between 0 and 1 (a probability), got {threshold}")
     out = Path(out_dir)
+    stems = output_stems(files)
+    refuse_overwriting_inputs(files, [out / "segment_summary.csv", *(out / f"{s}_lung.png" for s in stems)])
+    bundle = load_bundle(bundle_path, kind="segmentation")
     out.mkdir(parents=True, exist_ok=True)
     pp = bundle.preprocess
     rows: list[dict[str, Any]] = []
-    items = list(zip(files, _unique_stems(files)))
+    items = list(zip(files, stems))
     if progress:
         from tqdm.auto import tqdm
 
@@ -118,8 +113,9 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
                   cmap: str = "jet", alpha: float = 0.5, progress: bool = False) -> pd.DataFrame:
     """Explanation maps and overlays for image files with a classifier bundle.
 
-    Per file (``stem`` = file name without suffix): ``OUT/<stem>_<method>.npy`` with the raw maps,
-    (F, S, S) float32 at the classifier's input size S, in the order of the ``targets`` column;
+    Per file (``stem`` = file name without suffix, unique per input: :func:`cxrbench.cli.outputs.output_stems`;
+    an output that would overwrite an input is refused before anything is read): ``OUT/<stem>_<method>.npy``
+    with the raw maps, (F, S, S) float32 at the classifier's input size S, in the order of the ``targets`` column;
     ``OUT/<stem>_<method>_<finding>.png`` overlays (RGB) on the displayed crop; for several findings
     also ``OUT/<stem>_<method>_all.png`` (all findings at once, Chester Fig. 8).
 
@@ -137,12 +133,15 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
 
     if method not in EXPLAINERS:
         raise ValueError(f"unknown method {method!r}; choose one of {EXPLAINERS}")
+    out = Path(out_dir)
+    stems = output_stems(files)
+    refuse_overwriting_inputs(files, [out / "explain_summary.csv"],
+                              prefixes=[(out / f"{s}_{method}", (".npy", ".png")) for s in stems])
     pipe = Pipeline.from_paths(bundle_path)
     # unknown findings or a bad --top fail here, before any file is read
     explanation_targets(method, pipe.findings, targets, ranking=range(len(pipe.findings)), top=top)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = list(zip(files, _unique_stems(files)))
+    items = list(zip(files, stems))
     if progress:
         from tqdm.auto import tqdm
 
@@ -246,14 +245,14 @@ def add_explain_commands(sub: Subcommands) -> None:
     q.add_argument("--base-channels", type=int, default=16)
     q.add_argument("--depth", type=int, default=4)
     q.add_argument("--epochs", type=int, default=30)
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--batch-size", type=positive_int, default=8)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--dice-weight", type=float, default=1.0,
                    help="weight of the soft Dice loss added to BCE (0: BCE only)")
     q.add_argument("--no-augment", action="store_true")
     q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
     q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -263,8 +262,9 @@ def add_explain_commands(sub: Subcommands) -> None:
     q = sub.add_parser("segment", help="lung masks (PNG 0/255) for image files with a U-Net bundle")
     q.add_argument("--bundle", required=True, help="segmentation bundle folder")
     q.add_argument("files", nargs="+", help="image files, folders or globs")
-    q.add_argument("--out", required=True, help="folder for <stem>_lung.png and segment_summary.csv")
-    q.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lung")
+    q.add_argument("--out", required=True, help=f"folder for <stem>_lung.png and segment_summary.csv ({OUTPUT_NAMING})")
+    q.add_argument("--threshold", type=probability, default=0.5,
+                   help="probability above which a pixel is lung (strictly between 0 and 1)")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_segment)
 
@@ -272,10 +272,11 @@ def add_explain_commands(sub: Subcommands) -> None:
     q.add_argument("--bundle", required=True, help="classifier bundle folder")
     q.add_argument("--method", default="saliency", choices=EXPLAINERS)
     q.add_argument("files", nargs="+", help="image files, folders or globs")
-    q.add_argument("--out", required=True, help="folder for maps, overlays and explain_summary.csv")
+    q.add_argument("--out", required=True,
+                   help=f"folder for <stem>_<method>.npy maps, overlays and explain_summary.csv ({OUTPUT_NAMING})")
     q.add_argument("--targets", nargs="+", default=None, metavar="FINDING",
                    help="findings to explain (default: the --top most probable; saliency: all findings summed)")
-    q.add_argument("--top", type=int, default=3)
+    q.add_argument("--top", type=positive_int, default=3, help="how many of the most probable findings to explain")
     q.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps, in pixels")
     q.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays")
     q.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay")

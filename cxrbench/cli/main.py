@@ -25,7 +25,7 @@ from cxrbench.cli.data import add_data_commands
 from cxrbench.cli.explain import add_explain_commands
 from cxrbench.cli.export import add_export_commands
 from cxrbench.cli.ood import add_ood_commands
-from cxrbench.cli.options import CommandError, Subcommands
+from cxrbench.cli.options import CommandError, Subcommands, UsageError
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 
@@ -53,6 +53,12 @@ def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
     return args.func
 
 
+def _command_prog(args: argparse.Namespace) -> str:
+    """``cxrbench <command> [<sub-command>]``, as argparse names the command in its usage errors."""
+    words = [getattr(args, "command", None)] + [getattr(args, f"{args.command}_command", None)]
+    return " ".join(["cxrbench", *[w for w in words if w]])
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the input is not as expected": printed as one line, exit code 1."""
     from cxrbench.app.demo import ServeError
@@ -76,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `cxrbench ... | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except UsageError as exc:  # as argparse reports a bad option: the command named, exit code 2
+        if args.debug:
+            raise
+        print(f"{_command_prog(args)}: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug or not isinstance(exc, _known_errors()):
             raise

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cxrbench.cli.classifier import expand_files, train_subparsers
-from cxrbench.cli.options import Subcommands
+from cxrbench.cli.options import Subcommands, device_name, positive_int
 
 __all__ = ["add_ood_commands"]
 
@@ -34,6 +34,7 @@ def _train_ood(args: argparse.Namespace) -> int:
 
 
 def _ood_score(args: argparse.Namespace) -> int:
+    from cxrbench.cli.outputs import csv_output_path
     from cxrbench.models.bundle import load_bundle
     from cxrbench.ood.scoring import score_files
 
@@ -41,8 +42,8 @@ def _ood_score(args: argparse.Namespace) -> int:
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
+    out = csv_output_path(args.out, "ood_scores.csv", files)  # refused here when it is one of the inputs
     table = score_files(bundle, files, batch_size=args.batch_size)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table["error"].astype(bool)
@@ -114,7 +115,7 @@ def add_ood_commands(sub: Subcommands) -> None:
     q.add_argument("--latent", type=int, default=128, help="latent size Z")
     q.add_argument("--width", type=int, default=16, help="channels of the first conv block (16 on CPU, 32 on GPU)")
     q.add_argument("--epochs", type=int, default=30)
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=positive_int, default=32)
     q.add_argument("--lr", type=float, default=None, help="default 1e-3 (autoencoder), 5e-4 (ALI)")
     q.add_argument("--recon-weight", type=float, default=5.0, help="ALI: weight of the L1 reconstruction term")
     q.add_argument("--loss", default="l1", help="autoencoder: reconstruction loss, l1, mse or mse+ssim")
@@ -126,7 +127,7 @@ def add_ood_commands(sub: Subcommands) -> None:
     q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
     q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     q.add_argument("-q", "--quiet", action="store_true")
@@ -135,8 +136,9 @@ def add_ood_commands(sub: Subcommands) -> None:
     q = sub.add_parser("ood-score", help="OOD scores of image files under an OOD bundle, to CSV")
     q.add_argument("--bundle", required=True, help="an OOD bundle (cxrbench train ood)")
     q.add_argument("files", nargs="+", help="image files, folders or globs")
-    q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, error")
-    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, error; "
+                                                "an existing folder (or a path ending in /) gets ood_scores.csv")
+    q.add_argument("--batch-size", type=positive_int, default=64)
     q.set_defaults(func=_ood_score)
 
     q = sub.add_parser("ood-tradeoff", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,5 +1,7 @@
 """What the command groups of ``cxrbench`` share: the type of the sub-command registry, the one-line
-error a command raises, and the ``--backend`` option of the commands that run on PyTorch or ONNX Runtime.
+errors a command raises, the ``--backend`` option of the commands that run on PyTorch or ONNX Runtime, and the
+``type=`` functions that refuse a bad value while parsing (``cxrbench predict: error: argument --batch-size: ...``,
+exit code 2) instead of letting it fail, or silently do something else, later.
 
 This module imports no command group, so every group can use it.
 """
@@ -7,9 +9,11 @@ This module imports no command group, so every group can use it.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, Protocol
 
-__all__ = ["BACKENDS", "CommandError", "Subcommands", "add_backend_argument"]
+__all__ = ["BACKENDS", "DEVICE_PATTERN", "CommandError", "Subcommands", "UsageError", "add_backend_argument",
+           "device_name", "positive_int", "probability"]
 
 #: where ``--backend`` runs a command: PyTorch eager (default) or ONNX Runtime on the exported graphs
 BACKENDS = ("torch", "onnx")
@@ -34,3 +38,41 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is "
                              "exported once and cached, parity-checked; an export folder is used as is)")
+
+
+class UsageError(CommandError):
+    """The command line asks for something that cannot be done (an output that is an input): printed as
+    ``cxrbench <command>: error: ...``, exit code 2, like argparse's own usage errors."""
+
+
+def positive_int(text: str) -> int:
+    """``type=`` of counts that must be at least 1 (``--batch-size``, ``--top``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """``type=`` of thresholds on a probability: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1 (a probability), got {text}")
+    return value
+
+
+#: what ``--device`` accepts (torch's device names this package runs on)
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """``type=`` of ``--device``: auto, cpu, cuda, cuda:N or mps (checked without importing torch)."""
+    if not DEVICE_PATTERN.fullmatch(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return text.strip().lower()

@@ -27,12 +27,22 @@ T = TypeVar("T")
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, else CPU. Under torchrun, the rank's local GPU."""
+    """``"auto"``: CUDA if available, else CPU. Under torchrun, the rank's local GPU.
+
+    A device this machine does not have (``cuda`` without a GPU, ``cuda:3`` on a one-GPU machine, ``mps`` off a
+    Mac) is a :class:`ValueError` naming it, before any data are read: never a torch traceback mid-run.
+    """
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"--device {device}: this machine has {have}; use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return dev
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cxrbench.cli.options import add_backend_argument
@@ -45,6 +46,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from cxrbench.export.runtime import load_pipeline
 
     pipe = load_pipeline(args.classifier, ood=args.ood, backend=args.backend, progress=not args.quiet)
+    if args.min_side is not None:
+        pipe.guard = replace(pipe.guard, min_side=args.min_side)
     explain = None if args.explain == "none" else args.explain
     methods = pipe.classifier_backend.explain_methods
     if explain is not None and explain not in methods:
@@ -68,11 +71,14 @@ def _analyze(args: argparse.Namespace) -> int:
         if r.maps is not None:
             png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
             (out / "overlays" / f"{i:04d}_{Path(f).stem}.png").write_bytes(png)
-    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
+    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "check",
+            "reason", "error"]
     pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
-    n_rej = sum(1 for r in reports if r is not None and r.rejected)
-    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the "
-          f"OOD gate{backend_note(args.backend)}")
+    checks = [r.ood.check for r in reports if r is not None and r.rejected and r.ood is not None]
+    why = ", ".join(f"{checks.count(c)} {text}" for c, text in (("size", "too small"), ("information", "almost no "
+                    "image content"), ("reconstruction", "reconstruction error")) if c in checks)
+    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {len(checks)} rejected by the "
+          f"OOD gate{f' ({why})' if why else ''}{backend_note(args.backend)}")
     return 0 if len(errors) < len(files) else 1
 
 
@@ -98,7 +104,10 @@ def add_app_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="folder for analysis.csv and overlays/")
     q.add_argument("--explain", default="saliency", help="explanation method for the overlays, or 'none' "
                                                          "(the onnx backend explains with cam)")
-    q.add_argument("--allow-ood", action="store_true", help="give probabilities for rejected images too")
+    q.add_argument("--allow-ood", action="store_true",
+                   help="give probabilities for rejected images too (not for images too small to see anything)")
+    q.add_argument("--min-side", type=int, default=None,
+                   help="the blank-image guard's minimum short side in px (default: the OOD card's, else 64)")
     add_backend_argument(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_analyze)

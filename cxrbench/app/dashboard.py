@@ -96,7 +96,7 @@ def model_summary(pipeline: Pipeline) -> str:
                      f"{esc(str(cut.get('scorer', '?')))} score exceeds {float(cut.get('threshold', float('nan'))):.3f} "
                      f"({esc(str(cut.get('method', '?')))}).")
     else:
-        lines.append("<b>No OOD model</b>: only the blank-image guard checks the images.")
+        lines.append("<b>No OOD gate model</b>: only the blank-image guard checks the images.")
     g = pipeline.guard
     lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
                  f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")

@@ -103,7 +103,8 @@ def test_training_fits_the_guard_into_the_card_and_it_keeps_real_validation_imag
 def test_the_fitted_guard_keeps_held_out_chest_radiographs(gate_run, classifier, nih_dir, shared_data):
     pipe = Pipeline.from_paths(classifier, ood=gate_run.bundle)
     test_ids = set(gate_run.scores.loc[gate_run.scores["split"] == "test", "image_id"].astype(str))
-    held_out = {"nih test split": [f for f in sorted(nih_dir.glob("*.png")) if f.stem in test_ids or f.name in test_ids],
+    nih = sorted(nih_dir.glob("*.png"))
+    held_out = {"nih test split": [f for f in nih if f.stem in test_ids or f.name in test_ids],
                 "pediatric": sorted((shared_data / "cxr" / "pediatric").rglob("*.png")) +
                              sorted((shared_data / "cxr" / "pediatric").rglob("*.jp*g")),
                 "lung-mask images": sorted((shared_data / "cxr" / "masks").rglob("images/*.png"))}

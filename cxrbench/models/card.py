@@ -265,12 +265,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 #: ``ood["guard"]`` (the blank-image guard, :class:`cxrbench.ood.guard.ImageGuard`): key -> (is valid, what it must be)
 _GUARD_KEYS: dict[str, tuple[Any, str]] = {
-    "min_side": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2048, "an integer in [1, 2048]"),
+    "min_side": (lambda v: _is_int(v) and 1 <= v <= 2048, "an integer in [1, 2048]"),
     "min_bits_per_pixel": (lambda v: _is_number(v) and 0 <= v <= 8, "a number in [0, 8]"),
     "min_spread": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 2048, "an integer in [8, 2048]"),
+    "size": (lambda v: _is_int(v) and 8 <= v <= 2048, "an integer in [8, 2048]"),
     "kept_fraction_validation": (lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
 }
 

@@ -15,7 +15,8 @@ What a run writes to its output folder::
     best.safetensors  weights of the epoch with the highest validation median SSIM
     scores_val.csv / scores_test.csv   per-image scores of the best weights (higher = more OOD)
     bundle/           kind "ood": weights + card (scorer, cutoff, how it was chosen, val score summary, and the
-                      blank-image guard fitted on the val images: ``ood["guard"]``, :func:`cxrbench.ood.guard.fit_guard`)
+                      blank-image guard fitted on the val images: ``ood["guard"]``,
+                      :func:`cxrbench.ood.guard.fit_guard`)
 
 The epochs run in the one training loop (:mod:`cxrbench.train.loop`): interrupted runs resume from
 ``checkpoint.pt`` with ``resume=True`` and end with the same weights and metrics as an uninterrupted

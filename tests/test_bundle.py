@@ -113,6 +113,7 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
 
     from cxrbench.inference.pipeline import Pipeline
     from cxrbench.models.bundle import untrained_classifier_bundle
+    from cxrbench.ood.guard import ImageGuard
 
     rng = np.random.default_rng(0)
     images = [rng.random((40 + i, 48), dtype=np.float32) for i in range(9)]
@@ -123,6 +124,7 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
     assert read_card(clf).weights_sha256 == read_card(again).weights_sha256  # seeded
     ood = untrained_ood_bundle(tmp_path / "o", latent_dim=8, base_channels=4, images=images)
     pipe = Pipeline.from_paths(clf, ood=ood)
+    pipe.guard = everything = ImageGuard(min_side=1, min_bits_per_pixel=0, min_spread=0)  # plumbing: noise passes
     reports = [pipe.analyze(im, explain=None, allow_ood=True) for im in images]
     calibrated = np.array([r.calibrated for r in reports])
     assert ((calibrated[:, :-1] > 0.5 + 1e-6).sum(axis=0) == 4).all()  # 9 images, median operating point
@@ -131,7 +133,9 @@ def test_untrained_bundles_calibrate_to_the_images_they_are_given(tmp_path):
     margin = np.array([r.ood.score - r.ood.cutoff for r in reports])
     assert (margin > 1e-6).sum() == 4 and (margin < -1e-6).sum() == 4
     never = untrained_ood_bundle(tmp_path / "n", latent_dim=8, base_channels=4)
-    assert all(Pipeline.from_paths(clf, ood=never).analyze(im, explain=None).ood.in_distribution for im in images)
+    never_pipe = Pipeline.from_paths(clf, ood=never)
+    never_pipe.guard = everything
+    assert all(never_pipe.analyze(im, explain=None).ood.in_distribution for im in images)
     assert load_bundle(clf).card.operating_points["fitted_on"] == "untrained"
 
 

@@ -85,7 +85,8 @@ def test_rejected_images_get_no_probabilities_unless_overridden(bundles, image):
 def test_per_finding_explanations_and_targets(bundles, image):
     pipe = Pipeline.from_paths(bundles / "clf")
     r = pipe.analyze(image, explain="gradcam", targets=["Effusion", "Mass"])
-    assert r.ood is None and r.map_labels == ["Effusion", "Mass"] and r.maps.shape == (2, 64, 64)
+    assert r.ood.scorer == "" and r.ood.in_distribution  # no OOD model: only the blank-image guard ran
+    assert r.map_labels == ["Effusion", "Mass"] and r.maps.shape == (2, 64, 64)
     top3 = pipe.analyze(image, explain="cam")
     assert len(top3.map_labels) == 3 and top3.map_labels[0] == top3.table()["finding"].iloc[0]
     with pytest.raises(ValueError, match="unknown findings"):

@@ -93,7 +93,7 @@ def test_bundle_gates_the_pipeline_consistently_with_ood_score(ae_run, phantoms,
     csv = tmp_path / "scores.csv"
     assert main(["ood-score", "--bundle", str(ae_run.bundle), *files, "--out", str(csv)]) == 0
     table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
-    assert list(table.columns) == ["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "error"]
+    assert list(table.columns) == ["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "check", "reason", "error"]
     assert len(table) == len(files) and table["error"].isna().sum() == len(files) - 1
     assert "broken.png" in table.loc[len(files) - 1, "file"] and np.isnan(table.loc[len(files) - 1, "score"])
     assert "warning" in capsys.readouterr().err
@@ -101,7 +101,14 @@ def test_bundle_gates_the_pipeline_consistently_with_ood_score(ae_run, phantoms,
     ood = load_bundle(ae_run.bundle, kind="ood")
     threshold = ood.card.ood["cutoff"]["threshold"]
     pipe = Pipeline(load_bundle(_classifier_bundle(tmp_path), kind="classifier"), ood)
-    scored = table.iloc[:-1]
+    read = table.iloc[:-1]
+    guarded = read[read["check"].isin(["size", "information"])]  # the card's guard: not scored
+    for row in guarded.itertuples():
+        report = pipe.analyze(row.file, explain=None)
+        assert report.rejected and report.ood.check == row.check and report.ood.reason == row.reason
+        assert np.isnan(row.score) and np.isnan(report.ood.score) and row.is_ood
+    scored = read[~read["check"].isin(["size", "information"])]
+    assert len(scored) >= 6  # the phantom chests all pass the guard fitted on phantoms
     for row in scored.itertuples():
         np.testing.assert_allclose(row.score, row.ssim)
         assert bool(row.is_ood) == (row.score > threshold)

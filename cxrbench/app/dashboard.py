@@ -98,7 +98,10 @@ def model_summary(pipeline: Pipeline) -> str:
                      f"{float(cut.get('threshold', float('nan'))):.3f} "
                      f"({esc(str(cut.get('method', '?')))}).")
     else:
-        lines.append("<b>No OOD gate</b>: every image is analysed.")
+        lines.append("<b>No OOD gate model</b>: only the blank-image guard checks the images.")
+    g = pipeline.guard
+    lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
+                 f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")
     body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
 
@@ -286,11 +289,12 @@ class Dashboard:
         stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.timings.items() if k != "total")
         self.timing.value = (f"<small>{html.escape(report.source)}: {seconds:.2f} s ({stages}) · "
                              f"models: {html.escape(Path(str(self.pipeline.classifier.path)).name)}</small>")
-        if report.ood is not None:
+        o = report.ood
+        if o is not None and o.input is not None and o.reconstruction is not None and o.error is not None:
             from cxrbench.explain.overlay import error_overlay
 
-            imgs = [("input (64 px)", report.ood.input), ("reconstruction", report.ood.reconstruction),
-                    ("error", error_overlay(report.ood.input, report.ood.error))]
+            imgs = [("input (64 px)", o.input), ("reconstruction", o.reconstruction),
+                    ("error", error_overlay(o.input, o.error))]
             self.ood_images.children = [w.VBox([w.HTML(f"<small>{t}</small>"),
                                                 w.Image(value=png_bytes(im), format="png",
                                                         layout=w.Layout(width="128px", height="128px"))])
@@ -299,20 +303,25 @@ class Dashboard:
             self.ood_images.children = []
 
     def _render_verdict(self, report: Report) -> None:
-        if report.ood is None:
+        o = report.ood
+        if o is None:  # (every report of the pipeline has a verdict; kept for reports made elsewhere)
             self.verdict.value = "<p><i>No OOD gate loaded: every image is analysed.</i></p>"
             return
-        o = report.ood
-        detail = f"{o.scorer} score {o.score:.3f} vs cutoff {o.cutoff:.3f}"
+        reason = html.escape(o.reason)
         if o.in_distribution:
+            detail = (f"{o.scorer} score {o.score:.3f} vs cutoff {o.cutoff:.3f}" if o.scorer
+                      else "passed the blank-image guard; no OOD model loaded")
             self.verdict.value = f"<p style='color:#1e7b34'>✔ Looks like a frontal chest X-ray ({detail}).</p>"
         elif report.rejected:
+            why = ("Red marks where the reconstruction fails." if o.check == "reconstruction" else
+                   "It cannot be analysed anyway: the model would see nothing." if not o.overridable else "")
             self.verdict.value = (f"<p class='cxr-rejected' style='color:#b00020'><b>✘ Rejected: this does not look "
-                                  f"like a frontal chest X-ray</b> ({detail}). The model was not trained on images "
-                                  "like this, so no prediction is shown. Red marks where the reconstruction fails.</p>")
+                                  f"like a frontal chest X-ray</b>: <span class='cxr-reason'>{reason}</span>. No "
+                                  f"prediction is shown. {why}</p>")
         else:
-            self.verdict.value = (f"<p style='color:#b36b00'>⚠ Not recognised as a chest X-ray ({detail}); analysed "
-                                  "anyway because you asked. Treat the numbers with suspicion.</p>")
+            self.verdict.value = (f"<p style='color:#b36b00'>⚠ Not recognised as a chest X-ray "
+                                  f"(<span class='cxr-reason'>{reason}</span>); analysed anyway because you asked. "
+                                  "Treat the numbers with suspicion.</p>")
 
     def _draw_overlay(self) -> None:
         from cxrbench.explain.base import gaussian_smooth

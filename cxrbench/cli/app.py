@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from cxrbench.cli.options import Subcommands, add_backend_argument
+from cxrbench.cli.options import Subcommands, add_backend_argument, positive_int
 from cxrbench.cli.outputs import OUTPUT_NAMING, output_stems, refuse_overwriting_inputs
 
 __all__ = ["add_app_commands"]
@@ -53,6 +54,8 @@ def _analyze(args: argparse.Namespace) -> int:
     stems = output_stems(files)
     refuse_overwriting_inputs(files, [out / "analysis.csv", *(out / "overlays" / f"{s}.png" for s in stems)])
     pipe = load_pipeline(args.classifier, ood=args.ood, backend=args.backend, progress=not args.quiet)
+    if args.min_side is not None:
+        pipe.guard = replace(pipe.guard, min_side=args.min_side)
     explain = None if args.explain == "none" else args.explain
     methods = pipe.classifier_backend.explain_methods
     if explain is not None and explain not in methods:
@@ -73,12 +76,14 @@ def _analyze(args: argparse.Namespace) -> int:
             png = png_bytes(overlay(r.image, r.maps[0], alpha=0.5))
             (out / "overlays" / f"{stems[i]}.png").write_bytes(png)
             rows[-1]["overlay"] = f"overlays/{stems[i]}.png"
-    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "error"]
-    cols.insert(cols.index("error"), "overlay")  # the row's own overlay file, relative to --out
+    cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "check",
+            "reason", "overlay", "error"]  # overlay: the row's own overlay file, relative to --out
     pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
-    n_rej = sum(1 for r in reports if r is not None and r.rejected)
-    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {n_rej} rejected by the "
-          f"OOD gate{backend_note(args.backend)}")
+    checks = [r.ood.check for r in reports if r is not None and r.rejected and r.ood is not None]
+    why = ", ".join(f"{checks.count(c)} {text}" for c, text in (("size", "too small"), ("information", "almost no "
+                    "image content"), ("reconstruction", "reconstruction error")) if c in checks)
+    print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {len(checks)} rejected by the "
+          f"OOD gate{f' ({why})' if why else ''}{backend_note(args.backend)}")
     return 0 if len(errors) < len(files) else 1
 
 
@@ -108,7 +113,10 @@ def add_app_commands(sub: Subcommands) -> None:
     q.add_argument("--out", required=True, help=f"folder for analysis.csv and overlays/<stem>.png ({OUTPUT_NAMING})")
     q.add_argument("--explain", default="saliency", choices=("none", *EXPLAINERS),
                    help="explanation method for the overlays, or 'none' (the onnx backend explains with cam)")
-    q.add_argument("--allow-ood", action="store_true", help="give probabilities for rejected images too")
+    q.add_argument("--allow-ood", action="store_true",
+                   help="give probabilities for rejected images too (not for images too small to see anything)")
+    q.add_argument("--min-side", type=positive_int, default=None,
+                   help="the blank-image guard's minimum short side in px (default: the OOD card's, else 64)")
     add_backend_argument(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_analyze)

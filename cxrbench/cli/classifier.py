@@ -125,7 +125,11 @@ def _predict(args: argparse.Namespace) -> int:
     failed = table[table["error"] != ""]
     for f, reason in zip(failed["file"], failed["error"]):
         print(f"warning: {f}: {reason}", file=sys.stderr)
-    print(f"wrote {out}: {len(files) - len(failed)} predicted, {len(failed)} unreadable{backend_note(args.backend)}")
+    warned = table[table["warning"] != ""]
+    for f, text in zip(warned["file"], warned["warning"]):
+        print(f"warning: {f}: {text}", file=sys.stderr)
+    print(f"wrote {out}: {len(files) - len(failed)} predicted ({len(warned)} with a warning: see the warning "
+          f"column), {len(failed)} unreadable{backend_note(args.backend)}")
     return 0 if len(failed) < len(files) else 1
 
 

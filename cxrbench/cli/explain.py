@@ -122,7 +122,9 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
     ``targets``: finding names; default: the ``top`` most probable findings (calibrated when the
     bundle has operating points), or all findings summed for ``method="saliency"``
     (:func:`cxrbench.explain.targets.explanation_targets`). Each image goes through
-    :meth:`cxrbench.inference.pipeline.Pipeline.analyze` (no gate). Returns the table written to
+    :meth:`cxrbench.inference.pipeline.Pipeline.analyze` (no gate: ``use_gate=False``). A file that is
+    low-dynamic-range, or that the gate's blank-image guard would reject, is explained anyway, with a
+    ``warning`` in its row (and on stderr from ``cxrbench explain``). Returns the table written to
     ``OUT/explain_summary.csv``.
     """
     import pandas as pd
@@ -149,7 +151,7 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
     rows = [_explain_file(pipe, f, stem, out, method, targets, top=top, sigma=sigma, cmap=cmap, alpha=alpha)
             for f, stem in items]
     table = pd.DataFrame(rows, columns=["file", "method", "targets", "raw_probabilities", "maps", "overlays", "seconds",
-                                        "error"])
+                                        "error", "warning"])
     table.to_csv(out / "explain_summary.csv", index=False)
     return table
 
@@ -158,17 +160,20 @@ def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, tar
                   sigma: float | None, cmap: str, alpha: float) -> dict[str, Any]:
     """One row of ``explain_summary.csv``; writes the file's ``.npy`` maps and overlays."""
     from cxrbench.explain import overlay, overlay_all_findings
+    from cxrbench.inference.predict import input_warning
     from cxrbench.io import ImageReadError
 
     row: dict[str, Any] = {"file": f, "method": method, "targets": "", "raw_probabilities": "", "maps": "",
-                           "overlays": "", "seconds": np.nan, "error": ""}
+                           "overlays": "", "seconds": np.nan, "error": "", "warning": ""}
     t0 = time.perf_counter()
     try:
-        report = pipe.analyze(f, explain=method, targets=targets, top=top,
+        report = pipe.analyze(f, explain=method, targets=targets, top=top, use_gate=False,
                               explain_options={"normalize": None, "sigma": sigma})  # the raw maps
     except (ImageReadError, ValueError) as exc:
         row["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
         return row
+    assert report.meta is not None and report.ood is not None
+    row["warning"] = "; ".join(w for w in (input_warning(report.meta), report.ood.reason) if w)
     maps, names = report.maps, report.map_labels
     assert maps is not None and report.raw is not None  # analyze explains every image it does not reject (no gate)
     np.save(out / f"{stem}_{method}.npy", maps.astype(np.float32), allow_pickle=False)
@@ -198,8 +203,11 @@ def _explain(args: argparse.Namespace) -> int:
     failed = table[table["error"] != ""]
     for f, reason in zip(failed["file"], failed["error"]):
         print(f"warning: {f}: {reason}", file=sys.stderr)
-    print(f"explained {len(table) - len(failed)} images with {args.method}; wrote maps, overlays and "
-          f"{Path(args.out) / 'explain_summary.csv'} ({len(failed)} unreadable)")
+    warned = table[table["warning"] != ""]
+    for f, text in zip(warned["file"], warned["warning"]):
+        print(f"warning: {f}: {text}", file=sys.stderr)
+    print(f"explained {len(table) - len(failed)} images with {args.method} ({len(warned)} with a warning); wrote "
+          f"maps, overlays and {Path(args.out) / 'explain_summary.csv'} ({len(failed)} unreadable)")
     return 0 if len(failed) < len(table) else 1
 
 

@@ -43,16 +43,19 @@ def _ood_score(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError("no input files")
     out = csv_output_path(args.out, "ood_scores.csv", files)  # refused here when it is one of the inputs
-    table = score_files(bundle, files, batch_size=args.batch_size)
+    table = score_files(bundle, files, batch_size=args.batch_size, min_side=args.min_side)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table["error"].astype(bool)
     for f, reason in zip(table.loc[failed, "file"], table.loc[failed, "error"]):
         print(f"warning: {f}: {reason}", file=sys.stderr)
-    n_ood = int((table["is_ood"] == True).sum())  # noqa: E712 (None for failed rows)
+    n_ood = int((table["check"] == "reconstruction").sum())
+    n_guard = int(table["check"].isin(["size", "information"]).sum())
     cutoff = bundle.card.ood.get("cutoff", {})
-    print(f"wrote {out}: {len(files) - int(failed.sum())} scored ({n_ood} out-of-distribution at "
-          f"{cutoff.get('scorer')} > {cutoff.get('threshold', float('nan')):.4f}), {int(failed.sum())} unreadable")
+    print(f"wrote {out}: {len(files) - int(failed.sum()) - n_guard} scored ({n_ood} out-of-distribution at "
+          f"{cutoff.get('scorer')} > {cutoff.get('threshold', float('nan')):.4f}), {n_guard} rejected by the "
+          f"blank-image guard (too small or almost no image content; see the reason column), "
+          f"{int(failed.sum())} unreadable")
     return 0 if failed.sum() < len(files) else 1
 
 
@@ -136,9 +139,12 @@ def add_ood_commands(sub: Subcommands) -> None:
     q = sub.add_parser("ood-score", help="OOD scores of image files under an OOD bundle, to CSV")
     q.add_argument("--bundle", required=True, help="an OOD bundle (cxrbench train ood)")
     q.add_argument("files", nargs="+", help="image files, folders or globs")
-    q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, error; "
-                                                "an existing folder (or a path ending in /) gets ood_scores.csv")
+    q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, check, "
+                                                "reason, error; an existing folder (or a path ending in /) gets "
+                                                "ood_scores.csv")
     q.add_argument("--batch-size", type=positive_int, default=64)
+    q.add_argument("--min-side", type=positive_int, default=None,
+                   help="the blank-image guard's minimum short side in px (default: the card's, else 64)")
     q.set_defaults(func=_ood_score)
 
     q = sub.add_parser("ood-tradeoff", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

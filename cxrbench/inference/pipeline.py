@@ -6,9 +6,13 @@
 >>> pipe.explain(report, "gradcam", "Effusion")   # only the explanation again  # doctest: +SKIP
 >>> pipe.predict(["a.png", "b.dcm"])              # batched, the predict CSV    # doctest: +SKIP
 
-An image the OOD gate rejects gets no probabilities unless the caller overrides the gate
-(``allow_ood=True``); the report still carries the reconstruction and its error map, so a user can
-see *why* it was rejected. Everything runs locally, on the CPU by default; nothing is written to disk.
+The gate has two parts: the blank-image guard (:mod:`cxrbench.ood.guard`; always, also without an OOD
+bundle) rejects an image that is "too small" or has "almost no image content" before any score is read;
+then the OOD bundle's reconstruction score must not exceed its cutoff ("reconstruction error"). An image
+the gate rejects gets no probabilities unless the caller overrides the gate (``allow_ood=True``), which a
+"too small" image cannot be; ``report.ood.check`` / ``report.ood.reason`` say why, with the measured numbers
+and cutoffs, and a scored image's report carries the reconstruction and its error map. Everything runs
+locally, on the CPU by default; nothing is written to disk.
 
 The models run behind the backends of :mod:`cxrbench.inference.backend` (PyTorch here; ONNX Runtime
 through :func:`cxrbench.export.runtime.load_pipeline`), so every face -- ``cxrbench predict`` /
@@ -42,6 +46,7 @@ from cxrbench.inference.predict import (
 from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_image
 from cxrbench.models.bundle import Bundle, load_bundle
 from cxrbench.models.unet import predict_lung_mask
+from cxrbench.ood.guard import GuardVerdict, ImageGuard
 
 __all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
 
@@ -52,27 +57,51 @@ class RejectedImageError(RuntimeError):
 
 @dataclass
 class OODResult:
-    """The gate's verdict on one image.
+    """The gate's verdict on one image: the blank-image guard first, then the OOD model's score.
 
-    ``scores``: every scorer (``l1``, ``l2``, ``ssim`` = 1 - SSIM, ``ssim_raw``, ``latent``); ``score``
-    the bundle's scorer; ``cutoff`` its threshold (higher = more OOD); images at 64 px in [0, 1]:
-    ``input``, ``reconstruction``, ``error`` (per-pixel |x - D(E(x))|).
+    ``guard``: the :class:`~cxrbench.ood.guard.GuardVerdict` (size, then information); an image it rejects is
+    not scored (``score`` NaN, no reconstruction). ``scores``: every scorer (``l1``, ``l2``, ``ssim`` = 1 - SSIM,
+    ``ssim_raw``, ``latent``); ``score`` the bundle's scorer; ``cutoff`` its threshold (higher = more OOD);
+    images at 64 px in [0, 1]: ``input``, ``reconstruction``, ``error`` (per-pixel |x - D(E(x))|). Without an
+    OOD bundle only the guard runs (``scorer`` ``""``, ``score`` NaN).
     """
 
-    scorer: str
-    score: float
-    cutoff: float
-    cutoff_method: str
-    scores: dict[str, float]
-    input: np.ndarray
-    reconstruction: np.ndarray
-    error: np.ndarray
+    scorer: str = ""
+    score: float = float("nan")
+    cutoff: float = float("nan")
+    cutoff_method: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    input: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
+    error: np.ndarray | None = None
+    guard: GuardVerdict = field(default_factory=lambda: GuardVerdict(True))
 
     @property
     def in_distribution(self) -> bool:
-        """Whether the score is at or below the cutoff."""
-        return bool(self.score <= self.cutoff)
+        """Whether the guard passed and the score is at or below the cutoff."""
+        return self.guard.passed and not bool(self.score > self.cutoff)
 
+    @property
+    def check(self) -> str:
+        """Which check rejected the image: ``"size"``, ``"information"``, ``"reconstruction"``; ``""`` if none."""
+        if not self.guard.passed:
+            return self.guard.check
+        return "reconstruction" if bool(self.score > self.cutoff) else ""
+
+    @property
+    def reason(self) -> str:
+        """Why the image was rejected, with the measured number(s) and the cutoff(s); ``""`` if it was not."""
+        if not self.guard.passed:
+            return self.guard.reason
+        if self.check == "reconstruction":
+            return (f"reconstruction error ({self.scorer} score {self.score:.3f} > cutoff {self.cutoff:.3f}: "
+                    "unlike the chest X-rays the gate was trained on)")
+        return ""
+
+    @property
+    def overridable(self) -> bool:
+        """Whether ``allow_ood`` may analyse the image anyway: yes, except for a "too small" image."""
+        return self.guard.overridable
 
 @dataclass
 class Report:
@@ -111,9 +140,8 @@ class Report:
         """Raise :class:`RejectedImageError` (file, score, cutoff) if the gate rejected the image."""
         if self.rejected:
             assert self.ood is not None
-            raise RejectedImageError(
-                f"{self.source}: not recognised as a frontal chest X-ray ({self.ood.scorer} score "
-                f"{self.ood.score:.3f} > cutoff {self.ood.cutoff:.3f}); no prediction is made")
+            raise RejectedImageError(f"{self.source}: not recognised as a frontal chest X-ray: {self.ood.reason}; "
+                                     "no prediction is made")
 
     def table(self) -> pd.DataFrame:
         """One row per finding: calibrated and raw probability, operating point; most probable first
@@ -126,13 +154,15 @@ class Report:
 
     def to_row(self) -> dict[str, Any]:
         """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``,
-        ``error``."""
+        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``."""
         row: dict[str, Any] = {"file": self.source}
         for j, f in enumerate(self.findings):
             row[f] = float(self.calibrated[j]) if self.calibrated is not None else np.nan
             row[f"{f}_raw"] = float(self.raw[j]) if self.raw is not None else np.nan
         row["ood_score"] = self.ood.score if self.ood else np.nan
         row["in_distribution"] = self.in_distribution if self.ood else ""
+        row["check"] = self.ood.check if self.ood else ""
+        row["reason"] = self.ood.reason if self.ood else ""
         row["error"] = "rejected by the OOD gate" if self.rejected else ""
         return row
 
@@ -151,7 +181,7 @@ class Pipeline:
     """
 
     def __init__(self, classifier: Bundle, ood: Bundle | None = None, unet: Bundle | None = None,
-                 *, device: str | torch.device = "cpu"):
+                 *, device: str | torch.device = "cpu", guard: ImageGuard | None = None, min_side: int | None = None):
         if classifier.card.kind != "classifier":
             raise ValueError(f"{classifier.path}: expected a classifier bundle, got {classifier.card.kind}")
         if ood is not None and ood.card.kind != "ood":
@@ -164,6 +194,11 @@ class Pipeline:
         self.gate_backend: GateBackend | None = gate_backend(ood.model, self.device) if ood is not None else None
         if unet is not None:
             unet.model.to(self.device).eval()
+        #: the blank-image guard every image passes first: ``guard``, else the OOD card's fitted one, else the
+        #: defaults (no OOD bundle, or an older card); ``min_side`` replaces its minimum short side
+        self.guard = guard or ImageGuard.from_dict(ood.card.ood.get("guard") if ood is not None else None)
+        if min_side is not None:
+            self.guard = replace(self.guard, min_side=int(min_side))
         self.findings = classifier.labels
         ops = classifier.card.operating_points
         self.operating_points = (OperatingPoints.from_dict(ops).as_array(self.findings) if ops
@@ -171,11 +206,12 @@ class Pipeline:
 
     @classmethod
     def from_paths(cls, classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
-                   unet: str | os.PathLike | None = None, *, device: str = "cpu") -> "Pipeline":
+                   unet: str | os.PathLike | None = None, *, device: str = "cpu",
+                   min_side: int | None = None) -> "Pipeline":
         """Load bundle folders (PyTorch); :func:`cxrbench.export.runtime.load_pipeline` chooses a backend."""
         return cls(load_bundle(classifier, kind="classifier"),
                    load_bundle(ood, kind="ood") if ood else None,
-                   load_bundle(unet, kind="segmentation") if unet else None, device=device)
+                   load_bundle(unet, kind="segmentation") if unet else None, device=device, min_side=min_side)
 
     def warm_up(self, explain: str | None = "saliency") -> float:
         """Run the whole chain once on a synthetic image so that the first real one does not pay for
@@ -212,9 +248,11 @@ class Pipeline:
         return np.asarray(calibrate(np.asarray(raw, dtype=np.float64), self.operating_points), dtype=np.float64)
 
     def gate(self, pixels: np.ndarray) -> OODResult:
-        """The OOD gate's verdict on an image's ``(H, W)`` [0, 1] pixels (needs an OOD bundle)."""
-        if self.ood is None or self.gate_backend is None:
-            raise ValueError("no OOD bundle loaded")
+        """The gate's verdict on an image's ``(H, W)`` [0, 1] pixels: the blank-image guard (:attr:`guard`) before
+        any score is read; then, with an OOD bundle, its reconstruction score against its cutoff."""
+        verdict = self.guard.check(pixels)
+        if not verdict.passed or self.ood is None or self.gate_backend is None:
+            return OODResult(guard=verdict)
         pp = self.ood.preprocess
         small = pp.geometry(pixels)
         out = self.gate_backend.score(torch.from_numpy(pp.intensity(small))[None])
@@ -224,13 +262,13 @@ class Pipeline:
         return OODResult(scorer=scorer, score=float(out.scores[scorer][0]),
                          cutoff=float(cutoff.get("threshold", np.inf)), cutoff_method=str(cutoff.get("method", "")),
                          scores={k: float(v[0]) for k, v in out.scores.items()}, input=small, reconstruction=rec,
-                         error=np.abs(small - rec))
+                         error=np.abs(small - rec), guard=verdict)
 
     # ------------------------------------------------------------------------------------------
     # one image
     def analyze(self, source: ImageSource | np.ndarray, *, name: str | None = None, explain: str | None = "saliency",
                 targets: str | Sequence[str] | None = None, top: int = DEFAULT_TOP, allow_ood: bool = False,
-                explain_options: Mapping[str, Any] | None = None) -> Report:
+                explain_options: Mapping[str, Any] | None = None, use_gate: bool = True) -> Report:
         """Run the chain on one image; see the module doc.
 
         Parameters
@@ -239,7 +277,10 @@ class Pipeline:
             :data:`cxrbench.explain.EXPLAINERS`) or None for none.
         targets, top : what to explain (:func:`cxrbench.explain.targets.explanation_targets`): a finding, a list
             of findings, or by default all findings summed (saliency) / the ``top`` most probable.
-        allow_ood : give probabilities even when the gate rejects the image (the report says so).
+        allow_ood : give probabilities even when the gate rejects the image (the report says so), except for a
+            "too small" image: the model would see nothing but interpolation (:attr:`OODResult.overridable`).
+        use_gate : False for the faces without a gate (``cxrbench explain``): the verdict is still in
+            ``report.ood`` (to warn with), but nothing is rejected.
         explain_options : post-processing of the maps (default :data:`DEFAULT_MAP_OPTIONS`, min-max to [0, 1]).
 
         Raises :class:`~cxrbench.io.ImageReadError` for unreadable input (nothing else is lost).
@@ -249,12 +290,12 @@ class Pipeline:
         report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(img.pixels),
                         findings=list(self.findings), operating_points=self.operating_points,
                         timings={"read": time.perf_counter() - t0})
-        if self.ood is not None:
-            t = time.perf_counter()
-            report.ood = self.gate(img.pixels)
-            report.timings["ood"] = time.perf_counter() - t
-            report.rejected = not report.ood.in_distribution and not allow_ood
-            report.overridden = not report.ood.in_distribution and allow_ood
+        t = time.perf_counter()
+        report.ood = self.gate(img.pixels)
+        report.timings["ood"] = time.perf_counter() - t
+        failed = not report.ood.in_distribution
+        report.rejected = use_gate and failed and not (allow_ood and report.ood.overridable)
+        report.overridden = failed and not report.rejected
         if not report.rejected:
             t = time.perf_counter()
             report.raw = 1.0 / (1.0 + np.exp(-self.classifier_backend.logits(self.model_inputs(report.image))[0]
@@ -276,8 +317,10 @@ class Pipeline:
         """A copy of ``report`` with the maps of ``method`` (only the explanation is computed: the image, the
         gate and the probabilities are the report's). ``targets``/``top``/``options`` as in :meth:`analyze`."""
         if report.raw is None:
-            raise ValueError(f"{report.source}: rejected by the OOD gate, so there is nothing to explain "
-                             "(analyse with allow_ood=True to override the gate)")
+            reason = report.ood.reason if report.ood is not None else "rejected"
+            raise ValueError(f"{report.source}: rejected by the OOD gate ({reason}), so there is nothing to explain"
+                             + (" (analyse with allow_ood=True to override the gate)"
+                                if report.ood is None or report.ood.overridable else ""))
         t = time.perf_counter()
         ranking = finding_ranking(report.calibrated, report.raw)
         chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top)
@@ -310,10 +353,13 @@ class Pipeline:
     def predict(self, files: Sequence[str | os.PathLike], *, batch_size: int = 16, progress: bool = False
                 ) -> pd.DataFrame:
         """The ``predict`` CSV for image files (no gate, no explanation), ``batch_size`` images per forward pass:
-        :func:`~cxrbench.inference.predict.predictions_table` with an ``error`` for each unreadable file."""
+        :func:`~cxrbench.inference.predict.predictions_table` with an ``error`` for each unreadable file and a
+        ``warning`` for each low-dynamic-range one (:func:`~cxrbench.inference.predict.input_warning`)."""
+        warnings: dict[int, str] = {}
         logits, errors = predict_files(self.classifier_backend, self.classifier.preprocess, files,
-                                       batch_size=batch_size, progress=progress)
-        return predictions_table(files, logits, self.findings, operating_points_of(self.classifier), errors)
+                                       batch_size=batch_size, progress=progress, warnings=warnings)
+        return predictions_table(files, logits, self.findings, operating_points_of(self.classifier), errors,
+                                 warnings)
 
     def predict_dataset(self, dataset, *, batch_size: int = 32, num_workers: int = 0, progress: bool = False
                         ) -> Predictions:
@@ -329,6 +375,7 @@ class Pipeline:
         if self.ood is not None:
             d["ood"] = str(self.ood.path)
             d["ood_cutoff"] = self.ood.card.ood.get("cutoff")
+        d["guard"] = self.guard.to_dict()
         if self.unet is not None:
             d["unet"] = str(self.unet.path)
         return d

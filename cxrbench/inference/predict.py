@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.inference.backend import ClassifierBackend, classifier_backend
-from cxrbench.io import ImageReadError, read_image
+from cxrbench.io import LOW_DYNAMIC_RANGE_SPREAD, ImageMeta, ImageReadError, read_image
 from cxrbench.models.bundle import Bundle
 from cxrbench.preprocess import Preprocess
 
-__all__ = ["Predictions", "operating_points_of", "predict_dataset", "predict_files", "predictions_table"]
+__all__ = ["Predictions", "input_warning", "operating_points_of", "predict_dataset", "predict_files",
+           "predictions_table"]
 
 
 @dataclass
@@ -76,6 +77,19 @@ def _n_outputs(model: object) -> int:
     return int(getattr(model, "num_outputs", getattr(inner, "num_outputs", 0)))
 
 
+def input_warning(meta: ImageMeta) -> str:
+    """The per-file warning of the faces without a gate (``predict``, ``explain``); ``""`` for a usable input.
+
+    Today: a low-dynamic-range image (:attr:`cxrbench.io.ImageMeta.low_dynamic_range`: nearly flat or nearly
+    black after scaling by its effective bit depth), whose probabilities mean little.
+    """
+    if not meta.low_dynamic_range:
+        return ""
+    return (f"low dynamic range: 98 % of the pixels span less than {LOW_DYNAMIC_RANGE_SPREAD:g} of the intensity "
+            f"range (read as {meta.effective_bits}-bit); a nearly flat or black image, so its probabilities are "
+            "unreliable")
+
+
 def predict_files(
     model: nn.Module | ClassifierBackend,
     preprocess: Preprocess,
@@ -84,12 +98,14 @@ def predict_files(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    warnings: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Logits ``(N, F)`` float32 for image files, ``batch_size`` images per forward pass.
 
     ``model``: a torch classifier (run on ``device``) or any :class:`~cxrbench.inference.backend.ClassifierBackend`.
     Unreadable files get a row of NaN and an entry in ``errors``. Returns ``(logits, errors)`` where
-    ``errors`` maps the position of a failed file to its reason.
+    ``errors`` maps the position of a failed file to its reason. ``warnings``, when given, is filled with the
+    :func:`input_warning` of each read file that has one (position -> text).
     """
     backend = classifier_backend(model, device)
     out: list[np.ndarray | None] = [None] * len(files)
@@ -112,8 +128,11 @@ def predict_files(
         items = tqdm(items, total=len(files), desc="predicting", unit="img")
     for pos, f in items:
         try:
-            batch.append(preprocess(read_image(f).pixels))
+            image = read_image(f)
+            batch.append(preprocess(image.pixels))
             where.append(pos)
+            if warnings is not None and input_warning(image.meta):
+                warnings[pos] = input_warning(image.meta)
         except (ImageReadError, ValueError) as exc:
             errors[pos] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
         if len(batch) >= batch_size:
@@ -138,8 +157,10 @@ def predictions_table(
     labels: Sequence[str],
     operating_points: OperatingPoints | None,
     errors: dict[int, str] | None = None,
+    warnings: dict[int, str] | None = None,
 ) -> pd.DataFrame:
-    """The ``predict`` CSV: ``file``, then ``<Finding>`` (calibrated) and ``<Finding>_raw`` per finding, ``error``.
+    """The ``predict`` CSV: ``file``, then ``<Finding>`` (calibrated) and ``<Finding>_raw`` per finding, ``error``,
+    and with ``warnings`` (position -> text, :func:`input_warning`) a ``warning`` column.
 
     Without operating points the calibrated columns are NaN (never silently the raw values).
     """
@@ -154,4 +175,6 @@ def predictions_table(
         cols[f"{f}_raw"] = raw[:, j]
     errors = errors or {}
     cols["error"] = [errors.get(i, "") for i in range(len(names))]
+    if warnings is not None:
+        cols["warning"] = [warnings.get(i, "") for i in range(len(names))]
     return pd.DataFrame(cols)

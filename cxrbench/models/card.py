@@ -260,6 +260,36 @@ def _ood_problems(card: ModelCard) -> list[str]:
     threshold = cutoff.get("threshold")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         problems.append(f"ood.cutoff.threshold must be a finite number, got {_short(threshold)}")
+    return problems + _guard_problems(card.ood.get("guard"))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: ``ood["guard"]`` (the blank-image guard, :class:`cxrbench.ood.guard.ImageGuard`): key -> (is valid, what it must be)
+_GUARD_KEYS: dict[str, tuple[Any, str]] = {
+    "min_side": (lambda v: _is_int(v) and 1 <= v <= 2048, "an integer in [1, 2048]"),
+    "min_bits_per_pixel": (lambda v: _is_number(v) and 0 <= v <= 8, "a number in [0, 8]"),
+    "min_spread": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "size": (lambda v: _is_int(v) and 8 <= v <= 2048, "an integer in [8, 2048]"),
+    "kept_fraction_validation": (lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
+}
+
+
+def _guard_problems(guard: Any) -> list[str]:
+    """An OOD card's blank-image guard block; absent (older cards) is fine: the guard's defaults apply."""
+    if guard is None:
+        return []
+    if not isinstance(guard, dict):
+        return [f"ood.guard must be a JSON object {{{', '.join(_GUARD_KEYS)}, ...}}, got {_short(guard)}"]
+    problems = [f"ood.guard needs {k}" for k in ("min_side", "min_bits_per_pixel", "min_spread") if k not in guard]
+    problems += [f"ood.guard.{k} must be {what}, got {_short(guard[k])}"
+                 for k, (ok, what) in _GUARD_KEYS.items() if k in guard and not ok(guard[k])]
     return problems
 
 
@@ -306,7 +336,20 @@ def _describe_calibration(card: ModelCard) -> list[str]:
     if cut:
         lines.append(f"OOD cutoff: {cut.get('scorer')} > {format_metric(cut.get('threshold'))} is out of "
                      f"distribution ({cut.get('method', '?')})")
+    if card.kind == "ood":
+        lines.append(_describe_guard(card.ood.get("guard")))
     return lines
+
+
+def _describe_guard(g: dict[str, Any] | None) -> str:
+    if not g:
+        return ("blank-image guard: none in this card (an older bundle); the cxrbench defaults apply "
+                "(cxrbench.ood.guard.ImageGuard)")
+    kept = g.get("kept_fraction_validation")
+    fit = (f"fitted: {g.get('method', '?')}, keeps {kept:.1%} of them" if _is_number(kept)
+           else f"{g.get('method', '?')}")
+    return (f"blank-image guard: short side >= {g['min_side']} px, >= {g['min_bits_per_pixel']:.2f} bits/pixel, "
+            f"intensity spread >= {g['min_spread']:.3f} ({fit})")
 
 
 def _describe_test(card: ModelCard) -> list[str]:

@@ -13,8 +13,13 @@ of likelihood and reconstruction OOD scores; Serrà et al., ICLR 2020). The guar
 
 Each has a cutoff fitted on the in-distribution *validation* images, like the reconstruction cutoff:
 ``margin x`` their 1st percentile (margins 0.7 and 0.25: far below every chest radiograph seen, far above
-blank and synthetic images), recorded in the OOD card. Without a card the conservative defaults of
-:class:`ImageGuard` apply.
+blank and synthetic images), recorded in the OOD card (``ood["guard"]``). Without a fitted guard (no OOD
+bundle, or an older card) the defaults of :class:`ImageGuard` apply: 2.5 bits/pixel and a spread of 0.15,
+below every chest radiograph of ../shared/data (NIH, paediatric, lung-mask sets: minima 2.85 and 0.23) and
+every synthetic phantom, above flat images, gradients, checkerboards, stripes and noise.
+
+A "too small" verdict cannot be overridden (the model would see nothing but interpolation); an
+"almost no image content" verdict can, like a reconstruction rejection (:attr:`GuardVerdict.overridable`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,13 @@ class GuardVerdict:
     check: str = ""
     reason: str = ""
     measures: dict[str, float] = field(default_factory=dict)
+    #: the cutoffs the measures were held to (``short_side`` / ``bits_per_pixel`` / ``spread``)
+    limits: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def overridable(self) -> bool:
+        """Whether a caller may analyse the image anyway (``allow_ood``): every rejection but "too small"."""
+        return self.check != "size"
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,8 @@ class ImageGuard:
     """Size and information cutoffs (see the module doc); the defaults are used when no OOD card has fitted ones."""
 
     min_side: int = 64
-    min_bits_per_pixel: float = 1.5
-    min_spread: float = 0.05
+    min_bits_per_pixel: float = 2.5
+    min_spread: float = 0.15
     size: int = GUARD_SIZE
     method: str = "cxrbench defaults (no fitted cutoffs)"
 
@@ -81,14 +93,16 @@ class ImageGuard:
         h, w = np.asarray(pixels).shape[:2]
         if min(h, w) < self.min_side:
             return GuardVerdict(False, "size", f"too small ({w}x{h} px; a chest radiograph needs at least "
-                                f"{self.min_side} px on the short side)", {"short_side": float(min(h, w))})
+                                f"{self.min_side} px on the short side)", {"short_side": float(min(h, w))},
+                                {"short_side": float(self.min_side)})
         info = image_information(pixels, self.size)
+        limits = {"bits_per_pixel": float(self.min_bits_per_pixel), "spread": float(self.min_spread)}
         if info["spread"] < self.min_spread or info["bits_per_pixel"] < self.min_bits_per_pixel:
             return GuardVerdict(False, "information", "almost no image content (blank, flat or a simple pattern: "
                                 f"{info['bits_per_pixel']:.2f} bits/pixel, intensity spread {info['spread']:.3f}; "
                                 f"chest radiographs have at least {self.min_bits_per_pixel:.2f} and "
-                                f"{self.min_spread:.3f})", info)
-        return GuardVerdict(True, measures=info)
+                                f"{self.min_spread:.3f})", info, limits)
+        return GuardVerdict(True, measures=info, limits=limits)
 
     def to_dict(self) -> dict[str, Any]:
         """The guard's thresholds as a plain dict (the OOD card's ``ood["guard"]``)."""

@@ -21,6 +21,7 @@ preprocessed for scoring in one place (:func:`score_files`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -33,6 +34,7 @@ from skimage.metrics import structural_similarity
 from cxrbench._types import PathLike, to_numpy
 from cxrbench.io import ImageReadError, read_image
 from cxrbench.models.autoencoder import check_image_batch
+from cxrbench.ood.guard import ImageGuard
 from cxrbench.preprocess import Preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -200,20 +202,21 @@ def score_images(model: OODModel, images: Sequence[np.ndarray], *, preprocess: P
     return score_sets(model, {"x": x}, batch_size=batch_size)["x"]
 
 
-def _file_pixels(bundle: Bundle, path: PathLike) -> np.ndarray:
-    """The OOD model's input ``(1, S, S)`` for one image file; ImageReadError / ValueError when it cannot be scored."""
-    return bundle.preprocess(read_image(path).pixels)
-
-
-def score_files(bundle: Bundle, files: Sequence[PathLike], *, batch_size: int = 64) -> pd.DataFrame:
+def score_files(bundle: Bundle, files: Sequence[PathLike], *, batch_size: int = 64,
+                min_side: int | None = None) -> pd.DataFrame:
     """The ``ood-score`` table of image files under an OOD bundle.
 
     Columns: ``file``, ``l1``, ``l2``, ``ssim`` (1 - SSIM), ``latent``, ``score`` (the bundle's scorer),
-    ``is_ood`` (score > the bundle's cutoff), ``error`` (why a file could not be scored; its scores are NaN).
+    ``is_ood``, ``check`` and ``reason`` (why it is OOD: ``"size"`` / ``"information"`` from the blank-image
+    guard of the card, :mod:`cxrbench.ood.guard`, whose images are not scored; ``"reconstruction"`` when the
+    score exceeds the cutoff), ``error`` (why a file could not be read; its scores are NaN). ``min_side``
+    replaces the guard's minimum short side.
     """
     cutoff = bundle.card.ood.get("cutoff", {})
     scorer, threshold = cutoff.get("scorer", "ssim"), float(cutoff.get("threshold", np.inf))
-    rows: list[dict[str, Any]] = [{"file": str(f), "error": ""} for f in files]
+    guard = ImageGuard.from_dict(bundle.card.ood.get("guard"))
+    guard = guard if min_side is None else replace(guard, min_side=int(min_side))
+    rows: list[dict[str, Any]] = [{"file": str(f), "check": "", "reason": "", "error": ""} for f in files]
     good: list[int] = []
     pixels: list[np.ndarray] = []
 
@@ -222,19 +225,28 @@ def score_files(bundle: Bundle, files: Sequence[PathLike], *, batch_size: int = 
             scores = score_batch(as_ood_model(bundle.model), torch.as_tensor(np.stack(pixels)))
             for k, pos in enumerate(good):
                 rows[pos].update({name: float(scores[name][k]) for name in SCORER_NAMES})
+                if scores[scorer][k] > threshold:
+                    rows[pos].update(check="reconstruction", reason=f"reconstruction error ({scorer} score "
+                                     f"{scores[scorer][k]:.3f} > cutoff {threshold:.3f})")
             good.clear()
             pixels.clear()
 
     for pos, f in enumerate(files):
         try:
-            pixels.append(_file_pixels(bundle, f))
-            good.append(pos)
+            image = read_image(f).pixels
+            verdict = guard.check(image)
+            if verdict.passed:
+                pixels.append(bundle.preprocess(image))
+                good.append(pos)
+            else:
+                rows[pos].update(check=verdict.check, reason=verdict.reason)
         except (ImageReadError, ValueError) as exc:
             rows[pos]["error"] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
         if len(good) >= batch_size:
             flush()
     flush()
-    table = pd.DataFrame(rows, columns=["file", *SCORER_NAMES, "error"])
+    table = pd.DataFrame(rows, columns=["file", *SCORER_NAMES, "check", "reason", "error"])
     table["score"] = table[scorer]
-    table["is_ood"] = [bool(v > threshold) if np.isfinite(v) else None for v in table["score"]]
-    return table[["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "error"]]
+    table["is_ood"] = [True if c else (bool(v > threshold) if np.isfinite(v) else None)
+                       for c, v in zip(table["check"], table["score"])]
+    return table[["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "check", "reason", "error"]]

@@ -14,7 +14,9 @@ What a run writes to its output folder::
     checkpoint.pt     last finished epoch (model, optimizers, generators, RNG states) for --resume
     best.safetensors  weights of the epoch with the highest validation median SSIM
     scores_val.csv / scores_test.csv   per-image scores of the best weights (higher = more OOD)
-    bundle/           kind "ood": weights + card (scorer, cutoff, how it was chosen, val score summary)
+    bundle/           kind "ood": weights + card (scorer, cutoff, how it was chosen, val score summary, and the
+                      blank-image guard fitted on the val images: ``ood["guard"]``,
+                      :func:`cxrbench.ood.guard.fit_guard`)
 
 The epochs run in the one training loop (:mod:`cxrbench.train.loop`): interrupted runs resume from
 ``checkpoint.pt`` with ``resume=True`` and end with the same weights and metrics as an uninterrupted
@@ -40,6 +42,7 @@ from cxrbench.models.ali import ALI, DEFAULT_RECON_WEIGHT, ali_train_step, make_
 from cxrbench.models.autoencoder import AE_LOSSES, ConvAutoencoder, ae_train_step
 from cxrbench.models.bundle import ModelCard, save_bundle
 from cxrbench.ood import SCORER_NAMES, OODCutoff, OODModel, chester_ssim_cutoff, fit_cutoff, score_batches
+from cxrbench.ood.guard import fit_guard
 from cxrbench.preprocess import Preprocess
 from cxrbench.train.common import RunConfig, decode_all, run_split, training_record
 from cxrbench.train.family import LoopResult, LoopSettings, TrainingParts
@@ -257,6 +260,13 @@ def _scores_table(model: OODModel, ds: CXRDataset, name: str, device: torch.devi
     return table
 
 
+def guard_record(val_set: CXRDataset) -> dict[str, Any]:
+    """The card's ``ood["guard"]``: the blank-image guard fitted on the validation images (their 64 px crops from
+    the training cache, which are the guard's own analysis resolution): cutoffs, keep rate, measure summaries."""
+    guard, record = fit_guard([val_set.display_image(i) for i in range(len(val_set))])
+    return {**guard.to_dict(), **record}
+
+
 def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: torch.device) -> None:
     """Scores of val and test -> percentile cutoff on val -> bundle."""
     out, cfg, s = result.out_dir, family.config, family.split
@@ -275,6 +285,7 @@ def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: 
     result.scores = pd.concat([t for t in tables.values() if len(t)], ignore_index=True)
     val_summary = {name: score_summary(tables["val"][name].to_numpy()) for name in SCORE_COLUMNS}
     ood_info = {
+        "guard": guard_record(family._part("val")),
         "cutoff": cutoff.to_dict(),
         "scorer": cfg.scorer,
         "how_chosen": f"{cutoff.method} (patient-level split, seed {cfg.seed}); higher score = more OOD",

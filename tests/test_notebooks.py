@@ -14,8 +14,8 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "00_data_tour.ipynb": {"image_size": 96, "images_per_finding": 2, "findings_to_show": 3, "n_phantoms": 4},
     "01_train_classifier.ipynb": {"image_size": 48, "epochs": 2, "max_steps_per_epoch": 3, "bootstrap": 50,
                                   "out_dir": "{tmp}/run01"},
-    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "train_if_missing": True, "image_size": 48, "epochs": 1,
-                                      "max_steps_per_epoch": 3},
+    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "train_if_missing": True, "image_size": 48,
+                                      "epochs": 1, "max_steps_per_epoch": 3},
     "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
                                    "latency_batches": [1, 4], "write_web_app": False},
     # the Voila app: under papermill it must run and show a widget (driven in a browser by test_dashboard_browser.py)
@@ -92,8 +92,9 @@ def test_notebook_02_with_a_mistyped_run_dir_stops_in_its_first_cell_and_creates
     typo = tmp_path / "runs" / "01_clasifier"
     out = tmp_path / "02.ipynb"
     with pytest.raises(pm.PapermillExecutionError) as raised:
-        pm.execute_notebook(str(NOTEBOOKS / "02_roc_operating_points.ipynb"), str(out), parameters={"run_dir": str(typo)},
-                            cwd=str(NOTEBOOKS.parent), kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(str(NOTEBOOKS / "02_roc_operating_points.ipynb"), str(out),
+                            parameters={"run_dir": str(typo)}, cwd=str(NOTEBOOKS.parent), kernel_name="python3",
+                            progress_bar=False)
     assert raised.value.ename == "RunFolderError"
     assert f"{typo}: no such folder, no finished classifier run" in raised.value.evalue
     assert not typo.exists() and not typo.parent.exists()

@@ -190,7 +190,7 @@ def test_ensure_run_names_the_run_folder_of_a_bundle_and_uses_a_finished_run_as_
     before = _listing(finished_run)
     with pytest.raises(RunFolderError, match=f"is a bundle folder, not a run folder .its run folder is {finished_run}"):
         ensure_run(finished_run / "bundle", ClassifierConfig(**TINY), train_if_missing=True)
-    with pytest.raises(RunFolderError, match="holds a run of kind 'classifier'; OOD model runs .kind 'ood'. are needed here"):
+    with pytest.raises(RunFolderError, match="holds a run of kind 'classifier'; OOD model runs .kind 'ood'."):
         ensure_run(finished_run, OODConfig(), train_if_missing=True)
     capsys.readouterr()
     assert ensure_run(finished_run, ClassifierConfig(arch="densenet121"), train_if_missing=True) == \

@@ -116,8 +116,10 @@ def _announce(run: Path, config: RunConfig, word: str, manifest: pd.DataFrame, s
     size = getattr(config, "image_size", None) or config.preprocess().size  # type: ignore[attr-defined]
     what = getattr(config, "arch", None) or getattr(config, "model", None) or word
     epochs = int(getattr(config, "epochs"))
-    print(f"training {'an' if word.startswith('OOD') else 'a'} {word} into {run} ({why}): {what} at {size} px, {epochs} epoch{'' if epochs == 1 else 's'} of "
-          f"{estimate['steps_per_epoch']} steps (batch {getattr(config, 'batch_size')}, about "
+    article = "an" if word.startswith("OOD") else "a"
+    plural = "" if epochs == 1 else "s"
+    print(f"training {article} {word} into {run} ({why}): {what} at {size} px, {epochs} epoch{plural} "
+          f"of {estimate['steps_per_epoch']} steps (batch {getattr(config, 'batch_size')}, about "
           f"{estimate['train_images']} training images of {len(manifest)} from {source}); estimated "
           f"{_duration(estimate['seconds'])} of training steps on {pick_device(getattr(config, 'device', 'auto'))} "
           f"({estimate['seconds_per_step']:.2f} s per step, measured; decoding and evaluation add to it)")
@@ -162,7 +164,8 @@ def ensure_run(run_dir: str | os.PathLike, config: RunConfig, *, data: Any = Non
     if (bundle / "card.json").is_file():
         card = read_card(bundle)
         if card.kind != kind:
-            raise RunFolderError(f"{run}: holds a run of kind {card.kind!r}; {word} runs (kind {kind!r}) are needed here")
+            raise RunFolderError(f"{run}: holds a run of kind {card.kind!r}; {word} runs (kind {kind!r}) are "
+                                 "needed here")
         if progress:
             print(f"using the {word} run in {run}: {card.name}, trained on {card.training.get('data') or '?'}")
         return bundle

@@ -48,10 +48,12 @@ class RunFolder:
 
     @property
     def exists(self) -> bool:
+        """Whether the folder exists."""
         return self.path.exists()
 
     @property
     def empty(self) -> bool:
+        """Whether it holds nothing (or does not exist)."""
         return not self.run_files and not self.other_files
 
     @property
@@ -61,6 +63,7 @@ class RunFolder:
 
     @property
     def is_bundle(self) -> bool:
+        """Whether it is a bundle folder (``card.json`` and ``model.safetensors``)."""
         return all(n in self.other_files for n in _BUNDLE_FILES)
 
     @property

@@ -3,7 +3,7 @@
 :func:`ensure_run` never writes into the folder it is given unless ``train_if_missing`` asks for training; a
 path that is not a run folder (a bundle folder, a data folder, a typo) gets one clear error naming it. When it
 trains, it says first what it trains, where, on which data, and how long that should take
-(:func:`estimate_training_seconds`, from two timed training steps).
+(:func:`estimate_training_seconds`, from a timed training step).
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def _model_and_batch(config: RunConfig, n_outputs: int) -> tuple[torch.nn.Module
 
 
 def _seconds_per_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Mean seconds of an Adam step (forward, a stand-in loss, backward) over two steps after one warm-up."""
+    """Seconds of an Adam step (forward, a stand-in loss, backward), timed after one warm-up step."""
     model, x = model.to(device).train(), x.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     times = []
-    for _ in range(3):
+    for _ in range(2):
         t0 = time.perf_counter()
         out = model(x)
         loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
@@ -84,11 +84,11 @@ def _seconds_per_step(model: torch.nn.Module, x: torch.Tensor, device: torch.dev
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return sum(times[1:]) / 2
+    return times[-1]
 
 
 def estimate_training_seconds(config: RunConfig, n_images: int, n_outputs: int = 14) -> dict[str, float]:
-    """How long training ``config`` on ``n_images`` (train + val + test) should take here, from two timed steps.
+    """How long training ``config`` on ``n_images`` (train + val + test) should take here, from a timed step.
 
     Returns ``{"seconds", "seconds_per_step", "steps_per_epoch", "train_images"}``: the training steps only
     (decoding, validation and the final evaluation come on top; a rough, honest lower bound).

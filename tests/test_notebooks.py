@@ -14,8 +14,8 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "00_data_tour.ipynb": {"image_size": 96, "images_per_finding": 2, "findings_to_show": 3, "n_phantoms": 4},
     "01_train_classifier.ipynb": {"image_size": 48, "epochs": 2, "max_steps_per_epoch": 3, "bootstrap": 50,
                                   "out_dir": "{tmp}/run01"},
-    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "image_size": 48, "epochs": 1,
-                                      "max_steps_per_epoch": 3},
+    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "train_if_missing": True, "image_size": 48,
+                                      "epochs": 1, "max_steps_per_epoch": 3},
     "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
                                    "latency_batches": [1, 4], "write_web_app": False},
     # the Voila app: under papermill it must run and show a widget (driven in a browser by test_dashboard_browser.py)
@@ -80,3 +80,26 @@ def test_notebook_runs_under_papermill(name, tmp_path):
         kinds = {"application/vnd.jupyter.widget-view+json"}
     shown = [o for c in nb.cells for o in c.get("outputs", []) if kinds & set(o.get("data", {}))]
     assert shown, f"{name} showed no {' or '.join(sorted(kinds))}"
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_notebook_02_with_a_mistyped_run_dir_stops_in_its_first_cell_and_creates_nothing(tmp_path):
+    """At its defaults (train_if_missing False) a run_dir that holds no run is an error, never a new training run."""
+    import nbformat
+    import papermill as pm
+
+    typo = tmp_path / "runs" / "01_clasifier"
+    out = tmp_path / "02.ipynb"
+    with pytest.raises(pm.PapermillExecutionError) as raised:
+        pm.execute_notebook(str(NOTEBOOKS / "02_roc_operating_points.ipynb"), str(out),
+                            parameters={"run_dir": str(typo)}, cwd=str(NOTEBOOKS.parent), kernel_name="python3",
+                            progress_bar=False)
+    assert raised.value.ename == "RunFolderError"
+    assert f"{typo}: no such folder, no finished classifier run" in raised.value.evalue
+    assert not typo.exists() and not typo.parent.exists()
+    nb = nbformat.read(out, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])
+            and "injected-parameters" not in c.metadata.get("tags", [])]
+    failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    assert failed == [0]  # the first code cell after the parameters

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from cxrbench.data import SplitError
 from cxrbench.train.common import (
     CheckpointError,
     MetricLog,
@@ -106,15 +107,17 @@ def test_best_weights_round_trip(tmp_path):
     torch.testing.assert_close(untouched.weight, _setup(seed=7)[0].weight)
 
 
-def test_run_split_is_reused_on_resume_and_refuses_an_empty_val(tmp_path):
+def test_run_split_is_reused_on_resume_only_with_its_settings_and_refuses_an_empty_val(tmp_path):
     df = pd.DataFrame({"path": [f"{i}.png" for i in range(20)], "image_id": [f"{i}.png" for i in range(20)],
                        "patient_id": [str(i // 2) for i in range(20)]})
     s = run_split(df, tmp_path, (0.6, 0.2, 0.2), seed=3)
     assert (tmp_path / "split.csv").is_file() and set(s) == {"train", "val", "test"}
-    again = run_split(df, tmp_path, (0.5, 0.25, 0.25), seed=99)  # the saved split wins on resume
-    assert (again == s).all()
+    assert (run_split(df, tmp_path, (0.6, 0.2, 0.2), seed=3) == s).all()  # reused on resume
+    with pytest.raises(SplitError, match="seed 3 there, 99 now; fractions 0.6/0.2/0.2 there, 0.5/0.25/0.25 now"):
+        run_split(df, tmp_path, (0.5, 0.25, 0.25), seed=99)  # never silently the old split under new settings
     with pytest.raises(ValueError, match="no 'val' images"):
         run_split(df, tmp_path / "other", (0.8, 0.0, 0.2), seed=0, split=pd.Series(["train"] * 20))
+    assert not (tmp_path / "other").exists()  # checked before it is written
 
 
 def test_each_rank_takes_its_own_random_states_and_a_missing_rank_is_warned(tmp_path):

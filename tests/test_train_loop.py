@@ -194,7 +194,7 @@ def test_a_fresh_run_clears_the_stale_state_of_an_earlier_run(tmp_path):
     run_training(_ToyFamily([1.0, 0.5, 0.4, 0.3, 0.2, 0.1]), run, progress=False)
     assert (run / "best.safetensors").is_file()
     with pytest.warns(RuntimeWarning, match="nan"):
-        result = run_training(_ToyFamily([math.nan] * 6), run, progress=False)  # no epoch ever improves
+        result = run_training(_ToyFamily([math.nan] * 6), run, overwrite=True, progress=False)  # never improves
     assert result.best_epoch == 0 and math.isnan(result.best_value)
     assert not (run / "best.safetensors").exists()  # not the earlier run's weights
     assert list(pd.read_csv(run / "metrics.csv")["best"]) == [0] * 6

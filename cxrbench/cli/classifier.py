@@ -8,7 +8,7 @@ import sys
 import weakref
 from pathlib import Path
 
-from cxrbench.cli.options import Subcommands, add_backend_argument, device_name, positive_int
+from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
 
 __all__ = ["add_classifier_commands", "backend_note", "expand_files", "train_subparsers"]
 
@@ -55,8 +55,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
         max_steps_per_epoch=args.max_steps, labels=args.labels, monitor=args.monitor,
         eval_bootstrap=args.bootstrap)
     split = load_split(args.split, manifest) if args.split else None
-    result = train_classifier(manifest, args.out, cfg, split=split, resume=args.resume, progress=not args.quiet,
-                              data_description=str(args.data))
+    result = train_classifier(manifest, args.out, cfg, split=split, resume=args.resume, overwrite=args.overwrite,
+                              progress=not args.quiet, data_description=str(args.data))
     if result.bundle is not None:
         s = result.summary
         macro = s.get("macro_auc", float("nan"))
@@ -191,7 +191,7 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
     q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test AUC CIs")
-    q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add_run_folder_arguments(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_classifier)
 

@@ -228,8 +228,8 @@ def _train_unet(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, lr=args.lr, dice_weight=args.dice_weight, augment=not args.no_augment,
                      seed=args.seed, device=args.device, max_steps_per_epoch=args.max_steps)
     split = load_split(args.split, manifest) if args.split else None
-    result = train_unet(manifest, args.out, cfg, split=split, resume=args.resume, progress=not args.quiet,
-                        data_description=str(args.data))
+    result = train_unet(manifest, args.out, cfg, split=split, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.quiet, data_description=str(args.data))
     s = result.summary
     if s:
         print(f"best epoch {result.best_epoch} of {result.epochs_run}; test Dice {s['dice_mean']:.4f} "
@@ -242,6 +242,7 @@ def _train_unet(args: argparse.Namespace) -> int:
 def add_explain_commands(sub: Subcommands) -> None:
     """Register ``train unet``, ``segment`` and ``explain``."""
     from cxrbench.cli.classifier import train_subparsers
+    from cxrbench.cli.options import add_run_folder_arguments
     from cxrbench.explain import EXPLAINERS
 
     tsub = train_subparsers(sub)
@@ -263,7 +264,7 @@ def add_explain_commands(sub: Subcommands) -> None:
     q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
-    q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add_run_folder_arguments(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_unet)
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cxrbench.cli.classifier import expand_files, train_subparsers
-from cxrbench.cli.options import Subcommands, device_name, positive_int
+from cxrbench.cli.options import Subcommands, add_run_folder_arguments, device_name, positive_int
 
 __all__ = ["add_ood_commands"]
 
@@ -22,8 +22,8 @@ def _train_ood(args: argparse.Namespace) -> int:
                     percentile=args.percentile, scorer=args.scorer, seed=args.seed, device=args.device,
                     num_workers=args.workers, max_steps_per_epoch=args.max_steps)
     split = load_split(args.split, manifest) if args.split else None
-    result = train_ood(manifest, args.out, cfg, split=split, resume=args.resume, progress=not args.quiet,
-                       data_description=str(args.data))
+    result = train_ood(manifest, args.out, cfg, split=split, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.quiet, data_description=str(args.data))
     cutoff = result.cutoff
     assert cutoff is not None
     print(f"best epoch {result.best_epoch} of {result.epochs_run} (val median SSIM {result.best_value:.3f}); "
@@ -132,7 +132,7 @@ def add_ood_commands(sub: Subcommands) -> None:
     q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
-    q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add_run_folder_arguments(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_ood)
 

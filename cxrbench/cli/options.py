@@ -1,7 +1,8 @@
 """What the command groups of ``cxrbench`` share: the type of the sub-command registry, the one-line
 errors a command raises, the ``--backend`` option of the commands that run on PyTorch or ONNX Runtime, and the
 ``type=`` functions that refuse a bad value while parsing (``cxrbench predict: error: argument --batch-size: ...``,
-exit code 2) instead of letting it fail, or silently do something else, later.
+exit code 2) instead of letting it fail, or silently do something else, later;
+and the ``--resume`` / ``--overwrite`` options of every ``train`` command.
 
 This module imports no command group, so every group can use it.
 """
@@ -13,7 +14,7 @@ import re
 from typing import Any, Protocol
 
 __all__ = ["BACKENDS", "DEVICE_PATTERN", "CommandError", "Subcommands", "UsageError", "add_backend_argument",
-           "device_name", "positive_int", "probability"]
+           "add_run_folder_arguments", "device_name", "positive_int", "probability"]
 
 #: where ``--backend`` runs a command: PyTorch eager (default) or ONNX Runtime on the exported graphs
 BACKENDS = ("torch", "onnx")
@@ -76,3 +77,13 @@ def device_name(text: str) -> str:
     if not DEVICE_PATTERN.fullmatch(text.strip().lower()):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu, cuda, cuda:N or mps")
     return text.strip().lower()
+
+
+def add_run_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """Give a ``train`` command ``--resume`` and ``--overwrite`` (one or neither): without them a run folder that
+    holds an earlier run is refused (:func:`cxrbench.train.folder.prepare_run_folder`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in OUT (from OUT/checkpoint.pt)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start again in OUT: delete the earlier run's files there first (checkpoint, split, "
+                            "logs, bundle); without it or --resume, a used run folder is refused")

@@ -39,9 +39,12 @@ from cxrbench.data.splits import (
     SPLIT_NAMES,
     SplitError,
     check_patient_disjoint,
+    check_split_provenance,
     load_split,
+    manifest_fingerprint,
     patient_split,
     save_split,
+    split_provenance,
     split_summary,
 )
 
@@ -64,11 +67,13 @@ __all__ = [
     "SplitError",
     "bounding_boxes",
     "check_patient_disjoint",
+    "check_split_provenance",
     "default_cache_dir",
     "find_shared_data",
     "load_manifest",
     "load_split",
     "locate_data_root",
+    "manifest_fingerprint",
     "patient_split",
     "read_image_folder",
     "read_kermany",
@@ -80,6 +85,7 @@ __all__ = [
     "save_split",
     "shared_data_root",
     "shipped_folder",
+    "split_provenance",
     "split_summary",
 ]
 

@@ -9,6 +9,7 @@ even when patients have very different numbers of images.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +17,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["SPLIT_NAMES", "SplitError", "check_patient_disjoint", "load_split", "patient_split", "save_split",
-           "split_summary"]
+__all__ = ["SPLIT_NAMES", "SplitError", "check_patient_disjoint", "check_split_provenance", "load_split",
+           "manifest_fingerprint", "patient_split", "save_split", "split_provenance", "split_summary"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -94,9 +95,24 @@ def split_summary(df: pd.DataFrame, split: pd.Series | str = "split",
     return out
 
 
+def manifest_fingerprint(df: pd.DataFrame) -> str:
+    """SHA-256 (hex) of a manifest's sorted rows: ``image_id``, ``patient_id`` and its label columns.
+
+    Row order and file locations (``path``) do not count, so moving the data folder keeps the fingerprint;
+    adding, dropping or relabelling an image, or moving it to another patient, changes it.
+    """
+    columns = ["image_id", "patient_id", *[c for c in df.attrs.get("label_columns", []) if c in df.columns]]
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        raise SplitError(f"the manifest has no {', '.join(absent)} column; cannot fingerprint it")
+    rows = sorted("\x1f".join(map(str, r)) for r in df[columns].itertuples(index=False, name=None))
+    return hashlib.sha256("\n".join(["\x1f".join(columns), *rows]).encode()).hexdigest()
+
+
 def save_split(df: pd.DataFrame, split: pd.Series, path: str | os.PathLike, *, seed: int | None = None,
                fractions: Sequence[float] | None = None) -> Path:
-    """Write ``image_id, patient_id, split`` (+ provenance comment columns) to CSV, atomically."""
+    """Write ``image_id, patient_id, split`` and its provenance (``seed``, ``fractions`` when given, and
+    ``manifest_sha256``, :func:`manifest_fingerprint` of ``df``) to CSV, atomically (temporary file, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = pd.DataFrame({"image_id": df["image_id"].astype(str).to_numpy(),
@@ -105,11 +121,48 @@ def save_split(df: pd.DataFrame, split: pd.Series, path: str | os.PathLike, *, s
     if seed is not None:
         out["seed"] = seed
     if fractions is not None:
-        out["fractions"] = "/".join(f"{f:g}" for f in fractions)
+        out["fractions"] = _fractions_text(fractions)
+    out["manifest_sha256"] = manifest_fingerprint(df)
     tmp = path.with_suffix(path.suffix + ".tmp")
     out.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return path
+
+
+def _fractions_text(fractions: Sequence[float]) -> str:
+    return "/".join(f"{f:g}" for f in fractions)
+
+
+def split_provenance(path: str | os.PathLike) -> dict[str, object]:
+    """What a split file says made it: ``seed``, ``fractions`` (text such as ``"0.7/0.1/0.2"``),
+    ``manifest_sha256`` and ``n_images``; a value the file does not record is ``None``."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    info: dict[str, object] = {"n_images": len(table)}
+    for col in ("seed", "fractions", "manifest_sha256"):
+        values = set(table[col]) if col in table.columns else set()
+        info[col] = values.pop() if len(values) == 1 and "" not in values else None
+    if info["seed"] is not None:
+        info["seed"] = int(str(info["seed"]))
+    return info
+
+
+def check_split_provenance(path: str | os.PathLike, df: pd.DataFrame, *, seed: int | None = None,
+                           fractions: Sequence[float] | None = None) -> None:
+    """Raise :class:`SplitError` naming what differs when the split file at ``path`` was made with another
+    seed, other fractions or for another manifest than ``df`` (values the file does not record are not checked)."""
+    saved = split_provenance(path)
+    differ = []
+    if seed is not None and saved["seed"] is not None and saved["seed"] != seed:
+        differ.append(f"seed {saved['seed']} there, {seed} now")
+    if fractions is not None and saved["fractions"] is not None and saved["fractions"] != _fractions_text(fractions):
+        differ.append(f"fractions {saved['fractions']} there, {_fractions_text(fractions)} now")
+    now = manifest_fingerprint(df)
+    if saved["manifest_sha256"] is not None and saved["manifest_sha256"] != now:
+        differ.append(f"the manifest differs ({saved['n_images']} images, sha256 {str(saved['manifest_sha256'])[:12]} "
+                      f"there; {len(df)} images, sha256 {now[:12]} now)")
+    if differ:
+        raise SplitError(f"{path}: was made with other settings ({'; '.join(differ)}); use the same data and "
+                         "settings, or start the run again (--overwrite)")
 
 
 def load_split(path: str | os.PathLike, df: pd.DataFrame | None = None) -> pd.Series:

@@ -36,7 +36,8 @@ from cxrbench.models.card import BUILDERS, BUNDLE_FORMAT, BundleError, ModelCard
 from cxrbench.preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
-           "format_metric", "load_bundle", "read_card", "save_bundle", "untrained_classifier_bundle", "versions"]
+           "format_metric", "load_bundle", "read_card", "remove_stale_temporaries", "save_bundle",
+           "untrained_classifier_bundle", "versions"]
 
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
 
@@ -91,7 +92,7 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
     path = Path(path)
     card.validate(str(path / CARD_FILE), require_checksum=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
@@ -114,13 +115,19 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
     return path
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary folders that interrupted saves of ``path`` left beside it (their process is gone)."""
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Tidy what interrupted saves of the bundle ``path`` left beside it: their temporary folders (once their
+    process is gone) and the previous bundle set aside during the final renames (put back when ``path`` is
+    missing, i.e. the save was killed between its two renames; deleted otherwise)."""
+    path = Path(path)
     for tmp in path.parent.glob(f".{path.name}.tmp-*-*"):
         pid = tmp.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:

@@ -7,7 +7,7 @@ validation loss plateaus, patient-level 70/10/20 split, BCE on logits (optionall
 What a run writes to its output folder::
 
     config.json       the ClassifierConfig
-    split.csv         image_id, patient_id, split (reused on resume)
+    split.csv         image_id, patient_id, split, seed, fractions, manifest_sha256 (reused on resume if they match)
     metrics.csv       one row per epoch: losses, val macro AUC, lr, seconds, images/s
     checkpoint.pt     last finished epoch (model, optimizer, scheduler, generators, RNG states) for --resume
     best.safetensors  weights of the best epoch on the monitored validation metric
@@ -134,6 +134,7 @@ def train_classifier(
     *,
     split: pd.Series | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = "auto",
     data_description: str = "",
@@ -146,10 +147,12 @@ def train_classifier(
     out_dir : run folder (created).
     split : optional split names per row (``train``/``val``/``test``); default a patient split.
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
+    overwrite : start clean in a folder that holds an earlier run (deletes its files); without it, or
+        ``resume``, a fresh run into such a folder is refused.
     """
     family = ClassifierFamily(manifest, config or ClassifierConfig(), split=split, cache_dir=cache_dir,
                               data_description=data_description)
-    return run_training(family, out_dir, resume=resume, progress=progress)
+    return run_training(family, out_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
 class ClassifierFamily:

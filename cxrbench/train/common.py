@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cxrbench.data import CXRDataset, load_split, patient_split, save_split
+from cxrbench.data import CXRDataset, SplitError, check_split_provenance, load_split, patient_split, save_split
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -249,20 +249,32 @@ def load_best(model: nn.Module, out: Path) -> nn.Module:
 
 def run_split(manifest: pd.DataFrame, out: Path, fractions: tuple[float, float, float], seed: int,
               split: pd.Series | None = None, *, write: bool = True) -> pd.Series:
-    """The run's split: ``split`` if given, else ``out/split.csv`` (a resumed run), else a seeded patient
-    split; written to ``out/split.csv``. Raises when no image lands in train or val."""
+    """The run's split: ``split`` if given, else ``out/split.csv`` (a resumed run), else a seeded patient split.
+
+    A saved split is reused only when it was made with this seed, these fractions and for this manifest
+    (:func:`~cxrbench.data.check_split_provenance`; a given ``split`` must equal it), else a
+    :class:`~cxrbench.data.SplitError` says what differs. A new split is checked first (images in train and
+    val) and only then written, atomically, so a failed run leaves no split behind to poison the folder.
+    """
     path = out / "split.csv"
+    saved = None
+    if path.is_file():
+        check_split_provenance(path, manifest, seed=None if split is not None else seed,
+                               fractions=None if split is not None else fractions)
+        saved = load_split(path, manifest)
     if split is not None:
         s = pd.Series(np.asarray(split), index=manifest.index, name="split")
-    elif path.is_file():
-        s = load_split(path, manifest)
+        if saved is not None and (n := int((saved.to_numpy() != s.to_numpy()).sum())):
+            raise SplitError(f"{path}: the split given differs from this run's in {n} of {len(s)} images; give the "
+                             "same split, or start the run again (--overwrite)")
     else:
-        s = patient_split(manifest, fractions, seed=seed)
-    if write:
-        save_split(manifest, s, path, seed=seed, fractions=fractions)
+        s = saved if saved is not None else patient_split(manifest, fractions, seed=seed)
     for name in ("train", "val"):
         if not (s == name).any():
             raise ValueError(f"the split has no '{name}' images ({len(manifest)} images in all); use more data")
+    if write and saved is None:
+        given = split is not None  # a given split was not made from the seed and fractions
+        save_split(manifest, s, path, seed=None if given else seed, fractions=None if given else fractions)
     return s
 
 

@@ -55,6 +55,7 @@ from cxrbench.train.common import (
     seed_everything,
 )
 from cxrbench.train.family import Family, LoopResult, LoopSettings, TrainingParts
+from cxrbench.train.folder import prepare_run_folder
 from cxrbench.train.runtime import RunContext, dist_info, init_distributed, pick_device, precision_policy
 
 __all__ = ["PENDING_BEST", "run_training"]
@@ -107,11 +108,14 @@ class _RunningMeans:
         return {k: float(total) / self.counts[k] for k, total in self.sums.items()}
 
 
-def _open(family: Family, out: Path, resume: bool, progress: bool) -> tuple[RunContext, dict[str, Any] | None]:
+def _open(family: Family, out: Path, resume: bool, overwrite: bool,
+          progress: bool) -> tuple[RunContext, dict[str, Any] | None]:
     settings, info = family.settings, dist_info()
     if info.enabled and not settings.data_parallel:
         raise ValueError(f"{type(family).__name__} does not train data-parallel; run it as one process "
                          f"(not under torchrun with {info.world_size} processes)")
+    if info.is_main:  # refuses a used or foreign folder before anything is written
+        prepare_run_folder(out, resume=resume, overwrite=overwrite, progress=progress)
     device = pick_device(settings.device)
     dist = init_distributed(device)
     seed_everything(settings.seed + dist.rank)
@@ -246,7 +250,7 @@ def _wrap_ddp(model: nn.Module, ctx: RunContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool = False,
+def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
                  progress: bool = True) -> R:
     """Train ``family`` into ``out_dir`` epoch by epoch, then finish it (see the module docstring).
 
@@ -256,6 +260,8 @@ def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool 
     out_dir : run folder (created): ``config.json``, ``checkpoint.pt``, ``metrics.csv``,
         ``best.safetensors`` and what the family writes.
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
+    overwrite : a fresh run into a folder that holds a run's results deletes them first; without it (and
+        without ``resume``) such a folder is refused (:func:`~cxrbench.train.folder.prepare_run_folder`).
     progress : a progress bar per epoch and one line after it.
 
     Returns
@@ -265,7 +271,7 @@ def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool 
     """
     settings = family.settings
     try:
-        ctx, ckpt = _open(family, Path(out_dir), resume, progress)
+        ctx, ckpt = _open(family, Path(out_dir), resume, overwrite, progress)
         train_set = family.prepare(ctx)
         parts = family.build(ctx)
         loader, sampler = _train_loader(train_set, settings, ctx, parts)

@@ -9,7 +9,7 @@ of ``cxrbench train classifier``, so the OOD test images are also the classifier
 What a run writes to its output folder::
 
     config.json       the OODConfig
-    split.csv         image_id, patient_id, split (reused on resume)
+    split.csv         image_id, patient_id, split, seed, fractions, manifest_sha256 (reused on resume if they match)
     metrics.csv       one row per epoch: losses, val median SSIM, val L1/L2, seconds, images/s
     checkpoint.pt     last finished epoch (model, optimizers, generators, RNG states) for --resume
     best.safetensors  weights of the epoch with the highest validation median SSIM
@@ -143,6 +143,7 @@ def train_ood(
     *,
     split: pd.Series | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = "auto",
     data_description: str = "",
@@ -155,10 +156,12 @@ def train_ood(
     out_dir : run folder (created).
     split : optional split names per row (``train``/``val``/``test``); default a seeded patient split.
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
+    overwrite : start clean in a folder that holds an earlier run (deletes its files); without it, or
+        ``resume``, a fresh run into such a folder is refused.
     """
     family = OODFamily(manifest, config or OODConfig(), split=split, cache_dir=cache_dir,
                        data_description=data_description)
-    return run_training(family, out_dir, resume=resume, progress=progress)
+    return run_training(family, out_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
 class OODFamily:

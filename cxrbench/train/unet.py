@@ -10,7 +10,7 @@ are measured on the displayed crop (source pixels, 256 px for the dev data), as
 What a run writes to its output folder::
 
     config.json        the UNetConfig
-    split.csv          image_id, patient_id, split (reused on resume)
+    split.csv          image_id, patient_id, split, seed, fractions, manifest_sha256 (reused on resume if they match)
     metrics.csv        one row per epoch: losses, val Dice/IoU, lr, seconds
     checkpoint.pt      last finished epoch (model, optimizer, scheduler, generators, RNG states) for --resume
     best.safetensors   weights of the epoch with the best validation Dice
@@ -198,6 +198,7 @@ def train_unet(
     *,
     split: pd.Series | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     data_description: str = "",
 ) -> UNetTrainResult:
@@ -209,9 +210,11 @@ def train_unet(
     out_dir : run folder (created).
     split : optional split names per row; default a seeded patient split (``cfg.fractions``).
     resume : continue from ``out_dir/checkpoint.pt``; an absent checkpoint starts afresh.
+    overwrite : start clean in a folder that holds an earlier run (deletes its files); without it, or
+        ``resume``, a fresh run into such a folder is refused.
     """
     family = UNetFamily(manifest, config or UNetConfig(), split=split, data_description=data_description)
-    return run_training(family, out_dir, resume=resume, progress=progress)
+    return run_training(family, out_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
 class UNetFamily:

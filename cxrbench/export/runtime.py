@@ -31,7 +31,7 @@ from torch import nn
 
 from cxrbench import __version__
 from cxrbench.data import default_cache_dir
-from cxrbench.explain.base import Targets, postprocess_maps, resize_maps, target_matrix
+from cxrbench.explain.base import TargetChooser, Targets, postprocess_maps, resize_maps, target_matrix
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, make_session, read_onnx_card
 from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
@@ -107,6 +107,14 @@ class OnnxClassifier(_OrtGraph):
             raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
                              "needs gradients: use the torch backend")
         return OnnxCAM(self, **options)(x, targets)
+
+    def explain_with_logits(self, x: torch.Tensor, method: str, targets: Targets | TargetChooser = None,
+                            **options: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and CAM maps from one run of ``cam.onnx`` (``targets`` may be a function of the logits)."""
+        if method != "cam":
+            return self.explain(x, method)  # raises the ValueError of a gradient method
+        logits = self.cam(x)["logits"].copy()
+        return logits, OnnxCAM(self, **options)(x, targets(logits.copy()) if callable(targets) else targets)
 
 
 class OnnxOODModel(_OrtGraph):

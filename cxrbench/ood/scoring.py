@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cxrbench.models.bundle import Bundle
 
 __all__ = ["OOD_PREPROCESS", "SCORER_NAMES", "SSIM_WIN_SIZE", "OODModel", "error_map", "reconstruction_scores",
-           "score_batch", "score_batches", "score_files", "score_images", "score_sets", "structural_similarity_batch"]
+           "score_batch", "score_batches", "score_with_reconstruction", "score_files", "score_images", "score_sets", "structural_similarity_batch"]
 
 SCORER_NAMES: tuple[str, ...] = ("l1", "l2", "ssim", "latent")
 SSIM_WIN_SIZE = 11
@@ -119,16 +119,26 @@ def score_batch(model: OODModel, x: torch.Tensor) -> dict[str, np.ndarray]:
     The model is put in eval mode. Returns ``"l1"``, ``"l2"``, ``"ssim"`` (1 - SSIM),
     ``"ssim_raw"`` and ``"latent"`` (||mu||_2), each a (B,) float64 array.
     """
+    return score_with_reconstruction(model, x)[0]
+
+
+def score_with_reconstruction(model: OODModel, x: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """:func:`score_batch`'s scores and the (B, 1, 64, 64) reconstruction they were computed from.
+
+    A model with ``reconstruct_with_latent(x) -> (reconstruction, latent mean)`` (ALI, the autoencoder) is
+    encoded once; any other :class:`OODModel` by ``reconstruct`` and ``latent_mean``.
+    """
     if not isinstance(model, OODModel):
         raise TypeError(f"{type(model).__name__} lacks latent_mean/reconstruct/latent_dim/image_size")
     check_image_batch(x, model.image_size)
     if isinstance(model, torch.nn.Module):
         model.eval()
     with torch.no_grad():
-        recon = model.reconstruct(x)
+        both = getattr(model, "reconstruct_with_latent", None)
+        recon, mu = both(x) if callable(both) else (model.reconstruct(x), model.latent_mean(x))
         scores = reconstruction_scores(x, recon)
-        scores["latent"] = to_numpy(torch.linalg.vector_norm(model.latent_mean(x), dim=1), dtype=np.float64)
-    return scores
+        scores["latent"] = to_numpy(torch.linalg.vector_norm(mu, dim=1), dtype=np.float64)
+    return scores, recon
 
 
 def score_batches(

@@ -29,7 +29,7 @@ from _common import write_table  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 from cxrbench.io import read_image  # noqa: E402
 from cxrbench.labels import NIH_FINDINGS  # noqa: E402
-from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle,  # noqa: E402
+from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle  # noqa: E402
 from cxrbench.ood.untrained import untrained_ood_bundle  # noqa: E402
 
 CHESTER = {"load_s": "12 ± 2", "forward_s": "1.3 ± 0.5"}

@@ -19,7 +19,7 @@ from _common import peak_rss_mb, write_table  # noqa: E402
 
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 from cxrbench.inference.pipeline import Pipeline  # noqa: E402
-from cxrbench.models.bundle import untrained_classifier_bundle,  # noqa: E402
+from cxrbench.models.bundle import untrained_classifier_bundle  # noqa: E402
 from cxrbench.ood.untrained import untrained_ood_bundle  # noqa: E402
 
 

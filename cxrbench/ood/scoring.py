@@ -39,7 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from cxrbench.models.bundle import Bundle
 
 __all__ = ["OOD_PREPROCESS", "SCORER_NAMES", "SSIM_WIN_SIZE", "OODModel", "error_map", "reconstruction_scores",
-           "score_batch", "score_batches", "score_with_reconstruction", "score_files", "score_images", "score_sets", "structural_similarity_batch"]
+           "score_batch", "score_batches", "score_files", "score_images", "score_sets", "score_with_reconstruction",
+           "structural_similarity_batch"]
 
 SCORER_NAMES: tuple[str, ...] = ("l1", "l2", "ssim", "latent")
 SSIM_WIN_SIZE = 11

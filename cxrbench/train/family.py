@@ -30,7 +30,8 @@ class LoopSettings:
     ``monitor`` names the validation metric that picks the best epoch, steps plateau schedulers and
     drives early stopping (``patience`` epochs without improvement; 0: off); ``mode`` says whether
     lower (``"min"``) or higher (``"max"``) is better. ``amp`` / ``channels_last`` ask
-    :func:`~cxrbench.train.runtime.precision_policy` for them (``precision``: its mode, auto / fp32 / bf16). ``data_parallel=False`` refuses to run under torchrun.
+    :func:`~cxrbench.train.runtime.precision_policy` for them (``precision``: its mode, auto / fp32 / bf16).
+    ``data_parallel=False`` refuses to run under torchrun.
     ``epoch_line`` lists ``(label, row key, format)`` for the line printed after each epoch.
     """
 

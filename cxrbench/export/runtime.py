@@ -103,18 +103,21 @@ class OnnxClassifier(_OrtGraph):
 
     def explain(self, x: torch.Tensor, method: str, targets: Targets = None, **options: Any) -> np.ndarray:
         """CAM maps ``(B, K, S, S)`` (:class:`OnnxCAM` with ``options``); other methods raise ``ValueError``."""
-        if method != "cam":
-            raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
-                             "needs gradients: use the torch backend")
+        _check_cam_only(method)
         return OnnxCAM(self, **options)(x, targets)
 
     def explain_with_logits(self, x: torch.Tensor, method: str, targets: Targets | TargetChooser = None,
                             **options: Any) -> tuple[np.ndarray, np.ndarray]:
         """Logits and CAM maps from one run of ``cam.onnx`` (``targets`` may be a function of the logits)."""
-        if method != "cam":
-            return self.explain(x, method)  # raises the ValueError of a gradient method
+        _check_cam_only(method)
         logits = self.cam(x)["logits"].copy()
         return logits, OnnxCAM(self, **options)(x, targets(logits.copy()) if callable(targets) else targets)
+
+
+def _check_cam_only(method: str) -> None:
+    if method != "cam":
+        raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
+                         "needs gradients: use the torch backend")
 
 
 class OnnxOODModel(_OrtGraph):

@@ -68,6 +68,7 @@ data-tour: venv
 	@echo "HTML:              $(abspath $(BUILD)/00_data_tour.html)"
 
 benchmarks: venv
+	$(PY) -m pip install --quiet --no-deps torchxrayvision grad-cam ttach opencv-python-headless
 	@mkdir -p $(BUILD)/benchmarks
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b --out $(BUILD)/benchmarks || exit 1; done
 

@@ -74,6 +74,7 @@ def _isolated_cache(tmp_path_factory):
 def _torch_threads():
     """One intra-op thread for every in-process test: the test inputs are tiny and the CI machine has
     2 shared cores, where a second thread spins more than it helps (several times slower measured)."""
+    os.environ.setdefault("CXRBENCH_THREADS", "1")  # the dashboard's interactive thread rule (cxrbench/_threads.py)
     try:
         import torch
     except ImportError:  # pragma: no cover

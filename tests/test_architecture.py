@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cxrbench"
 
 #: subpackage (or top-level module) -> floor; an import may only point to the same or a lower floor.
 FLOORS: dict[str, int] = {
-    "__init__": 9, "_types": 1, "labels": 1, "io": 1, "preprocess": 1,
+    "__init__": 9, "_types": 1, "_threads": 1, "labels": 1, "io": 1, "preprocess": 1,
     "data": 2, "models": 2, "evaluation": 2,
     "explain": 3, "ood": 3,
     "inference": 4,

@@ -52,6 +52,25 @@ def test_training_writes_everything_and_a_usable_bundle(phantoms, tmp_path):
     assert {"Effusion", "Effusion_raw", "Effusion_label"} <= set(preds.columns)
 
 
+def test_the_precision_choice_is_recorded_in_the_card(phantoms, tmp_path):
+    from cxrbench.train.runtime import cpu_has_fast_bf16
+
+    df = load_manifest(phantoms)
+    off = train_classifier(df, tmp_path / "fp32", ClassifierConfig(epochs=1, max_steps_per_epoch=1, precision="fp32",
+                                                                   **TINY), progress=False, cache_dir=tmp_path / "c")
+    card = load_bundle(off.bundle).card
+    assert card.training["precision"] == "fp32" and card.training["precision_choice"] == "fp32 asked for"
+    assert card.training["config"]["precision"] == "fp32"
+    auto = train_classifier(df, tmp_path / "auto", ClassifierConfig(epochs=1, max_steps_per_epoch=1, **TINY),
+                            progress=False, cache_dir=tmp_path / "c")
+    training = load_bundle(auto.bundle).card.training
+    fast = cpu_has_fast_bf16() or torch.cuda.is_available()
+    assert training["precision"] == ("bf16 autocast, channels_last" if fast else "fp32")
+    assert training["precision_choice"].startswith("auto: ") and training["config"]["precision"] == "auto"
+    with pytest.raises(ValueError, match="precision must be"):
+        ClassifierConfig(precision="half")
+
+
 def test_learns_two_clear_phantom_findings_to_test_macro_auc_at_least_0_75(tmp_path):
     """Chance is 0.5: on 96 phantoms where half show Cardiomegaly and half Effusion (independently), a
     ResNet18 at 32 px trained for 4 epochs reaches a test macro AUC >= 0.75 and every finding > 0.6

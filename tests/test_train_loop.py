@@ -217,14 +217,41 @@ def test_the_loop_refuses_a_missing_monitor_an_old_checkpoint_and_torchrun_for_o
     assert not (tmp_path / "c").exists()
 
 
-def test_the_amp_policy_is_bf16_and_channels_last_on_cuda_only_and_is_recorded(tmp_path):
+def test_the_amp_policy_is_bf16_and_channels_last_on_cuda_and_bf16_cpus_and_is_recorded(tmp_path):
     cuda = precision_policy(torch.device("cuda", 0))
     assert cuda.autocast_dtype == torch.bfloat16 and cuda.channels_last
-    assert cuda.describe() == "bf16 autocast, channels_last"
+    assert cuda.describe() == "bf16 autocast, channels_last" and cuda.reason == "auto: CUDA"
     assert precision_policy(torch.device("cuda"), amp=False).describe() == "fp32, channels_last"
-    cpu = precision_policy(torch.device("cpu"))
-    assert cpu.autocast_dtype is None and not cpu.channels_last and cpu.describe() == "fp32"
-    assert run_training(_ToyFamily([1.0] * 6), tmp_path / "run", progress=False).precision == "fp32"
+    cpu = torch.device("cpu")
+    plain = precision_policy(cpu, flags={"fpu", "avx2", "fma", "avx512f"})
+    assert plain.autocast_dtype is None and not plain.channels_last and plain.describe() == "fp32"
+    assert plain.reason == "auto: the CPU has no avx512_bf16 or AMX"
+    for flags, named in (({"avx2", "avx512_bf16"}, "avx512_bf16"), ({"amx_tile", "amx_bf16"}, "amx_bf16")):
+        fast = precision_policy(cpu, flags=flags)
+        assert fast.describe() == "bf16 autocast, channels_last" and fast.reason == f"auto: the CPU has {named}"
+    assert precision_policy(cpu, amp=False, flags={"avx512_bf16"}).describe() == "fp32, channels_last"
+    off = precision_policy(cpu, mode="fp32", flags={"avx512_bf16"})  # --precision fp32 turns it off
+    assert off.describe() == "fp32" and off.reason == "fp32 asked for"
+    forced = precision_policy(cpu, mode="bf16", flags=set())
+    assert forced.describe() == "bf16 autocast, channels_last" and forced.reason == "bf16 asked for"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        precision_policy(cpu, mode="fp16")
+    result = run_training(_ToyFamily([1.0] * 6), tmp_path / "run", progress=False)
+    assert result.precision == "fp32"  # the toy family does not ask for amp
+
+
+def test_cpu_flags_come_from_proc_cpuinfo(tmp_path):
+    from cxrbench.train.runtime import cpu_flags, cpu_has_fast_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx2", "avx512_bf16"}
+    assert cpu_has_fast_bf16(cpu_flags(info)) and not cpu_has_fast_bf16({"avx2"})
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    if Path("/proc/cpuinfo").is_file():  # this machine's verdict is what its flags say
+        words = set(Path("/proc/cpuinfo").read_text().split())
+        assert cpu_has_fast_bf16() == bool({"avx512_bf16", "amx_bf16"} & words)
 
 
 def test_settings_are_checked():

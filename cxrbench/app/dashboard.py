@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cxrbench._threads import use_interactive_threads
 from cxrbench.explain.targets import is_summed
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.io import ImageReadError
@@ -244,6 +245,7 @@ class Dashboard:
         t0 = time.perf_counter()
         try:
             targets = None if is_summed(self.method.value) else self.finding.value
+            use_interactive_threads()  # 1 thread while other processes hold the cores (cxrbench/_threads.py)
             report = self.pipeline.analyze(content, name=name, explain=self.method.value, targets=targets,
                                            allow_ood=self.override.value)
         except ImageReadError as exc:

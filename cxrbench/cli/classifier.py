@@ -53,7 +53,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         lr=args.lr, early_stopping_patience=args.patience, use_pos_weight=not args.no_pos_weight,
         augment=not args.no_augment, seed=args.seed, num_workers=args.workers, device=args.device,
         max_steps_per_epoch=args.max_steps, labels=args.labels, monitor=args.monitor,
-        eval_bootstrap=args.bootstrap)
+        eval_bootstrap=args.bootstrap, precision=args.precision)
     split = load_split(args.split, manifest) if args.split else None
     result = train_classifier(manifest, args.out, cfg, split=split, resume=args.resume, overwrite=args.overwrite,
                               progress=not args.quiet, data_description=str(args.data))
@@ -191,6 +191,9 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--device", type=device_name, default="auto")
     q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
     q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test AUC CIs")
+    q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast + channels_last on CUDA and on CPUs with avx512_bf16 or AMX, else fp32 "
+                        "(recorded in the bundle's card)")
     add_run_folder_arguments(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_classifier)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, Literal, cast
 
 import numpy as np
@@ -37,6 +37,8 @@ from scipy import ndimage
 from torch import nn
 
 Targets = Sequence[int] | Sequence[Sequence[int]] | None
+#: targets chosen from the logits of the explainer's own forward pass: ``(B, N)`` float32 logits -> targets
+TargetChooser = Callable[[np.ndarray], Targets]
 Normalize = Literal["minmax"] | None
 
 
@@ -266,6 +268,9 @@ class Explainer(abc.ABC):
     uses_target_layer: ClassVar[bool] = False
     #: Whether the method back-propagates (all but CAM).
     needs_gradients: ClassVar[bool] = True
+    #: Whether ``_compute`` runs the plain model once and hands its logits to :meth:`_target_index`
+    #: (saliency, CAM, Grad-CAM): then :meth:`explain_with_logits` needs no forward pass of its own.
+    records_logits: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -309,6 +314,22 @@ class Explainer(abc.ABC):
         np.ndarray
             (B, F, H, W) float32, finite; F = number of targets (1 for the summed saliency map).
         """
+        return self._explain(x, targets, with_logits=False)[1]
+
+    def explain_with_logits(self, x: torch.Tensor, targets: Targets | TargetChooser = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and maps of a batch from one forward pass: ``((B, N) float32 logits, (B, F, H, W) maps)``.
+
+        ``targets`` as in :meth:`__call__`, or a function of the ``(B, N)`` logits returning them (so the
+        findings to explain can be chosen from the probabilities of the same forward pass). The logits are
+        those of the explainer's forward in eval mode (equal to a ``torch.no_grad()`` forward up to float
+        rounding); a method whose forward passes are not the plain model's (Integrated Gradients,
+        SmoothGrad) gets them from one extra no-grad forward.
+        """
+        return self._explain(x, targets, with_logits=True)  # type: ignore[return-value]
+
+    def _explain(self, x: torch.Tensor, targets: Targets | TargetChooser, *, with_logits: bool
+                 ) -> tuple[np.ndarray | None, np.ndarray]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
@@ -321,8 +342,12 @@ class Explainer(abc.ABC):
                 "call it outside (torch.no_grad() is fine)"
             )
         x = x.detach()
+        self._logits: np.ndarray | None = None
         with prepared_model(self.model), torch.enable_grad():
-            raw = self._compute(x, targets)
+            if callable(targets) and not self.records_logits:
+                targets = targets(self._plain_logits(x))
+            raw = self._compute(x, cast(Targets, targets))
+            logits = self._logits if self._logits is not None or not with_logits else self._plain_logits(x)
         maps = resize_maps(raw, (x.shape[-2], x.shape[-1]))
         if not np.isfinite(maps).all():
             warnings.warn(
@@ -331,7 +356,20 @@ class Explainer(abc.ABC):
                 stacklevel=2,
             )
             maps = np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
-        return postprocess_maps(maps, relu=self.relu, sigma=self.sigma, normalize=self.normalize)
+        return logits, postprocess_maps(maps, relu=self.relu, sigma=self.sigma, normalize=self.normalize)
+
+    def _plain_logits(self, x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            self._logits = _check_logits(self.model(x), x).detach().float().cpu().numpy()
+        return self._logits
+
+    def _target_index(self, logits: torch.Tensor, targets: Targets | TargetChooser) -> torch.Tensor:
+        """The ``(B, F)`` target matrix for the logits of this call's forward pass, which are kept for
+        :meth:`explain_with_logits`; ``targets`` may be a function of them (:data:`TargetChooser`)."""
+        self._logits = logits.detach().float().cpu().numpy()
+        if callable(targets):
+            targets = targets(self._logits.copy())
+        return target_matrix(targets, logits.shape[0], logits.shape[1])
 
     @abc.abstractmethod
     def _compute(self, x: torch.Tensor, targets: Targets) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrbench.explain.base import Explainer, Targets, target_matrix
+from cxrbench.explain.base import Explainer, Targets
 
 
 class CAM(Explainer):
@@ -44,6 +44,7 @@ class CAM(Explainer):
     name: ClassVar[str] = "cam"
     uses_target_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = False
+    records_logits: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, feature_relu: bool = True, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -66,6 +67,6 @@ class CAM(Explainer):
                 )
             if self.feature_relu:
                 features = F.relu(features)
-            index = target_matrix(targets, x.shape[0], logits.shape[1]).to(features.device)
+            index = self._target_index(logits, targets).to(features.device)
             weights = self.fc.weight[index]  # (B, F, K)
             return torch.einsum("bfk,bkhw->bfhw", weights.to(features.dtype), features)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from cxrbench.explain.base import Explainer, Targets, selected_logit_sum, target_matrix
+from cxrbench.explain.base import Explainer, Targets, selected_logit_sum
 
 
 class GradCAM(Explainer):
@@ -38,13 +38,14 @@ class GradCAM(Explainer):
 
     name: ClassVar[str] = "gradcam"
     uses_target_layer: ClassVar[bool] = True
+    records_logits: ClassVar[bool] = True
 
     def _compute(self, x: torch.Tensor, targets: Targets) -> torch.Tensor:
         # The input requires grad so the activation has a graph even for a fully frozen model.
         logits, activations = self._forward_with_features(x.clone().requires_grad_(True))
         if activations.ndim != 4:
             raise ValueError(f"Grad-CAM needs (B, K, h, w) features, got {tuple(activations.shape)}")
-        index = target_matrix(targets, x.shape[0], logits.shape[1])
+        index = self._target_index(logits, targets)
         maps = []
         n_targets = index.shape[1]
         for j in range(n_targets):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from cxrbench.explain.base import Explainer, Targets, _check_logits, selected_logit_sum, target_matrix
+from cxrbench.explain.base import Explainer, Targets, _check_logits, selected_logit_sum
 
 
 class ChesterSaliency(Explainer):
@@ -41,6 +41,7 @@ class ChesterSaliency(Explainer):
     """
 
     name: ClassVar[str] = "saliency"
+    records_logits: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, per_finding: bool = False, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -49,7 +50,7 @@ class ChesterSaliency(Explainer):
     def _compute(self, x: torch.Tensor, targets: Targets) -> torch.Tensor:
         image = x.clone().requires_grad_(True)
         logits = _check_logits(self.model(image), x)
-        index = target_matrix(targets, x.shape[0], logits.shape[1])
+        index = self._target_index(logits, targets)
         if not self.per_finding:
             (gradient,) = torch.autograd.grad(selected_logit_sum(logits, index), image)
             return gradient.sum(dim=1, keepdim=True).clamp_min(0.0)

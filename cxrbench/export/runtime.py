@@ -32,7 +32,7 @@ from torch import nn
 from cxrbench import __version__
 from cxrbench._types import to_numpy
 from cxrbench.data import default_cache_dir
-from cxrbench.explain.base import Targets, postprocess_maps, resize_maps, target_matrix
+from cxrbench.explain.base import TargetChooser, Targets, postprocess_maps, resize_maps, target_matrix
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, make_session, read_onnx_card
 from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
@@ -100,10 +100,21 @@ class OnnxClassifier(_OrtGraph):
 
     def explain(self, x: torch.Tensor, method: str, targets: Targets = None, **options: Any) -> np.ndarray:
         """CAM maps ``(B, K, S, S)`` (:class:`OnnxCAM` with ``options``); other methods raise ``ValueError``."""
-        if method != "cam":
-            raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
-                             "needs gradients: use the torch backend")
+        _check_cam_only(method)
         return OnnxCAM(self, **options)(x, targets)
+
+    def explain_with_logits(self, x: torch.Tensor, method: str, targets: Targets | TargetChooser = None,
+                            **options: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and CAM maps from one run of ``cam.onnx`` (``targets`` may be a function of the logits)."""
+        _check_cam_only(method)
+        logits = self.cam(x)["logits"].copy()
+        return logits, OnnxCAM(self, **options)(x, targets(logits.copy()) if callable(targets) else targets)
+
+
+def _check_cam_only(method: str) -> None:
+    if method != "cam":
+        raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
+                         "needs gradients: use the torch backend")
 
 
 class OnnxOODModel(_OrtGraph):

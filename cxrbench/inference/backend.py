@@ -6,6 +6,8 @@ same pipeline instead of two pipelines:
 - :class:`ClassifierBackend`: logits for a batch; explanation maps for a batch where the backend can
   compute them (``explain_methods`` says which).
 - :class:`GateBackend`: every OOD score and the reconstruction of a batch, in one call.
+- :class:`OnePassBackend` (optional): logits and maps from one forward pass, the findings to explain chosen
+  from those logits; the pipeline then runs the network once per report.
 
 :class:`TorchClassifier` and :class:`TorchGate` run torch networks. A bundle whose ``model`` already
 follows a protocol (the ONNX Runtime adapters do) is used as it is: see :func:`classifier_backend` and
@@ -21,11 +23,11 @@ import torch
 from torch import nn
 
 from cxrbench.explain import EXPLAINERS, get_explainer
-from cxrbench.explain.base import Explainer, Targets
-from cxrbench.ood.scoring import OODModel, score_batch
+from cxrbench.explain.base import Explainer, TargetChooser, Targets
+from cxrbench.ood.scoring import OODModel, score_with_reconstruction
 
-__all__ = ["ClassifierBackend", "GateBackend", "GateOutput", "TorchClassifier", "TorchGate", "classifier_backend",
-           "gate_backend"]
+__all__ = ["ClassifierBackend", "GateBackend", "GateOutput", "OnePassBackend", "TorchClassifier", "TorchGate",
+           "classifier_backend", "gate_backend"]
 
 
 class GateOutput(NamedTuple):
@@ -52,6 +54,18 @@ class ClassifierBackend(Protocol):
     def explain(self, x: torch.Tensor, method: str, targets: Targets = None, **options: Any) -> np.ndarray:
         """Maps ``(B, K, S, S)`` float32 of the logits (see :mod:`cxrbench.explain`); ``ValueError`` for a
         method outside ``explain_methods``. ``options``: post-processing (``normalize``, ``sigma``, ...)."""
+
+
+@runtime_checkable
+class OnePassBackend(Protocol):
+    """A :class:`ClassifierBackend` that also gives the logits and the maps of one forward pass."""
+
+    explain_methods: tuple[str, ...]
+
+    def explain_with_logits(self, x: torch.Tensor, method: str, targets: Targets | TargetChooser = None,
+                            **options: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``((B, F) float32 logits, (B, K, S, S) maps)``; ``targets`` may be a function of the logits
+        (:data:`cxrbench.explain.base.TargetChooser`). ``ValueError`` for a method outside ``explain_methods``."""
 
 
 @runtime_checkable
@@ -95,6 +109,11 @@ class TorchClassifier:
         """``(B, F, H, W)`` maps of ``method`` for ``targets`` on the batch ``x``."""
         return self.explainer(method, **options)(x.to(self.device), targets=targets)
 
+    def explain_with_logits(self, x: torch.Tensor, method: str, targets: Targets | TargetChooser = None,
+                            **options: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and maps from the explainer's own forward pass (:meth:`Explainer.explain_with_logits`)."""
+        return self.explainer(method, **options).explain_with_logits(x.to(self.device), targets)
+
 
 class TorchGate:
     """A torch OOD model (ALI or autoencoder, :class:`cxrbench.ood.scoring.OODModel`) as a :class:`GateBackend`."""
@@ -111,10 +130,9 @@ class TorchGate:
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> GateOutput:
-        """The OOD scores of the batch ``x`` and its reconstruction."""
-        x = x.to(self.device)
-        scores = score_batch(self.ood_model, x)
-        return GateOutput(scores, self.ood_model.reconstruct(x).float().cpu().numpy())
+        """The OOD scores of the batch ``x`` and its reconstruction (one encode)."""
+        scores, reconstruction = score_with_reconstruction(self.ood_model, x.to(self.device))
+        return GateOutput(scores, reconstruction.float().cpu().numpy())
 
 
 def classifier_backend(model: Any, device: str | torch.device = "cpu") -> ClassifierBackend:

@@ -34,8 +34,14 @@ import torch
 
 from cxrbench._types import check_unit_range
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
-from cxrbench.explain.targets import DEFAULT_TOP, explanation_targets, finding_ranking
-from cxrbench.inference.backend import ClassifierBackend, GateBackend, classifier_backend, gate_backend
+from cxrbench.explain.targets import DEFAULT_TOP, ExplanationTargets, explanation_targets, finding_ranking
+from cxrbench.inference.backend import (
+    ClassifierBackend,
+    GateBackend,
+    OnePassBackend,
+    classifier_backend,
+    gate_backend,
+)
 from cxrbench.inference.predict import (
     Predictions,
     operating_points_of,
@@ -297,13 +303,7 @@ class Pipeline:
         report.rejected = use_gate and failed and not (allow_ood and report.ood.overridable)
         report.overridden = failed and not report.rejected
         if not report.rejected:
-            t = time.perf_counter()
-            report.raw = 1.0 / (1.0 + np.exp(-self.classifier_backend.logits(self.model_inputs(report.image))[0]
-                                             .astype(np.float64)))
-            report.calibrated = self.calibrate(report.raw)
-            report.timings["classify"] = time.perf_counter() - t
-            if explain:
-                report = self.explain(report, explain, targets, top=top, options=explain_options)
+            report = self._classify_and_explain(report, explain, targets, top, explain_options)
             if self.unet is not None:
                 t = time.perf_counter()
                 report.lung_mask = predict_lung_mask(self.unet.model, self.unet.preprocess, report.image,
@@ -311,6 +311,43 @@ class Pipeline:
                 report.timings["segment"] = time.perf_counter() - t
         report.timings["total"] = time.perf_counter() - t0
         return report
+
+    def _classify_and_explain(self, report: Report, method: str | None, targets: str | Sequence[str] | None,
+                              top: int, options: Mapping[str, Any] | None) -> Report:
+        """The probabilities and, with ``method``, the maps. A backend that explains ``method`` in one pass
+        (:class:`~cxrbench.inference.backend.OnePassBackend`: saliency, Grad-CAM, CAM on torch; CAM on ONNX
+        Runtime) gives both from one forward, the targets chosen from its logits; ``timings["classify"]`` is
+        then the time to the logits (the forward) and ``timings["explain"]`` the rest (backward, maps)."""
+        t = time.perf_counter()
+        x = self.model_inputs(report.image)
+        backend = self.classifier_backend
+        if not method or not isinstance(backend, OnePassBackend) or method not in backend.explain_methods:
+            report.raw, report.calibrated = self._probabilities(backend.logits(x))
+            report.timings["classify"] = time.perf_counter() - t
+            return self.explain(report, method, targets, top=top, options=options) if method else report
+        chosen: list[tuple[ExplanationTargets, float]] = []
+
+        def choose(logits: np.ndarray) -> list[int] | None:
+            raw, calibrated = self._probabilities(logits)
+            chosen.append((explanation_targets(method, self.findings, targets, top=top,
+                                               ranking=finding_ranking(calibrated, raw)), time.perf_counter()))
+            return chosen[0][0].index
+
+        logits, maps = backend.explain_with_logits(x, method, choose, **{**DEFAULT_MAP_OPTIONS, **(options or {})})
+        report.raw, report.calibrated = self._probabilities(logits)
+        report.timings["classify"] = chosen[0][1] - t
+        return self._with_maps(report, method, chosen[0][0], maps, time.perf_counter() - chosen[0][1])
+
+    def _probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (sigmoid) and calibrated probabilities ``(F,)`` float64 of the first image's logits."""
+        raw = 1.0 / (1.0 + np.exp(-np.asarray(logits[0], dtype=np.float64)))
+        return raw, self.calibrate(raw)
+
+    def _with_maps(self, report: Report, method: str, chosen: ExplanationTargets, maps: np.ndarray,
+                   seconds: float) -> Report:
+        return replace(report, method=method, maps=np.asarray(maps[0], dtype=np.float32), map_labels=chosen.labels,
+                       explained_outputs=chosen.outputs(len(self.findings)),
+                       timings={**report.timings, "explain": seconds})
 
     def explain(self, report: Report, method: str, targets: str | Sequence[str] | None = None, *,
                 top: int = DEFAULT_TOP, options: Mapping[str, Any] | None = None) -> Report:
@@ -326,9 +363,7 @@ class Pipeline:
         chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top)
         maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
                                                **{**DEFAULT_MAP_OPTIONS, **(options or {})})
-        return replace(report, method=method, maps=np.asarray(maps[0], dtype=np.float32), map_labels=chosen.labels,
-                       explained_outputs=chosen.outputs(len(self.findings)),
-                       timings={**report.timings, "explain": time.perf_counter() - t})
+        return self._with_maps(report, method, chosen, maps, time.perf_counter() - t)
 
     # ------------------------------------------------------------------------------------------
     # many images

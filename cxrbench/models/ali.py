@@ -201,6 +201,11 @@ class ALI(nn.Module):
         mu, logvar = self.encode(x)
         return self.decode(self.sample_latent(mu, logvar, generator) if sample else mu)
 
+    def reconstruct_with_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruct(x), latent_mean(x))`` from one pass of the encoder (the OOD gate's scores need both)."""
+        mu = self.latent_mean(x)
+        return self.decode(mu), mu
+
     def discriminate(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Raw discriminator score of pairs: (B, 1, 64, 64), (B, Z) -> (B,)."""
         return self.discriminator(x, z)

@@ -160,6 +160,11 @@ class ConvAutoencoder(nn.Module):
         """decode(encode(x)): (B, 1, 64, 64) in [0, 1] -> (B, 1, 64, 64) in [0, 1]."""
         return self.decode(self.encode(x))
 
+    def reconstruct_with_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruct(x), latent_mean(x))`` from one pass of the encoder (the OOD gate's scores need both)."""
+        z = self.encode(x)
+        return self.decode(z), z
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Alias of :meth:`reconstruct`."""
         return self.reconstruct(x)

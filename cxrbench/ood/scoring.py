@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["OOD_PREPROCESS", "SCORER_NAMES", "SSIM_WIN_SIZE", "OODModel", "as_ood_model", "error_map",
            "reconstruction_scores", "score_batch", "score_batches", "score_files", "score_images", "score_sets",
+           "score_with_reconstruction",
            "structural_similarity_batch"]
 
 SCORER_NAMES: tuple[str, ...] = ("l1", "l2", "ssim", "latent")
@@ -129,15 +130,25 @@ def score_batch(model: OODModel, x: torch.Tensor) -> dict[str, np.ndarray]:
     The model is put in eval mode. Returns ``"l1"``, ``"l2"``, ``"ssim"`` (1 - SSIM),
     ``"ssim_raw"`` and ``"latent"`` (||mu||_2), each a (B,) float64 array.
     """
+    return score_with_reconstruction(model, x)[0]
+
+
+def score_with_reconstruction(model: OODModel, x: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """:func:`score_batch`'s scores and the (B, 1, 64, 64) reconstruction they were computed from.
+
+    A model with ``reconstruct_with_latent(x) -> (reconstruction, latent mean)`` (ALI, the autoencoder) is
+    encoded once; any other :class:`OODModel` by ``reconstruct`` and ``latent_mean``.
+    """
     model = as_ood_model(model)
     check_image_batch(x, model.image_size)
     if isinstance(model, torch.nn.Module):
         model.eval()
     with torch.no_grad():
-        recon = model.reconstruct(x)
+        both = getattr(model, "reconstruct_with_latent", None)
+        recon, mu = both(x) if callable(both) else (model.reconstruct(x), model.latent_mean(x))
         scores = reconstruction_scores(x, recon)
-        scores["latent"] = to_numpy(torch.linalg.vector_norm(model.latent_mean(x), dim=1), dtype=np.float64)
-    return scores
+        scores["latent"] = to_numpy(torch.linalg.vector_norm(mu, dim=1), dtype=np.float64)
+    return scores, recon
 
 
 def score_batches(

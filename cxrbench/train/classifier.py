@@ -81,6 +81,7 @@ class ClassifierConfig(RunConfig):
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
+    precision: str = "auto"  # "auto" | "fp32" | "bf16": :func:`cxrbench.train.runtime.precision_policy`
     max_steps_per_epoch: int | None = None
     labels: list[str] | None = None
     eval_bootstrap: int = 1000
@@ -93,6 +94,8 @@ class ClassifierConfig(RunConfig):
             raise ValueError(f"monitor must be 'val_loss' or 'val_auc', got {self.monitor!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
 
     def preprocess(self) -> Preprocess:
         """The preprocessing the training inputs, and so the bundle, use."""
@@ -172,6 +175,7 @@ class ClassifierFamily:
             mode="min" if cfg.monitor == "val_loss" else "max", seed=cfg.seed, device=cfg.device,
             patience=cfg.early_stopping_patience, num_workers=cfg.num_workers,
             max_steps_per_epoch=cfg.max_steps_per_epoch, amp=cfg.amp, channels_last=cfg.channels_last,
+            precision=cfg.precision,
             epoch_line=(("train loss", "train_loss", ".4f"), ("val loss", "val_loss", ".4f"),
                         ("val macro AUC", "val_auc", ".3f")))
 
@@ -246,7 +250,8 @@ class ClassifierFamily:
                             "dropout": cfg.dropout},
             labels=list(self.labels), preprocess=self.preprocess.to_dict(), operating_points=ops.to_dict(),
             training=training_record(out, self.full.manifest, self.split, cfg, result.epochs_run,
-                                     self.data_description, precision=result.precision),
+                                     self.data_description, precision=result.precision,
+                                     precision_choice=result.precision_reason),
             metrics=metrics, name=f"{cfg.arch}-{len(self.labels)}",
             description="trained with cxrbench train classifier")
         result.bundle = save_bundle(out / "bundle", model, card)

@@ -30,7 +30,8 @@ class LoopSettings:
     ``monitor`` names the validation metric that picks the best epoch, steps plateau schedulers and
     drives early stopping (``patience`` epochs without improvement; 0: off); ``mode`` says whether
     lower (``"min"``) or higher (``"max"``) is better. ``amp`` / ``channels_last`` ask
-    :func:`~cxrbench.train.runtime.precision_policy` for them. ``data_parallel=False`` refuses to run under torchrun.
+    :func:`~cxrbench.train.runtime.precision_policy` for them (``precision``: its mode, auto / fp32 / bf16).
+    ``data_parallel=False`` refuses to run under torchrun.
     ``epoch_line`` lists ``(label, row key, format)`` for the line printed after each epoch.
     """
 
@@ -45,6 +46,7 @@ class LoopSettings:
     max_steps_per_epoch: int | None = None
     amp: bool = False
     channels_last: bool = False
+    precision: str = "auto"
     data_parallel: bool = True
     epoch_line: tuple[tuple[str, str, str], ...] = ()
 
@@ -82,6 +84,7 @@ class LoopResult:
     stopped_early: bool = False
     train_seconds: float = 0.0  # training steps only, summed over every epoch (also before a resume)
     precision: str = "fp32"
+    precision_reason: str = ""  # why (:attr:`cxrbench.train.runtime.Precision.reason`)
 
 
 R = TypeVar("R", bound=LoopResult)

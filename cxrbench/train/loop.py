@@ -119,7 +119,8 @@ def _open(family: Family, out: Path, resume: bool, overwrite: bool,
     device = pick_device(settings.device)
     dist = init_distributed(device)
     seed_everything(settings.seed + dist.rank)
-    ctx = RunContext(out, device, dist, precision_policy(device, settings.amp, settings.channels_last), progress)
+    precision = precision_policy(device, settings.amp, settings.channels_last, settings.precision)
+    ctx = RunContext(out, device, dist, precision, progress)
     ckpt = open_run(out, family.config, resume, write=ctx.is_main)
     ctx.resuming = ckpt is not None
     ctx.barrier()  # the folder exists before any rank reads or writes in it
@@ -290,7 +291,8 @@ def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool 
                 break
         result = family.result_class(out_dir=ctx.out, epochs_run=epoch, best_epoch=tracker.best_epoch,
                                      best_value=tracker.best_value, history=history, stopped_early=stop,
-                                     train_seconds=tracker.train_seconds, precision=ctx.precision.describe())
+                                     train_seconds=tracker.train_seconds, precision=ctx.precision.describe(),
+                                     precision_reason=ctx.precision.reason)
         if ctx.is_main:
             family.finish(load_best(parts.model, ctx.out), result, ctx)
         ctx.barrier()

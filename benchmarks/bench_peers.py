@@ -1,0 +1,242 @@
+"""cxrbench next to its peers, measured side by side in one process (interleaved rounds, medians, ratios).
+
+* **Full report**, DenseNet-121 and ResNet18 at 224 px: cxrbench's ``Pipeline.analyze`` (read the PNG bytes,
+  OOD gate, 14 calibrated probabilities, Chester saliency) vs a torchxrayvision-style chain (``skimage`` read,
+  ``xrv.datasets.normalize``, ``XRayCenterCrop``, ``XRayResizer``, forward, ``autograd.grad`` of the summed
+  outputs): torchxrayvision's own ``DenseNet(weights=None)``, and for ResNet18 the same chain on the same network.
+* **Grad-CAM**, DenseNet-121, 1 and 3 targets: cxrbench's ``GradCAM`` vs pytorch-grad-cam and captum's
+  ``LayerGradCam`` (upsampled).
+* **Forward**, DenseNet-121 at batch 1 and 16: PyTorch eager vs ONNX Runtime on cxrbench's export.
+* **Training step**, DenseNet-121 at 128 px, batch 16, Adam: fp32 vs bf16 autocast + channels_last.
+
+Every contender of a comparison runs once per round, the rounds interleaved, so a machine whose load changes
+affects all of them alike; the table gives the median seconds, the ratio to cxrbench (peer / cxrbench: > 1 means
+cxrbench is faster) and, in its header, the CPU, its bf16 flags, the threads and the load average before and
+after. Weights are random everywhere (``weights=None``): speed does not depend on them.
+
+Needs the ``bench`` extra: ``pip install --no-deps torchxrayvision grad-cam ttach opencv-python-headless``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")  # many models in one process (see NOTES)
+sys.path.insert(0, str(Path(__file__).parent))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import machine, markdown  # noqa: E402
+
+Contenders = dict[str, Callable[[], object]]
+
+
+def interleaved(contenders: Contenders, rounds: int) -> dict[str, float]:
+    """Median seconds of each contender over ``rounds`` rounds, one call of each per round (after a warm-up)."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def rows_of(task: str, medians: dict[str, float], reference: str) -> list[dict]:
+    base = medians[reference]
+    return [{"task": task, "contender": name, "median_ms": round(1e3 * s, 1),
+             "ratio_to_cxrbench": round(s / base, 2)} for name, s in medians.items()]
+
+
+def sample_png() -> bytes:
+    """A real NIH PNG from ../shared/data when there is one, else a synthetic phantom (1024 px)."""
+    from cxrbench.data import load_manifest, shared_data_root
+
+    root = shared_data_root()
+    if root is not None and (root / "cxr" / "nih").is_dir():
+        return Path(load_manifest(root / "cxr" / "nih")["path"].iloc[0]).read_bytes()
+    from PIL import Image
+
+    from cxrbench.data.synthetic import make_phantom
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(make_phantom(1024, seed=0).image * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def xrv_chain(model: torch.nn.Module, blob: bytes) -> Callable[[], object]:
+    """torchxrayvision's README recipe, plus the input gradient of the summed outputs (its saliency)."""
+    import skimage.io
+    import torchxrayvision as xrv
+
+    transform = xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)
+
+    def run():
+        img = skimage.io.imread(io.BytesIO(blob))
+        img = xrv.datasets.normalize(img, 255)
+        img = img.mean(2) if img.ndim == 3 else img
+        img = transform[1](transform[0](img[None, ...]))
+        x = torch.from_numpy(img)[None].float().requires_grad_(True)
+        out = model(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        return torch.sigmoid(out).detach(), grad.clamp_min(0)
+
+    return run
+
+
+def bench_reports(tmp: Path, blob: bytes, rounds: int) -> list[dict]:
+    import torchxrayvision as xrv
+
+    from cxrbench.inference.pipeline import Pipeline
+    from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle
+    from cxrbench.ood.untrained import untrained_ood_bundle
+
+    ood = untrained_ood_bundle(tmp / "ood", description="benchmark: never rejects")
+    rows = []
+    for arch in ("densenet121", "resnet18"):
+        pipe = Pipeline(load_bundle(untrained_classifier_bundle(tmp / arch, arch=arch)), load_bundle(ood))
+        peer = xrv.models.DenseNet(weights=None).eval() if arch == "densenet121" else pipe.classifier.model
+        medians = interleaved({"cxrbench": lambda: pipe.analyze(blob, name="x.png", explain="saliency"),
+                               "torchxrayvision chain": xrv_chain(peer, blob)}, rounds)
+        rows += rows_of(f"full report, {arch} 224 px (gate + 14 calibrated + saliency)", medians, "cxrbench")
+    return rows
+
+
+def bench_gradcam(rounds: int) -> list[dict]:
+    import torch.nn.functional as F
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam import GradCAM as PeerGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cxrbench.explain import GradCAM
+    from cxrbench.models.classifier import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("densenet121", 14, 1).eval()
+    x = torch.rand(1, 1, 224, 224)
+    ours = GradCAM(model, normalize="minmax")
+    peer = PeerGradCAM(model=model, target_layers=[model.features])
+    layer = LayerGradCam(model, model.features)
+    rows = []
+    for targets in ([2], [2, 4, 7]):
+        def captum(targets=targets):
+            maps = [layer.attribute(x, target=t, relu_attributions=True) for t in targets]
+            return F.interpolate(torch.cat(maps, 1), size=(224, 224), mode="bilinear")
+
+        medians = interleaved({"cxrbench": lambda t=targets: ours(x, targets=t),
+                               "pytorch-grad-cam": lambda t=targets: [peer(input_tensor=x, targets=[
+                                   ClassifierOutputTarget(i)]) for i in t],
+                               "captum LayerGradCam": captum}, rounds)
+        rows += rows_of(f"Grad-CAM, densenet121 224 px, {len(targets)} target(s)", medians, "cxrbench")
+    return rows
+
+
+def bench_forward(tmp: Path, rounds: int, threads: int) -> list[dict]:
+    from cxrbench.export.onnx import GRAPH_FILES, export_models, make_session
+    from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle
+
+    bundle = load_bundle(untrained_classifier_bundle(tmp / "fwd", arch="densenet121"))
+    export_models(bundle, tmp / "onnx")
+    session = make_session(tmp / "onnx" / GRAPH_FILES["classifier"], threads)
+    model = bundle.model.eval()
+    rows = []
+    for batch in (1, 16):
+        x = torch.rand(batch, 1, 224, 224)
+
+        def eager(x=x):
+            with torch.no_grad():
+                return model(x)
+
+        medians = interleaved({"cxrbench (PyTorch eager)": eager,
+                               "cxrbench (ONNX Runtime)": lambda x=x: session.run(None, {"x": x.numpy()})}, rounds)
+        for row in rows_of(f"forward, densenet121 224 px, batch {batch}", medians, "cxrbench (PyTorch eager)"):
+            rows.append({**row, "median_ms_per_image": round(row["median_ms"] / batch, 1)})
+    return rows
+
+
+def bench_training(rounds: int) -> list[dict]:
+    from torch import nn
+
+    from cxrbench.models.classifier import build_classifier
+    from cxrbench.train.runtime import Precision
+
+    contenders: Contenders = {}
+    x, y = torch.rand(16, 1, 128, 128), (torch.rand(16, 14) > 0.8).float()
+    for name, precision in (("fp32", Precision()), ("bf16 autocast + channels_last",
+                                                    Precision(torch.bfloat16, True))):
+        torch.manual_seed(0)
+        model = build_classifier("densenet121", 14, 1).train()
+        xb = x
+        if precision.channels_last:
+            model, xb = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt, xb=xb, precision=precision):
+            with precision.autocast(torch.device("cpu")):
+                loss = nn.functional.binary_cross_entropy_with_logits(model(xb).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        contenders[name] = step
+    medians = interleaved(contenders, rounds)
+    rows = rows_of("training step, densenet121 128 px, batch 16, Adam", medians, "fp32")
+    return [{**r, "images_per_s": round(16 / (r["median_ms"] / 1e3), 1)} for r in rows]
+
+
+def header(threads: int, load_before: tuple[float, ...], rounds: int) -> str:
+    from cxrbench.train.runtime import FAST_BF16_FLAGS, cpu_flags
+
+    bf16 = sorted(FAST_BF16_FLAGS & cpu_flags()) or ["none"]
+    return (f"<!-- {machine()}; bf16 flags: {', '.join(bf16)}; torch {torch.__version__}, {threads} threads; "
+            f"{rounds} interleaved rounds; load average before {' / '.join(f'{v:.2f}' for v in load_before)}, "
+            f"after {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.strftime('%Y-%m-%d %H:%M')} -->\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="build/benchmarks")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per comparison (medians over them)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="+", default=["report", "gradcam", "forward", "train"],
+                   choices=("report", "gradcam", "forward", "train"))
+    args = p.parse_args()
+    try:
+        import pytorch_grad_cam  # noqa: F401
+        import torchxrayvision  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"bench_peers.py needs the peers: pip install --no-deps torchxrayvision grad-cam ttach "
+                 f"opencv-python-headless ({exc})")
+    import pandas as pd
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        jobs = {"report": lambda: bench_reports(tmp, sample_png(), args.rounds),
+                "gradcam": lambda: bench_gradcam(args.rounds),
+                "forward": lambda: bench_forward(tmp, args.rounds, args.threads),
+                "train": lambda: bench_training(args.rounds)}
+        for name in args.only:
+            rows += jobs[name]()
+            print(pd.DataFrame(rows).to_string(index=False), flush=True)
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "peers.csv", index=False)
+    (out / "peers.md").write_text(header(args.threads, load_before, args.rounds) + markdown(df.fillna("")))
+    print(f"wrote {out / 'peers'}.csv and .md")
+
+
+if __name__ == "__main__":
+    main()

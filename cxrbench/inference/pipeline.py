@@ -56,7 +56,8 @@ class OODResult:
 
     ``scores``: every scorer (``l1``, ``l2``, ``ssim`` = 1 - SSIM, ``ssim_raw``, ``latent``); ``score``
     the bundle's scorer; ``cutoff`` its threshold (higher = more OOD); images at 64 px in [0, 1]:
-    ``input``, ``reconstruction``, ``error`` (per-pixel |x - D(E(x))|).
+    ``input``, ``reconstruction``, ``error`` (per-pixel |x - D(E(x))|). ``check``: which check failed
+    (``"size"``, ``"information"``, ``"reconstruction"``; ``""`` when passed) and ``reason`` in plain words.
     """
 
     scorer: str
@@ -67,6 +68,8 @@ class OODResult:
     input: np.ndarray
     reconstruction: np.ndarray
     error: np.ndarray
+    check: str = ""
+    reason: str = ""
 
     @property
     def in_distribution(self) -> bool:

@@ -187,12 +187,14 @@ class Dashboard:
         self.ood_images.add_class("cxr-ood-images")
         self.bars = w.Output()
         self.bars.add_class("cxr-bars")
-        self.note = html_widget("cxr-note", f"<small>{html.escape(CALIBRATION_NOTE)}</small>", width="590px",
+        self.note = html_widget("cxr-note", f"<div style='line-height:1.3'><small>{html.escape(CALIBRATION_NOTE)}"
+                                "</small></div>", width="650px",
                                 display="none")  # shown with the bars
         self.overlay = w.Image(format="png", layout=w.Layout(width="384px", height="384px", object_fit="contain",
                                                              visibility="hidden"))
         self.overlay.add_class("cxr-overlay")
         self.caption = html_widget("cxr-caption", width="384px")
+        self.caption.add_class("cxr-tight")
         self.colour_bar = html_widget("cxr-colour-bar", colour_bar_html(self.CMAP), width="384px", display="none")
         self.timing = html_widget("cxr-timing")
 
@@ -209,16 +211,17 @@ class Dashboard:
     def _layout(self):
         import ipywidgets as w
 
-        header = w.HTML("<div class='cxr-header'><b style='font-size:20px'>cxrbench · chest X-ray check</b> "
+        header = w.HTML("<style>.cxr-tight .widget-html-content, .cxr-timing .widget-html-content "
+                        "{line-height: 1.3}</style><div class='cxr-header'><b style='font-size:20px'>cxrbench · chest X-ray check</b> "
                         "<span style='color:#555'>· analysed in this Python kernel on this machine; nothing is "
                         "uploaded anywhere else. Not a diagnosis.</span></div>")
         self.about = w.HTML(model_summary(self.pipeline))
         self.about.add_class("cxr-about")
-        inputs = w.HBox([self.upload, self.example, self.override],
+        inputs = w.HBox([self.upload, self.example],
                         layout=w.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 16px"))
         inputs.add_class("cxr-inputs")
-        left = w.VBox([self.busy, self.verdict, self.ood_images, self.banner, self.bars, self.note],
-                      layout=w.Layout(width="600px", min_width="600px"))
+        left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note],
+                      layout=w.Layout(width="660px", min_width="660px"))
         left.add_class("cxr-left")
         controls = w.GridBox([self.method, self.finding, self.opacity, self.smoothing, self.hide_below],
                              layout=w.Layout(grid_template_columns="1fr", width="384px"))
@@ -328,7 +331,8 @@ class Dashboard:
         self.bars.outputs = ()
         shown = report.raw is not None
         self.note.layout.display = "" if shown else "none"
-        self.banner.value = (f"<div style='background:#fdecea;color:#8a1c12;padding:4px 8px;border-radius:4px'>"
+        self.banner.value = (f"<div style='background:#fdecea;color:#8a1c12;padding:3px 8px;border-radius:4px;"
+                             "line-height:1.35'>"
                              f"⚠ {html.escape(self.model_warning)}</div>") if self.model_warning else ""
         self.banner.layout.display = "" if shown and self.model_warning else "none"
         if shown:
@@ -357,12 +361,12 @@ class Dashboard:
             return
         from cxrbench.explain.overlay import error_overlay
 
-        imgs = [("gate input (64 px)", report.ood.input), ("reconstruction", report.ood.reconstruction),
-                ("error (red = poorly rebuilt)", error_overlay(report.ood.input, report.ood.error))]
-        self.ood_images.children = [w.VBox([w.HTML(f"<small>{t}</small>"),
-                                            w.Image(value=png_bytes(im), format="png",
-                                                    layout=w.Layout(width="96px", height="96px"))],
-                                           layout=w.Layout(width="180px"))
+        imgs = [("gate input, 64 px", report.ood.input), ("its reconstruction", report.ood.reconstruction),
+                ("error: red = poorly rebuilt", error_overlay(report.ood.input, report.ood.error))]
+        self.ood_images.children = [w.HBox([w.Image(value=png_bytes(im), format="png",
+                                                    layout=w.Layout(width="64px", height="64px")),
+                                            w.HTML(f"<div style='line-height:1.2;width:80px'><small>{t}</small></div>")],
+                                           layout=w.Layout(width="210px", align_items="center"))
                                     for t, im in imgs]
 
     def _render_verdict(self, report: Report) -> None:
@@ -381,6 +385,7 @@ class Dashboard:
             self.overlay.value = png_bytes(r.image)
             self.caption.value = (f"<small>the image at the model's input ({r.image.shape[-1]} px); no explanation "
                                   "without a prediction</small>")
+            self.overlay.layout.visibility = "visible"
             return
         k = 0
         if not is_summed(r.method or "") and self.finding.value in r.map_labels:

@@ -56,9 +56,10 @@ class Verdict:
     def html(self) -> str:
         """The verdict as HTML for the dashboard (class ``cxr-verdict-<kind>``; ``cxr-rejected`` when withheld)."""
         rejected = " cxr-rejected" if self.kind != "chest" and not self.shows_numbers else ""
-        extra = f"<br><small>{html.escape(self.false_rejection)}</small>" if self.false_rejection else ""
-        return (f"<div class='cxr-verdict-{self.kind}{rejected}' style='color:{_COLOURS[self.kind]}'>"
-                f"<b>{_MARKS[self.kind]} {html.escape(self.headline)}</b><br>"
+        extra = (f"<br><small style='color:#555'>{html.escape(self.false_rejection)}</small>"
+                 if self.false_rejection else "")
+        return (f"<div class='cxr-verdict-{self.kind}{rejected}' style='color:{_COLOURS[self.kind]};line-height:1.35'>"
+                f"<b style='font-size:15px'>{_MARKS[self.kind]} {html.escape(self.headline)}</b><br>"
                 f"<span style='color:#333'>{html.escape(self.detail)}</span>{extra}</div>")
 
 
@@ -135,7 +136,7 @@ def no_evidence_text(method: str, label: str) -> str:
 def explanation_caption(report: Report, label: str) -> str:
     """``"gradcam · Effusion · 128 px model input"``: what an overlay shows."""
     size = report.image.shape[-1]
-    return f"{report.method} · {label} · {size} px model input · colour = share of the map's maximum"
+    return f"{report.method} · {label} · {size} px model input"
 
 
 def model_line(pipeline: Pipeline) -> str:

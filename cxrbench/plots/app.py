@@ -46,14 +46,14 @@ def probability_figure(report: Report, reliability: Mapping[str, FindingReliabil
                   annotation_position="top")
     right = 10
     if reliability:
-        right = 200
+        right = 250
         for finding, text, r in zip(table["finding"], texts, rel):
             muted = r is not None and r.reliable is False
             fig.add_annotation(x=1.0, xref="paper", xanchor="left", xshift=6, y=finding, yref="y", showarrow=False,
                                text=f"<i>{text}</i>" if muted else text, align="left",
-                               font=dict(size=11, color="#8a8a8a" if muted else "#333"))
-    fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=400, width=590,
-                      margin=dict(l=10, r=right, t=26, b=40), template="plotly_white", showlegend=False)
+                               font=dict(size=10.5, color="#8a8a8a" if muted else "#333"))
+    fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=370, width=650,
+                      margin=dict(l=10, r=right, t=22, b=36), template="plotly_white", showlegend=False)
     return fig
 
 

@@ -212,12 +212,6 @@ def test_chest_xray_bars_equal_the_report_then_child_grey_nonchest_and_broken_fi
     page.wait_for_function("document.querySelectorAll('.cxr-bars .jp-OutputArea-output').length === 0",
                            timeout=60_000)
 
-    grey = tmp_path / "grey.png"
-    PILImage.fromarray(np.full((512, 512), 128, np.uint8)).save(grey)
-    _upload(page, grey)
-    page.wait_for_selector(VERDICT + "Not a frontal chest radiograph", timeout=120_000)
-    page.screenshot(path=str(SHOTS / "dashboard_grey.png"))
-
     _upload(page, app["nonchest"])
     page.wait_for_selector(".cxr-verdict >> text=beyond the far cutoff", timeout=120_000)
     assert page.locator(".cxr-bars img, .cxr-bars svg").count() == 0
@@ -244,3 +238,16 @@ def test_chest_xray_bars_equal_the_report_then_child_grey_nonchest_and_broken_fi
                "click_to_result_s": round(click_to_result, 2)}
     (SHOTS / "timings.json").write_text(json.dumps(timings))
     print("dashboard timings:", timings)
+
+
+def test_a_blank_grey_png_is_not_a_chest_radiograph(app, page, tmp_path):
+    """The blank-image guard's verdict in the browser (a uniform grey scores *in* distribution on the
+    reconstruction score alone: the guard must reject it before any score is read)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    grey = tmp_path / "grey.png"
+    PILImage.fromarray(np.full((512, 512), 128, np.uint8)).save(grey)
+    _upload(page, grey)
+    page.wait_for_selector(VERDICT + "Not a frontal chest radiograph", timeout=120_000)
+    assert "blank-image check" in page.locator(".cxr-verdict").inner_text()
+    assert page.locator(".cxr-bars .jp-OutputArea-output").count() == 0
+    page.screenshot(path=str(SHOTS / "dashboard_grey.png"))

@@ -4,7 +4,6 @@ cached report, and the model named in the timing line. Also the far cutoff, fitt
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
@@ -95,17 +94,21 @@ def test_three_verdicts_in_plain_words_with_the_gates_false_rejection_rate(root,
 
 
 def test_a_failed_blank_image_check_is_not_a_chest_radiograph_with_its_reason(root, image, monkeypatch):
-    dash = _dash(root, ood="inside")
-    real_gate = dash.pipeline.gate
+    import types
 
-    def guard_fails(pixels):
-        return dataclasses.replace(real_gate(pixels), check="information", reason="almost no image content")
+    dash = _dash(root, ood="inside")
+
+    def guard_fails(pixels):  # what the gate answers when the blank-image guard rejects (nothing is scored)
+        return types.SimpleNamespace(scorer="ssim", score=float("nan"), cutoff=0.4, cutoff_method="", scores={},
+                                     input=None, reconstruction=None, error=None, check="size",
+                                     reason="too small (7x3 px)", overridable=False, in_distribution=False)
 
     monkeypatch.setattr(dash.pipeline, "gate", guard_fails)
-    dash.analyze_bytes("grey.png", _png(np.full((96, 96), 0.5)))
-    assert "Not a frontal chest radiograph" in dash.verdict.value
-    assert "blank-image check: almost no image content" in dash.verdict.value
-    assert "analyse anyway" not in dash.verdict.value  # no override offered for a blank image
+    dash.analyze_bytes("tiny.png", _png(np.full((3, 7), 0.5)))
+    assert "Not a frontal chest radiograph" in dash.verdict.value and "cxr-rejected" in dash.verdict.value
+    assert "blank-image check: too small (7x3 px)" in dash.verdict.value
+    assert "analyse anyway" not in dash.verdict.value  # not offered for an image too small to analyse
+    assert not dash.bars.outputs and not dash.ood_images.children
 
 
 def test_a_broken_file_after_a_good_one_leaves_nothing_of_the_good_one(root, image):

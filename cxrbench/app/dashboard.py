@@ -109,6 +109,10 @@ def model_summary(pipeline: Pipeline) -> str:
                          "images.")
     else:
         lines.append("<b>No OOD gate</b>: every image is analysed.")
+    g = getattr(pipeline, "guard", None)  # the blank-image guard, where the pipeline runs one
+    if g is not None:
+        lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
+                     f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")
     body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
 
@@ -356,7 +360,8 @@ class Dashboard:
     def _show_gate_images(self, report: Report) -> None:
         import ipywidgets as w
 
-        if report.ood is None:
+        o = report.ood
+        if o is None or o.input is None or o.reconstruction is None or o.error is None:  # no OOD model, or not scored
             self.ood_images.children = []
             return
         from cxrbench.explain.overlay import error_overlay

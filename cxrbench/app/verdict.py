@@ -86,19 +86,20 @@ def false_rejection_line(ood_card: Mapping[str, Any]) -> str:
 
 
 def gate_verdict(report: Report, ood_card: Mapping[str, Any] | None) -> Verdict:
-    """The verdict on an analysed ``report`` under the OOD card's cutoffs (``ood_card`` = ``card.ood``)."""
+    """The verdict on an analysed ``report`` under the OOD card's cutoffs (``ood_card`` = ``card.ood``, None
+    without an OOD model). The blank-image guard's failures (``report.ood.check`` in :data:`GUARD_CHECKS`) come
+    first; a gate without a far cutoff has two outcomes."""
     o = report.ood
-    if o is None or ood_card is None:
-        return Verdict("no_gate", "No OOD gate loaded", "Every image is analysed, whatever it shows.", True)
+    numbers = report.raw is not None
+    if o is not None and getattr(o, "check", "") in GUARD_CHECKS:
+        return _guard_verdict(report)
+    if o is None or ood_card is None or not o.scorer:
+        detail = ("The image passed the blank-image check; no OOD model checks that it is a chest X-ray like the "
+                  "training images." if o is not None else "Every image is analysed, whatever it shows.")
+        return Verdict("no_gate", "No OOD gate model loaded", detail, numbers)
     line = false_rejection_line(ood_card)
     far = (ood_card.get("far_cutoff") or {}).get("threshold")
     score = f"{o.scorer} score {o.score:.3f}"
-    check = getattr(o, "check", "")
-    numbers = report.raw is not None
-    if check in GUARD_CHECKS:
-        return Verdict("not_chest", "Not a frontal chest radiograph",
-                       f"The image fails the blank-image check: {getattr(o, 'reason', '') or check}. "
-                       "No prediction is made for it.", numbers, line, report.overridden)
     if o.score <= o.cutoff:
         return Verdict("chest", "A frontal chest radiograph like the training images",
                        f"{score}, within the cutoff {o.cutoff:.3f}.", numbers, line)
@@ -119,6 +120,19 @@ def gate_verdict(report: Report, ood_card: Mapping[str, Any] | None) -> Verdict:
                    f"{score} is beyond the far cutoff {float(far):.3f}: the image is unlike any chest X-ray the gate "
                    f"knows (red in the error map marks where its reconstruction fails). {anyway}",
                    numbers, line, report.overridden)
+
+
+def _guard_verdict(report: Report) -> Verdict:
+    o = report.ood
+    if report.raw is not None:
+        tail = "Analysed anyway because you asked: the numbers mean nothing for such an image."
+    elif getattr(o, "overridable", False):
+        tail = "No prediction is shown (“analyse anyway” would show numbers that mean nothing here)."
+    else:
+        tail = "No prediction is made for it."
+    return Verdict("not_chest", "Not a frontal chest radiograph",
+                   f"The image fails the blank-image check: {getattr(o, 'reason', '') or getattr(o, 'check', '')}. "
+                   f"{tail}", report.raw is not None, "", report.overridden)
 
 
 def is_flat_map(heat: np.ndarray, tol: float = 1e-6) -> bool:

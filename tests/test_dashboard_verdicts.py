@@ -123,8 +123,26 @@ def test_a_broken_file_after_a_good_one_leaves_nothing_of_the_good_one(root, ima
     assert dash.overlay.layout.visibility == "hidden" and bytes(dash.overlay.value) == b""
     assert dash.note.layout.display == "none" and dash.banner.layout.display == "none"
     assert dash.colour_bar.layout.display == "none" and dash.timing.value == ""
+    assert dash.controls.layout.display == "none" and dash.override.layout.display == "none"
     dash.method.value = "gradcam"  # nothing current: nothing to re-explain, no error
     assert dash.report is None and not dash.message.value
+
+
+def test_the_picker_forgets_the_previous_example_and_override_shows_only_for_a_turned_away_image(root, image, tmp_path):
+    import datetime
+
+    path = tmp_path / "ex.png"
+    path.write_bytes(_png(image))
+    dash = _dash(root, ood="between", examples={"an example": path})
+    dash.example.value = "an example"
+    assert "unlike the training images" in dash.verdict.value and dash.override.layout.display == ""
+    assert dash.controls.layout.display == "none"  # no prediction, nothing to explain
+    dash.upload.value = ({"name": "up.png", "type": "image/png", "size": 1, "content": memoryview(b"broken"),
+                          "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    assert dash.example.value == "(choose an example)" and "up.png" in dash.verdict.value
+    inside = _dash(root, ood="inside")
+    inside.analyze_bytes("chest.png", _png(image))
+    assert inside.override.layout.display == "none" and inside.controls.layout.display == ""
 
 
 def test_a_new_image_clears_the_previous_one_before_it_is_analysed(root, image, monkeypatch):

@@ -162,7 +162,8 @@ class Dashboard:
                                   layout=w.Layout(width=f"{min(longest, 110) + 14}ch", max_width="100%"))
         self.example.add_class("cxr-example")
         self.override = w.Checkbox(value=False, description="analyse anyway, even if not recognised as a chest "
-                                   "X-ray like the training images", indent=False, layout=w.Layout(width="auto"))
+                                   "X-ray like the training images", indent=False,
+                                   layout=w.Layout(width="auto", display="none"))
         self.override.add_class("cxr-override")
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.method.add_class("cxr-method")
@@ -227,9 +228,9 @@ class Dashboard:
         left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note],
                       layout=w.Layout(width="660px", min_width="660px"))
         left.add_class("cxr-left")
-        controls = w.GridBox([self.method, self.finding, self.opacity, self.smoothing, self.hide_below],
-                             layout=w.Layout(grid_template_columns="1fr", width="384px"))
-        right = w.VBox([self.overlay, self.caption, self.colour_bar, controls],
+        self.controls = w.GridBox([self.method, self.finding, self.opacity, self.smoothing, self.hide_below],
+                                  layout=w.Layout(grid_template_columns="1fr", width="384px", display="none"))
+        right = w.VBox([self.overlay, self.caption, self.colour_bar, self.controls],
                        layout=w.Layout(width="400px", min_width="400px"))
         right.add_class("cxr-right")
         body = w.HBox([left, right], layout=w.Layout(align_items="flex-start", grid_gap="24px"))
@@ -251,6 +252,7 @@ class Dashboard:
         if not files:
             return
         item = files[0]
+        self.example.value = self.example.options[0]  # the picker no longer names the previous image
         self.analyze_bytes(item["name"], item["content"].tobytes() if hasattr(item["content"], "tobytes") else item["content"])
 
     def _on_example(self, change: dict[str, Any]) -> None:
@@ -322,14 +324,20 @@ class Dashboard:
         self.note.layout.display = self.banner.layout.display = self.colour_bar.layout.display = "none"
         self.overlay.layout.visibility = "hidden"
         self.overlay.value = b""
+        self.controls.layout.display = "none"
+        self.override.layout.display = "none"
 
     def _failed(self, name: str, reason: str) -> None:
         self.clear()
+        self.example.value = self.example.options[0]
         self.verdict.value = error_verdict(name, reason).html()
         return None
 
     def _render(self, report: Report, seconds: float) -> None:
         self._render_verdict(report)
+        # "analyse anyway" only where the gate turned the image away; the explanation controls with a prediction
+        self.override.layout.display = "" if report.rejected or report.overridden else "none"
+        self.controls.layout.display = "" if report.raw is not None else "none"
         # outputs are set, never cleared with clear_output(wait=True): a deferred clear that no new output
         # follows (a rejected image) would leave the previous image's bars on the page
         self.bars.outputs = ()

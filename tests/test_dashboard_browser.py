@@ -97,7 +97,8 @@ def app(shared_data, tmp_path_factory):
                                             preprocess=Preprocess(size=64, normalize="zero_one").to_dict(), ood=ood))
     clf = build_classifier("resnet18", 14, 1).eval()
     save_bundle(root / "clf", clf, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
+        kind="classifier", builder="classifier",
+        builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
         labels=list(NIH_FINDINGS), preprocess=Preprocess(size=128).to_dict(), metrics=_classifier_card_metrics(),
         operating_points={"thresholds": {f: 0.5 for f in NIH_FINDINGS}, "fitted_on": "validation"}))
     long_label = f"held-out chest X-ray: Atelectasis, Effusion, Infiltration ({Path(accepted_example).name})"

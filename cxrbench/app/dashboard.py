@@ -111,8 +111,9 @@ def model_summary(pipeline: Pipeline) -> str:
         lines.append("<b>No OOD gate</b>: every image is analysed.")
     g = getattr(pipeline, "guard", None)  # the blank-image guard, where the pipeline runs one
     if g is not None:
-        lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
-                     f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")
+        lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on "
+                     f"its short side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of "
+                     f"{g.min_spread:.3f}.")
     body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
 
@@ -217,7 +218,8 @@ class Dashboard:
         import ipywidgets as w
 
         header = w.HTML("<style>.cxr-tight .widget-html-content, .cxr-timing .widget-html-content "
-                        "{line-height: 1.3}</style><div class='cxr-header'><b style='font-size:20px'>cxrbench · chest X-ray check</b> "
+                        "{line-height: 1.3}</style><div class='cxr-header'>"
+                        "<b style='font-size:20px'>cxrbench · chest X-ray check</b> "
                         "<span style='color:#555'>· analysed in this Python kernel on this machine; nothing is "
                         "uploaded anywhere else. Not a diagnosis.</span></div>")
         self.about = w.HTML(model_summary(self.pipeline))
@@ -378,7 +380,8 @@ class Dashboard:
                 ("error: red = poorly rebuilt", error_overlay(report.ood.input, report.ood.error))]
         self.ood_images.children = [w.HBox([w.Image(value=png_bytes(im), format="png",
                                                     layout=w.Layout(width="64px", height="64px")),
-                                            w.HTML(f"<div style='line-height:1.2;width:80px'><small>{t}</small></div>")],
+                                            w.HTML(f"<div style='line-height:1.2;width:80px'><small>{t}</small>"
+                                                   "</div>")],
                                            layout=w.Layout(width="210px", align_items="center"))
                                     for t, im in imgs]
 
@@ -406,8 +409,9 @@ class Dashboard:
         label = r.map_labels[k] if r.map_labels else ALL_FINDINGS
         if is_flat_map(r.maps[k]):  # say so instead of painting a flat wash
             self.overlay.value = png_bytes(r.image)
-            self.caption.value = (f"<small class='cxr-no-evidence'><b>{html.escape(no_evidence_text(r.method or '', label))}"
-                                  f"</b><br>{html.escape(explanation_caption(r, label))}</small>")
+            said = html.escape(no_evidence_text(r.method or "", label))
+            self.caption.value = (f"<small class='cxr-no-evidence'><b>{said}</b><br>"
+                                  f"{html.escape(explanation_caption(r, label))}</small>")
             return
         heat = gaussian_smooth(r.maps[k], float(self.smoothing.value))
         threshold = float(self.hide_below.value) or None

@@ -262,7 +262,8 @@ def _ood_problems(card: ModelCard) -> list[str]:
     far = card.ood.get("far_cutoff")
     if far is not None:  # optional (older cards have one cutoff); when there, beyond the near one
         far_threshold = far.get("threshold") if isinstance(far, dict) else None
-        if isinstance(far_threshold, bool) or not isinstance(far_threshold, (int, float)) or not math.isfinite(far_threshold):
+        if (isinstance(far_threshold, bool) or not isinstance(far_threshold, (int, float))
+                or not math.isfinite(far_threshold)):
             problems.append(f"ood.far_cutoff.threshold must be a finite number, got {_short(far_threshold)}")
         elif isinstance(threshold, (int, float)) and far_threshold < threshold:
             problems.append(f"ood.far_cutoff.threshold {far_threshold:.4g} lies below the near cutoff {threshold:.4g}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image as PILImage
 
 from cxrbench.app.demo import free_port, serve
 from cxrbench.labels import NIH_FINDINGS
@@ -38,13 +39,46 @@ def _read64(path) -> torch.Tensor:
     return torch.from_numpy(pp(read_image(path).pixels))
 
 
+def _classifier_card_metrics() -> dict:
+    """Test metrics for the fixture's (untrained) classifier, so that the page shows reliability labels:
+    Hernia rests on 2 positives and Mass's CI reaches 0.5 (both "not reliable"); macro AUC 0.62 (weak)."""
+    per_finding = {f: {"auc": 0.8, "auc_ci_low": 0.7, "auc_ci_high": 0.9, "n_pos": 20} for f in NIH_FINDINGS}
+    per_finding["Hernia"] = {"auc": 0.95, "auc_ci_low": 0.62, "auc_ci_high": 1.0, "n_pos": 2}
+    per_finding["Mass"] = {"auc": 0.6, "auc_ci_low": 0.45, "auc_ci_high": 0.74, "n_pos": 30}
+    return {"test": {"n_images": 96, "summary": {"macro_auc": 0.62}, "per_finding": per_finding}}
+
+
+def _gate_card(ae, x, shared_data) -> tuple[dict, dict]:
+    """The two cutoffs of the fixture's gate, fitted as :mod:`cxrbench.train.ood` fits them (near: a percentile
+    of held-out in-distribution scores; far: :func:`fit_far_cutoff` with the non-chest set), and the examples:
+    the non-chest image scored highest, and a paediatric CXR whose score lies between the two cutoffs."""
+    from cxrbench.data import load_manifest
+    from cxrbench.ood import fit_cutoff, score_batch
+    from cxrbench.ood.cutoffs import fit_far_cutoff
+
+    val = score_batch(ae, x[200:256])["ssim"]
+    near = fit_cutoff(val, 95.0)
+    nonchest = list(load_manifest(shared_data / "cxr" / "nonchest")["path"][:24])
+    far_scores = score_batch(ae, torch.stack([_read64(p) for p in nonchest]))["ssim"]
+    far, record = fit_far_cutoff(val, far_scores, near=near.threshold)
+    assert far_scores.max() > far.threshold, "the trained gate should call some non-chest radiograph non-chest"
+    children = list(load_manifest(shared_data / "cxr" / "pediatric")["path"][:40])
+    child_scores = score_batch(ae, torch.stack([_read64(p) for p in children]))["ssim"]
+    between = np.flatnonzero((child_scores > near.threshold) & (child_scores <= far.threshold))
+    assert between.size, f"no paediatric CXR between the cutoffs {near.threshold:.3f} and {far.threshold:.3f}"
+    ood = {"cutoff": near.to_dict(), "far_cutoff": {**far.to_dict(), **record},
+           "false_rejection": {"split": "val", "n_images": len(val), "near": float(near.is_ood(val).mean()),
+                               "far": float(far.is_ood(val).mean())}}
+    return ood, {"nonchest": nonchest[int(np.argmax(far_scores))], "child": children[int(between[0])]}
+
+
 @pytest.fixture(scope="module")
 def app(shared_data, tmp_path_factory):
-    """Bundles (a real, briefly trained OOD autoencoder; a small classifier) and a running Voila."""
+    """Bundles (a real, briefly trained OOD autoencoder with two cutoffs; a small classifier) and a running Voila."""
     from cxrbench.data import load_manifest
     from cxrbench.models.autoencoder import ConvAutoencoder, ae_train_step
     from cxrbench.models.classifier import build_classifier
-    from cxrbench.ood import fit_cutoff, score_batch
+    from cxrbench.ood import score_batch
 
     root = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
@@ -56,32 +90,26 @@ def app(shared_data, tmp_path_factory):
     for _ in range(100):
         ae_train_step(ae, opt, x[torch.randint(0, len(x), (32,), generator=g)])
     ae.eval()
-    cutoff = fit_cutoff(score_batch(ae, x[200:256])["ssim"], 99.0)
-    nonchest = load_manifest(shared_data / "cxr" / "nonchest")
-    candidates = list(nonchest["path"][:12])
-    scores = score_batch(ae, torch.stack([_read64(p) for p in candidates]))["ssim"]
-    assert scores.max() > cutoff.threshold, "the trained gate should reject some non-chest radiograph"
-    rejected_example = candidates[int(np.argmax(scores))]
+    ood, examples = _gate_card(ae, x, shared_data)
     chest_scores = score_batch(ae, x[:8])["ssim"]
     accepted_example = nih["path"][int(np.argmin(chest_scores))]
     save_bundle(root / "ood", ae, ModelCard(kind="ood", builder="autoencoder",
                                             builder_kwargs={"latent_dim": 64, "base_channels": 16},
-                                            preprocess=Preprocess(size=64, normalize="zero_one").to_dict(),
-                                            ood={"cutoff": cutoff.to_dict()}))
+                                            preprocess=Preprocess(size=64, normalize="zero_one").to_dict(), ood=ood))
     clf = build_classifier("resnet18", 14, 1).eval()
     save_bundle(root / "clf", clf, ModelCard(
         kind="classifier", builder="classifier",
         builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
-        labels=list(NIH_FINDINGS), preprocess=Preprocess(size=128).to_dict(),
+        labels=list(NIH_FINDINGS), preprocess=Preprocess(size=128).to_dict(), metrics=_classifier_card_metrics(),
         operating_points={"thresholds": {f: 0.5 for f in NIH_FINDINGS}, "fitted_on": "validation"}))
-    info = {"classifier": str(root / "clf"), "ood": str(root / "ood"),
-            "examples": {"chest X-ray example": str(accepted_example)}}
+    long_label = f"held-out chest X-ray: Atelectasis, Effusion, Infiltration ({Path(accepted_example).name})"
+    info = {"classifier": str(root / "clf"), "ood": str(root / "ood"), "examples": {long_label: str(accepted_example)}}
     port = free_port()
     t0 = time.perf_counter()
     proc = serve(info, port=port, env={"OMP_NUM_THREADS": "2"})
     up = time.perf_counter() - t0
-    yield {"url": f"http://127.0.0.1:{port}/", "chest": accepted_example, "nonchest": rejected_example,
-           "voila_up_s": up}
+    yield {"url": f"http://127.0.0.1:{port}/", "chest": accepted_example, "voila_up_s": up, "root": root,
+           "example_label": long_label, **examples}
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -93,7 +121,7 @@ def page(app):
     outside: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
 
         def route(r):
             host = r.request.url.split("/")[2] if "://" in r.request.url else ""
@@ -122,48 +150,106 @@ def _upload(page, path) -> float:
     return t0
 
 
-def test_chest_xray_gives_14_bars_and_an_overlay_then_nonchest_is_rejected_then_bad_file(app, page, tmp_path):
+VERDICT = ".cxr-verdict >> text="
+
+
+def _result_fits_the_window(page) -> dict:
+    """The main result's box and whether anything inside it scrolls."""
+    return page.evaluate("""() => {
+        const box = document.querySelector('.cxr-result').getBoundingClientRect();
+        const inner = [...document.querySelectorAll('.cxr-result *')].filter(
+            e => e.scrollHeight > e.clientHeight + 2 && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY));
+        return {bottom: box.bottom + window.scrollY, right: box.right, scrolling: inner.map(e => e.className)};
+    }""")
+
+
+def test_chest_xray_bars_equal_the_report_then_child_grey_nonchest_and_broken_files_get_their_verdicts(
+        app, page, tmp_path):
+    from cxrbench.inference.pipeline import Pipeline
+
     SHOTS.mkdir(parents=True, exist_ok=True)
     t0 = _upload(page, app["chest"])
-    page.wait_for_selector(".cxr-verdict >> text=Looks like a frontal chest X-ray", timeout=120_000)
+    page.wait_for_selector(VERDICT + "A frontal chest radiograph like the training images", timeout=120_000)
     page.wait_for_selector(".cxr-bars .plotly", timeout=60_000)
     click_to_result = time.perf_counter() - t0
     bars = page.locator(".cxr-bars g.trace.bars g.point")
     assert bars.count() == 14
-    labels = page.eval_on_selector_all(".cxr-bars .yaxislayer-above text", "els => els.map(e => e.textContent)")
-    assert set(labels) == set(NIH_FINDINGS)
+    shown = page.evaluate("() => { const d = document.querySelector('.cxr-bars .js-plotly-plot')._fullData[0];"
+                          " return {x: Array.from(d.x), y: Array.from(d.y)}; }")
+    report = Pipeline.from_paths(app["root"] / "clf", ood=app["root"] / "ood").analyze(app["chest"], explain=None)
+    expected = dict(zip(report.findings, report.calibrated))
+    assert set(shown["y"]) == set(NIH_FINDINGS)
+    np.testing.assert_allclose(shown["x"], [expected[f] for f in shown["y"]], atol=1e-6)
+    side = page.eval_on_selector_all(".cxr-bars .annotation-text", "els => els.map(e => e.textContent)")
+    assert any(t.startswith("AUC 0.95 [0.62, 1.00], 2 pos.") and "not reliable" in t for t in side)
+    assert "A weak model" in page.locator(".cxr-banner").inner_text()
+    assert "turns away" in page.locator(".cxr-verdict").inner_text()
     src = page.locator(".cxr-overlay").get_attribute("src")
     assert src and src.startswith(("blob:", "data:image/png"))
+    assert "saliency · all findings · 128 px model input" in page.locator(".cxr-caption").inner_text()
     assert page.locator(".cxr-ood-images img").count() == 3
+    assert "classifier resnet18, 128 px" in page.locator(".cxr-timing").inner_text()
+    fits = _result_fits_the_window(page)
+    page.screenshot(path=str(SHOTS / "dashboard_chest.png"))
+    assert fits["bottom"] <= 800 and fits["right"] <= 1280 and not fits["scrolling"], fits
+
+    page.locator(".cxr-method select").select_option("gradcam")
+    page.wait_for_selector(".cxr-caption >> text=gradcam", timeout=60_000)
+    assert "explanation only" in page.locator(".cxr-timing").inner_text()
+    page.screenshot(path=str(SHOTS / "dashboard_gradcam.png"))
     page.locator(".cxr-about summary").click()  # the model card, folded by default
     assert "Classifier" in page.locator("details.cxr-about").inner_text()
-    page.screenshot(path=str(SHOTS / "dashboard_chest.png"), full_page=True)
+    page.locator(".cxr-about summary").click()
 
-    _upload(page, app["nonchest"])
-    page.wait_for_selector(".cxr-rejected", timeout=120_000)
-    assert "does not look like a frontal chest X-ray" in page.locator(".cxr-verdict").inner_text()
-    # no output at all where the bars were: JupyterLab's plotly renderer can leave the previous chart
-    # behind as a static <img class="plot-img">, which a check for live plots alone would miss
+    _upload(page, app["child"])
+    page.wait_for_selector(VERDICT + "A chest radiograph unlike the training images", timeout=120_000)
     page.wait_for_function("document.querySelectorAll('.cxr-bars .jp-OutputArea-output').length === 0",
                            timeout=30_000)
-    page.screenshot(path=str(SHOTS / "dashboard_rejected.png"), full_page=True)
-    assert page.locator(".cxr-bars img, .cxr-bars svg").count() == 0
+    page.screenshot(path=str(SHOTS / "dashboard_child.png"))
+    page.locator(".cxr-override input").check()
+    page.wait_for_selector(VERDICT + "Analysed anyway", timeout=120_000)
+    page.wait_for_selector(".cxr-bars .plotly", timeout=60_000)
+    page.screenshot(path=str(SHOTS / "dashboard_child_anyway.png"))
+    page.locator(".cxr-override input").uncheck()
+    page.wait_for_function("document.querySelectorAll('.cxr-bars .jp-OutputArea-output').length === 0",
+                           timeout=60_000)
 
+    _upload(page, app["nonchest"])
+    page.wait_for_selector(".cxr-verdict >> text=beyond the far cutoff", timeout=120_000)
+    assert page.locator(".cxr-bars img, .cxr-bars svg").count() == 0
+    page.screenshot(path=str(SHOTS / "dashboard_nonchest.png"))
+
+    page.locator(".cxr-example select").select_option(label=app["example_label"])  # whole label, findable
+    page.wait_for_selector(".cxr-bars .plotly", timeout=120_000)
+    assert page.evaluate("() => { const s = document.querySelector('.cxr-example select');"
+                         " return s.scrollWidth <= s.clientWidth + 1 }"), "the example label is cut off"
     bad = tmp_path / "not_an_image.png"
     bad.write_text("definitely not a PNG\n" * 20)
     _upload(page, bad)
-    page.wait_for_selector(".cxr-message >> text=Cannot read", timeout=60_000)
-    message = page.locator(".cxr-message").inner_text()
-    assert "not_an_image.png" in message and "Traceback" not in page.content()
-    page.screenshot(path=str(SHOTS / "dashboard_bad_file.png"), full_page=True)
-    # the page still works: the example picker analyses a chest X-ray again
-    page.locator(".cxr-example select").select_option(label="chest X-ray example")
-    page.wait_for_selector(".cxr-verdict >> text=Looks like a frontal chest X-ray", timeout=120_000)
-    page.wait_for_selector(".cxr-bars .plotly", timeout=60_000)
-    assert page.locator(".cxr-message").inner_text().strip() == ""
+    page.wait_for_selector(VERDICT + "Not an image we can read", timeout=60_000)
+    assert "not_an_image.png" in page.locator(".cxr-verdict").inner_text() and "Traceback" not in page.content()
+    page.wait_for_function("document.querySelectorAll('.cxr-bars .jp-OutputArea-output').length === 0",
+                           timeout=30_000)
+    assert page.locator(".cxr-ood-images img").count() == 0
+    assert page.locator(".cxr-timing").inner_text().strip() == "" and not page.locator(".cxr-overlay").is_visible()
+    assert Path(app["chest"]).name not in page.locator(".cxr-result").inner_text()
+    page.screenshot(path=str(SHOTS / "dashboard_bad_file.png"))
 
     assert page.outside == [], f"requests to other hosts were attempted: {page.outside[:5]}"
     timings = {"voila_up_s": round(app["voila_up_s"], 2), "cold_start_s": round(page.cold_start_s, 2),
                "click_to_result_s": round(click_to_result, 2)}
     (SHOTS / "timings.json").write_text(json.dumps(timings))
     print("dashboard timings:", timings)
+
+
+def test_a_blank_grey_png_is_not_a_chest_radiograph(app, page, tmp_path):
+    """The blank-image guard's verdict in the browser (a uniform grey scores *in* distribution on the
+    reconstruction score alone: the guard must reject it before any score is read)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    grey = tmp_path / "grey.png"
+    PILImage.fromarray(np.full((512, 512), 128, np.uint8)).save(grey)
+    _upload(page, grey)
+    page.wait_for_selector(VERDICT + "Not a frontal chest radiograph", timeout=120_000)
+    assert "blank-image check" in page.locator(".cxr-verdict").inner_text()
+    assert page.locator(".cxr-bars .jp-OutputArea-output").count() == 0
+    page.screenshot(path=str(SHOTS / "dashboard_grey.png"))

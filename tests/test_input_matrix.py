@@ -207,8 +207,9 @@ def test_the_dashboard_gives_each_upload_its_outcome(setup):
         text = f"{dash.message.value} {dash.verdict.value}"
         try:
             if case.outcome == ERROR:
-                assert report is None and case.path.name in dash.message.value, "no error message naming the file"
-                assert re.search(case.reason, dash.message.value, re.I), f"message does not say {case.reason!r}"
+                assert report is None and case.path.name in text, "no error message naming the file"
+                assert re.search(case.reason, text, re.I), f"message does not say {case.reason!r}"
+                assert dash.report is None and not dash.bars.outputs, "the previous image's result is still shown"
             elif case.outcome == GUARD:
                 assert report is not None and report.rejected and report.raw is None, "not rejected"
                 assert re.search(case.reason, text, re.I), f"verdict does not say {case.reason!r}"

@@ -116,11 +116,17 @@ class _Report:
 
 
 def test_probability_and_browser_study_figures():
-    fig = plots.probability_figure(_Report(), {"Effusion": 0.81, "Mass": None})
+    from cxrbench.evaluation.reliability import finding_reliability
+
+    reliability = finding_reliability({"Effusion": {"auc": 0.81, "auc_ci_low": 0.7, "auc_ci_high": 0.9, "n_pos": 9},
+                                       "Mass": {"auc": 0.7, "auc_ci_low": 0.4, "auc_ci_high": 0.9, "n_pos": 9}},
+                                      ["Effusion", "Mass"])
+    fig = plots.probability_figure(_Report(), reliability)
     bar = fig.data[0]
     assert list(bar.y) == ["Mass", "Effusion"] and list(bar.x) == [0.2, 0.8]  # highest on top
-    assert list(bar.marker.color) == ["#2e6da4", "#c0392b"] and "test AUC" in bar.hovertemplate
-    assert np.isnan(bar.customdata[0][2]) and bar.customdata[1][2] == pytest.approx(0.81)
+    assert list(bar.marker.color) == ["#bccde0", "#c0392b"] and "test %{customdata[2]}" in bar.hovertemplate
+    assert bar.customdata[0][2].endswith("not reliable") and bar.customdata[1][2] == "AUC 0.81 [0.70, 0.90], 9 pos."
+    assert list(plots.probability_figure(_Report()).data[0].marker.color) == ["#2e6da4", "#c0392b"]
 
     python = {"calibrated": np.array([[0.5, 0.2], [0.6, 0.1]])}
     browser = {"pillow": {"calibrated": python["calibrated"] + 0.01},

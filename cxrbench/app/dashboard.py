@@ -22,21 +22,28 @@ from typing import Any, Mapping
 import numpy as np
 
 from cxrbench._threads import use_interactive_threads
-from cxrbench.explain.targets import is_summed
+from cxrbench.app.verdict import (
+    error_verdict,
+    explanation_caption,
+    gate_verdict,
+    is_flat_map,
+    model_line,
+    no_evidence_text,
+)
+from cxrbench.evaluation.reliability import WEAK_MACRO_AUC, finding_reliability, model_warning
+from cxrbench.explain.targets import ALL_FINDINGS, is_summed
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.io import ImageReadError
 from cxrbench.models.bundle import format_metric
 from cxrbench.plots.app import probability_figure
 
-__all__ = ["CALIBRATION_NOTE", "Dashboard", "dashboard_from_environment", "model_summary", "png_bytes",
-           "probability_figure"]
+__all__ = ["CALIBRATION_NOTE", "WEAK_MACRO_AUC", "Dashboard", "colour_bar_html", "dashboard_from_environment",
+           "model_summary", "plotly_output", "png_bytes", "probability_figure"]
 
 CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operating point (the threshold that "
                     "best separated positives from negatives on the validation split, Chester Eq. 1). "
                     "Hover a bar for the raw model output. Not a diagnosis.")
 UPLOAD_ACCEPT = ".png,.jpg,.jpeg,.dcm,.dicom,.tif,.tiff,.bmp"
-#: below this test macro AUC the app says plainly that the model is a demonstration, not a reader
-WEAK_MACRO_AUC = 0.75
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -98,6 +105,11 @@ def model_summary(pipeline: Pipeline) -> str:
                      f"{esc(str(cut.get('scorer', '?')))} score exceeds "
                      f"{float(cut.get('threshold', float('nan'))):.3f} "
                      f"({esc(str(cut.get('method', '?')))}).")
+        far = pipeline.ood.card.ood.get("far_cutoff") or {}
+        if far.get("threshold") is not None:
+            lines.append(f"Beyond {float(far['threshold']):.3f} it is called not a chest radiograph "
+                         f"({esc(str(far.get('method', '?')))}); in between, a chest radiograph unlike the training "
+                         "images.")
     else:
         lines.append("<b>No OOD gate model</b>: only the blank-image guard checks the images.")
     g = pipeline.guard
@@ -114,11 +126,17 @@ class Dashboard:
     ----------
     pipeline : the models (loaded once, before the first upload).
     examples : display name -> image path, offered in the example picker.
+
+    A new image (upload or example) first clears everything shown for the previous one; an unreadable file
+    leaves only its verdict. Changing the method or the finding recomputes only the explanation, from the
+    cached report (:meth:`Pipeline.explain <cxrbench.inference.pipeline.Pipeline.explain>`).
     """
 
     METHODS = ("saliency", "gradcam", "cam", "saliency_per_finding")
     #: default display smoothing: gradient saliency is pixel-level speckle; σ = 2 px shows where it gathers
     SMOOTHING = 2.0
+    #: colormap of the overlays (:func:`cxrbench.explain.overlay.overlay`)
+    CMAP = "jet"
 
     def __init__(self, pipeline: Pipeline, examples: Mapping[str, str | Path] | None = None):
         self.pipeline = pipeline
@@ -127,8 +145,10 @@ class Dashboard:
         self.figure: Any = None  # the plotly Figure of the last report (plotly is imported by plots.app)
         self._source: tuple[str, bytes] | None = None
         self._quiet = False
-        per_finding = pipeline.classifier.card.test_metrics.get("per_finding") or {}
-        self._test_auc = {f: m.get("auc") for f, m in per_finding.items()} or None  # shown on hover
+        test = pipeline.classifier.card.test_metrics
+        per_finding = test.get("per_finding") or {}
+        self.reliability = finding_reliability(per_finding, pipeline.findings) if per_finding else None
+        self.model_warning = model_warning(test)
         self._build_inputs()
         self._build_outputs()
         self._observe()
@@ -139,12 +159,18 @@ class Dashboard:
 
         self.upload = w.FileUpload(accept=UPLOAD_ACCEPT, multiple=False, description="Upload X-ray")
         self.upload.add_class("cxr-upload")
-        self.example = w.Dropdown(options=["(choose an example)", *self.examples], description="or example")
+        longest = max((len(k) for k in self.examples), default=20)
+        self.example = w.Dropdown(options=["(choose an example)", *self.examples], description="or example",
+                                  layout=w.Layout(width=f"{min(longest, 110) + 14}ch", max_width="100%"))
         self.example.add_class("cxr-example")
-        self.override = w.Checkbox(value=False, description="analyse even if not recognised as a chest X-ray",
-                                   indent=False, layout=w.Layout(width="auto"))
+        self.override = w.Checkbox(value=False, description="analyse anyway, even if not recognised as a chest "
+                                   "X-ray like the training images", indent=False,
+                                   layout=w.Layout(width="auto", display="none"))
+        self.override.add_class("cxr-override")
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
+        self.method.add_class("cxr-method")
         self.finding = w.Dropdown(options=list(self.pipeline.findings), description="finding", disabled=True)
+        self.finding.add_class("cxr-finding")
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
         self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",
                                         tooltip="map values under this fraction of the maximum are not drawn, "
@@ -155,23 +181,29 @@ class Dashboard:
     def _build_outputs(self) -> None:
         import ipywidgets as w
 
-        self.busy = w.HTML("")
-        self.busy.add_class("cxr-busy")
-        self.message = w.HTML("")
-        self.message.add_class("cxr-message")
-        self.verdict = w.HTML("")
-        self.verdict.add_class("cxr-verdict")
+        def html_widget(css: str, value: str = "", **layout: Any) -> Any:
+            widget = w.HTML(value, layout=w.Layout(**layout))
+            widget.add_class(css)
+            return widget
+
+        self.busy = html_widget("cxr-busy")
+        self.message = html_widget("cxr-message")
+        self.verdict = html_widget("cxr-verdict")
+        self.banner = html_widget("cxr-banner", display="none")  # the weak-model warning, above the bars
         self.ood_images = w.HBox([])
         self.ood_images.add_class("cxr-ood-images")
         self.bars = w.Output()
         self.bars.add_class("cxr-bars")
-        self.note = w.HTML(f"<small>{html.escape(CALIBRATION_NOTE)}</small>",
-                           layout=w.Layout(width="540px", display="none"))  # shown with the bars
+        self.note = html_widget("cxr-note", f"<div style='line-height:1.3'><small>{html.escape(CALIBRATION_NOTE)}"
+                                "</small></div>", width="650px",
+                                display="none")  # shown with the bars
         self.overlay = w.Image(format="png", layout=w.Layout(width="384px", height="384px", object_fit="contain",
                                                              visibility="hidden"))
         self.overlay.add_class("cxr-overlay")
-        self.timing = w.HTML("")
-        self.timing.add_class("cxr-timing")
+        self.caption = html_widget("cxr-caption", width="384px")
+        self.caption.add_class("cxr-tight")
+        self.colour_bar = html_widget("cxr-colour-bar", colour_bar_html(self.CMAP), width="384px", display="none")
+        self.timing = html_widget("cxr-timing")
 
     def _observe(self) -> None:
         self.upload.observe(self._on_upload, names="value")
@@ -186,21 +218,31 @@ class Dashboard:
     def _layout(self):
         import ipywidgets as w
 
-        header = w.HTML("<h2>cxrbench · chest X-ray check</h2><p>Images are analysed in this Python kernel on "
-                        "this machine; nothing is uploaded anywhere else.</p>")
+        header = w.HTML("<style>.cxr-tight .widget-html-content, .cxr-timing .widget-html-content "
+                        "{line-height: 1.3}</style><div class='cxr-header'>"
+                        "<b style='font-size:20px'>cxrbench · chest X-ray check</b> "
+                        "<span style='color:#555'>· analysed in this Python kernel on this machine; nothing is "
+                        "uploaded anywhere else. Not a diagnosis.</span></div>")
         self.about = w.HTML(model_summary(self.pipeline))
         self.about.add_class("cxr-about")
-        left = w.VBox([self.upload, self.example, self.override, self.busy, self.message, self.verdict,
-                       self.ood_images, w.HTML("<h4>Explanation</h4>"), self.method, self.finding, self.opacity,
-                       self.smoothing, self.hide_below],
-                      layout=w.Layout(width="430px", min_width="430px", overflow="hidden"))
-        right = w.VBox([self.bars, self.note, self.overlay], layout=w.Layout(width="560px", min_width="560px"))
-        body = w.HBox([left, right], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
-        return w.VBox([header, self.about, body, self.timing])
+        inputs = w.HBox([self.upload, self.example],
+                        layout=w.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 16px"))
+        inputs.add_class("cxr-inputs")
+        left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note],
+                      layout=w.Layout(width="660px", min_width="660px"))
+        left.add_class("cxr-left")
+        self.controls = w.GridBox([self.method, self.finding, self.opacity, self.smoothing, self.hide_below],
+                                  layout=w.Layout(grid_template_columns="1fr", width="384px", display="none"))
+        right = w.VBox([self.overlay, self.caption, self.colour_bar, self.controls],
+                       layout=w.Layout(width="400px", min_width="400px"))
+        right.add_class("cxr-right")
+        body = w.HBox([left, right], layout=w.Layout(align_items="flex-start", grid_gap="24px"))
+        body.add_class("cxr-result")
+        return w.VBox([header, inputs, self.message, body, self.timing, self.about])
 
     # ------------------------------------------------------------------ entry points
     def analyze_bytes(self, name: str, content: bytes) -> Report | None:
-        """Analyse an uploaded file's bytes (never written to disk). Errors become a message."""
+        """Analyse an uploaded file's bytes (never written to disk). Errors become the verdict."""
         return self._run((name, bytes(content)))
 
     def analyze_path(self, path: str | Path) -> Report | None:
@@ -214,6 +256,7 @@ class Dashboard:
         if not files:
             return
         item = files[0]
+        self.example.value = self.example.options[0]  # the picker no longer names the previous image
         content = item["content"]
         self.analyze_bytes(item["name"], content.tobytes() if hasattr(content, "tobytes") else content)
 
@@ -231,17 +274,35 @@ class Dashboard:
             self._run()
 
     def _reexplain(self) -> None:
-        if self._quiet or self.report is None or self.report.raw is None or self._source is None:
+        """The explanation of the cached report again, for the chosen method and finding (no classifier run)."""
+        r = self.report
+        if self._quiet or r is None or r.raw is None:
             return
-        self._run()
+        method = self.method.value
+        targets = None if is_summed(method) else self.finding.value
+        if r.method == method and (targets is None or r.map_labels == [targets]):
+            return self._draw_overlay()  # that map is already there
+        t0 = time.perf_counter()
+        try:
+            self.report = self.pipeline.explain(r, method, targets)
+        except Exception as exc:  # a message instead of a traceback; the probabilities stay
+            self.message.value = (f"<div style='color:#b00020'>Could not explain with {html.escape(method)}: "
+                                  f"{html.escape(str(exc))}</div>")
+            self._last_traceback = traceback.format_exc()
+            return
+        self.message.value = ""
+        self._draw_overlay()
+        self._show_timing(self.report, time.perf_counter() - t0, "explanation only")
 
     # ------------------------------------------------------------------ work
     def _run(self, source: tuple[str, bytes] | None = None) -> Report | None:
-        """Analyse ``source`` (or the current image again); it becomes current only if it succeeds."""
+        """Analyse ``source`` (a new image: the previous one's results go first) or the current image again."""
+        if source is not None:
+            self.clear()
         source = source or self._source
         assert source is not None
         name, content = source
-        self.busy.value = "<span class='cxr-spinner'>⏳ analysing…</span>"
+        self.busy.value = f"<span class='cxr-spinner'>⏳ analysing {html.escape(name)}…</span>"
         t0 = time.perf_counter()
         try:
             targets = None if is_summed(self.method.value) else self.finding.value
@@ -249,13 +310,11 @@ class Dashboard:
             report = self.pipeline.analyze(content, name=name, explain=self.method.value, targets=targets,
                                            allow_ood=self.override.value)
         except ImageReadError as exc:
-            self._error(f"Cannot read <b>{html.escape(exc.source)}</b>: {html.escape(exc.reason)}. "
-                        "The previous result is kept.")
+            self._failed(exc.source, exc.reason)
             return None
-        except Exception as exc:  # a message instead of a traceback, and nothing lost
-            self._error(f"Could not analyse <b>{html.escape(name)}</b>: {html.escape(str(exc))}. "
-                        "The previous result is kept.")
+        except Exception as exc:  # a verdict instead of a traceback
             self._last_traceback = traceback.format_exc()
+            self._failed(name, f"could not be analysed ({exc})")
             return None
         finally:
             self.busy.value = ""
@@ -264,66 +323,75 @@ class Dashboard:
         self._render(report, time.perf_counter() - t0)
         return report
 
-    def _error(self, text: str) -> None:
-        self.message.value = f"<div style='color:#b00020'>{text}</div>"
+    def clear(self) -> None:
+        """Remove everything shown for the current image: verdict, thumbnails, bars, overlay, caption, timing."""
+        self.report, self._source, self.figure = None, None, None
+        self.verdict.value = self.message.value = self.caption.value = self.timing.value = ""
+        self.ood_images.children = []
+        self.bars.outputs = ()
+        self.note.layout.display = self.banner.layout.display = self.colour_bar.layout.display = "none"
+        self.overlay.layout.visibility = "hidden"
+        self.overlay.value = b""
+        self.controls.layout.display = "none"
+        self.override.layout.display = "none"
+
+    def _failed(self, name: str, reason: str) -> None:
+        self.clear()
+        self.example.value = self.example.options[0]
+        self.verdict.value = error_verdict(name, reason).html()
 
     def _render(self, report: Report, seconds: float) -> None:
-        import ipywidgets as w
-
         self._render_verdict(report)
+        # "analyse anyway" only where the gate turned the image away; the explanation controls with a prediction
+        self.override.layout.display = "" if report.rejected or report.overridden else "none"
+        self.controls.layout.display = "" if report.raw is not None else "none"
         # outputs are set, never cleared with clear_output(wait=True): a deferred clear that no new output
         # follows (a rejected image) would leave the previous image's bars on the page
         self.bars.outputs = ()
-        self.note.layout.display = "none" if report.raw is None else ""
-        if report.raw is not None:
+        shown = report.raw is not None
+        self.note.layout.display = "" if shown else "none"
+        self.banner.value = (f"<div style='background:#fdecea;color:#8a1c12;padding:3px 8px;border-radius:4px;"
+                             "line-height:1.35'>"
+                             f"⚠ {html.escape(self.model_warning)}</div>") if self.model_warning else ""
+        self.banner.layout.display = "" if shown and self.model_warning else "none"
+        if shown:
             if is_summed(self.method.value):  # preselect the most probable finding for per-finding methods
                 self._quiet = True
                 self.finding.value = report.table()["finding"].iloc[0]
                 self._quiet = False
-            self.figure = probability_figure(report, self._test_auc)
-            # set the output directly (works with or without a kernel capturing display calls)
-            spec = json.loads(self.figure.to_json())
-            spec["config"] = {"displaylogo": False, "responsive": False}
-            self.bars.outputs = ({"output_type": "display_data", "metadata": {},
-                                  "data": {"application/vnd.plotly.v1+json": spec,
-                                           "text/plain": "calibrated probabilities (plotly)"}},)
+            self.figure = probability_figure(report, self.reliability)
+            self.bars.outputs = (plotly_output(self.figure),)  # set directly: works with or without a kernel
         self._draw_overlay()
-        stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.timings.items() if k != "total")
-        self.timing.value = (f"<small>{html.escape(report.source)}: {seconds:.2f} s ({stages}) · "
-                             f"models: {html.escape(Path(str(self.pipeline.classifier.path)).name)}</small>")
-        o = report.ood
-        if o is not None and o.input is not None and o.reconstruction is not None and o.error is not None:
-            from cxrbench.explain.overlay import error_overlay
+        self._show_timing(report, seconds)
+        self._show_gate_images(report)
 
-            imgs = [("input (64 px)", o.input), ("reconstruction", o.reconstruction),
-                    ("error", error_overlay(o.input, o.error))]
-            self.ood_images.children = [w.VBox([w.HTML(f"<small>{t}</small>"),
-                                                w.Image(value=png_bytes(im), format="png",
-                                                        layout=w.Layout(width="128px", height="128px"))])
-                                        for t, im in imgs]
-        else:
+    def _show_timing(self, report: Report, seconds: float, what: str = "") -> None:
+        stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report.timings.items() if k != "total")
+        if what:
+            stages = f"{what}: {report.timings.get('explain', seconds) * 1000:.0f} ms"
+        self.timing.value = (f"<small>{html.escape(report.source)}: {seconds:.2f} s ({stages}) · "
+                             f"{html.escape(model_line(self.pipeline))}</small>")
+
+    def _show_gate_images(self, report: Report) -> None:
+        import ipywidgets as w
+
+        o = report.ood
+        if o is None or o.input is None or o.reconstruction is None or o.error is None:  # no OOD model, or not scored
             self.ood_images.children = []
+            return
+        from cxrbench.explain.overlay import error_overlay
+
+        imgs = [("gate input, 64 px", o.input), ("its reconstruction", o.reconstruction),
+                ("error: red = poorly rebuilt", error_overlay(o.input, o.error))]
+        self.ood_images.children = [w.HBox([w.Image(value=png_bytes(im), format="png",
+                                                    layout=w.Layout(width="64px", height="64px")),
+                                            w.HTML(f"<div style='line-height:1.2;width:80px'><small>{t}</small>"
+                                                   "</div>")],
+                                           layout=w.Layout(width="210px", align_items="center"))
+                                    for t, im in imgs]
 
     def _render_verdict(self, report: Report) -> None:
-        o = report.ood
-        if o is None:  # (every report of the pipeline has a verdict; kept for reports made elsewhere)
-            self.verdict.value = "<p><i>No OOD gate loaded: every image is analysed.</i></p>"
-            return
-        reason = html.escape(o.reason)
-        if o.in_distribution:
-            detail = (f"{o.scorer} score {o.score:.3f} vs cutoff {o.cutoff:.3f}" if o.scorer
-                      else "passed the blank-image guard; no OOD model loaded")
-            self.verdict.value = f"<p style='color:#1e7b34'>✔ Looks like a frontal chest X-ray ({detail}).</p>"
-        elif report.rejected:
-            why = ("Red marks where the reconstruction fails." if o.check == "reconstruction" else
-                   "It cannot be analysed anyway: the model would see nothing." if not o.overridable else "")
-            self.verdict.value = (f"<p class='cxr-rejected' style='color:#b00020'><b>✘ Rejected: this does not look "
-                                  f"like a frontal chest X-ray</b>: <span class='cxr-reason'>{reason}</span>. No "
-                                  f"prediction is shown. {why}</p>")
-        else:
-            self.verdict.value = (f"<p style='color:#b36b00'>⚠ Not recognised as a chest X-ray "
-                                  f"(<span class='cxr-reason'>{reason}</span>); analysed anyway because you asked. "
-                                  "Treat the numbers with suspicion.</p>")
+        self.verdict.value = gate_verdict(report, self.pipeline.ood.card.ood if self.pipeline.ood else None).html()
 
     def _draw_overlay(self) -> None:
         from cxrbench.explain.base import gaussian_smooth
@@ -331,15 +399,50 @@ class Dashboard:
 
         r = self.report
         self.overlay.layout.visibility = "hidden" if r is None else "visible"
-        if r is None or r.maps is None:
-            self.overlay.value = png_bytes(r.image) if r is not None else b""
+        self.colour_bar.layout.display = "none"
+        if r is None:
+            return
+        if r.maps is None:
+            self.overlay.value = png_bytes(r.image)
+            self.caption.value = (f"<small>the image at the model's input ({r.image.shape[-1]} px); no explanation "
+                                  "without a prediction</small>")
+            self.overlay.layout.visibility = "visible"
             return
         k = 0
         if not is_summed(r.method or "") and self.finding.value in r.map_labels:
             k = r.map_labels.index(self.finding.value)
+        label = r.map_labels[k] if r.map_labels else ALL_FINDINGS
+        if is_flat_map(r.maps[k]):  # say so instead of painting a flat wash
+            self.overlay.value = png_bytes(r.image)
+            said = html.escape(no_evidence_text(r.method or "", label))
+            self.caption.value = (f"<small class='cxr-no-evidence'><b>{said}</b><br>"
+                                  f"{html.escape(explanation_caption(r, label))}</small>")
+            return
         heat = gaussian_smooth(r.maps[k], float(self.smoothing.value))
         threshold = float(self.hide_below.value) or None
-        self.overlay.value = png_bytes(overlay(r.image, heat, alpha=float(self.opacity.value), threshold=threshold))
+        self.overlay.value = png_bytes(overlay(r.image, heat, cmap=self.CMAP, alpha=float(self.opacity.value),
+                                               threshold=threshold))
+        self.caption.value = f"<small>{html.escape(explanation_caption(r, label))}</small>"
+        self.colour_bar.layout.display = ""
+
+
+def plotly_output(figure: Any) -> dict[str, Any]:
+    """A plotly figure as a Jupyter display-data output (for ``Output.outputs``), without plotly's logo."""
+    spec = json.loads(figure.to_json())
+    spec["config"] = {"displaylogo": False, "responsive": False}
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"application/vnd.plotly.v1+json": spec, "text/plain": "calibrated probabilities (plotly)"}}
+
+
+def colour_bar_html(cmap: str = "jet", stops: int = 9) -> str:
+    """A horizontal colour bar of ``cmap`` (CSS gradient) from "low" to "high" (the map's own maximum)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps[cmap](np.linspace(0, 1, stops))
+    css = ", ".join(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}" for r, g, b, _ in colours)
+    return ("<div style='display:flex;align-items:center;gap:6px;font-size:11px;color:#555'><span>low</span>"
+            f"<div style='flex:1;height:10px;background:linear-gradient(to right, {css})'></div>"
+            "<span>high (the map's maximum)</span></div>")
 
 
 def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = "",

@@ -161,8 +161,10 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
                            data_description=f"{train_dir} ({kind})")
     info: dict[str, Any] = {"fingerprint": fingerprint, "data": str(train_dir), "kind": kind,
                             "classifier": str(clf.bundle), "ood": None, "settings": asdict(settings)}
+    nonchest = train_dir.parent / "nonchest"  # the dev data's non-chest radiographs place the far cutoff
     ocfg = OODConfig(model=settings.ood_model, epochs=settings.ood_epochs, percentile=settings.ood_percentile,
-                     seed=settings.seed)
+                     seed=settings.seed,
+                     far_reference=str(nonchest) if kind == "shared" and (nonchest / "manifest.csv").is_file() else "")
     ood = train_ood(manifest, out / "ood_run", ocfg, progress=progress, resume=True)
     if clf.bundle is None or ood.bundle is None:  # only a non-main torchrun rank writes no bundle
         raise RuntimeError(f"demo training in {out} wrote no bundle (run it as one process, not under torchrun)")

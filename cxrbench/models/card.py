@@ -77,7 +77,8 @@ class ModelCard:
     labels : output names, in output order (classifier); ``[]`` otherwise.
     operating_points : ``{"thresholds": {finding: threshold in (0, 1) or None}, "method", "fitted_on", ...}``
         (:meth:`cxrbench.evaluation.calibration.OperatingPoints.to_dict`); empty before calibration.
-    ood : for OOD models: ``{"cutoff": {"scorer", "threshold", "method"}, ...}``.
+    ood : for OOD models: ``{"cutoff": {"scorer", "threshold", "method"}, ...}``; optionally ``"far_cutoff"``
+        (same keys, threshold >= the near one) and ``"false_rejection"`` (``{"near", "far", "n_images", "split"}``).
     training : data root, split file, seed, epochs, hyper-parameters, time.
     metrics : evaluation results (e.g. per-finding AUC with spread, on which split).
     weights_sha256 : SHA-256 of ``model.safetensors``, filled in by :func:`~cxrbench.models.bundle.save_bundle`.
@@ -260,6 +261,14 @@ def _ood_problems(card: ModelCard) -> list[str]:
     threshold = cutoff.get("threshold")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         problems.append(f"ood.cutoff.threshold must be a finite number, got {_short(threshold)}")
+    far = card.ood.get("far_cutoff")
+    if far is not None:  # optional (older cards have one cutoff); when there, beyond the near one
+        far_threshold = far.get("threshold") if isinstance(far, dict) else None
+        if (isinstance(far_threshold, bool) or not isinstance(far_threshold, (int, float))
+                or not math.isfinite(far_threshold)):
+            problems.append(f"ood.far_cutoff.threshold must be a finite number, got {_short(far_threshold)}")
+        elif isinstance(threshold, (int, float)) and far_threshold < threshold:
+            problems.append(f"ood.far_cutoff.threshold {far_threshold:.4g} lies below the near cutoff {threshold:.4g}")
     return problems + _guard_problems(card.ood.get("guard"))
 
 

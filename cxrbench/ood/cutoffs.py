@@ -3,6 +3,11 @@
 A cutoff is fitted as a percentile of in-distribution validation scores (:func:`fit_cutoff`), or is
 Chester's deployed SSIM < 0.60 (:func:`chester_ssim_cutoff`). It travels in the OOD bundle's card
 (:meth:`OODCutoff.to_dict`).
+
+A gate has two: the *near* cutoff (``ood["cutoff"]``, e.g. the 95th percentile) past which an image is not
+like the training images, and the *far* cutoff (``ood["far_cutoff"]``, :func:`fit_far_cutoff`) past which
+it is not a chest radiograph at all. Between the two lie chest X-rays unlike the training data (children,
+other scanners): the dashboard tells them apart from shoulders and hands.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import numpy as np
 
 from cxrbench.ood.scoring import SCORER_NAMES
 
-__all__ = ["CHESTER_SSIM_CUTOFF", "OODCutoff", "chester_ssim_cutoff", "fit_cutoff"]
+__all__ = ["CHESTER_SSIM_CUTOFF", "FAR_KEEP_PERCENTILE", "OODCutoff", "chester_ssim_cutoff", "fit_cutoff",
+           "fit_far_cutoff"]
 
 CHESTER_SSIM_CUTOFF = 0.60
 """Chester's deployed gate rejects an image when SSIM(x, recon) < 0.60, i.e. when the
 OOD score ``1 - SSIM`` exceeds ``1 - 0.60 = 0.40`` (see :func:`chester_ssim_cutoff`)."""
+FAR_KEEP_PERCENTILE = 99.0
+"""The far cutoff never lies below this percentile of in-distribution validation scores: at most ~1 % of
+chest X-rays like the training ones are ever called "not a chest radiograph"."""
 
 
 @dataclass(frozen=True)
@@ -93,3 +102,35 @@ def chester_ssim_cutoff() -> OODCutoff:
         method=f"Chester deployed cutoff: reject when SSIM < {CHESTER_SSIM_CUTOFF:.2f} (1 - SSIM > "
         f"{1.0 - CHESTER_SSIM_CUTOFF:.2f})",
     )
+
+
+def fit_far_cutoff(scores_in: np.ndarray | Sequence[float], scores_far: np.ndarray | Sequence[float] | None = None,
+                   *, near: float | None = None, keep: float = FAR_KEEP_PERCENTILE, scorer: str = "ssim"
+                   ) -> tuple[OODCutoff, dict[str, Any]]:
+    """The far cutoff: past it an image is "not a chest radiograph", not merely "unlike the training images".
+
+    ``scores_in``: in-distribution *validation* scores; ``scores_far``: scores of a far-OOD set (the
+    non-chest radiographs), optional. The cutoff is the midpoint between the ``keep`` percentile of
+    ``scores_in`` and the median of ``scores_far``, but never below that percentile (so at most
+    ``100 - keep`` % of in-distribution images are called non-chest) nor below ``near``; without a far set
+    it is the percentile itself. Returns the cutoff and a record for the card (the shares of each set
+    beyond it).
+    """
+    values = np.asarray(scores_in, dtype=float).ravel()
+    far = np.asarray([] if scores_far is None else scores_far, dtype=float).ravel()
+    if values.size == 0 or not np.all(np.isfinite(values)) or not np.all(np.isfinite(far)):
+        raise ValueError("scores_in must be a non-empty array of finite scores (and scores_far finite)")
+    if not 50.0 <= keep <= 100.0:
+        raise ValueError(f"keep must lie in [50, 100], got {keep}")
+    floor = float(np.percentile(values, keep))
+    threshold = max(floor, (floor + float(np.median(far))) / 2) if far.size else floor
+    threshold = max(threshold, float(near)) if near is not None else threshold
+    how = (f"midpoint between the {keep:g}th percentile of {values.size} in-distribution validation scores "
+           f"and the median of {far.size} non-chest radiographs' scores, at least that percentile"
+           if far.size else f"{keep:g}th percentile of {values.size} in-distribution validation scores "
+                            "(no non-chest set to place it)")
+    cutoff = OODCutoff(scorer=scorer, threshold=threshold, method=how, percentile=float(keep),
+                       n_reference=int(values.size))
+    record = {"in_distribution_beyond": float(np.mean(values > threshold)), "n_in_distribution": int(values.size),
+              "far_set_beyond": float(np.mean(far > threshold)) if far.size else None, "n_far_set": int(far.size)}
+    return cutoff, record

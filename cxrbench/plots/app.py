@@ -7,31 +7,57 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cxrbench.evaluation.reliability import FindingReliability
+
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
     from cxrbench.inference.pipeline import Report
 
-__all__ = ["probability_figure"]
+__all__ = ["MUTED_COLOURS", "STRONG_COLOURS", "probability_figure"]
+
+#: (at or above the operating point, below it)
+STRONG_COLOURS = ("#c0392b", "#2e6da4")
+#: the same for findings that are not reliable (:mod:`cxrbench.evaluation.reliability`)
+MUTED_COLOURS = ("#e8b9b3", "#bccde0")
 
 
-def probability_figure(report: Report, test_auc: Mapping[str, float | None] | None = None) -> go.Figure:
-    """Horizontal plotly bars of the calibrated probabilities, 0.5 marked; on hover the raw value, the
-    operating point and, where given, the finding's AUC on the model's test split (how far to trust it)."""
+def probability_figure(report: Report, reliability: Mapping[str, FindingReliability] | None = None) -> go.Figure:
+    """Horizontal plotly bars of the calibrated probabilities, 0.5 marked, highest on top.
+
+    With ``reliability`` (:func:`~cxrbench.evaluation.reliability.finding_reliability`) each bar is labelled on
+    the right with its finding's test AUC, CI and positives; findings that are not reliable are drawn in
+    :data:`MUTED_COLOURS` and marked "not reliable". On hover: the raw value, the operating point and the same.
+    """
     import plotly.graph_objects as go
 
     table = report.table().iloc[::-1]  # highest on top
-    colours = ["#c0392b" if v >= 0.5 else "#2e6da4" for v in table["calibrated"].fillna(0)]
-    given = [(test_auc or {}).get(f) for f in table["finding"]]
-    auc = np.array([np.nan if a is None else a for a in given], dtype=float)
+    rel = [(reliability or {}).get(f) for f in table["finding"]]
+    colours = [(MUTED_COLOURS if r is not None and r.reliable is False else STRONG_COLOURS)[0 if v >= 0.5 else 1]
+               for v, r in zip(table["calibrated"].fillna(0), rel)]
+    texts = [_bar_label(r) for r in rel]
     fig = go.Figure(go.Bar(
         x=table["calibrated"], y=table["finding"], orientation="h", marker_color=colours,
-        customdata=np.stack([table["raw"], table["operating_point"], auc], axis=1),
+        customdata=np.stack([table["raw"], table["operating_point"], np.array(texts, dtype=object)], axis=1),
         hovertemplate="%{y}<br>calibrated %{x:.3f}<br>raw %{customdata[0]:.3f}"
                       "<br>operating point %{customdata[1]:.3f}"
-                      + ("<br>test AUC of this finding %{customdata[2]:.2f}" if test_auc else "") + "<extra></extra>"))
+                      + ("<br>test %{customdata[2]}" if reliability else "") + "<extra></extra>"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",
                   annotation_position="top")
-    fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=420, width=520,
-                      margin=dict(l=10, r=10, t=30, b=40), template="plotly_white")
+    right = 10
+    if reliability:
+        right = 250
+        for finding, text, r in zip(table["finding"], texts, rel):
+            muted = r is not None and r.reliable is False
+            fig.add_annotation(x=1.0, xref="paper", xanchor="left", xshift=6, y=finding, yref="y", showarrow=False,
+                               text=f"<i>{text}</i>" if muted else text, align="left",
+                               font=dict(size=10.5, color="#8a8a8a" if muted else "#333"))
+    fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=370, width=650,
+                      margin=dict(l=10, r=right, t=22, b=36), template="plotly_white", showlegend=False)
     return fig
+
+
+def _bar_label(r: FindingReliability | None) -> str:
+    if r is None:
+        return ""
+    return r.label + (" · not reliable" if r.reliable is False else "")

@@ -66,10 +66,12 @@ class OODConfig(RunConfig):
 
     ``lr=None`` takes the model's default (1e-3 autoencoder, 5e-4 ALI). ``recon_weight`` is ALI's L1
     reconstruction weight (:data:`cxrbench.models.ali.DEFAULT_RECON_WEIGHT`); ``ae_loss`` the
-    autoencoder's loss. ``percentile`` and ``scorer`` only shape the final cutoff.
+    autoencoder's loss. ``percentile`` and ``scorer`` only shape the final cutoff. ``far_reference``, a folder
+    of non-chest radiographs with a manifest (the dev data's ``cxr/nonchest``), places the far cutoff
+    (:func:`cxrbench.ood.cutoffs.fit_far_cutoff`); without it the far cutoff keeps 99 % of validation images.
     """
 
-    RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "percentile", "scorer")
+    RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "percentile", "scorer", "far_reference")
 
     model: str = "autoencoder"
     latent_dim: int = 128
@@ -87,6 +89,7 @@ class OODConfig(RunConfig):
     device: str = "auto"
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
+    far_reference: str = ""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -270,6 +273,27 @@ def guard_record(val_set: CXRDataset) -> dict[str, Any]:
     return {**guard.to_dict(), **record}
 
 
+def _far_cutoff(model: OODModel, family: OODFamily, val: pd.DataFrame, near: OODCutoff,
+                device: torch.device) -> dict[str, Any]:
+    """``far_cutoff`` (scored on the config's ``far_reference`` set when given) and the gate's false-rejection
+    rates on the validation chest X-rays, for the card."""
+    from cxrbench.data import load_manifest
+    from cxrbench.ood.cutoffs import fit_far_cutoff
+
+    cfg = family.config
+    far_scores = None
+    if cfg.far_reference:
+        ref = CXRDataset(load_manifest(cfg.far_reference, on_missing="drop"), cfg.preprocess(), label_columns=[],
+                         cache_dir=None).readable()
+        far_scores = _scores_table(model, ref, "far_reference", device)[cfg.scorer].to_numpy()
+    scores = val[cfg.scorer].to_numpy()
+    far, record = fit_far_cutoff(scores, far_scores, near=near.threshold, scorer=cfg.scorer)
+    false_rejection = {"split": "val", "n_images": int(scores.size), "near": float(near.is_ood(scores).mean()),
+                       "far": float(far.is_ood(scores).mean())}
+    return {"far_cutoff": {**far.to_dict(), "reference": cfg.far_reference or None, **record},
+            "false_rejection": false_rejection}
+
+
 def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: torch.device) -> None:
     """Scores of val and test -> percentile cutoff on val -> bundle."""
     out, cfg, s = result.out_dir, family.config, family.split
@@ -297,6 +321,7 @@ def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: 
         "validation_scores": val_summary,
         "rejected_fraction": rejected,
         "chester_cutoff": chester.to_dict(),
+        **_far_cutoff(model, family, tables["val"], cutoff, device),
     }
     metrics = {"best_epoch": result.best_epoch, "best_val_ssim_median": result.best_value,
                "val_ssim_median": val_summary["ssim_raw"]["median"], "val_l1_mean": val_summary["l1"]["mean"],

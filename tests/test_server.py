@@ -87,7 +87,8 @@ def _tiny_bundles(root: Path, shared_data: Path) -> dict:
                                             ood={"cutoff": cutoff.to_dict()}))
     clf = build_classifier("resnet18", 14, 1).eval()
     save_bundle(root / "clf", clf, ModelCard(
-        kind="classifier", builder="classifier", builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
+        kind="classifier", builder="classifier",
+        builder_kwargs={"arch": "resnet18", "num_outputs": 14, "in_channels": 1},
         labels=list(NIH_FINDINGS), preprocess=Preprocess(size=64).to_dict(),
         operating_points={"thresholds": {f: 0.5 for f in NIH_FINDINGS}, "fitted_on": "validation"}))
     return {"classifier": str(root / "clf"), "ood": str(root / "ood"), "examples": {}}
@@ -269,7 +270,8 @@ def test_the_page_shows_the_title_and_a_loading_line_then_the_app(server, browse
     # the second page's estimate is the first page's measured render time, not the default
     n = int(re.search(r"~(\d+) s", second["line"]).group(1))
     assert 0 < n <= int(first["times"]["page_to_ready_s"]) + 1, (n, first["times"])
-    assert first["times"]["page_to_loading_line_s"] < 5
+    # the line comes with Voila's first bytes, long before the kernel has loaded the models
+    assert first["times"]["page_to_loading_line_s"] < 0.5 * first["times"]["page_to_first_widgets_s"], first["times"]
     timings = {k: round(v, 2) for k, v in first["times"].items()} | {"estimate_shown_second_s": n}
     (SHOTS / "server_timings.json").write_text(json.dumps(timings))
     print("page timings:", timings)

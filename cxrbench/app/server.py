@@ -24,7 +24,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["DEFAULT_FIRST_START_S", "LOCAL_HOSTS", "main", "refusal"]
+__all__ = ["DEFAULT_FIRST_START_S", "LOCAL_HOSTS", "main", "refusal", "server_class"]
 
 #: the estimate shown before any page has rendered: a cold kernel on a loaded 2-core machine (15-22 s measured)
 DEFAULT_FIRST_START_S = 20
@@ -89,7 +89,7 @@ def _first_start_hook(page_config: dict, **_: Any) -> dict:
 
 
 def _log_request(handler) -> None:
-    """tornado's ``log_function``: jupyter_server's access log, and the render time of each page."""
+    """The tornado ``log_function``: jupyter_server's access log, and the render time of each page."""
     from jupyter_server.log import log_request
     from voila.handler import VoilaHandler
 
@@ -98,7 +98,7 @@ def _log_request(handler) -> None:
     log_request(handler)
 
 
-def _app_class():
+def server_class():
     from voila.app import Voila
 
     class CxrbenchVoila(Voila):
@@ -120,7 +120,7 @@ def _app_class():
 
 def main(argv: list[str] | None = None) -> None:
     """Run the server (the command line is Voila's)."""
-    _app_class().launch_instance(argv)
+    server_class().launch_instance(argv)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,7 @@ def test_the_page_shows_the_title_and_a_loading_line_then_the_app(server, browse
 @pytest.mark.slow
 @pytest.mark.realdata
 @needs_chromium
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2400)  # 20 kernel starts: ~4 min on a quiet machine, ~20 min on a loaded one
 def test_twenty_page_loads_end_their_kernels_and_memory_stays_flat(server, browser_context):
     pid, cull_interval = server["proc"].pid, 30
     rss, back_to_one = [], []
@@ -306,14 +306,14 @@ def test_twenty_page_loads_end_their_kernels_and_memory_stays_flat(server, brows
 @pytest.mark.realdata
 @needs_chromium
 def test_a_page_gone_without_its_beacon_is_culled(server, browser_context, tmp_path):
-    """A crashed tab sends nothing: the culler ends its kernel. The shipped config's culler runs in the demo
-    server; a second server with a short idle timeout shows that it ends such a kernel."""
-    assert "Culling kernels with idle durations > 120 seconds at 30 second intervals" in server["log"].read_text()
+    """A crashed tab sends nothing: the culler ends its kernel. A second server with a short idle timeout shows
+    it (the demo server's culler, from the shipped config, is checked in the SIGTERM test once a kernel ran)."""
     from cxrbench.app.demo import free_port, voila_command, voila_env, wait_for_voila
 
     info = json.loads(Path(server["log"].parent / "demo" / "demo.json").read_text())
     port = free_port()
-    cmd = voila_command(port) + ["--MappingKernelManager.cull_idle_timeout=4", "--MappingKernelManager.cull_interval=2"]
+    # idle counts from the kernel's start too, so the timeout must outlast a kernel start on a loaded machine
+    cmd = voila_command(port) + ["--MappingKernelManager.cull_idle_timeout=45", "--MappingKernelManager.cull_interval=5"]
     proc = subprocess.Popen(cmd, env={**voila_env(info), "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)},
                             stdout=(tmp_path / "voila.log").open("w"), stderr=subprocess.STDOUT)
     try:
@@ -321,9 +321,11 @@ def test_a_page_gone_without_its_beacon_is_culled(server, browser_context, tmp_p
         load = _load(browser_context, f"http://127.0.0.1:{port}/")
         assert len(_kernels(proc.pid)) == 1
         load["page"].close()  # no beforeunload: no beacon
-        culled_after = _wait_until(lambda: not _kernels(proc.pid), timeout=30)
+        culled_after = _wait_until(lambda: not _kernels(proc.pid), timeout=45 + 2 * 5 + 10)
         print(f"kernel of a page closed without its beacon culled after {culled_after:.1f} s")
-        assert "Culling kernel" in (tmp_path / "voila.log").read_text()
+        log = (tmp_path / "voila.log").read_text()
+        assert "Culling kernels with idle durations > 45 seconds at 5 second intervals" in log
+        assert "Culling kernel" in log and "Kernel shutdown:" in log
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -359,6 +361,8 @@ def test_sigterm_stops_the_server_and_its_kernels_and_frees_the_port(server):
     proc, port = server["proc"], server["port"]
     status, body = _request(port, "/", headers={"Host": f"127.0.0.1:{port}"})  # renders the page: starts a kernel
     assert status == 200 and "cxr-loading-line" in body
+    # the culler of the shipped voila.json started with the first kernel
+    assert "Culling kernels with idle durations > 120 seconds at 30 second intervals" in server["log"].read_text()
     tree = _tree(proc.pid)
     assert len(_kernels(proc.pid)) >= 1 and len(tree) >= 3, [_cmdline(p) for p in tree]
     t0 = time.perf_counter()

@@ -271,23 +271,27 @@ def test_demo_data_folder_that_is_missing_or_empty_is_named(tmp_path, monkeypatc
 
 
 def test_voila_runs_local_only_and_accepts_64_mb_uploads(monkeypatch):
-    """The served app's settings as Voila itself parses them: 127.0.0.1, no port hopping, our template, and a
-    websocket message limit that lets a large DICOM through (tornado's default is 10 MB)."""
-    from voila.app import Voila
-
+    """The served app's settings as Voila itself parses them: 127.0.0.1, no port hopping, our template, a
+    websocket message limit that lets a large DICOM through (tornado's default is 10 MB), no remote hosts,
+    idle kernels culled, and our hooks (the shutdown beacon's cookie, the loading estimate) in place."""
     from cxrbench.app.demo import dashboard_notebook, voila_command, voila_env
+    from cxrbench.app.server import server_class
 
     env = voila_env({"classifier": "c", "ood": "o"}, {"JUPYTER_CONFIG_PATH": ""})
     for key in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "CXRBENCH_DEMO"):
         monkeypatch.setenv(key, env[key])
-    app = Voila()
+    app = server_class()()
     command = voila_command(8999)
-    assert command[:3] == [sys.executable, "-m", "voila"]
+    assert command[:3] == [sys.executable, "-m", "cxrbench.app.server"]
     app.initialize(command[3:])
     assert app.ip == "127.0.0.1" and app.port == 8999 and app.port_retries == 0
     assert app.voila_configuration.template == "cxrbench"
     assert Path(app.notebook_path).resolve() == dashboard_notebook().resolve()
     assert app.tornado_settings["websocket_max_message_size"] == 64 * 1024 * 1024
+    assert app.tornado_settings["allow_remote_access"] is False
+    cull = app.config.MappingKernelManager
+    assert cull.cull_idle_timeout == 120 and cull.cull_interval == 30 and cull.cull_connected is False
+    assert app.voila_configuration.prelaunch_hook is not None and app.voila_configuration.page_config_hook is not None
 
 
 def test_serving_on_a_taken_port_is_one_clear_error():

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from typing import Any
 from cxrbench.data.locations import DataRootError, locate_data_root, shipped_folder, source_checkout
 
 __all__ = ["DemoSettings", "ServeError", "dashboard_notebook", "default_demo_info", "demo_data", "demo_examples",
-           "prepare_demo", "serve", "voila_command", "voila_dir", "voila_env", "wait_for_voila"]
+           "prepare_demo", "run_until_stopped", "serve", "stop_server", "voila_command", "voila_dir", "voila_env",
+           "wait_for_voila"]
 
 READY_PATH = "/voila/labextensions/@jupyter-widgets/jupyterlab-manager/package.json"
 DASHBOARD_NAME = "05_dashboard.ipynb"
@@ -221,15 +223,16 @@ def wait_for_voila(port: int, timeout: float = 60.0, proc: subprocess.Popen | No
 
 
 def voila_command(port: int, notebook: Path | None = None) -> list[str]:
-    """The Voila command line for ``notebook`` (default :func:`dashboard_notebook`): local only, no browser,
-    a taken port is an error (no silent move). Voila runs as ``python -m voila`` with this interpreter, the one
-    that has cxrbench and Voila installed, whatever ``voila`` is on ``PATH``.
+    """The server command line for ``notebook`` (default :func:`dashboard_notebook`): local only, no browser,
+    a taken port is an error (no silent move). The server is Voila run by :mod:`cxrbench.app.server` with this
+    interpreter (the one that has cxrbench and Voila installed, whatever ``voila`` is on ``PATH``), which adds the
+    Host/Origin check, the cookie the kernel-shutdown beacon needs and the loading estimate.
 
-    Uploads up to 64 MB (a large DICOM) come from ``cxrbench/app/voila/config/voila.json``, which
-    :func:`voila_env` puts on ``JUPYTER_CONFIG_PATH``; tornado's default websocket limit is 10 MB.
+    Uploads up to 64 MB (a large DICOM), kernel culling and ``allow_remote_access=False`` come from
+    ``cxrbench/app/voila/config/voila.json``, which :func:`voila_env` puts on ``JUPYTER_CONFIG_PATH``.
     """
     notebook = notebook or dashboard_notebook()
-    return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}",
+    return [sys.executable, "-m", "cxrbench.app.server", str(notebook), "--no-browser", f"--port={port}",
             "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--theme=light", "--template=cxrbench"]
 
 
@@ -246,16 +249,67 @@ def voila_env(info: dict[str, Any], env: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def serve(info: dict[str, Any], port: int = 8866, *, wait: bool = True,
           env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`)."""
+    """Start Voila on 127.0.0.1 with the dashboard for ``info`` (from :func:`prepare_demo`).
+
+    The server runs in its own session, so Ctrl-C in the terminal reaches only this process, which stops the
+    server in order (:func:`run_until_stopped`); on Linux it also ends when this process dies.
+    """
     check_port_free(port)
     checkout = source_checkout()  # Voila runs where `make demo` runs; an installed package runs in the current folder
-    proc = subprocess.Popen(voila_command(port), env=voila_env(info, env), cwd=str(checkout) if checkout else None)
+    proc = subprocess.Popen(voila_command(port), env=voila_env(info, env), cwd=str(checkout) if checkout else None,
+                            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     if wait:
         try:
             wait_for_voila(port, proc=proc)
         except ServeError:
-            proc.terminate()
+            stop_server(proc)
             raise
     return proc
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM to the server, which shuts its kernels down and exits; SIGKILL if it has not within ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_until_stopped(proc: subprocess.Popen) -> int:
+    """Wait for the server; SIGTERM, SIGINT (Ctrl-C) or SIGHUP to this process stops it and its kernels first.
+
+    Returns the server's exit code when it ended by itself, 0 when it was stopped by a signal.
+    """
+    def _raise(signum, frame):
+        raise _Stop(signum)
+
+    signals = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, _raise) for s in signals}
+    try:
+        return proc.wait()
+    except (_Stop, KeyboardInterrupt):
+        for s in signals:  # a second signal while the kernels shut down must not leave the server behind
+            signal.signal(s, signal.SIG_IGN)
+        stop_server(proc)
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

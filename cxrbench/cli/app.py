@@ -24,19 +24,16 @@ def _demo_prepare(args: argparse.Namespace) -> int:
 
 
 def _demo_serve(args: argparse.Namespace) -> int:
-    from cxrbench.app.demo import prepare_demo, serve
+    from cxrbench.app.demo import prepare_demo, run_until_stopped, serve
 
     t0 = time.perf_counter()
     info = prepare_demo(args.out, data=args.data, progress=not args.quiet)
     proc = serve(info, port=args.port)
     print(f"\ncxrbench dashboard ready in {time.perf_counter() - t0:.1f} s: http://127.0.0.1:{args.port}/\n"
           "(local only; images never leave this machine. Ctrl-C stops it.)", flush=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
-        return 0
+    code = run_until_stopped(proc)  # Ctrl-C / SIGTERM: the server and its kernels stop before we exit
+    print("cxrbench dashboard stopped", flush=True)
+    return code
 
 
 def _analyze(args: argparse.Namespace) -> int:

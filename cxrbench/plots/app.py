@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cxrbench.plots.style import PLOTLY_TEMPLATE
+
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
@@ -33,5 +35,5 @@ def probability_figure(report: Report, test_auc: Mapping[str, float | None] | No
     fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",
                   annotation_position="top")
     fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=420, width=520,
-                      margin=dict(l=10, r=10, t=30, b=40), template="plotly_white")
+                      margin=dict(l=10, r=10, t=30, b=40), template=PLOTLY_TEMPLATE)
     return fig

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SKILL_FLOOR", "SkillBox", "skill_box", "skill_box_for", "skill_verdict"]
+__all__ = ["SKILL_FLOOR", "SkillBox", "skill_box", "skill_box_for", "skill_box_from_metrics", "skill_verdict"]
 
 #: below this test macro AUC a classifier is shown as "no usable model"
 SKILL_FLOOR = 0.75
@@ -112,3 +112,12 @@ def skill_box_for(y_true: Any, scores: Any, *, subject: str = "this model", n_bo
     auc = macro_auc(auc_per_finding(y, s, [f"f{j}" for j in range(y.shape[1])])["auc"].to_numpy()).auc
     ci = bootstrap_macro_auc_ci(y, s, n_boot=n_boot, seed=seed) if n_boot else None
     return skill_box(auc, None if ci is None else (ci.low, ci.high), subject=subject, floor=floor)
+
+
+def skill_box_from_metrics(test_metrics: dict[str, Any] | None, *, subject: str = "this model",
+                           floor: float = SKILL_FLOOR) -> SkillBox:
+    """:func:`skill_box` of a bundle card's test metrics (``card.metrics["test"]``: ``summary.macro_auc`` and,
+    where recorded, ``summary.macro_auc_ci_low`` / ``_high``). A card without test metrics is weak (undefined)."""
+    summary = (test_metrics or {}).get("summary") or {}
+    ci = (summary["macro_auc_ci_low"], summary["macro_auc_ci_high"]) if "macro_auc_ci_low" in summary else None
+    return skill_box(summary.get("macro_auc", math.nan), ci, subject=subject, floor=floor)

@@ -95,7 +95,7 @@ def calibration_figure(operating_points: dict[str, float], *,
     ax.set_xlabel("raw probability (sigmoid of the logit)")
     ax.set_ylabel("calibrated probability")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")  # the curves run from (0, 0) to (1, 1): that corner is free
     fig.tight_layout()
     return fig
 

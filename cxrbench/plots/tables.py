@@ -13,8 +13,9 @@ __all__ = ["ReadableTable", "readable_table"]
 
 #: headers may break anywhere (long names like ``auc_std_half_splits``), cells stay on one line
 _CSS = ("<style>.cxr-table{border-collapse:collapse;margin:0 0 0.8em 0;font-size:0.85em}"
-        ".cxr-table th{white-space:normal;overflow-wrap:anywhere;max-width:7.5em;text-align:right;"
-        "vertical-align:bottom;padding:2px 6px}.cxr-table td{white-space:nowrap;text-align:right;padding:2px 6px}"
+        ".cxr-table thead th{white-space:normal;overflow-wrap:anywhere;max-width:7.5em;text-align:right;"
+        "vertical-align:bottom;padding:2px 6px}.cxr-table tbody th{white-space:nowrap;text-align:left;padding:2px 6px}"
+        ".cxr-table td{white-space:nowrap;text-align:right;padding:2px 6px}"
         ".cxr-table tbody tr:nth-child(odd){background:#f5f5f5}</style>")
 
 
@@ -39,7 +40,7 @@ class ReadableTable:
         return "\n\n".join(p.round(self.precision).to_string() for p in self.parts)
 
 
-def readable_table(table: pd.DataFrame, *, max_columns: int = 8, precision: int = 3,
+def readable_table(table: pd.DataFrame, *, max_columns: int = 10, precision: int = 3,
                    caption: str = "") -> ReadableTable:
     """``table`` shaped to fit a page: as it is when it has at most ``max_columns`` columns; transposed when
     that makes it narrow enough (fewer rows than columns); otherwise its columns are split into the fewest

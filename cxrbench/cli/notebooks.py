@@ -25,7 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MATHJAX_VERSION", "export_html", "install_mathjax", "main", "outside_scripts", "run_notebooks"]
+__all__ = ["MATHJAX_VERSION", "RESULTS_KEY", "export_html", "install_mathjax", "main", "outside_scripts",
+           "publish_results", "read_results", "run_notebooks"]
+
+#: output metadata key that marks a notebook's published results (the tests read them back)
+RESULTS_KEY = "cxrbench_results"
 
 #: the pinned MathJax (npm); 3.x renders into ``<mjx-container>`` elements
 MATHJAX_VERSION = "3.2.2"
@@ -39,6 +43,57 @@ window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], displayMat
                   options: {enableMenu: false}, svg: {fontCache: 'global'}};
 </script>
 """
+
+
+def _jsonable(value: Any) -> Any:
+    """DataFrames as lists of records, numpy scalars and arrays as Python numbers and lists, NaN as None."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        return json.loads(value.to_json(orient="records"))
+    if isinstance(value, pd.Series):
+        return json.loads(value.to_json())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    return value
+
+
+def publish_results(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    """Show a notebook's key results as a JSON output tagged ``name`` (read back by :func:`read_results`).
+
+    ``results`` may hold numbers, strings, lists, arrays and DataFrames (as records). Returns the JSON data.
+    """
+    from IPython.display import display
+
+    data = _jsonable(results)
+    text = f"results '{name}' published: {', '.join(data)}"
+    display({"application/json": data, "text/plain": text}, raw=True, metadata={RESULTS_KEY: name})
+    return data
+
+
+def read_results(notebook: str | os.PathLike | Any) -> dict[str, Any]:
+    """The results an executed notebook published (name -> JSON data); a path or a notebook node."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4) if isinstance(notebook, (str, os.PathLike)) else notebook
+    found: dict[str, Any] = {}
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            name = (out.get("metadata") or {}).get(RESULTS_KEY)
+            if name is not None:
+                found[name] = out["data"]["application/json"]
+    return found
 
 
 def _npm_dir() -> Path:

@@ -21,10 +21,11 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "05_dashboard.ipynb": {"demo_info": "{tmp}/absent.json"},
     "06_hybrid_features.ipynb": {"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
                                  "mlp_max_epochs": 20},
-    "04_saliency_comparison.ipynb": {"work_dir": "{tmp}/run04", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 2,
+    # full (small) epochs and enough phantoms that the phantom model detects effusion, so IG can beat random
+    "04_saliency_comparison.ipynb": {"work_dir": "{tmp}/run04", "image_size": 48, "epochs": 1, "max_steps_per_epoch": 0,
                                      "unet_size": 32, "unet_epochs": 1, "n_images": 3, "ig_steps": 4,
-                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_size": 48, "phantom_count": 24,
-                                     "phantom_epochs": 1, "phantom_test_images": 2},
+                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_size": 48, "phantom_count": 120,
+                                     "phantom_epochs": 4, "phantom_test_images": 6},
     "03_ood_cutoff_tradeoff.ipynb": {"epochs": 2, "max_steps": 2, "out_dir": "{tmp}/run03", "n_digits": 100,
                                      "angles": [0, 45, 90], "n_bootstrap": 20},
 }
@@ -83,15 +84,16 @@ def _check_03(results: dict, nb) -> None:
 
 
 def _check_04(results: dict, nb) -> None:
-    """On the phantoms, integrated gradients beats ``random`` on the pointing game for a finding the model
-    detects, and the published verdicts equal the package's reading of the published table."""
+    """On the phantoms, integrated gradients beats ``random`` on the pointing game (exact binomial test) for a
+    finding the model detects (test AUC >= 0.7), and the published verdicts equal the package's reading of the
+    published table."""
     import pandas as pd
 
     from cxrbench.explain.reading import pointing_game_vs_random
 
     r = results["04_localisation"]
     phantom = pd.DataFrame(r["phantom"])
-    detected = [f for f, auc in r["phantom_test_auc"].items() if auc is not None and auc >= 0.9]
+    detected = [f for f in r["phantom_verdicts"] if (r["phantom_test_auc"].get(f) or 0) >= 0.7]
     assert detected, f"the phantom model detects no finding: {r['phantom_test_auc']}"
     wins = []
     for finding, verdicts in r["phantom_verdicts"].items():
@@ -99,7 +101,9 @@ def _check_04(results: dict, nb) -> None:
         assert pd.DataFrame(verdicts).set_index("method")["verdict"].to_dict() == mine.to_dict()
         rows = phantom[phantom["finding"] == finding].set_index("method")
         if finding in detected:
-            wins.append(rows.loc["integrated_gradients", "pointing_game"] > rows.loc["random", "pointing_game"])
+            beats = mine["integrated_gradients"] == "beats random"
+            assert not beats or rows.loc["integrated_gradients", "pointing_game"] > rows.loc["random", "pointing_game"]
+            wins.append(beats)
     assert wins and any(wins), f"IG does not beat random on any detected phantom finding: {phantom}"
 
 

@@ -99,3 +99,22 @@ def test_exported_page_renders_formula_and_plot_offline(tmp_path):
     assert ticks > 0, "the plotly figure shows no tick labels"
     assert not errors, errors
     assert not outside, f"the page asked for outside addresses: {outside}"
+
+
+def test_published_results_round_trip_through_a_notebook_output():
+    import nbformat
+    import numpy as np
+    import pandas as pd
+
+    from cxrbench.cli.notebooks import RESULTS_KEY, _jsonable, read_results
+
+    data = _jsonable({"table": pd.DataFrame({"a": [1.0, np.nan], "ok": [True, False]}), "auc": np.float32(0.5),
+                      "n": np.int64(3), "y": np.eye(2, dtype=int)})
+    assert data == {"table": [{"a": 1.0, "ok": True}, {"a": None, "ok": False}], "auc": 0.5, "n": 3,
+                    "y": [[1, 0], [0, 1]]}
+    cell = nbformat.v4.new_code_cell("")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"application/json": data, "text/plain": "x"},
+                                           metadata={RESULTS_KEY: "demo"}),
+                    nbformat.v4.new_output("display_data", data={"text/plain": "not a result"})]
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    assert read_results(nb) == {"demo": data}

@@ -47,13 +47,17 @@ def _table(pg: dict[str, float], n: int = 20, chance: float = 0.1) -> pd.DataFra
 
 
 def test_pointing_game_is_read_against_chance_with_a_binomial_test():
-    v = pointing_game_vs_random(_table({"ig": 0.6, "cam": 0.15, "gradcam": 0.0})).set_index("method")
-    assert v.loc["ig", "verdict"] == "beats random" and v.loc["ig", "hits"] == 12
-    assert v.loc["cam", "verdict"] == "equal to random within noise"  # 3 of 20 at chance 0.1: p ~ 0.32
+    v = pointing_game_vs_random(_table({"ig": 0.6, "cam": 0.15, "gradcam": 0.0, "sal": 0.05}, n=40, chance=0.3)
+                                ).set_index("method")
+    assert v.loc["ig", "verdict"] == "beats random" and v.loc["ig", "hits"] == 24  # 24 of 40 at chance 0.3
+    assert v.loc["cam", "verdict"] == "below random"  # 6 of 40 at 0.3: p(<= 6) ~ 0.02
     assert v.loc["gradcam", "verdict"] == "below random"
-    assert v.loc["ig", "chance"] == pytest.approx(0.1)  # the area share, not the noisy random pointing game
-    sentence = pointing_game_sentence(v.reset_index(), "the phantoms")
-    assert "`ig`" in sentence and "equal(s) `random` within noise" in sentence and "20 images" in sentence
+    assert v.loc["ig", "chance"] == pytest.approx(0.3)  # the area share, not the noisy random pointing game
+    few = pointing_game_vs_random(_table({"cam": 0.0, "ig": 0.5}, n=6, chance=0.03)).set_index("method")
+    assert few.loc["cam", "verdict"] == "equal to random within noise"  # 0 of 6 at 0.03 is what chance gives
+    assert few.loc["ig", "verdict"] == "beats random"  # 3 of 6 at 0.03
+    sentence = pointing_game_sentence(few.reset_index(), "the phantoms")
+    assert "`ig`" in sentence and "`cam` equal(s) `random` within noise" in sentence and "6 images" in sentence
 
     none = pointing_game_vs_random(_table({"cam": 0.2, "saliency": 0.1}, n=11, chance=0.182))
     assert "every method's pointing game equals `random` within noise" in pointing_game_sentence(none, "NIH boxes")

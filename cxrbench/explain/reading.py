@@ -27,7 +27,8 @@ def pointing_game_vs_random(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.D
     ``pointing_game`` and a ``random`` row). Chance is the hit probability of a noise map (the random row's
     ``mass_in_region``, i.e. the regions' mean area share). Returns one row per method (not ``random``):
     method, hits, n_images, pointing_game, chance, p_value, verdict ("beats random" when p < ``alpha``, else
-    "equal to random within noise", or "below random" when fewer hits than chance).
+    "below random" when fewer hits than chance by the same test the other way, else "equal to random within
+    noise").
     """
     from scipy.stats import binomtest
 
@@ -43,8 +44,8 @@ def pointing_game_vs_random(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.D
             p, verdict = math.nan, "untestable"
         else:
             p = float(binomtest(hits, n, chance, alternative="greater").pvalue)
-            verdict = ("beats random" if p < alpha else "below random" if hits < chance * n
-                       else "equal to random within noise")
+            below = float(binomtest(hits, n, chance, alternative="less").pvalue) < alpha
+            verdict = "beats random" if p < alpha else "below random" if below else "equal to random within noise"
         rows.append({"method": r["method"], "hits": hits, "n_images": n, "pointing_game": float(r["pointing_game"]),
                      "chance": chance, "p_value": p, "verdict": verdict})
     return pd.DataFrame(rows)

@@ -106,14 +106,14 @@ def test_published_results_round_trip_through_a_notebook_output():
     import numpy as np
     import pandas as pd
 
-    from cxrbench.cli.notebooks import RESULTS_KEY, _jsonable, read_results
+    from cxrbench.cli.notebooks import RESULTS_KEY, RESULTS_MIMETYPE, _jsonable, read_results
 
     data = _jsonable({"table": pd.DataFrame({"a": [1.0, np.nan], "ok": [True, False]}), "auc": np.float32(0.5),
                       "n": np.int64(3), "y": np.eye(2, dtype=int)})
     assert data == {"table": [{"a": 1.0, "ok": True}, {"a": None, "ok": False}], "auc": 0.5, "n": 3,
                     "y": [[1, 0], [0, 1]]}
     cell = nbformat.v4.new_code_cell("")
-    cell.outputs = [nbformat.v4.new_output("display_data", data={"application/json": data, "text/plain": "x"},
+    cell.outputs = [nbformat.v4.new_output("display_data", data={RESULTS_MIMETYPE: data, "text/plain": "x"},
                                            metadata={RESULTS_KEY: "demo"}),
                     nbformat.v4.new_output("display_data", data={"text/plain": "not a result"})]
     nb = nbformat.v4.new_notebook(cells=[cell])

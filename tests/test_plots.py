@@ -228,5 +228,7 @@ def test_readable_table_keeps_narrow_tables_transposes_short_ones_and_wraps_long
     assert page.count("<table") == 2 and page.count("finding13") == 2  # the index repeats in each block
     assert f"{wide.iloc[0, 0]:.2f}" in page and "AUC beside Chester Table 1" in page
     assert "overflow-wrap:anywhere" in page  # long headers break instead of widening the table
+    assert "auc_\u200bstd_\u200bhalf" in plots.readable_table(short.rename(columns={"auc_column_0": "auc_std_half"}),
+                                                            max_columns=20)._repr_html_()  # ... at underscores
     with pytest.raises(ValueError, match="max_columns"):
         plots.readable_table(wide, max_columns=0)

@@ -25,11 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MATHJAX_VERSION", "RESULTS_KEY", "export_html", "install_mathjax", "main", "outside_scripts",
-           "publish_results", "read_results", "run_notebooks"]
+__all__ = ["MATHJAX_VERSION", "RESULTS_KEY", "RESULTS_MIMETYPE", "export_html", "install_mathjax", "main",
+           "outside_scripts", "publish_results", "read_results", "run_notebooks"]
 
 #: output metadata key that marks a notebook's published results (the tests read them back)
 RESULTS_KEY = "cxrbench_results"
+#: their own JSON mimetype: Jupyter, Voila and nbconvert do not render it and show the one-line text instead
+RESULTS_MIMETYPE = "application/vnd.cxrbench.results+json"
 
 #: the pinned MathJax (npm); 3.x renders into ``<mjx-container>`` elements
 MATHJAX_VERSION = "3.2.2"
@@ -78,7 +80,7 @@ def publish_results(name: str, results: dict[str, Any]) -> dict[str, Any]:
 
     data = _jsonable(results)
     text = f"results '{name}' published: {', '.join(data)}"
-    display({"application/json": data, "text/plain": text}, raw=True, metadata={RESULTS_KEY: name})
+    display({RESULTS_MIMETYPE: data, "text/plain": text}, raw=True, metadata={RESULTS_KEY: name})
     return data
 
 
@@ -92,7 +94,7 @@ def read_results(notebook: str | os.PathLike | Any) -> dict[str, Any]:
         for out in cell.get("outputs", []):
             name = (out.get("metadata") or {}).get(RESULTS_KEY)
             if name is not None:
-                found[name] = out["data"]["application/json"]
+                found[name] = out["data"][RESULTS_MIMETYPE]
     return found
 
 

@@ -19,6 +19,12 @@ _CSS = ("<style>.cxr-table{border-collapse:collapse;margin:0 0 0.8em 0;font-size
         ".cxr-table tbody tr:nth-child(odd){background:#f5f5f5}</style>")
 
 
+def _breakable_headers(table: pd.DataFrame) -> pd.DataFrame:
+    """Column names with a zero-width space after each underscore, so ``auc_std_half_splits`` wraps at its
+    underscores instead of mid-word."""
+    return table.rename(columns=lambda c: str(c).replace("_", "_\u200b"))
+
+
 @dataclass
 class ReadableTable:
     """A table cut into ``parts`` (each at most ``max_columns`` columns) that renders as HTML in a notebook."""
@@ -31,7 +37,8 @@ class ReadableTable:
 
     def _repr_html_(self) -> str:
         fmt = f"{{:.{self.precision}f}}".format
-        blocks = [p.to_html(classes="cxr-table", float_format=fmt, na_rep="n/a", border=0) for p in self.parts]
+        blocks = [_breakable_headers(p).to_html(classes="cxr-table", float_format=fmt, na_rep="n/a", border=0)
+                  for p in self.parts]
         head = f"<p><b>{html.escape(self.caption)}</b></p>" if self.caption else ""
         notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in self.notes)
         return _CSS + head + "".join(blocks) + notes

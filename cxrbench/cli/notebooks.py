@@ -71,17 +71,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def publish_results(name: str, results: dict[str, Any]) -> dict[str, Any]:
+def publish_results(name: str, results: dict[str, Any]) -> None:
     """Show a notebook's key results as a JSON output tagged ``name`` (read back by :func:`read_results`).
 
-    ``results`` may hold numbers, strings, lists, arrays and DataFrames (as records). Returns the JSON data.
+    ``results`` may hold numbers, strings, lists, arrays and DataFrames (as records). Returns nothing, so
+    the cell shows only the one-line note, not the data a second time.
     """
     from IPython.display import display
 
     data = _jsonable(results)
     text = f"results '{name}' published: {', '.join(data)}"
     display({RESULTS_MIMETYPE: data, "text/plain": text}, raw=True, metadata={RESULTS_KEY: name})
-    return data
 
 
 def read_results(notebook: str | os.PathLike | Any) -> dict[str, Any]:

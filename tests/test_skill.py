@@ -29,6 +29,8 @@ def test_weak_models_get_a_visible_warning_box_and_good_ones_do_not():
     assert not skill_box(0.80, None).weak
     assert skill_verdict(math.nan) and "undefined" in skill_verdict(float("nan"))
     assert skill_verdict(0.9, 0.5) is not None  # a CI that touches chance is weak whatever the point estimate
+    assert "below chance" in skill_box(0.415, (0.380, 0.457)).reason  # a CI wholly under 0.5 does not "reach" it
+    assert "below chance" in skill_verdict(0.45)
 
 
 def test_skill_box_for_computes_the_auc_and_its_ci_from_labels_and_scores():

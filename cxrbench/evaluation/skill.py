@@ -34,14 +34,18 @@ def _finite(v: Any) -> float:
     return f if math.isfinite(f) else math.nan
 
 
-def skill_verdict(macro_auc: float, ci_low: float = math.nan, *, floor: float = SKILL_FLOOR) -> str | None:
+def skill_verdict(macro_auc: float, ci_low: float = math.nan, ci_high: float = math.nan, *,
+                  floor: float = SKILL_FLOOR) -> str | None:
     """Why the numbers of a model with this macro AUC do not show a usable model, or None when they may.
 
-    Weak when the AUC is below ``floor``, when the lower bound of its CI reaches 0.5, or when it is undefined.
+    Weak when the AUC is below ``floor``, when its CI reaches 0.5 (or lies wholly below it), or when it is
+    undefined.
     """
-    auc, low = _finite(macro_auc), _finite(ci_low)
+    auc, low, high = _finite(macro_auc), _finite(ci_low), _finite(ci_high)
     if math.isnan(auc):
         return "its macro AUC is undefined (no finding has both positives and negatives in the test split)"
+    if (not math.isnan(high) and high < 0.5) or (math.isnan(high) and auc < 0.5):
+        return "its macro AUC is below chance (0.5): it ranks these images worse than a coin"
     if not math.isnan(low) and low <= 0.5:
         return "the 95 % CI of its macro AUC reaches 0.5 (chance): it may rank images no better than a coin"
     if auc < floor:
@@ -97,7 +101,7 @@ def skill_box(macro_auc: float, ci: Sequence[float] | Any = None, *, subject: st
     :class:`~cxrbench.evaluation.bootstrap.BootstrapCI`; None: no interval known)."""
     low, high = (math.nan, math.nan) if ci is None else (_finite(ci[0]), _finite(ci[1]))
     auc = _finite(macro_auc)
-    return SkillBox(auc, low, high, subject, skill_verdict(auc, low, floor=floor))
+    return SkillBox(auc, low, high, subject, skill_verdict(auc, low, high, floor=floor))
 
 
 def skill_box_for(y_true: Any, scores: Any, *, subject: str = "this model", n_boot: int = 500, seed: int = 0,

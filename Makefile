@@ -11,13 +11,15 @@ PORT ?= 8866
 # under CI (CI=true, as CI services and .ci/run set it) a missing prerequisite is an error, never a skip
 CI_STRICT := $(filter true True TRUE 1 yes,$(CI))
 
-.PHONY: venv browser lint test test-fast demo demo-prepare data-tour benchmarks clean help
+.PHONY: venv browser lint test test-fast demo demo-prepare data-tour notebooks-html benchmarks clean help
 
 help:
 	@echo "make lint        ruff (cxrbench, tests, benchmarks) and mypy (the package), configured in pyproject.toml"
 	@echo "make test        create/refresh .venv, make lint, then run the whole test suite"
 	@echo "make demo        create/refresh .venv, train the demo bundles once, serve the dashboard on 127.0.0.1:$(PORT)"
 	@echo "make data-tour   execute notebooks/00_data_tour.ipynb into build/ (+ HTML)"
+	@echo "make notebooks-html  execute every notebook into build/notebooks/ and export HTML that renders offline"
+	@echo "                 (NB_PARAMS=file.json: papermill parameters per notebook; NB_ONLY=\"02 04\": a subset)"
 	@echo "make benchmarks  speed and memory tables under build/benchmarks/"
 	@echo "make clean       remove build/ and caches (keeps .venv)"
 
@@ -66,6 +68,14 @@ data-tour: venv
 	@echo
 	@echo "executed notebook: $(abspath $(BUILD)/00_data_tour.ipynb)"
 	@echo "HTML:              $(abspath $(BUILD)/00_data_tour.html)"
+
+# Every notebook at its defaults (or NB_PARAMS, a JSON file: notebook name -> parameters), executed into
+# build/notebooks/ and exported to HTML with a local MathJax (npm, once) and plotly.js embedded: it renders offline.
+NB_PARAMS ?=
+NB_ONLY ?=
+notebooks-html: venv
+	$(PY) -m cxrbench.cli.notebooks --out $(BUILD)/notebooks $(if $(NB_PARAMS),--parameters $(NB_PARAMS)) \
+	  $(if $(NB_ONLY),--only $(NB_ONLY))
 
 benchmarks: venv
 	$(PY) -m pip install --quiet --no-deps torchxrayvision grad-cam ttach opencv-python-headless

@@ -169,3 +169,19 @@ def test_notebook_06_runs_under_papermill(tmp_path):
     assert len(tables) == 2
     assert "Reference: nih-ref" in tables[0] and "paediatric-ref" not in tables[0]
     assert "Reference: paediatric-ref" in tables[1] and "nih-ref" not in tables[1]
+    # the published results: the constant baseline is flagged, as the package's own degeneracy check says,
+    # and every row's flag agrees with its permutation p-value
+    from cxrbench.cli.notebooks import read_results
+    from cxrbench.evaluation import degeneracy_check
+
+    published = read_results(nb)["06_hybrid"]
+    assert len(published) == 2
+    for task, r in published.items():
+        y_test = np.array(r["y_test"], dtype=int)
+        baseline = r["table"][0]
+        assert baseline["Degenerate"] is True, (task, baseline)
+        zeros = np.zeros_like(y_test, dtype=float)
+        assert degeneracy_check(y_test, zeros, zeros.astype(np.int8), 100, 0)["degenerate"]
+        for row in r["table"]:
+            if row["p-value"] is not None and row["p-value"] > 0.05:
+                assert row["Degenerate"] is True, (task, row)

@@ -44,6 +44,7 @@ from cxrbench.ood.tradeoff import (
     rotation_tradeoff,
     shifted_set_tradeoff,
     skill_warning,
+    sweep_skill_box,
     tradeoff_sweep,
 )
 
@@ -53,4 +54,4 @@ __all__ = ["CHESTER_SSIM_CUTOFF", "CORRUPTIONS", "OOD_PREPROCESS", "PHOTOGRAPHS"
            "images_of", "load_images", "ood_auroc_table", "ood_metrics", "photo_set", "reconstruction_scores",
            "rotate_images", "rotation_tradeoff", "score_batch", "score_batches", "score_files", "score_images",
            "score_sets", "shifted_set_tradeoff", "skill_warning", "split_rows", "structural_similarity_batch",
-           "tradeoff_sweep", "unseen_rows"]
+           "sweep_skill_box", "tradeoff_sweep", "unseen_rows"]

@@ -18,12 +18,13 @@ import torch
 
 from cxrbench.evaluation.bootstrap import bootstrap_macro_auc_ci
 from cxrbench.evaluation.metrics import auc_per_finding, macro_auc
+from cxrbench.evaluation.skill import SkillBox, skill_box
 from cxrbench.models.bundle import Bundle
 from cxrbench.ood.scoring import OODModel, score_images
 from cxrbench.ood.sets import images_of, rotate_images
 
 __all__ = ["classifier_probabilities", "cutoff_tradeoff", "rotation_tradeoff", "shifted_set_tradeoff",
-           "skill_warning", "tradeoff_sweep"]
+           "skill_warning", "sweep_skill_box", "tradeoff_sweep"]
 
 
 def _as_columns(y_true: np.ndarray, y_score: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +140,14 @@ def skill_warning(table: pd.DataFrame) -> str | None:
     ci = f" [{low:.3f}, {float(full['auc_macro_ci_high']):.3f}]" if np.isfinite(low) else ""
     return (f"the classifier has no skill on these images (macro AUC {auc:.3f}{ci} on all of them), so this "
             "curve says nothing about the gate; use a classifier trained for this data (see the README)")
+
+
+def sweep_skill_box(table: pd.DataFrame, *, subject: str = "the classifier on these images") -> SkillBox:
+    """:func:`cxrbench.evaluation.skill.skill_box` of the classifier's macro AUC (and CI) on *all* the swept
+    images (the row of a :func:`tradeoff_sweep` table that keeps the most): the box to show above Fig. 6."""
+    full = table.iloc[int(np.argmax(table["retained_fraction"].to_numpy()))]
+    ci = ((full["auc_macro_ci_low"], full["auc_macro_ci_high"]) if "auc_macro_ci_low" in full.index else None)
+    return skill_box(full["auc_macro"], ci, subject=subject)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxrbench.evaluation.reliability import FindingReliability
+from cxrbench.plots.style import PLOTLY_TEMPLATE
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -53,7 +54,7 @@ def probability_figure(report: Report, reliability: Mapping[str, FindingReliabil
                                text=f"<i>{text}</i>" if muted else text, align="left",
                                font=dict(size=10.5, color="#8a8a8a" if muted else "#333"))
     fig.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), height=370, width=650,
-                      margin=dict(l=10, r=right, t=22, b=36), template="plotly_white", showlegend=False)
+                      margin=dict(l=10, r=right, t=22, b=36), template=PLOTLY_TEMPLATE, showlegend=False)
     return fig
 
 

@@ -13,9 +13,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["bar_figure", "equalisation_figure", "heatmap_figure"]
 
 
-def bar_figure(values: pd.Series, *, title: str = "", xlabel: str = "", log: bool = False,
-               color: str = "#3b6ea8") -> Figure:
-    """Horizontal bars of a labelled series (e.g. images per finding), largest on top; ``log``: log x axis."""
+def bar_figure(values: pd.Series, *, title: str = "", xlabel: str = "count", ylabel: str | None = None,
+               log: bool = False, color: str = "#3b6ea8") -> Figure:
+    """Horizontal bars of a labelled series (e.g. images per finding), largest on top; ``log``: log x axis.
+
+    ``ylabel`` defaults to the index's name (else "label")."""
     import matplotlib.pyplot as plt
 
     values = values.sort_values()
@@ -24,14 +26,19 @@ def bar_figure(values: pd.Series, *, title: str = "", xlabel: str = "", log: boo
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel if ylabel is not None else str(values.index.name or "label"))
     ax.set_title(title)
     fig.tight_layout()
     return fig
 
 
 def heatmap_figure(table: pd.DataFrame, *, title: str = "", fmt: str = "{:.2f}", cmap: str = "viridis",
-                   annotate: bool = True) -> Figure:
-    """A labelled matrix (e.g. label co-occurrence) with its values written in the cells (``fmt``)."""
+                   annotate: bool = True, xlabel: str | None = None, ylabel: str | None = None,
+                   value_label: str = "value") -> Figure:
+    """A labelled matrix (e.g. label co-occurrence) with its values written in the cells (``fmt``).
+
+    Axis titles default to the columns' / index's names (else "column" / "row"); ``value_label`` titles the
+    colour bar."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(0.55 * table.shape[1] + 2, 0.45 * table.shape[0] + 1.5))
@@ -43,7 +50,9 @@ def heatmap_figure(table: pd.DataFrame, *, title: str = "", fmt: str = "{:.2f}",
         for (i, j), v in np.ndenumerate(table.to_numpy(dtype=float)):
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6,
                     color="white" if v < 0.6 * vmax else "black")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label=value_label)
+    ax.set_xlabel(xlabel if xlabel is not None else str(table.columns.name or "column"))
+    ax.set_ylabel(ylabel if ylabel is not None else str(table.index.name or "row"))
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -60,6 +69,8 @@ def equalisation_figure(image: np.ndarray, variants: dict[str, np.ndarray]) -> F
         axes[0, k].set_title(name)
         axes[0, k].axis("off")
         axes[1, k].hist(img.ravel(), bins=64, range=(0, 1), color="#555")
-        axes[1, k].set_yticks([])
+        axes[1, k].set_xlabel("grey level")
+        axes[1, k].set_ylabel("pixels")
+        axes[1, k].ticklabel_format(axis="y", style="sci", scilimits=(0, 3))
     fig.tight_layout()
     return fig

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from cxrbench.evaluation.calibration import calibrate
 from cxrbench.evaluation.metrics import threshold_array
+from cxrbench.plots.style import CHANCE_LINE, PLOTLY_TEMPLATE
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -48,11 +49,11 @@ def roc_figure(y_true: np.ndarray, scores: np.ndarray, findings: Sequence[str], 
     thr = threshold_array(operating_points, findings)
     nrows = int(np.ceil(len(findings) / ncols))
     fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=_roc_titles(y_true, scores, findings),
-                        horizontal_spacing=0.04, vertical_spacing=0.08)
+                        horizontal_spacing=0.07, vertical_spacing=min(0.3, 0.36 / nrows))
     for j, f in enumerate(findings):
         r, c = j // ncols + 1, j % ncols + 1
         y = y_true[:, j]
-        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#bbb", dash="dot"),
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=CHANCE_LINE,
                                  showlegend=False, hoverinfo="skip"), row=r, col=c)
         if not 0 < y.sum() < len(y):
             continue
@@ -68,9 +69,12 @@ def roc_figure(y_true: np.ndarray, scores: np.ndarray, findings: Sequence[str], 
                                      marker=dict(symbol="star", size=14, color="red"),
                                      hovertemplate=f"operating point {thr[j]:.3f}<br>FPR %{{x:.2f}} TPR %{{y:.2f}}"),
                           row=r, col=c)
-    fig.update_xaxes(range=[0, 1], showticklabels=False)
-    fig.update_yaxes(range=[0, 1], showticklabels=False)
-    fig.update_layout(title=title, height=260 * nrows, width=260 * ncols, margin=dict(l=20, r=20, t=60, b=20))
+    ticks = dict(range=[-0.02, 1.02], tickvals=[0, 0.5, 1], showticklabels=True, title_standoff=2,
+                 title_font_size=10, tickfont_size=9)
+    fig.update_xaxes(title_text="false positive rate", **ticks)
+    fig.update_yaxes(title_text="true positive rate", **ticks)
+    fig.update_layout(title=title, height=280 * nrows + 40, width=270 * ncols, template=PLOTLY_TEMPLATE,
+                      margin=dict(l=50, r=20, t=80, b=40))
     fig.update_annotations(font_size=10)
     return fig
 
@@ -91,7 +95,7 @@ def calibration_figure(operating_points: dict[str, float], *,
     ax.set_xlabel("raw probability (sigmoid of the logit)")
     ax.set_ylabel("calibrated probability")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")  # the curves run from (0, 0) to (1, 1): that corner is free
     fig.tight_layout()
     return fig
 

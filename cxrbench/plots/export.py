@@ -41,5 +41,6 @@ def browser_study_figure(python: Mapping[str, np.ndarray], browser: Mapping[str,
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=6)
     fig.supxlabel(f"browser - Python ({value} probability), {ref.shape[0]} images", fontsize=9)
+    fig.supylabel("images", fontsize=9)
     fig.tight_layout()
     return fig

@@ -33,6 +33,8 @@ def comparison_figure(table: pd.DataFrame, metrics: Sequence[str] = ("Micro-F1",
     ax.axhline(0.5, color="#666", lw=0.8, ls=":", label="chance AUC")
     ax.set_xticks(np.arange(len(table)), labels, rotation=70, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
+    ax.set_xlabel("classifier | features")
+    ax.set_ylabel("score on the test split")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=len(metrics) + 1, loc="upper right")
     fig.tight_layout()

@@ -81,16 +81,18 @@ def score_distribution_figure(in_scores: dict[str, np.ndarray], set_scores: dict
     new_api = tuple(int(v) for v in matplotlib.__version__.split(".")[:2]) >= (3, 10)
     horizontal = {"orientation": "horizontal"} if new_api else {"vert": False}
     names = [in_name, *set_scores]
-    fig, axes = plt.subplots(1, len(scorers), figsize=(3.4 * len(scorers), 0.35 * len(names) + 1.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(scorers), figsize=(3.4 * len(scorers), 0.35 * len(names) + 1.5), squeeze=False,
+                             sharey=True)
     for ax, scorer in zip(axes[0], scorers):
         data = [in_scores[scorer], *(set_scores[n][scorer] for n in set_scores)]
         ax.boxplot(data, widths=0.6, flierprops={"markersize": 2}, **horizontal)
-        ax.set_yticks(range(1, len(names) + 1), names if ax is axes[0, 0] else [""] * len(names), fontsize=8)
-        ax.invert_yaxis()
+        ax.set_yticks(range(1, len(names) + 1), names, fontsize=8)
         ax.set_title({"ssim": "1 - SSIM"}.get(scorer, scorer), fontsize=9)
         if cutoff and cutoff.get("scorer") == scorer:
             ax.axvline(cutoff["threshold"], color="red", ls="--", lw=1, label="bundle cutoff")
             ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].invert_yaxis()  # shared by every panel: the in-distribution set on top
+    axes[0, 0].set_ylabel("evaluation set")
     axes[0, 0].figure.supxlabel("score (higher = more out-of-distribution)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -102,7 +104,7 @@ def rotation_figure(per_angle: pd.DataFrame) -> Figure:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(per_angle["angle"], per_angle["rejected_fraction"], "o-", color="C3")
-    a.set_ylabel("rejected by the OOD gate")
+    a.set_ylabel("fraction rejected by the OOD gate")
     b.plot(per_angle["angle"], per_angle["auc_all"], "o-", label="all images")
     b.plot(per_angle["angle"], per_angle["auc_retained"], "s--", label="retained images")
     b.set_ylabel("macro AUC")

@@ -180,7 +180,7 @@ def test_the_dashboard_shows_the_reason_and_no_probabilities(gate_run, classifie
     dash = Dashboard(Pipeline.from_paths(classifier, ood=gate_run.bundle))
     report = dash.analyze_bytes(f"{name}.png", _png(pixels))
     assert report is not None and report.rejected and report.raw is None
-    assert "Rejected" in dash.verdict.value and REASONS[check] in dash.verdict.value
+    assert "Not a frontal chest radiograph" in dash.verdict.value and REASONS[check] in dash.verdict.value
     assert dash.bars.outputs == () and dash.message.value == ""
     dash.override.value = True
     report = dash.analyze_bytes(f"{name}.png", _png(pixels))

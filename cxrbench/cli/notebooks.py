@@ -36,7 +36,16 @@ RESULTS_MIMETYPE = "application/vnd.cxrbench.results+json"
 #: the pinned MathJax (npm); 3.x renders into ``<mjx-container>`` elements
 MATHJAX_VERSION = "3.2.2"
 MATHJAX_FILE = "tex-svg-full.js"  # one self-contained file: SVG output needs no web fonts
-ROOT = Path(__file__).resolve().parents[2]
+
+
+def _checkout() -> Path:
+    """The source checkout whose notebooks/ this runs (the notebooks are not part of the wheel)."""
+    from cxrbench.data.locations import source_checkout
+
+    root = source_checkout()
+    if root is None:
+        raise SystemExit("error: the notebooks live in a source checkout of cxrbench (git clone), not in the wheel")
+    return root
 
 #: MathJax 3 reads its settings from window.MathJax before it loads; the same delimiters as Jupyter's
 _MATHJAX_CONFIG = """<script>
@@ -194,7 +203,7 @@ def run_notebooks(names: Sequence[Path], out: Path, parameters: dict[str, dict[s
         t0 = time.perf_counter()
         executed = out / nb.name
         try:
-            pm.execute_notebook(str(nb), str(executed), parameters=parameters.get(nb.name, {}), cwd=str(ROOT),
+            pm.execute_notebook(str(nb), str(executed), parameters=parameters.get(nb.name, {}), cwd=str(_checkout()),
                                 kernel_name="python3", progress_bar=False, log_output=False)
             html = export_html(executed, out, mathjax=script)
             rows.append({"notebook": nb.name, "seconds": round(time.perf_counter() - t0, 1), "html": str(html)})
@@ -215,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    names = sorted((_checkout() / "notebooks").glob("*.ipynb"))
     if args.only:
         names = [n for n in names if any(n.name.startswith(k) for k in args.only)]
         if not names:

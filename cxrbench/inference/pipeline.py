@@ -389,10 +389,12 @@ class Pipeline:
                 ) -> pd.DataFrame:
         """The ``predict`` CSV for image files (no gate, no explanation), ``batch_size`` images per forward pass:
         :func:`~cxrbench.inference.predict.predictions_table` with an ``error`` for each unreadable file and a
-        ``warning`` for each low-dynamic-range one (:func:`~cxrbench.inference.predict.input_warning`)."""
+        ``warning`` for each low-dynamic-range one (:func:`~cxrbench.inference.predict.input_warning`) or one the
+        blank-image guard would reject (its reason: "too small", "almost no image content")."""
         warnings: dict[int, str] = {}
         logits, errors = predict_files(self.classifier_backend, self.classifier.preprocess, files,
-                                       batch_size=batch_size, progress=progress, warnings=warnings)
+                                       batch_size=batch_size, progress=progress, warnings=warnings,
+                                       guard=self.guard)
         return predictions_table(files, logits, self.findings, operating_points_of(self.classifier), errors,
                                  warnings)
 

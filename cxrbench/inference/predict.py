@@ -22,6 +22,7 @@ from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.inference.backend import ClassifierBackend, classifier_backend
 from cxrbench.io import LOW_DYNAMIC_RANGE_SPREAD, ImageMeta, ImageReadError, read_image
 from cxrbench.models.bundle import Bundle
+from cxrbench.ood.guard import ImageGuard
 from cxrbench.preprocess import Preprocess
 
 __all__ = ["Predictions", "input_warning", "operating_points_of", "predict_dataset", "predict_files",
@@ -99,13 +100,15 @@ def predict_files(
     device: str | torch.device = "cpu",
     progress: bool = False,
     warnings: dict[int, str] | None = None,
+    guard: ImageGuard | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Logits ``(N, F)`` float32 for image files, ``batch_size`` images per forward pass.
 
     ``model``: a torch classifier (run on ``device``) or any :class:`~cxrbench.inference.backend.ClassifierBackend`.
     Unreadable files get a row of NaN and an entry in ``errors``. Returns ``(logits, errors)`` where
     ``errors`` maps the position of a failed file to its reason. ``warnings``, when given, is filled with the
-    :func:`input_warning` of each read file that has one (position -> text).
+    :func:`input_warning` of each read file that has one (position -> text), and with the reason the blank-image
+    ``guard`` (when given) would reject it for: ``predict`` has no gate, so it says so instead of refusing.
     """
     backend = classifier_backend(model, device)
     out: list[np.ndarray | None] = [None] * len(files)
@@ -131,8 +134,11 @@ def predict_files(
             image = read_image(f)
             batch.append(preprocess(image.pixels))
             where.append(pos)
-            if warnings is not None and input_warning(image.meta):
-                warnings[pos] = input_warning(image.meta)
+            if warnings is not None:
+                verdict = guard.check(image.pixels) if guard is not None else None
+                text = "; ".join(w for w in (input_warning(image.meta), verdict.reason if verdict else "") if w)
+                if text:
+                    warnings[pos] = text
         except (ImageReadError, ValueError) as exc:
             errors[pos] = exc.reason if isinstance(exc, ImageReadError) else f"{Path(f).name}: {exc}"
         if len(batch) >= batch_size:

@@ -253,3 +253,34 @@ def test_a_blank_grey_png_is_not_a_chest_radiograph(app, page, tmp_path):
     assert "blank-image check" in page.locator(".cxr-verdict").inner_text()
     assert page.locator(".cxr-bars .jp-OutputArea-output").count() == 0
     page.screenshot(path=str(SHOTS / "dashboard_grey.png"))
+
+
+def _shown_bars(page) -> dict[str, float]:
+    shown = page.evaluate("() => { const d = document.querySelector('.cxr-bars .js-plotly-plot')._fullData[0];"
+                          " return {x: Array.from(d.x), y: Array.from(d.y)}; }")
+    return dict(zip(shown["y"], shown["x"]))
+
+
+def test_a_16_bit_png_and_a_monochrome1_dicom_show_the_8_bit_pngs_bars(app, page, tmp_path):
+    """The same radiograph uploaded as a 16-bit PNG and as an inverted (MONOCHROME1) 12-bit DICOM, in the browser:
+    the bars equal the 8-bit PNG's Report.calibrated (exactly for the 16-bit copy; the DICOM, min-max scaled, close)."""
+    from dicom_factory import make_dicom
+
+    from cxrbench.inference.pipeline import Pipeline
+
+    grey = np.asarray(PILImage.open(app["chest"]).convert("L"))
+    sixteen = tmp_path / "chest16.png"
+    PILImage.fromarray((grey.astype(np.uint32) * 257).astype(np.uint16)).save(sixteen)
+    dicom = tmp_path / "chest.dcm"
+    dicom.write_bytes(make_dicom(np.round((255 - grey.astype(np.float64)) * 4095 / 255).astype(np.uint16),
+                                 photometric="MONOCHROME1"))
+    report = Pipeline.from_paths(app["root"] / "clf", ood=app["root"] / "ood").analyze(app["chest"], explain=None)
+    expected = dict(zip(report.findings, report.calibrated))
+    for path, atol in ((sixteen, 1e-6), (dicom, 0.02)):
+        _upload(page, path)
+        page.wait_for_selector(f".cxr-timing >> text={path.name}", timeout=120_000)
+        page.wait_for_selector(".cxr-bars .plotly", timeout=60_000)
+        shown = _shown_bars(page)
+        assert set(shown) == set(NIH_FINDINGS)
+        np.testing.assert_allclose([shown[f] for f in NIH_FINDINGS], [expected[f] for f in NIH_FINDINGS], atol=atol,
+                                   err_msg=path.name)

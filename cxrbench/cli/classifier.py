@@ -111,7 +111,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     """The CSV of calibrated and raw probabilities, batched, on either backend; a warning per unreadable file;
     exit 1 when none was readable."""
-    from cxrbench.cli.outputs import csv_output_path
+    from cxrbench.cli.outputs import csv_output_path, report_problems
     from cxrbench.export.runtime import load_pipeline
 
     files = expand_files(args.files)
@@ -122,12 +122,8 @@ def _predict(args: argparse.Namespace) -> int:
     table = pipe.predict(files, batch_size=args.batch_size, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    failed = table[table["error"] != ""]
-    for f, reason in zip(failed["file"], failed["error"]):
-        print(f"warning: {f}: {reason}", file=sys.stderr)
-    warned = table[table["warning"] != ""]
-    for f, text in zip(warned["file"], warned["warning"]):
-        print(f"warning: {f}: {text}", file=sys.stderr)
+    report_problems(table)
+    failed, warned = table[table["error"] != ""], table[table["warning"] != ""]
     print(f"wrote {out}: {len(files) - len(failed)} predicted ({len(warned)} with a warning: see the warning "
           f"column), {len(failed)} unreadable{backend_note(args.backend)}")
     return 0 if len(failed) < len(files) else 1

@@ -8,7 +8,6 @@ file could be processed).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrbench.cli.options import Subcommands, device_name, positive_int, probability
-from cxrbench.cli.outputs import OUTPUT_NAMING, output_stems, refuse_overwriting_inputs
+from cxrbench.cli.outputs import OUTPUT_NAMING, output_stems, refuse_overwriting_inputs, report_problems
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,9 +95,8 @@ def _segment(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError("no input files")
     table = segment_files(args.bundle, files, args.out, threshold=args.threshold, progress=not args.quiet)
+    report_problems(table, ("error",))
     failed = table[table["error"] != ""]
-    for f, reason in zip(failed["file"], failed["error"]):
-        print(f"warning: {f}: {reason}", file=sys.stderr)
     print(f"wrote {len(table) - len(failed)} masks and {Path(args.out) / 'segment_summary.csv'} "
           f"({len(failed)} unreadable)")
     return 0 if len(failed) < len(table) else 1
@@ -200,12 +198,8 @@ def _explain(args: argparse.Namespace) -> int:
         raise ValueError("no input files")
     table = explain_files(args.bundle, args.method, files, args.out, targets=args.targets, top=args.top,
                           sigma=args.sigma, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
-    failed = table[table["error"] != ""]
-    for f, reason in zip(failed["file"], failed["error"]):
-        print(f"warning: {f}: {reason}", file=sys.stderr)
-    warned = table[table["warning"] != ""]
-    for f, text in zip(warned["file"], warned["warning"]):
-        print(f"warning: {f}: {text}", file=sys.stderr)
+    report_problems(table)
+    failed, warned = table[table["error"] != ""], table[table["warning"] != ""]
     print(f"explained {len(table) - len(failed)} images with {args.method} ({len(warned)} with a warning); wrote "
           f"maps, overlays and {Path(args.out) / 'explain_summary.csv'} ({len(failed)} unreadable)")
     return 0 if len(failed) < len(table) else 1

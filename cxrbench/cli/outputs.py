@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cxrbench.cli.options import UsageError
 
-__all__ = ["MAX_STEM_BYTES", "OUTPUT_NAMING", "csv_output_path", "output_stems", "refuse_overwriting_inputs"]
+__all__ = ["MAX_STEM_BYTES", "OUTPUT_NAMING", "csv_output_path", "output_stems", "refuse_overwriting_inputs",
+           "report_problems"]
 
 #: longest output stem in bytes; the longest suffix a command adds is well under 255 - 120 bytes
 MAX_STEM_BYTES = 120
@@ -98,3 +101,15 @@ def csv_output_path(out: str, default_name: str, files: Sequence[str | os.PathLi
     path = Path(out) / default_name if os.path.isdir(out) or out.endswith(("/", os.sep)) else Path(out)
     refuse_overwriting_inputs(files, [path])
     return path
+
+
+def report_problems(table: Any, columns: Sequence[str] = ("error", "warning")) -> dict[str, int]:
+    """Print ``warning: <file>: <text>`` on stderr for each non-empty cell of ``columns`` (a per-file command's
+    table: ``error`` for unreadable files, ``warning`` for ones read with a caveat); returns the count per column."""
+    counts = {}
+    for column in columns:
+        rows = table[table[column].astype(str) != ""] if column in table else table.iloc[:0]
+        for f, text in zip(rows["file"], rows[column]):
+            print(f"warning: {f}: {text}", file=sys.stderr)
+        counts[column] = len(rows)
+    return counts

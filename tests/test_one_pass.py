@@ -98,6 +98,7 @@ def test_one_geometry_source_gives_each_preprocessings_own_pixels(shape):
     assert source.shape == shape
 
 
+@pytest.mark.slow  # ~7 s on the loaded 2-core machine (first torch calls of the process)
 def test_the_report_resizes_the_upload_once_converted_with_the_same_pixels(image, tmp_path):
     from cxrbench.ood.guard import ImageGuard
     from cxrbench.ood.untrained import untrained_ood_bundle

@@ -112,6 +112,13 @@ def model_summary(pipeline: Pipeline) -> str:
                          "images.")
     else:
         lines.append("<b>No OOD gate model</b>: only the blank-image guard checks the images.")
+    if card.source:
+        src = card.source
+        lines.insert(1, f"Published weights: {esc(str(src.get('origin', '?')))} {esc(str(src.get('weights', '')))}; "
+                        f"licence: {esc(str(src.get('licence', '?')))}; cite: {esc(str(src.get('citation', '?')))}")
+    if card.untrained:
+        lines.insert(1, f"<b>Not trained by this model</b> (no probability, metric or explanation): "
+                        f"{esc(', '.join(card.untrained))}.")
     g = pipeline.guard
     lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
                  f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")
@@ -169,7 +176,8 @@ class Dashboard:
         self.override.add_class("cxr-override")
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.method.add_class("cxr-method")
-        self.finding = w.Dropdown(options=list(self.pipeline.findings), description="finding", disabled=True)
+        self.finding = w.Dropdown(options=[f for f in self.pipeline.findings if f not in self.pipeline.untrained],
+                                  description="finding", disabled=True)
         self.finding.add_class("cxr-finding")
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
         self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",

@@ -153,13 +153,16 @@ class Report:
                                      "no prediction is made")
 
     def table(self) -> pd.DataFrame:
-        """One row per finding: calibrated and raw probability, operating point; most probable first
+        """One row per finding: calibrated and raw probability, operating point (and a ``note`` column "not trained
+        by this model" when the weights never trained some outputs); most probable first
         (:func:`~cxrbench.explain.targets.finding_ranking`, the order explanations pick their top-k from)."""
+        note = ["note"] if self.untrained else []
         if self.raw is None:
-            return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point", "note"])
+            return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point", *note])
         df = pd.DataFrame({"finding": self.findings, "calibrated": self.calibrated, "raw": self.raw,
-                           "operating_point": self.operating_points,
-                           "note": [UNTRAINED_NOTE if f in self.untrained else "" for f in self.findings]})
+                           "operating_point": self.operating_points})
+        if self.untrained:
+            df["note"] = [UNTRAINED_NOTE if f in self.untrained else "" for f in self.findings]
         return df.iloc[finding_ranking(self.calibrated, self.raw)].reset_index(drop=True)
 
     def to_row(self) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def probability_figure(report: Report, reliability: Mapping[str, FindingReliabil
                       "<br>operating point %{customdata[1]:.3f}"
                       + ("<br>test %{customdata[2]}" if reliability else "") + "<extra></extra>"))
     for finding in table["finding"]:
-        if finding in report.untrained:
+        if finding in getattr(report, "untrained", ()):
             fig.add_annotation(x=0.01, y=finding, xanchor="left", showarrow=False,
                                text="<i>not trained by this model</i>", font=dict(size=11, color="#8a8a8a"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",

@@ -202,6 +202,9 @@ def test_dashboard_explain_and_report_mask_untrained_findings(chex_bundle, image
     assert table["finding"].tolist()[-7:] == sorted(CHEX_UNTRAINED, key=table["finding"].tolist().index)
     with pytest.raises(ValueError, match="Mass: not trained by this model"):
         dash.pipeline.explain(report, "gradcam", "Mass")
+    summed = dash.pipeline.explain(report, "saliency")
+    assert summed.map_labels == ["all findings"] and not set(summed.explained_outputs) & {
+        NIH_FINDINGS.index(f) for f in CHEX_UNTRAINED}
     top = dash.pipeline.explain(report, "gradcam", top=10)
     assert not set(top.map_labels) & set(CHEX_UNTRAINED) and len(top.map_labels) == 7
 

@@ -103,8 +103,9 @@ def explanation_targets(method: str, findings: Sequence[str], request: str | Seq
                              "explain")
         labels = ["+".join(findings[i] for i in index)] if is_summed(method) else [findings[i] for i in index]
         return ExplanationTargets(index, labels)
-    if is_summed(method):
-        return ExplanationTargets(None, [ALL_FINDINGS])
+    if is_summed(method):  # every output, or every trained one where the weights never trained some
+        trained = [i for i, f in enumerate(findings) if f not in untrained]
+        return ExplanationTargets(trained if len(trained) < len(findings) else None, [ALL_FINDINGS])
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise ValueError(f"top must be a whole number >= 1 (how many findings to explain), got {top!r}")
     if ranking is None:

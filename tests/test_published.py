@@ -197,6 +197,8 @@ def test_dashboard_explain_and_report_mask_untrained_findings(chex_bundle, image
     bars = dict(zip(dash.figure.data[0].y, dash.figure.data[0].x))
     assert all(math.isnan(bars[f]) for f in CHEX_UNTRAINED) and not math.isnan(bars["Effusion"])
     assert "Not trained by this model" in model_summary(dash.pipeline) and "Apache-2.0" in model_summary(dash.pipeline)
+    row = report.to_row()  # the `cxrbench analyze` CSV row
+    assert math.isnan(row["Mass"]) and math.isnan(row["Mass_raw"]) and "Mass" in row["note"]
     table = report.table()
     assert (table.set_index("finding").loc[CHEX_UNTRAINED, "note"] == UNTRAINED_NOTE).all()
     assert table["finding"].tolist()[-7:] == sorted(CHEX_UNTRAINED, key=table["finding"].tolist().index)

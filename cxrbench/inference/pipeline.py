@@ -167,7 +167,8 @@ class Report:
 
     def to_row(self) -> dict[str, Any]:
         """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``,
-        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``."""
+        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``; ``note`` naming the
+        outputs the weights never trained, when there are any."""
         row: dict[str, Any] = {"file": self.source}
         for j, f in enumerate(self.findings):
             row[f] = float(self.calibrated[j]) if self.calibrated is not None else np.nan
@@ -177,6 +178,8 @@ class Report:
         row["check"] = self.ood.check if self.ood else ""
         row["reason"] = self.ood.reason if self.ood else ""
         row["error"] = "rejected by the OOD gate" if self.rejected else ""
+        if self.untrained:  # their columns are empty (NaN): say why
+            row["note"] = f"{UNTRAINED_NOTE} (left empty): {', '.join(self.untrained)}"
         return row
 
 

@@ -112,11 +112,28 @@ def model_summary(pipeline: Pipeline) -> str:
                          "images.")
     else:
         lines.append("<b>No OOD gate model</b>: only the blank-image guard checks the images.")
+    lines[1:1] = _published_lines(card)
     g = pipeline.guard
     lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
                  f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")
     body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
+
+
+def _published_lines(card: Any) -> list[str]:
+    """``model_summary``'s lines for imported weights: what they never trained, where they come from."""
+    esc, lines = html.escape, []
+    if card.untrained:
+        lines.append(f"<b>Not trained by this model</b> (no probability, metric or explanation): "
+                     f"{esc(', '.join(card.untrained))}.")
+    if card.source:
+        src = card.source
+        lines.append(f"Published weights: {esc(str(src.get('origin', '?')))} {esc(str(src.get('weights', '')))}; "
+                     f"licence: {esc(str(src.get('licence', '?')))}; cite: {esc(str(src.get('citation', '?')))}")
+    if card.operating_points.get("published"):
+        lines.append("Operating points re-fitted with <code>cxrbench calibrate</code>; the published ones are kept "
+                     "in the card.")
+    return lines
 
 
 class Dashboard:
@@ -169,7 +186,8 @@ class Dashboard:
         self.override.add_class("cxr-override")
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.method.add_class("cxr-method")
-        self.finding = w.Dropdown(options=list(self.pipeline.findings), description="finding", disabled=True)
+        self.finding = w.Dropdown(options=[f for f in self.pipeline.findings if f not in self.pipeline.untrained],
+                                  description="finding", disabled=True)
         self.finding.add_class("cxr-finding")
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
         self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",

@@ -54,7 +54,7 @@ from cxrbench.models.bundle import Bundle, load_bundle
 from cxrbench.models.unet import predict_lung_mask
 from cxrbench.ood.guard import GuardVerdict, ImageGuard
 
-__all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
+__all__ = ["UNTRAINED_NOTE", "OODResult", "Pipeline", "Report", "RejectedImageError"]
 
 
 class RejectedImageError(RuntimeError):
@@ -117,7 +117,8 @@ class Report:
     with it). ``raw``/``calibrated``: ``(F,)`` or None when the image was rejected. ``maps``: ``(K, S, S)``
     float32 explanation maps (in [0, 1] unless the caller asked for raw values) with ``map_labels`` naming
     each (``"all findings"`` for Chester's saliency) and ``explained_outputs`` the output indices they explain.
-    ``timings``: seconds per stage.
+    ``timings``: seconds per stage. ``untrained``: findings the weights never trained, NaN in both arrays
+    (:meth:`table` notes them "not trained by this model").
     """
 
     source: str
@@ -136,6 +137,8 @@ class Report:
     explained_outputs: list[int] = field(default_factory=list)
     lung_mask: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: findings the classifier's weights never trained (its card's ``untrained``): NaN in ``raw``/``calibrated``
+    untrained: list[str] = field(default_factory=list)
 
     @property
     def in_distribution(self) -> bool | None:
@@ -150,17 +153,22 @@ class Report:
                                      "no prediction is made")
 
     def table(self) -> pd.DataFrame:
-        """One row per finding: calibrated and raw probability, operating point; most probable first
+        """One row per finding: calibrated and raw probability, operating point (and a ``note`` column "not trained
+        by this model" when the weights never trained some outputs); most probable first
         (:func:`~cxrbench.explain.targets.finding_ranking`, the order explanations pick their top-k from)."""
+        note = ["note"] if self.untrained else []
         if self.raw is None:
-            return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point"])
+            return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point", *note])
         df = pd.DataFrame({"finding": self.findings, "calibrated": self.calibrated, "raw": self.raw,
                            "operating_point": self.operating_points})
+        if self.untrained:
+            df["note"] = [UNTRAINED_NOTE if f in self.untrained else "" for f in self.findings]
         return df.iloc[finding_ranking(self.calibrated, self.raw)].reset_index(drop=True)
 
     def to_row(self) -> dict[str, Any]:
         """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``,
-        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``."""
+        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``; ``note`` naming the
+        outputs the weights never trained, when there are any."""
         row: dict[str, Any] = {"file": self.source}
         for j, f in enumerate(self.findings):
             row[f] = float(self.calibrated[j]) if self.calibrated is not None else np.nan
@@ -170,8 +178,13 @@ class Report:
         row["check"] = self.ood.check if self.ood else ""
         row["reason"] = self.ood.reason if self.ood else ""
         row["error"] = "rejected by the OOD gate" if self.rejected else ""
+        if self.untrained:  # their columns are empty (NaN): say why
+            row["note"] = f"{UNTRAINED_NOTE} (left empty): {', '.join(self.untrained)}"
         return row
 
+
+#: what every face shows for an output the weights never trained, instead of a number
+UNTRAINED_NOTE = "not trained by this model"
 
 #: post-processing of the maps in a :class:`Report` unless the caller says otherwise (see :meth:`Pipeline.explain`)
 DEFAULT_MAP_OPTIONS: dict[str, Any] = {"normalize": "minmax"}
@@ -206,6 +219,9 @@ class Pipeline:
         if min_side is not None:
             self.guard = replace(self.guard, min_side=int(min_side))
         self.findings = classifier.labels
+        #: outputs the weights never trained (card ``untrained``): NaN probabilities, never explained
+        self.untrained = [f for f in self.findings if f in classifier.card.untrained]
+        self._trained = np.array([f not in self.untrained for f in self.findings])
         ops = classifier.card.operating_points
         self.operating_points = (OperatingPoints.from_dict(ops).as_array(self.findings) if ops
                                  else np.full(len(self.findings), np.nan))
@@ -295,7 +311,7 @@ class Pipeline:
         img = self.read(source, name)
         report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(img.pixels),
                         findings=list(self.findings), operating_points=self.operating_points,
-                        timings={"read": time.perf_counter() - t0})
+                        timings={"read": time.perf_counter() - t0}, untrained=list(self.untrained))
         t = time.perf_counter()
         report.ood = self.gate(img.pixels)
         report.timings["ood"] = time.perf_counter() - t
@@ -329,7 +345,7 @@ class Pipeline:
 
         def choose(logits: np.ndarray) -> list[int] | None:
             raw, calibrated = self._probabilities(logits)
-            chosen.append((explanation_targets(method, self.findings, targets, top=top,
+            chosen.append((explanation_targets(method, self.findings, targets, top=top, untrained=self.untrained,
                                                ranking=finding_ranking(calibrated, raw)), time.perf_counter()))
             return chosen[0][0].index
 
@@ -339,9 +355,11 @@ class Pipeline:
         return self._with_maps(report, method, chosen[0][0], maps, time.perf_counter() - chosen[0][1])
 
     def _probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (sigmoid) and calibrated probabilities ``(F,)`` float64 of the first image's logits."""
+        """Raw (sigmoid) and calibrated probabilities ``(F,)`` float64 of the first image's logits; NaN for the
+        outputs the weights never trained."""
         raw = 1.0 / (1.0 + np.exp(-np.asarray(logits[0], dtype=np.float64)))
-        return raw, self.calibrate(raw)
+        raw = np.where(self._trained, raw, np.nan)
+        return raw, np.where(self._trained, self.calibrate(np.nan_to_num(raw, nan=0.5)), np.nan)
 
     def _with_maps(self, report: Report, method: str, chosen: ExplanationTargets, maps: np.ndarray,
                    seconds: float) -> Report:
@@ -360,7 +378,8 @@ class Pipeline:
                                 if report.ood is None or report.ood.overridable else ""))
         t = time.perf_counter()
         ranking = finding_ranking(report.calibrated, report.raw)
-        chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top)
+        chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top,
+                                     untrained=self.untrained)
         maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
                                                **{**DEFAULT_MAP_OPTIONS, **(options or {})})
         return self._with_maps(report, method, chosen, maps, time.perf_counter() - t)
@@ -396,7 +415,7 @@ class Pipeline:
                                        batch_size=batch_size, progress=progress, warnings=warnings,
                                        guard=self.guard)
         return predictions_table(files, logits, self.findings, operating_points_of(self.classifier), errors,
-                                 warnings)
+                                 warnings, untrained=self.untrained)
 
     def predict_dataset(self, dataset, *, batch_size: int = 32, num_workers: int = 0, progress: bool = False
                         ) -> Predictions:
@@ -407,7 +426,8 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         """What is loaded (for the dashboard's footer and logs)."""
         d: dict[str, Any] = {"classifier": str(self.classifier.path), "arch": self.classifier.card.builder_kwargs,
-                             "findings": len(self.findings), "device": str(self.device),
+                             "findings": len(self.findings), "untrained": list(self.untrained),
+                             "device": str(self.device),
                              "backend": self.classifier_backend.name}
         if self.ood is not None:
             d["ood"] = str(self.ood.path)

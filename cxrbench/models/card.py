@@ -81,6 +81,11 @@ class ModelCard:
         (same keys, threshold >= the near one) and ``"false_rejection"`` (``{"near", "far", "n_images", "split"}``).
     training : data root, split file, seed, epochs, hyper-parameters, time.
     metrics : evaluation results (e.g. per-finding AUC with spread, on which split).
+    untrained : labels whose outputs the weights never trained (published weights that cover fewer findings:
+        torchxrayvision returns a constant 0.5 for them). They are masked everywhere: no probability, no bar, no
+        metric, no explanation ("not trained by this model").
+    source : where imported weights come from (``{"origin", "weights", "url", "licence", "citation", ...}``);
+        ``{}`` for a model trained here.
     weights_sha256 : SHA-256 of ``model.safetensors``, filled in by :func:`~cxrbench.models.bundle.save_bundle`.
     """
 
@@ -93,6 +98,8 @@ class ModelCard:
     ood: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    untrained: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     description: str = ""
     versions: dict[str, str] = field(default_factory=versions)
@@ -154,7 +161,8 @@ class ModelCard:
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "kind": str, "builder": str, "builder_kwargs": dict, "preprocess": dict, "labels": list,
-    "operating_points": dict, "ood": dict, "training": dict, "metrics": dict, "name": str, "description": str,
+    "operating_points": dict, "ood": dict, "training": dict, "metrics": dict, "untrained": list, "source": dict,
+    "name": str, "description": str,
     "versions": dict, "created": str, "weights_sha256": str}
 
 
@@ -208,6 +216,11 @@ def _label_problems(card: ModelCard) -> list[str]:
     problems = []
     if len(set(labels)) != len(labels):
         problems.append("labels repeat a name")
+    strangers = [u for u in card.untrained if u not in labels]
+    if strangers:
+        problems.append(f"untrained outputs {strangers} are not labels of this card")
+    if labels and len(card.untrained) >= len(labels):
+        problems.append("every output is marked untrained: the model predicts nothing")
     if card.kind == "classifier":
         outputs = card.builder_kwargs.get("num_outputs")
         if not labels:
@@ -321,6 +334,12 @@ def describe_card(card: ModelCard) -> list[str]:
         lines.append(f"description: {card.description}")
     if card.labels:
         lines.append(f"labels ({len(card.labels)}): {', '.join(card.labels)}")
+    if card.untrained:
+        lines.append(f"not trained by this model ({len(card.untrained)}, masked): {', '.join(card.untrained)}")
+    if card.source:
+        src = card.source
+        lines.append(f"source: {src.get('origin', '?')} {src.get('weights', '')}; licence {src.get('licence', '?')}; "
+                     f"cite {src.get('citation', '?')}")
     lines += _describe_training(card.training) + _describe_calibration(card) + _describe_test(card)
     lines.append(f"created {card.created}; " + ", ".join(f"{k} {v}" for k, v in card.versions.items()))
     return lines

@@ -357,7 +357,8 @@ def compare_methods(
     targets : N output indices: the finding whose region is given (and whose score the curves track).
     regions : N entries, each a (H, W) bool mask (lesion mask, rasterised boxes), a list of boxes
         ``(x, y, w, h)`` / ``(label, x, y, w, h)`` in input pixels, or None (no localisation scores).
-    methods : names from :data:`cxrbench.explain.EXPLAINERS`. ``"saliency"`` is Chester's map of all
+    methods : names from :data:`cxrbench.explain.EXPLAINERS` or ``"latent_shift"`` (give its autoencoder in
+        ``explainer_options={"latent_shift": {"autoencoder": ae}}``). ``"saliency"`` is Chester's map of all
         findings summed (one general explanation); the others explain the target finding.
     lung_masks : (N, H, W) bool, optional; gives ``mass_in_lungs``.
     top_fraction : the k of :func:`topk_iou` (0.05 = the top 5 % pixels).
@@ -373,13 +374,13 @@ def compare_methods(
     ``deletion_auc`` (lower is better), ``insertion_auc`` (higher is better). With
     ``return_details=True`` a :class:`MethodComparison`: that table, the per-image table and the curves.
     """
-    from cxrbench.explain import EXPLAINERS, get_explainer
+    from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS, EXPLAINERS, get_explainer
 
     if images.ndim != 4 or len(targets) != images.shape[0]:
         raise ValueError(f"need images (N, C, H, W) and N targets, got {tuple(images.shape)} and {len(targets)}")
-    unknown = [m for m in methods if m not in EXPLAINERS]
+    unknown = [m for m in methods if m not in EXPLAINERS + COUNTERFACTUAL_EXPLAINERS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {EXPLAINERS}")
+        raise ValueError(f"unknown methods {unknown}; choose from {EXPLAINERS + COUNTERFACTUAL_EXPLAINERS}")
     n, shape = images.shape[0], (images.shape[-2], images.shape[-1])
     region_masks = _region_list(regions, n, shape)
     lungs = None if lung_masks is None else _as_array("lung_masks", lung_masks).astype(bool)

@@ -43,7 +43,8 @@ class NoAutoencoderError(ValueError):
 
 
 NO_AUTOENCODER = ("latent_shift needs an autoencoder at the classifier's input resolution (a bundle of kind "
-                  "'autoencoder': cxrbench train autoencoder --like CLASSIFIER_BUNDLE --data DATA --out RUN); none was given")
+                  "'autoencoder': cxrbench train autoencoder --like CLASSIFIER_BUNDLE --data DATA --out RUN); "
+                  "none was given")
 
 
 @dataclass
@@ -103,7 +104,7 @@ class LatentShift(Explainer):
                  n_frames: int = 6, pred_diff: float = 0.8, max_shift: float = 2.0, step: float = 0.05,
                  max_pixel_change: float = 0.1, heatmap: Heatmap = "mm", **options: Any) -> None:
         super().__init__(model, **options)
-        self.autoencoder = _check_autoencoder(autoencoder)
+        self.autoencoder: Any = _check_autoencoder(autoencoder)  # encode / decode, checked
         if heatmap not in HEATMAPS:
             raise ValueError(f"heatmap must be one of {HEATMAPS}, got {heatmap!r}")
         if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 2:

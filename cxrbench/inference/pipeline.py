@@ -464,7 +464,8 @@ def _checked_autoencoder(autoencoder: Bundle | None, classifier: Bundle) -> Bund
         raise ValueError(f"{autoencoder.path}: expected an autoencoder bundle (cxrbench train autoencoder), got "
                          f"{autoencoder.card.kind}")
     theirs, ours = autoencoder.preprocess, classifier.preprocess
-    differ = [k for k in ("size", "crop", "resample", "equalize", "clahe_clip") if getattr(theirs, k) != getattr(ours, k)]
+    differ = [k for k in ("size", "crop", "resample", "equalize", "clahe_clip")
+              if getattr(theirs, k) != getattr(ours, k)]
     if differ:
         raise ValueError(f"{autoencoder.path}: the autoencoder's input differs from the classifier's in "
                          + ", ".join(f"{k} ({getattr(theirs, k)} vs {getattr(ours, k)})" for k in differ)

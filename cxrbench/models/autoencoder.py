@@ -32,7 +32,8 @@ _TRUNK_STRIDE = 16  # four stride-2 convolutions: the trunk's side is image_size
 def trunk_spatial(image_size: int) -> int:
     """Side of the trunk's feature map for a square input of ``image_size`` px (a multiple of 16, >= 32)."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % _TRUNK_STRIDE:
-        raise ValueError(f"image_size must be a multiple of 16 and >= 32 (four stride-2 convolutions), got {image_size!r}")
+        raise ValueError(f"image_size must be a multiple of 16 and >= 32 (four stride-2 convolutions), "
+                         f"got {image_size!r}")
     return image_size // _TRUNK_STRIDE
 
 

@@ -232,8 +232,8 @@ def _preprocess_problems(card: ModelCard) -> list[str]:
     if card.builder == "autoencoder":  # a [0, 1] grey image at the network's own side
         side = card.builder_kwargs.get("image_size", 64)
         if pp.size != side or pp.normalize != "zero_one" or pp.channels != 1:
-            return [f"an autoencoder of image_size {side} needs preprocess size {side}, normalize 'zero_one', 1 channel; "
-                    f"got size {pp.size}, normalize {pp.normalize!r}, {pp.channels} channel(s)"]
+            return [f"an autoencoder of image_size {side} needs preprocess size {side}, normalize 'zero_one', "
+                    f"1 channel; got size {pp.size}, normalize {pp.normalize!r}, {pp.channels} channel(s)"]
     return []
 
 

@@ -17,8 +17,8 @@ from typing import Any, cast
 import pandas as pd
 from torch import nn
 
-from cxrbench.models.bundle import ModelCard, read_card, save_bundle
 from cxrbench.models.autoencoder import ConvAutoencoder, trunk_spatial
+from cxrbench.models.bundle import ModelCard, read_card, save_bundle
 from cxrbench.ood import OODModel
 from cxrbench.preprocess import Preprocess
 from cxrbench.train.common import training_record

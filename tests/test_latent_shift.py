@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import numpy as np
@@ -154,3 +155,55 @@ def test_pipeline_counterfactual_and_its_refusals(phantom_runs, tmp_path):
         preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
     with pytest.raises(ValueError, match=r"differs from the classifier's in size \(48 vs 32\)"):
         Pipeline.from_paths(clf_path, autoencoder=wrong)
+
+
+_NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(np.round(arr * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_dashboard_counterfactual_on_request(phantom_runs):
+    from cxrbench.app.counterfactual import BUTTON_LABEL
+    from cxrbench.app.dashboard import Dashboard
+    from cxrbench.data.synthetic import make_phantom
+    from cxrbench.inference import Pipeline
+
+    clf_path, ae_path, _ = phantom_runs
+    image = make_phantom(128, findings=["Effusion"], seed=77).image
+    dash = Dashboard(Pipeline.from_paths(clf_path, autoencoder=ae_path))
+    panel = dash.counterfactual
+    assert panel.button.description == BUTTON_LABEL and not panel.button.disabled
+    assert panel.widget.layout.display == "none"  # nothing to explain yet
+    dash.upload.value = ({"name": "ph.png", "type": "image/png", "size": 1, "content": memoryview(_png(image)),
+                          "last_modified": _NOW},)
+    assert dash.report is not None and dash.report.raw is not None
+    assert panel.widget.layout.display == "" and panel.result is None and not panel.frames.children  # not on upload
+    panel.button.click()
+    cf = panel.result
+    assert cf is not None and cf.target == dash.pipeline.findings.index(dash.finding.value)
+    assert panel.difference.layout.display == "" and panel.difference.value[:8] == b"\x89PNG\r\n\x1a\n"
+    tiles = panel.frames.children
+    assert len(tiles) == min(4, len(cf.frames))
+    shown = [t.children[1].value for t in tiles]
+    assert f"p({dash.finding.value}) {cf.probabilities[0]:.2f}" in shown[0] and "reconstruction" in shown[0]
+    assert f"{cf.probabilities[-1]:.2f}" in shown[-1] and "counterfactual" in shown[-1]
+    assert f"raw p falls from {cf.probabilities[0]:.2f}" in panel.status.value
+    dash.upload.value = ({"name": "again.png", "type": "image/png", "size": 1, "content": memoryview(_png(image)),
+                          "last_modified": _NOW},)
+    assert panel.result is None and not panel.frames.children  # a new image clears it
+
+    plain = Dashboard(Pipeline.from_paths(clf_path))
+    assert plain.counterfactual.button.disabled
+    assert "cxrbench train autoencoder --like" in plain.counterfactual.status.value
+    plain.analyze_bytes("ph.png", _png(image))
+    plain.counterfactual.button.click()  # a disabled button's click still reaches run(): it refuses in words
+    assert "Could not compute the counterfactual: latent_shift needs an autoencoder" in \
+        plain.counterfactual.status.value

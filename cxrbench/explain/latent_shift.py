@@ -95,6 +95,9 @@ class LatentShift(Explainer):
         autoencoder's [0, 1] grey image (default: the input already is that image).
     n_frames : frames of the sweep (>= 2). pred_diff, max_shift, step, max_pixel_change: the search (module doc).
     heatmap : ``"mm"`` (default), ``"int"``, ``"mean"`` or ``"max"``.
+    keep_residual : add the reconstruction's residual ``x - D(E(x))`` to every frame (not in the paper or
+        captum): the first frame is then the image itself, and a finding the autoencoder blurs away (a small
+        lesion) can still be shifted. Default False (captum's frames).
     normalize, sigma, relu : post-processing, as for every explainer.
     """
 
@@ -102,7 +105,8 @@ class LatentShift(Explainer):
 
     def __init__(self, model: nn.Module, *, autoencoder: nn.Module | None = None, preprocess: Preprocess | None = None,
                  n_frames: int = 6, pred_diff: float = 0.8, max_shift: float = 2.0, step: float = 0.05,
-                 max_pixel_change: float = 0.1, heatmap: Heatmap = "mm", **options: Any) -> None:
+                 max_pixel_change: float = 0.1, heatmap: Heatmap = "mm", keep_residual: bool = False,
+                 **options: Any) -> None:
         super().__init__(model, **options)
         self.autoencoder: Any = _check_autoencoder(autoencoder)  # encode / decode, checked
         if heatmap not in HEATMAPS:
@@ -119,7 +123,7 @@ class LatentShift(Explainer):
         self._mean = torch.as_tensor(mean).view(1, -1, 1, 1)
         self._std = torch.as_tensor(std).view(1, -1, 1, 1)
         self.n_frames, self.pred_diff, self.max_shift, self.step = n_frames, pred_diff, max_shift, step
-        self.max_pixel_change, self.heatmap = max_pixel_change, heatmap
+        self.max_pixel_change, self.heatmap, self.keep_residual = max_pixel_change, heatmap, bool(keep_residual)
         #: the :class:`Counterfactual` of every image and target of the last call, in batch then target order
         self.counterfactuals: list[Counterfactual] = []
 
@@ -159,7 +163,8 @@ class LatentShift(Explainer):
         unit = self.to_unit(x)
         z = self.autoencoder.encode(unit).detach().requires_grad_(True)
         recon = self.autoencoder.decode(z)
-        grad = torch.autograd.grad(self._probability(recon, target).sum(), z)[0]
+        residual = (unit - recon).detach() if self.keep_residual else torch.zeros_like(unit)
+        grad = torch.autograd.grad(self._probability(recon + residual, target).sum(), z)[0]
         norm = float(grad.norm())
         direction = grad / norm * float(z.detach().norm()) if norm > 0 else torch.zeros_like(grad)
         z = z.detach()
@@ -167,12 +172,13 @@ class LatentShift(Explainer):
         @torch.no_grad()
         def shifted(lambdas: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
             frames = self.autoencoder.decode(z + torch.as_tensor(lambdas, dtype=z.dtype).view(-1, 1) * direction)
+            frames = (frames + residual).clamp(0.0, 1.0) if self.keep_residual else frames
             return frames, self._probability(frames, target).double().cpu().numpy()
 
         with torch.no_grad():
             input_probability = float(self._probability(unit, target)[0])
             reconstruction_error = float((unit - recon).abs().mean())
-        bound, stop = self._search(shifted, recon.detach(), norm > 0)
+        bound, stop = self._search(shifted, (recon + residual).detach(), norm > 0)
         lambdas = np.linspace(0.0, bound, self.n_frames)
         frames, probabilities = shifted(lambdas)
         frames_np = frames[:, 0].detach().float().cpu().numpy()
@@ -188,6 +194,9 @@ class LatentShift(Explainer):
             value = max(value * 1.1 - self.step, -self.max_shift)
             candidates.append(value)
         initial = float(shifted(np.zeros(1))[1][0])
+        if initial < 0.05:
+            return 0.0, ("the first frame's probability is below 0.05 already: the autoencoder's reconstruction does "
+                         "not show the finding (try keep_residual=True, or a better autoencoder)")
         last, pixel_sum = initial, float(recon.abs().sum())
         for start in range(0, len(candidates), 8):  # a few steps per batch: one decode + forward each
             chunk = np.asarray(candidates[start:start + 8])

@@ -61,13 +61,18 @@ class CounterfactualPanel:
         self.button.add_class("cxr-counterfactual")
         self.button.on_click(lambda _: self.run())
         self.status = w.HTML("" if available else f"<small>{NO_AUTOENCODER_NOTE}</small>",
-                             layout=w.Layout(width="384px"))
+                             layout=w.Layout(width="650px"))
         self.status.add_class("cxr-counterfactual-status")
-        self.difference = w.Image(format="png", layout=w.Layout(width="192px", height="192px", display="none"))
+        self.status.add_class("cxr-tight")
+        self.difference = w.Image(format="png", layout=w.Layout(width="160px", height="160px", display="none"))
         self.difference.add_class("cxr-counterfactual-difference")
-        self.frames = w.HBox([], layout=w.Layout(flex_flow="row wrap", width="384px"))
+        self.frames = w.HBox([], layout=w.Layout(flex_flow="row nowrap", grid_gap="4px"))
         self.frames.add_class("cxr-counterfactual-frames")
-        self.widget = w.VBox([self.button, self.status, self.difference, self.frames],
+        self.difference_caption = w.HTML("", layout=w.Layout(width="160px"))
+        self.difference_caption.add_class("cxr-tight")
+        difference = w.VBox([self.difference, self.difference_caption], layout=w.Layout(width="164px"))
+        shown = w.HBox([difference, self.frames], layout=w.Layout(align_items="flex-start", grid_gap="12px"))
+        self.widget = w.VBox([self.button, self.status, shown],
                              layout=w.Layout(display="none"))  # shown with a prediction (the dashboard decides)
 
     def clear(self) -> None:
@@ -75,6 +80,7 @@ class CounterfactualPanel:
         self.result = None
         self.status.value = "" if self.pipeline.autoencoder is not None else f"<small>{NO_AUTOENCODER_NOTE}</small>"
         self.difference.value, self.difference.layout.display = b"", "none"
+        self.difference_caption.value = ""
         self.frames.children = []
 
     def run(self) -> Counterfactual | None:
@@ -103,9 +109,11 @@ class CounterfactualPanel:
         from cxrbench.explain.base import minmax_normalize
         from cxrbench.explain.overlay import overlay
 
-        base = cf.frames[0]
+        report = self._report()
+        base = report.image if report is not None else cf.frames[0]  # the image as the model sees it
         self.difference.value = png_bytes(overlay(base, minmax_normalize(cf.difference), cmap="jet", alpha=0.5))
         self.difference.layout.display = ""
+        self.difference_caption.value = "<small>|reconstruction − counterfactual| over the image</small>"
         indices = frame_indices(len(cf.frames), self.SHOWN_FRAMES)
         tiles = []
         for i, caption in zip(indices, frame_captions(cf, indices, finding)):
@@ -119,5 +127,6 @@ class CounterfactualPanel:
         self.status.value = (
             f"<small><b>Latent Shift for {html.escape(finding)}</b>: raw p falls from {cf.probabilities[0]:.2f} "
             f"to {cf.probabilities[-1]:.2f} along the frames (the image itself: {cf.input_probability:.2f}). "
-            "Red in the map: the pixels that change where the prediction has fallen. Search stopped because "
+            "Left, over the image: the pixels that change where the prediction has fallen (red = most). "
+            "Search stopped because "
             f"{html.escape(cf.stop)}; {seconds:.1f} s.</small>")

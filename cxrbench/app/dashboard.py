@@ -218,12 +218,13 @@ class Dashboard:
         inputs = w.HBox([self.upload, self.example],
                         layout=w.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 16px"))
         inputs.add_class("cxr-inputs")
-        left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note],
+        left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note,
+                       self.counterfactual.widget],
                       layout=w.Layout(width="660px", min_width="660px"))
         left.add_class("cxr-left")
         self.controls = w.GridBox([self.method, self.finding, self.opacity, self.smoothing, self.hide_below],
                                   layout=w.Layout(grid_template_columns="1fr", width="384px", display="none"))
-        right = w.VBox([self.overlay, self.caption, self.colour_bar, self.controls, self.counterfactual.widget],
+        right = w.VBox([self.overlay, self.caption, self.colour_bar, self.controls],
                        layout=w.Layout(width="400px", min_width="400px"))
         right.add_class("cxr-right")
         body = w.HBox([left, right], layout=w.Layout(align_items="flex-start", grid_gap="24px"))

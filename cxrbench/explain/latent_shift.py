@@ -280,7 +280,8 @@ def localisation_sentence(table: Any, subject: str, method: str = "latent_shift"
     if not np.isfinite(inside):
         return (f"{subject}: {method} changed no pixel (the autoencoder's reconstruction already lacks the "
                 "finding, so there was nothing to remove).")
-    verdict = ("more than" if inside > 1.5 * base else "about as much as" if inside > 0.67 * base else "less than")
+    verdict = ("clearly more than" if inside > 2 * base else "slightly more than" if inside > 1.25 * base
+               else "about as much as" if inside > 0.8 * base else "less than")
     return (f"{subject}: {method} puts {inside:.1%} of its change inside the lesion, {verdict} random maps "
             f"({base:.1%}); pointing game {float(mine['pointing_game']):.2f} vs random "
             f"{float(chance['pointing_game']):.2f}.")

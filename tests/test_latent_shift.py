@@ -129,6 +129,10 @@ def test_train_autoencoder_like_a_classifier_writes_an_autoencoder_bundle(phanto
     with pytest.raises(BundleError, match="kind 'autoencoder', but a 'ood' bundle"):
         load_bundle(ae_path, kind="ood")
     json.loads((ae_path / "card.json").read_text())  # plain JSON
+    from cxrbench.models.card import describe_card
+
+    assert any(line.startswith("test reconstruction: median SSIM") and str(clf_path) in line
+               for line in describe_card(ae.card))
 
 
 def test_pipeline_counterfactual_and_its_refusals(phantom_runs, tmp_path):

@@ -369,6 +369,10 @@ def _describe_guard(g: dict[str, Any] | None) -> str:
 
 def _describe_test(card: ModelCard) -> list[str]:
     num = format_metric
+    if card.kind == "autoencoder" and "test_ssim_median" in card.metrics:
+        return [f"test reconstruction: median SSIM {num(card.metrics['test_ssim_median'])}, mean L1 "
+                f"{num(card.metrics.get('test_l1'), 4)}" + (f"; made for {card.training['like']}"
+                                                          if card.training.get("like") else "")]
     test = card.test_metrics
     summary = test.get("summary") or {}
     if "macro_auc" in summary:

@@ -211,3 +211,25 @@ def test_dashboard_counterfactual_on_request(phantom_runs):
     plain.counterfactual.button.click()  # a disabled button's click still reaches run(): it refuses in words
     assert "Could not compute the counterfactual: latent_shift needs an autoencoder" in \
         plain.counterfactual.status.value
+
+
+def test_phantom_comparison_rows_and_their_sentence():
+    import pandas as pd
+
+    from cxrbench.explain.metrics import VARIANTS, latent_shift_comparison, localisation_sentence
+
+    x = torch.cat([_image(0), _image(1)])
+    regions = [np.zeros((SIDE, SIDE), bool) for _ in range(2)]
+    for r in regions:
+        r[4:12, 4:12] = True
+    table = latent_shift_comparison(_classifier(), x, [1, 1], regions, autoencoder=_autoencoder(), curve_steps=0)
+    assert table["method"].tolist() == list(VARIANTS) and (table["n_images"] == 2).all()
+    assert {"pointing_game", "mass_in_region"} <= set(table.columns)
+    chance = pd.DataFrame([{"method": "random", "pointing_game": 0.0, "mass_in_region": 0.1}])
+    made_up = pd.DataFrame([{"method": "latent_shift", "pointing_game": 1.0, "mass_in_region": 0.3}])
+    assert "30.0% of its change inside the lesion, clearly more than random maps (10.0%)" in \
+        localisation_sentence(pd.concat([made_up, chance]), "Phantoms")
+    empty = made_up.assign(mass_in_region=np.nan)
+    assert "changed no pixel" in localisation_sentence(pd.concat([empty, chance]), "Phantoms")
+    with pytest.raises(ValueError, match="needs a 'latent_shift' and a 'random' row"):
+        localisation_sentence(chance, "Phantoms")

@@ -118,7 +118,7 @@ def _check_04_latent_shift(r: dict, phantom) -> None:
     (the same random row), and its published sentences are the package's reading of the published table."""
     import pandas as pd
 
-    from cxrbench.explain.latent_shift import VARIANTS, localisation_sentence
+    from cxrbench.explain.metrics import VARIANTS, localisation_sentence
 
     table = pd.DataFrame(r["phantom"])
     expected = []

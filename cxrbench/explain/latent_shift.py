@@ -14,7 +14,8 @@ code by half its length whatever the autoencoder's scale.
 The map of the explainer is the difference ``|D(z) - D(z + lambda* g)|`` between the reconstruction and the
 last frame (captum's ``"mm"``; ``heatmap="int"``, ``"mean"``, ``"max"`` give its other choices): the pixels that
 change where the prediction has fallen. :meth:`LatentShift.counterfactual` returns the frames and the
-probability along the sweep as a :class:`Counterfactual`.
+probability along the sweep as a :class:`Counterfactual`. On known lesions it is measured by
+:func:`cxrbench.explain.metrics.latent_shift_comparison`.
 
 >>> ls = get_explainer("latent_shift", classifier, autoencoder=ae, preprocess=bundle.preprocess)  # doctest: +SKIP
 >>> cf = ls.counterfactual(x, target=4)          # frames, lambdas, probabilities, difference  # doctest: +SKIP
@@ -32,8 +33,7 @@ from torch import nn
 from cxrbench.explain.base import Explainer, Targets, prepared_model, target_matrix
 from cxrbench.preprocess import Preprocess
 
-__all__ = ["HEATMAPS", "VARIANTS", "Counterfactual", "LatentShift", "NoAutoencoderError", "latent_shift_comparison",
-           "localisation_sentence"]
+__all__ = ["HEATMAPS", "Counterfactual", "LatentShift", "NoAutoencoderError"]
 
 HEATMAPS: tuple[str, ...] = ("mm", "int", "mean", "max")
 Heatmap = Literal["mm", "int", "mean", "max"]
@@ -241,47 +241,3 @@ class LatentShift(Explainer):
                     self.counterfactuals.append(cf)
                     maps[b, f] = torch.from_numpy(cf.difference)
         return maps
-
-
-# ---------------------------------------------------------------------- measured on known lesions
-#: the rows :func:`latent_shift_comparison` adds: captum's frames, and the frames with the residual kept
-VARIANTS: dict[str, bool] = {"latent_shift": False, "latent_shift_residual": True}
-
-
-def latent_shift_comparison(model: nn.Module, images: torch.Tensor, targets: Any, regions: Any, *,
-                            autoencoder: nn.Module, preprocess: Preprocess | None = None,
-                            variants: dict[str, bool] | None = None, **compare: Any) -> Any:
-    """:func:`~cxrbench.explain.metrics.compare_methods` rows for Latent Shift (one per entry of ``variants``,
-    default :data:`VARIANTS`: name -> ``keep_residual``), on the same images, targets and regions, with the same
-    scores (``compare``: ``lung_masks``, ``top_fraction``, ``curve_steps``, ...). No ``random`` row: the other
-    methods' table has it."""
-    import pandas as pd
-
-    from cxrbench.explain.metrics import compare_methods
-
-    rows = []
-    for name, residual in (variants or VARIANTS).items():
-        options = {"autoencoder": autoencoder, "preprocess": preprocess, "keep_residual": residual}
-        table = compare_methods(model, images, targets, regions, methods=["latent_shift"], include_random=False,
-                                explainer_options={"latent_shift": options}, **compare)
-        rows.append(pd.DataFrame(table).assign(method=name))
-    return pd.concat(rows, ignore_index=True)
-
-
-def localisation_sentence(table: Any, subject: str, method: str = "latent_shift") -> str:
-    """One plain sentence on whether ``method``'s difference maps put more of their mass inside the lesion than
-    the ``random`` row of ``table`` (a :func:`~cxrbench.explain.metrics.compare_methods` table with both rows)."""
-    rows = table.set_index("method")
-    if method not in rows.index or "random" not in rows.index:
-        raise ValueError(f"the table needs a {method!r} and a 'random' row, has {list(rows.index)}")
-    mine, chance = rows.loc[method], rows.loc["random"]
-    inside, base = (float(v) if v is not None else float("nan")
-                    for v in (mine["mass_in_region"], chance["mass_in_region"]))
-    if not np.isfinite(inside):
-        return (f"{subject}: {method} changed no pixel (the autoencoder's reconstruction already lacks the "
-                "finding, so there was nothing to remove).")
-    verdict = ("clearly more than" if inside > 2 * base else "slightly more than" if inside > 1.25 * base
-               else "about as much as" if inside > 0.8 * base else "less than")
-    return (f"{subject}: {method} puts {inside:.1%} of its change inside the lesion, {verdict} random maps "
-            f"({base:.1%}); pointing game {float(mine['pointing_game']):.2f} vs random "
-            f"{float(chance['pointing_game']):.2f}.")

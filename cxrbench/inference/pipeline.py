@@ -34,7 +34,15 @@ import torch
 
 from cxrbench._types import check_unit_range
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
-from cxrbench.explain.targets import DEFAULT_TOP, ExplanationTargets, explanation_targets, finding_ranking
+from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS
+from cxrbench.explain.latent_shift import NO_AUTOENCODER, Counterfactual, LatentShift, NoAutoencoderError
+from cxrbench.explain.targets import (
+    DEFAULT_TOP,
+    ExplanationTargets,
+    explanation_targets,
+    finding_indices,
+    finding_ranking,
+)
 from cxrbench.inference.backend import (
     ClassifierBackend,
     GateBackend,
@@ -200,7 +208,8 @@ class Pipeline:
     """
 
     def __init__(self, classifier: Bundle, ood: Bundle | None = None, unet: Bundle | None = None,
-                 *, device: str | torch.device = "cpu", guard: ImageGuard | None = None, min_side: int | None = None):
+                 *, device: str | torch.device = "cpu", guard: ImageGuard | None = None, min_side: int | None = None,
+                 autoencoder: Bundle | None = None):
         if classifier.card.kind != "classifier":
             raise ValueError(f"{classifier.path}: expected a classifier bundle, got {classifier.card.kind}")
         if ood is not None and ood.card.kind != "ood":
@@ -209,6 +218,8 @@ class Pipeline:
             raise ValueError(f"{unet.path}: expected a segmentation bundle, got {unet.card.kind}")
         self.device = torch.device(device)
         self.classifier, self.ood, self.unet = classifier, ood, unet
+        #: the autoencoder at the classifier's resolution that Latent Shift needs (:meth:`counterfactual`)
+        self.autoencoder = _checked_autoencoder(autoencoder, classifier)
         self.classifier_backend: ClassifierBackend = classifier_backend(classifier.model, self.device)
         self.gate_backend: GateBackend | None = gate_backend(ood.model, self.device) if ood is not None else None
         if unet is not None:
@@ -229,11 +240,12 @@ class Pipeline:
     @classmethod
     def from_paths(cls, classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
                    unet: str | os.PathLike | None = None, *, device: str = "cpu",
-                   min_side: int | None = None) -> "Pipeline":
+                   min_side: int | None = None, autoencoder: str | os.PathLike | None = None) -> "Pipeline":
         """Load bundle folders (PyTorch); :func:`cxrbench.export.runtime.load_pipeline` chooses a backend."""
         return cls(load_bundle(classifier, kind="classifier"),
                    load_bundle(ood, kind="ood") if ood else None,
-                   load_bundle(unet, kind="segmentation") if unet else None, device=device, min_side=min_side)
+                   load_bundle(unet, kind="segmentation") if unet else None, device=device, min_side=min_side,
+                   autoencoder=load_bundle(autoencoder, kind="autoencoder") if autoencoder else None)
 
     def warm_up(self, explain: str | None = "saliency") -> float:
         """Run the whole chain once on a synthetic image so that the first real one does not pay for
@@ -380,9 +392,37 @@ class Pipeline:
         ranking = finding_ranking(report.calibrated, report.raw)
         chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top,
                                      untrained=self.untrained)
-        maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
-                                               **{**DEFAULT_MAP_OPTIONS, **(options or {})})
+        if method in COUNTERFACTUAL_EXPLAINERS:  # needs the autoencoder too: not a backend's method
+            maps = self._latent_shift(**{**DEFAULT_MAP_OPTIONS, **(options or {})})(
+                self.model_inputs(report.image).to(self.device), targets=chosen.index)
+        else:
+            maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
+                                                   **{**DEFAULT_MAP_OPTIONS, **(options or {})})
         return self._with_maps(report, method, chosen, maps, time.perf_counter() - t)
+
+    def _latent_shift(self, **options: Any) -> LatentShift:
+        """The Latent Shift explainer of this classifier and :attr:`autoencoder` (refused without one)."""
+        if self.autoencoder is None:
+            raise NoAutoencoderError(NO_AUTOENCODER)
+        model = self.classifier.model
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{self.classifier.path}: Latent Shift needs the classifier's gradients, which the "
+                             f"{type(model).__name__} backend does not give; load the PyTorch bundle")
+        self.autoencoder.model.to(self.device).eval()
+        return LatentShift(model, autoencoder=self.autoencoder.model, preprocess=self.classifier.preprocess, **options)
+
+    def counterfactual(self, report: Report, finding: str | None = None, **options: Any) -> Counterfactual:
+        """Latent Shift of ``report``'s image for ``finding`` (default: the most probable one): the frames, the
+        probability of the finding along them and the difference map (:class:`~cxrbench.explain.Counterfactual`).
+        ``options``: those of :class:`~cxrbench.explain.LatentShift` (``n_frames``, ``max_shift``, ...)."""
+        if report.raw is None:
+            raise ValueError(f"{report.source}: rejected by the OOD gate, so there is no prediction to explain")
+        ranking = [int(i) for i in finding_ranking(report.calibrated, report.raw) if self._trained[int(i)]]
+        index = finding_indices(finding, self.findings)[0] if finding else ranking[0]
+        if not self._trained[index]:
+            raise ValueError(f"{self.findings[index]}: {UNTRAINED_NOTE}, so it has no counterfactual")
+        explainer = self._latent_shift(**options)
+        return explainer.counterfactual(self.model_inputs(report.image).to(self.device), index)
 
     # ------------------------------------------------------------------------------------------
     # many images
@@ -436,3 +476,21 @@ class Pipeline:
         if self.unet is not None:
             d["unet"] = str(self.unet.path)
         return d
+
+
+def _checked_autoencoder(autoencoder: Bundle | None, classifier: Bundle) -> Bundle | None:
+    """``autoencoder`` when it is a Latent Shift autoencoder for ``classifier``'s input; a clear error otherwise."""
+    if autoencoder is None:
+        return None
+    if autoencoder.card.kind != "autoencoder":
+        raise ValueError(f"{autoencoder.path}: expected an autoencoder bundle (cxrbench train autoencoder), got "
+                         f"{autoencoder.card.kind}")
+    theirs, ours = autoencoder.preprocess, classifier.preprocess
+    differ = [k for k in ("size", "crop", "resample", "equalize", "clahe_clip")
+              if getattr(theirs, k) != getattr(ours, k)]
+    if differ:
+        raise ValueError(f"{autoencoder.path}: the autoencoder's input differs from the classifier's in "
+                         + ", ".join(f"{k} ({getattr(theirs, k)} vs {getattr(ours, k)})" for k in differ)
+                         + "; train one with cxrbench train autoencoder --like " + str(classifier.path or "CLASSIFIER"))
+    return autoencoder
+

@@ -37,7 +37,7 @@ BUILDERS: dict[str, str] = {
 }
 #: bundle kind -> the builders that make such a model
 KINDS: dict[str, tuple[str, ...]] = {"classifier": ("classifier",), "ood": ("autoencoder", "ali"),
-                                     "segmentation": ("unet",)}
+                                     "segmentation": ("unet",), "autoencoder": ("autoencoder",)}
 #: the OOD scorers a cutoff may name (:data:`cxrbench.ood.scoring.SCORER_NAMES`)
 OOD_SCORERS: tuple[str, ...] = ("l1", "l2", "ssim", "latent")
 #: input sizes a card may ask for, in pixels
@@ -71,7 +71,8 @@ class ModelCard:
 
     Attributes
     ----------
-    kind : ``"classifier"``, ``"ood"`` or ``"segmentation"``.
+    kind : ``"classifier"``, ``"ood"``, ``"segmentation"`` or ``"autoencoder"`` (an autoencoder at a classifier's
+        resolution for Latent Shift counterfactuals, ``cxrbench train autoencoder``; no cutoff).
     builder : key of :data:`BUILDERS`; ``builder_kwargs`` are passed to it.
     preprocess : :meth:`Preprocess.to_dict` of the preprocessing the model was trained with (required).
     labels : output names, in output order (classifier); ``[]`` otherwise.
@@ -241,6 +242,11 @@ def _preprocess_problems(card: ModelCard) -> list[str]:
     in_channels = card.builder_kwargs.get("in_channels")
     if in_channels is not None and in_channels != pp.channels:
         return [f"preprocess makes {pp.channels} channel(s) for a model with in_channels={in_channels}"]
+    if card.builder == "autoencoder":  # a [0, 1] grey image at the network's own side
+        side = card.builder_kwargs.get("image_size", 64)
+        if pp.size != side or pp.normalize != "zero_one" or pp.channels != 1:
+            return [f"an autoencoder of image_size {side} needs preprocess size {side}, normalize 'zero_one', "
+                    f"1 channel; got size {pp.size}, normalize {pp.normalize!r}, {pp.channels} channel(s)"]
     return []
 
 
@@ -382,6 +388,10 @@ def _describe_guard(g: dict[str, Any] | None) -> str:
 
 def _describe_test(card: ModelCard) -> list[str]:
     num = format_metric
+    if card.kind == "autoencoder" and "test_ssim_median" in card.metrics:
+        return [f"test reconstruction: median SSIM {num(card.metrics['test_ssim_median'])}, mean L1 "
+                f"{num(card.metrics.get('test_l1'), 4)}" + (f"; made for {card.training['like']}"
+                                                          if card.training.get("like") else "")]
     test = card.test_metrics
     summary = test.get("summary") or {}
     if "macro_auc" in summary:

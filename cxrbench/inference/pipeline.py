@@ -205,6 +205,9 @@ class Pipeline:
         self.guard = guard or ImageGuard.from_dict(ood.card.ood.get("guard") if ood is not None else None)
         if min_side is not None:
             self.guard = replace(self.guard, min_side=int(min_side))
+        #: why the classifier runs on its backend when a chooser picked it (``backend="auto"`` of
+        #: :func:`cxrbench.export.runtime.load_pipeline`: "saliency needs gradients"); ``""`` otherwise
+        self.backend_reason = ""
         self.findings = classifier.labels
         ops = classifier.card.operating_points
         self.operating_points = (OperatingPoints.from_dict(ops).as_array(self.findings) if ops
@@ -404,13 +407,21 @@ class Pipeline:
         return predict_dataset(self.classifier_backend, dataset, batch_size=batch_size, num_workers=num_workers,
                                progress=progress)
 
+    def backends(self) -> dict[str, str | None]:
+        """Which backend runs what: ``{"classifier": "torch" | "onnxruntime" | ..., "gate": ... or None}``."""
+        return {"classifier": self.classifier_backend.name,
+                "gate": self.gate_backend.name if self.gate_backend is not None else None}
+
     def describe(self) -> dict[str, Any]:
         """What is loaded (for the dashboard's footer and logs)."""
         d: dict[str, Any] = {"classifier": str(self.classifier.path), "arch": self.classifier.card.builder_kwargs,
                              "findings": len(self.findings), "device": str(self.device),
                              "backend": self.classifier_backend.name}
+        if self.backend_reason:
+            d["backend_reason"] = self.backend_reason
         if self.ood is not None:
             d["ood"] = str(self.ood.path)
+            d["gate_backend"] = self.backends()["gate"]
             d["ood_cutoff"] = self.ood.card.ood.get("cutoff")
         d["guard"] = self.guard.to_dict()
         if self.unet is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from cxrbench.cli.main import main
 from cxrbench.export import cache as export_cache
-from cxrbench.export.onnx import MANIFEST, ParityError
+from cxrbench.export.onnx import MANIFEST, ParityError, card_fingerprint
 from cxrbench.export.runtime import BackendFallbackWarning, backend_note, load_pipeline
 from cxrbench.models.bundle import untrained_classifier_bundle
 from cxrbench.ood.untrained import untrained_ood_bundle
@@ -79,7 +79,7 @@ def test_auto_predicts_on_onnx_runtime_like_torch_exports_once_and_reexports_a_c
     fixed, _, err = _predict(bundles, files, tmp_path / "c.csv", capsys)
     assert err.count("exporting") == 1
     assert "not trusted: classifier.onnx does not match the checksum in export.json" in err
-    weights = {"classifier": export_cache.read_card(bundles / "clf").weights_sha256}
+    weights = {"classifier": card_fingerprint(export_cache.read_card(bundles / "clf"))}
     assert export_cache.entry_problem(entries[0], ["classifier", "cam"], weights) is None  # re-exported
     pd.testing.assert_frame_equal(fixed, table)
     (entries[0] / "cam.onnx").unlink()  # a missing graph is not trusted either
@@ -159,9 +159,9 @@ def test_concurrent_first_uses_export_once_and_share_the_entry(bundles, tmp_path
     for w in workers:
         w.join()
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
-    weights = {"ood": export_cache.read_card(bundles / "ood").weights_sha256}
+    weights = {"ood": card_fingerprint(export_cache.read_card(bundles / "ood"))}
     assert export_cache.entry_problem(results[0], ["ood"], weights) is None
     assert export_cache.entry_problem(results[0], ["ood"], {"ood": "0" * 64}) == \
-        "exported from other weights than the bundle's"
+        "exported from another card or other weights than the bundle's"
     assert export_cache.entry_problem(tmp_path / "absent", ["ood"], weights) == export_cache.NOT_EXPORTED
     assert [p.name for p in tmp_path.glob(".*")] == [".locks"]  # no temporary export folder left behind

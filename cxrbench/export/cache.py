@@ -2,11 +2,12 @@
 
 One folder per export, ``$CXRBENCH_CACHE/onnx/<key>/`` (default ``~/.cache/cxrbench/onnx``), where ``key`` is a
 hash of the cxrbench version, the export's kind (``models``: a classifier, optionally with its gate; ``gate``: an
-OOD bundle alone) and the SHA-256 of each bundle's weights (from its card). New weights or a new cxrbench get a
-new folder; delete the folder (or all of ``onnx/``) to clear it.
+OOD bundle alone) and each bundle's card (:func:`~cxrbench.export.onnx.card_fingerprint`: the weights' SHA-256,
+preprocessing, operating points, cutoff, ...). New weights, a recalibrated card or a new cxrbench get a new folder;
+delete the folder (or all of ``onnx/``) to clear it.
 
 An entry is trusted only when :func:`entry_problem` finds nothing wrong: its ``export.json`` reads, names this
-cxrbench version and the same weights, and every graph it needs is there with the size and SHA-256 the manifest
+cxrbench version and the same cards, and every graph it needs is there with the size and SHA-256 the manifest
 recorded. Anything else (a missing or edited file, an older export) is exported again, not used.
 
 Concurrent first uses (two ``cxrbench predict`` runs, several dashboard kernels) are serialised by a lock file
@@ -27,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 
 from cxrbench import __version__
 from cxrbench.data import default_cache_dir
-from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_gate, export_models
+from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, card_fingerprint, export_gate, export_models
 from cxrbench.models.bundle import load_bundle, read_card
 
 __all__ = ["NOT_EXPORTED", "cache_key", "cached_export", "entry_problem", "onnx_cache_dir"]
@@ -41,10 +42,10 @@ def onnx_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_dir() / "onnx"
 
 
-def cache_key(kind: str, weights: Mapping[str, str]) -> str:
-    """20 hex digits naming the export of ``kind`` (``"models"`` or ``"gate"``) of bundles with ``weights``
-    (role -> weights SHA-256) under this cxrbench version."""
-    identity = json.dumps([__version__, kind, sorted(weights.items())])
+def cache_key(kind: str, cards: Mapping[str, str]) -> str:
+    """20 hex digits naming the export of ``kind`` (``"models"`` or ``"gate"``) of bundles whose cards have the
+    fingerprints ``cards`` (role -> :func:`~cxrbench.export.onnx.card_fingerprint`) under this cxrbench version."""
+    identity = json.dumps([__version__, kind, sorted(cards.items())])
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
@@ -56,9 +57,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def entry_problem(path: str | os.PathLike, graphs: Sequence[str], weights: Mapping[str, str]) -> str | None:
+def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping[str, str]) -> str | None:
     """Why the export folder ``path`` cannot be trusted to hold ``graphs`` (``"classifier"``, ``"cam"``, ``"ood"``)
-    of bundles with ``weights`` (role -> SHA-256); None when it can. :data:`NOT_EXPORTED` for no folder."""
+    of bundles whose cards have the fingerprints ``cards`` (role -> :func:`~cxrbench.export.onnx.card_fingerprint`);
+    None when it can. :data:`NOT_EXPORTED` for no folder."""
     path = Path(path)
     if not path.exists():
         return NOT_EXPORTED
@@ -71,8 +73,8 @@ def entry_problem(path: str | os.PathLike, graphs: Sequence[str], weights: Mappi
     if not isinstance(manifest, dict) or manifest.get("cxrbench") != __version__:
         return f"exported by cxrbench {manifest.get('cxrbench') if isinstance(manifest, dict) else '?'}, " \
                f"this is {__version__}"
-    if manifest.get("weights_sha256") != dict(weights):
-        return "exported from other weights than the bundle's"
+    if manifest.get("card_sha256") != dict(cards):
+        return "exported from another card or other weights than the bundle's"
     for graph in graphs:
         info = (manifest.get("graphs") or {}).get(graph) or {}
         name = info.get("file", GRAPH_FILES[graph])
@@ -96,19 +98,18 @@ def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike |
     if classifier is None and ood is None:
         raise ValueError("cached_export needs a classifier or an OOD bundle")
     roles = {"classifier": classifier, "ood": ood}
-    cards = {role: read_card(path) for role, path in roles.items() if path is not None}
-    weights = {role: card.weights_sha256 for role, card in cards.items()}  # as export.json records them
+    cards = {role: card_fingerprint(read_card(path)) for role, path in roles.items() if path is not None}
     kind = "models" if classifier is not None else "gate"
     graphs = (["classifier", "cam"] if classifier is not None else []) + (["ood"] if ood is not None else [])
     root = onnx_cache_dir(cache_dir)
-    out = root / cache_key(kind, {role: card.weights_sha256 or card.created for role, card in cards.items()})
-    if entry_problem(out, graphs, weights) is None:
+    out = root / cache_key(kind, cards)
+    if entry_problem(out, graphs, cards) is None:
         return out
     from filelock import FileLock
 
     (root / ".locks").mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".locks" / f"{out.name}.lock")):
-        problem = entry_problem(out, graphs, weights)
+        problem = entry_problem(out, graphs, cards)
         if problem is None:  # another process exported it while this one waited for the lock
             return out
         if announce is not None:

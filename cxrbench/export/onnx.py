@@ -51,8 +51,8 @@ from cxrbench.models.classifier import classifier_layer, feature_maps
 from cxrbench.ood.scoring import SSIM_WIN_SIZE, OODModel, as_ood_model, score_batch
 
 __all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
-           "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_gate",
-           "export_models", "image_pixels", "make_session", "parity_check", "read_onnx_card"]
+           "ExportResult", "ParityError", "calibration_constants", "card_fingerprint", "default_parity_images",
+           "export_gate", "export_models", "image_pixels", "make_session", "parity_check", "read_onnx_card"]
 
 DEFAULT_OPSET = 17
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "calibrated")
@@ -167,6 +167,12 @@ def _thresholds(card: ModelCard) -> np.ndarray:
 
 def _card_json(card: ModelCard) -> str:
     return json.dumps(card.to_dict(), default=_json_default)
+
+
+def card_fingerprint(card: ModelCard) -> str:
+    """SHA-256 of the whole card (weights checksum, preprocessing, operating points, cutoff, ...): what an export of
+    the bundle depends on besides the code. Recorded per bundle in ``export.json`` (``card_sha256``)."""
+    return hashlib.sha256(json.dumps(card.to_dict(), default=_json_default, sort_keys=True).encode()).hexdigest()
 
 
 def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str], *, graph: str,
@@ -411,6 +417,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
             "opset": opset, "graphs": graphs, "classifier_bundle": str(classifier.path),
             "weights_sha256": {"classifier": classifier.card.weights_sha256,
                                **({"ood": ood.card.weights_sha256} if ood is not None else {})},
+            "card_sha256": {"classifier": card_fingerprint(classifier.card),
+                            **({"ood": card_fingerprint(ood.card)} if ood is not None else {})},
             "labels": classifier.labels,
             "preprocess": pp.to_dict(), "normalize_mean": mean.tolist(), "normalize_std": std.tolist(),
             "thresholds": [None if not np.isfinite(t) else float(t) for t in thresholds],
@@ -459,7 +467,8 @@ def export_gate(ood: Bundle, out: str | os.PathLike, *, images: Sequence[Any] | 
         manifest = {
             "format": 1, "kind": "gate", "cxrbench": __version__, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": opset, "graphs": {"ood": graph},
-            "weights_sha256": {"ood": ood.card.weights_sha256}, "ood_bundle": str(ood.path),
+            "weights_sha256": {"ood": ood.card.weights_sha256}, "card_sha256": {"ood": card_fingerprint(ood.card)},
+            "ood_bundle": str(ood.path),
             "ood_preprocess": opp.to_dict(), "ood_cutoff": ood.card.ood.get("cutoff"),
             "parity": {"images": len(images), "source": image_source, "tolerance": tolerance,
                        "rows": parity.to_dict(orient="records")},

@@ -38,7 +38,7 @@ from cxrbench.export.cache import cached_export
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, make_session, read_onnx_card
 from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
-from cxrbench.models.bundle import Bundle, load_bundle
+from cxrbench.models.bundle import Bundle, BundleError, load_bundle, read_card
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "GRADIENT_FREE_METHODS", "BackendFallbackWarning", "ExportedModels", "OnnxCAM",
            "OnnxClassifier", "OnnxOODModel", "backend_agreement", "backend_note", "ensure_export", "latency_table",
@@ -268,10 +268,21 @@ def _ort_threads(threads: int | None) -> int | None:
     return threads if threads else (interactive_threads() or None)
 
 
+def _check_kind(path: str | os.PathLike, kind: str) -> None:
+    """The errors ``load_bundle(path, kind=kind)`` gives for a missing, broken or wrong-kind bundle, from the card
+    alone (cheap), so that they are errors and not reasons to fall back to PyTorch."""
+    card = read_card(path)
+    if card.kind != kind:
+        raise BundleError(f"{path}: this is a bundle of kind {card.kind!r}, but a {kind!r} bundle is needed here")
+
+
 def _try_onnx(bundle: str | os.PathLike, load: Callable[[], Bundle], warn: Callable[[str], None]) -> Bundle | None:
-    """``load()``, or None after one warning naming ``bundle`` and the reason when it fails."""
+    """``load()``, or None after one warning naming ``bundle`` and the reason when it fails (a broken bundle,
+    :class:`~cxrbench.models.bundle.BundleError`, is raised: PyTorch would fail on it too)."""
     try:
         return load()
+    except BundleError:
+        raise
     except Exception as exc:  # ParityError, an unsupported model, a broken onnxruntime: torch is the reference
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         warn(f"{bundle}: ONNX Runtime is not used ({reason}); running it in PyTorch instead")
@@ -294,6 +305,9 @@ def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None,
     for the rest and for anything whose export or session fails (one ``warn`` per bundle)."""
     announce = _to_stderr if progress else None
     threads = _ort_threads(threads)
+    _check_kind(classifier, "classifier")
+    if ood is not None:
+        _check_kind(ood, "ood")
     no_ort = _onnxruntime_missing([classifier, ood], warn)
     clf: Bundle | None = None
     if explain not in GRADIENT_FREE_METHODS:
@@ -361,6 +375,7 @@ def load_gate(ood: str | os.PathLike, *, backend: str = "torch", threads: int | 
         return load_gate_export(ood, threads=_ort_threads(threads))
     if backend == "torch":
         return load_bundle(ood, kind="ood")
+    _check_kind(ood, "ood")
     announce = _to_stderr if progress else None
 
     def onnx_gate() -> Bundle:

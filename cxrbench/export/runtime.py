@@ -13,7 +13,10 @@ the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbenc
 >>> pipe.analyze("chest.png", explain="cam").table()                               # doctest: +SKIP
 
 :func:`load_pipeline` accepts bundle folders (exported once to ``$CXRBENCH_CACHE/onnx/<hash>``, parity
-checked) or a folder written by ``cxrbench export``.
+checked, :mod:`cxrbench.export.cache`) or a folder written by ``cxrbench export``. ``backend="auto"`` (the CLI's
+default) runs on ONNX Runtime what needs no gradients -- the classifier without a gradient explanation, the gate
+always -- and on PyTorch the rest, or a model whose export fails (one warning naming the bundle and the reason);
+:func:`load_gate` does the same for ``ood-score``, :func:`backend_note` says what ran.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Writes backend_auto_predict and backend_auto_gate (.csv + .md), each headed by t
 - predict: ``cxrbench predict`` in a fresh process (import, load, export or cache check, read, forward, CSV) on the
   NIH validation split of ../shared/data (patient split 70/10/20, seed 0: about 48 images) with a DenseNet-121 at
   224 px (seeded random weights: timings do not depend on them). ``auto (first use)`` includes the ONNX export and
-  its parity check into an empty cache; ``auto (cached)`` reuses it. Medians of ``--repeat`` runs.
+  its parity check into an empty cache; ``auto (cached)`` reuses it. Medians of ``--repeat`` runs. The in-process
+  rows time ``Pipeline.predict`` alone (batch 16) on the same pipeline objects.
 - gate: :meth:`Pipeline.gate` (the 64 px autoencoder of the demo: latent 128, width 16; guard, resize, score) on 30
   distinct NIH images after 3 warm-up ones, PyTorch vs ONNX Runtime, at 1 and 2 threads; median per image.
 """
@@ -48,6 +49,23 @@ def _predict_seconds(bundle: Path, files: list[str], backend: str, cache: Path, 
     return time.perf_counter() - t0
 
 
+def inprocess_rows(bundle: Path, files: list[str], repeat: int, cache: Path) -> list[dict]:
+    """``Pipeline.predict`` of ``files`` in this process (no start-up, import or load), torch vs auto, interleaved."""
+    from cxrbench.export.runtime import load_pipeline
+
+    os.environ["CXRBENCH_CACHE"] = str(cache)
+    pipes = {"torch": load_pipeline(bundle, backend="torch"), "auto": load_pipeline(bundle, backend="auto",
+                                                                                    explain=None)}
+    times: dict[str, list[float]] = {k: [] for k in pipes}
+    for _ in range(repeat):
+        for name, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.predict(files, batch_size=16)
+            times[name].append(time.perf_counter() - t0)
+    return [{"run": f"in-process Pipeline.predict, {name} ({pipes[name].classifier_backend.name})",
+             "median_s": statistics.median(values), "rounds": repeat} for name, values in times.items()]
+
+
 def predict_rows(root: Path, files: list[str], repeat: int) -> list[dict]:
     bundle = untrained_classifier_bundle(root / "densenet121", arch="densenet121", description="benchmark")
     cache = root / "cache"
@@ -64,6 +82,7 @@ def predict_rows(root: Path, files: list[str], repeat: int) -> list[dict]:
             times[backend].append(_predict_seconds(bundle, files, backend, cache, root / f"{backend}.csv"))
     for backend, label in (("torch", "--backend torch"), ("auto", "auto (cached export, ONNX Runtime)")):
         rows.append({"run": label, "median_s": statistics.median(times[backend]), "rounds": repeat})
+    rows += inprocess_rows(bundle, files, repeat, cache)
     for row in rows:
         row.update(images=len(files), per_image_ms=1e3 * row["median_s"] / len(files), load_avg=_load())
     return rows

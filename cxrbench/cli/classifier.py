@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import glob
+import sys
 import weakref
 from pathlib import Path
 
 from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
 
-__all__ = ["add_classifier_commands", "backend_note", "expand_files", "train_subparsers"]
+__all__ = ["add_classifier_commands", "expand_files", "print_to_stderr", "train_subparsers"]
 
 #: each top-level registry -> the registry of its ``train`` group (one group however many families add to it)
 _TRAIN_GROUPS: weakref.WeakKeyDictionary[Subcommands, Subcommands] = weakref.WeakKeyDictionary()
@@ -36,9 +37,9 @@ def expand_files(items: list[str]) -> list[str]:
     return out
 
 
-def backend_note(backend: str) -> str:
-    """What a command's summary line adds for ``backend`` (nothing for torch)."""
-    return " (ONNX Runtime)" if backend == "onnx" else ""
+def print_to_stderr(line: str) -> None:
+    """How a command prints a warning: ``warning: ...`` on stderr (the ``warn`` of the backend chooser)."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -99,20 +100,22 @@ def _predict(args: argparse.Namespace) -> int:
     """The CSV of calibrated and raw probabilities, batched, on either backend; a warning per unreadable file;
     exit 1 when none was readable."""
     from cxrbench.cli.outputs import csv_output_path, report_problems
-    from cxrbench.export.runtime import load_pipeline
+    from cxrbench.export.runtime import backend_note, load_pipeline
 
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
     out = csv_output_path(args.out, "predictions.csv", files)  # refused here when it is one of the inputs
-    pipe = load_pipeline(args.bundle, backend=args.backend, progress=not args.quiet)
+    pipe = load_pipeline(args.bundle, backend=args.backend, progress=not args.quiet, explain=None,
+                         warn=print_to_stderr)
     table = pipe.predict(files, batch_size=args.batch_size, progress=not args.quiet)
+    table["backend"] = pipe.classifier_backend.name  # which runtime computed each row's probabilities
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     report_problems(table)
     failed, warned = table[table["error"] != ""], table[table["warning"] != ""]
     print(f"wrote {out}: {len(files) - len(failed)} predicted ({len(warned)} with a warning: see the warning "
-          f"column), {len(failed)} unreadable{backend_note(args.backend)}")
+          f"column), {len(failed)} unreadable{backend_note(pipe)}")
     return 0 if len(failed) < len(files) else 1
 
 

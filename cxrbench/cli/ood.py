@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrbench.cli.classifier import expand_files, train_subparsers
-from cxrbench.cli.options import Subcommands, add_run_folder_arguments, device_name, positive_int
+from cxrbench.cli.classifier import expand_files, print_to_stderr, train_subparsers
+from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
 
 __all__ = ["add_ood_commands"]
 
@@ -54,15 +54,16 @@ def _train_autoencoder(args: argparse.Namespace) -> int:
 
 def _ood_score(args: argparse.Namespace) -> int:
     from cxrbench.cli.outputs import csv_output_path
-    from cxrbench.models.bundle import load_bundle
+    from cxrbench.export.runtime import BACKEND_NAMES, load_gate, model_backend
     from cxrbench.ood.scoring import score_files
 
-    bundle = load_bundle(args.bundle, kind="ood")
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
     out = csv_output_path(args.out, "ood_scores.csv", files)  # refused here when it is one of the inputs
+    bundle = load_gate(args.bundle, backend=args.backend, progress=not args.quiet, warn=print_to_stderr)
     table = score_files(bundle, files, batch_size=args.batch_size, min_side=args.min_side)
+    table["backend"] = model_backend(bundle.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table["error"].astype(bool)
@@ -74,7 +75,7 @@ def _ood_score(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(files) - int(failed.sum()) - n_guard} scored ({n_ood} out-of-distribution at "
           f"{cutoff.get('scorer')} > {cutoff.get('threshold', float('nan')):.4f}), {n_guard} rejected by the "
           f"blank-image guard (too small or almost no image content; see the reason column), "
-          f"{int(failed.sum())} unreadable")
+          f"{int(failed.sum())} unreadable ({BACKEND_NAMES[model_backend(bundle.model)]})")
     return 0 if failed.sum() < len(files) else 1
 
 
@@ -185,11 +186,13 @@ def add_ood_commands(sub: Subcommands) -> None:
     q.add_argument("--bundle", required=True, help="an OOD bundle (cxrbench train ood)")
     q.add_argument("files", nargs="+", help="image files, folders or globs")
     q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, check, "
-                                                "reason, error; an existing folder (or a path ending in /) gets "
-                                                "ood_scores.csv")
+                                                "reason, error, backend; an existing folder (or a path ending in /) "
+                                                "gets ood_scores.csv")
     q.add_argument("--batch-size", type=positive_int, default=64)
     q.add_argument("--min-side", type=positive_int, default=None,
                    help="the blank-image guard's minimum short side in px (default: the card's, else 64)")
+    add_backend_argument(q, gate_only=True)
+    q.add_argument("-q", "--quiet", action="store_true", help="do not announce a first-use ONNX export")
     q.set_defaults(func=_ood_score)
 
     q = sub.add_parser("ood-tradeoff", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

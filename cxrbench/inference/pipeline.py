@@ -229,6 +229,9 @@ class Pipeline:
         self.guard = guard or ImageGuard.from_dict(ood.card.ood.get("guard") if ood is not None else None)
         if min_side is not None:
             self.guard = replace(self.guard, min_side=int(min_side))
+        #: why the classifier runs on its backend when a chooser picked it (``backend="auto"`` of
+        #: :func:`cxrbench.export.runtime.load_pipeline`: "saliency needs gradients"); ``""`` otherwise
+        self.backend_reason = ""
         self.findings = classifier.labels
         #: outputs the weights never trained (card ``untrained``): NaN probabilities, never explained
         self.untrained = [f for f in self.findings if f in classifier.card.untrained]
@@ -463,14 +466,22 @@ class Pipeline:
         return predict_dataset(self.classifier_backend, dataset, batch_size=batch_size, num_workers=num_workers,
                                progress=progress)
 
+    def backends(self) -> dict[str, str | None]:
+        """Which backend runs what: ``{"classifier": "torch" | "onnxruntime" | ..., "gate": ... or None}``."""
+        return {"classifier": self.classifier_backend.name,
+                "gate": self.gate_backend.name if self.gate_backend is not None else None}
+
     def describe(self) -> dict[str, Any]:
         """What is loaded (for the dashboard's footer and logs)."""
         d: dict[str, Any] = {"classifier": str(self.classifier.path), "arch": self.classifier.card.builder_kwargs,
                              "findings": len(self.findings), "untrained": list(self.untrained),
                              "device": str(self.device),
                              "backend": self.classifier_backend.name}
+        if self.backend_reason:
+            d["backend_reason"] = self.backend_reason
         if self.ood is not None:
             d["ood"] = str(self.ood.path)
+            d["gate_backend"] = self.backends()["gate"]
             d["ood_cutoff"] = self.ood.card.ood.get("cutoff")
         d["guard"] = self.guard.to_dict()
         if self.unet is not None:

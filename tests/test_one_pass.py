@@ -89,7 +89,8 @@ def test_one_geometry_source_gives_each_preprocessings_own_pixels(shape):
     pixels = np.random.default_rng(1).random(shape)  # float64, as an array caller may pass
     source = GeometrySource(pixels)
     for pp in (Preprocess(size=64), Preprocess(size=224, crop="pad"), Preprocess(size=min(shape)),
-               Preprocess(size=64, resample="area"), Preprocess(size=32, crop="pad")):
+               Preprocess(size=64, resample="area"), Preprocess(size=32, crop="pad"),
+               Preprocess(size=48, resample="skimage")):
         first = pp.geometry(source)
         np.testing.assert_array_equal(first, pp.geometry(pixels))
         assert first.dtype == np.float32 and first.shape == (pp.size, pp.size)

@@ -34,7 +34,7 @@ from PIL import Image as _PILImage
 
 from cxrbench._types import PreprocessError, check_unit_range
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "PreprocessError"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "GeometrySource", "Preprocess", "PreprocessError"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,25 +117,13 @@ class Preprocess:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     # ---------------------------------------------------------------- steps
-    def geometry(self, image: np.ndarray) -> np.ndarray:
-        """Square crop (or pad) and resize: ``(H, W)`` [0, 1] -> ``(size, size)`` float32 [0, 1]."""
-        image = np.asarray(image)
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim != 2:
-            raise PreprocessError(
-                f"expected a 2-D grey image (H, W), got shape {image.shape}; "
-                "read images with cxrbench.io.read_image, which converts colour to grey"
-            )
-        check_unit_range(image)
-        square = _square(image.astype(np.float32, copy=False), self.crop)
-        if square.shape[0] == self.size:
-            return np.ascontiguousarray(square, dtype=np.float32)
-        if self.resample == "skimage":
-            return _skimage_resize(square, self.size)
-        pil = _PILImage.fromarray(square, mode="F")
-        out = np.asarray(pil.resize((self.size, self.size), _RESAMPLE[self.resample]), dtype=np.float32)
-        return np.clip(out, 0.0, 1.0)
+    def geometry(self, image: "np.ndarray | GeometrySource") -> np.ndarray:
+        """Square crop (or pad) and resize: ``(H, W)`` [0, 1] -> ``(size, size)`` float32 [0, 1].
+
+        ``image`` may be a :class:`GeometrySource`: then the check and the conversion of a large image are
+        shared with the other preprocessings that resize it (the same pixels as from the array)."""
+        source = image if isinstance(image, GeometrySource) else GeometrySource(image)
+        return source.resized(self.crop, self.size, self.resample)
 
     def intensity(self, image: np.ndarray) -> np.ndarray:
         """Equalise and normalise a ``(size, size)`` [0, 1] image into ``(C, size, size)`` float32."""
@@ -206,6 +194,46 @@ class Preprocess:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Full path: ``(H, W)`` [0, 1] -> ``(C, size, size)`` float32 model input."""
         return self.intensity(self.geometry(image))
+
+
+class GeometrySource:
+    """An ``(H, W)`` [0, 1] image checked once, for :meth:`Preprocess.geometry` at several sizes.
+
+    A report resizes the same upload for the classifier, the gate and the blank-image guard; for a 3000 px
+    DICOM, checking the range and converting the pixels to a Pillow image each time cost more than the
+    resizes. This keeps the checked float32 pixels and the Pillow image of each crop mode; every
+    :meth:`resized` is what ``geometry`` of the array gives (a fresh array each call).
+    """
+
+    def __init__(self, image: np.ndarray) -> None:
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim != 2:
+            raise PreprocessError(
+                f"expected a 2-D grey image (H, W), got shape {image.shape}; "
+                "read images with cxrbench.io.read_image, which converts colour to grey"
+            )
+        check_unit_range(image)
+        self.pixels = image.astype(np.float32, copy=False)
+        self._pil: dict[str, _PILImage.Image] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(H, W)`` of the pixels."""
+        return tuple(self.pixels.shape)
+
+    def resized(self, crop: str, size: int, resample: str) -> np.ndarray:
+        """The ``(size, size)`` float32 [0, 1] crop (see :meth:`Preprocess.geometry`)."""
+        square = _square(self.pixels, crop)
+        if square.shape[0] == size:
+            return np.array(square, dtype=np.float32, order="C")
+        if resample == "skimage":
+            return _skimage_resize(square, size)
+        if crop not in self._pil:
+            self._pil[crop] = _PILImage.fromarray(np.ascontiguousarray(square), mode="F")
+        out = np.asarray(self._pil[crop].resize((size, size), _RESAMPLE[resample]), dtype=np.float32)
+        return np.clip(out, 0.0, 1.0)
 
 
 def _skimage_resize(square: np.ndarray, size: int) -> np.ndarray:

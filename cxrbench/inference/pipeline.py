@@ -61,6 +61,7 @@ from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_imag
 from cxrbench.models.bundle import Bundle, load_bundle
 from cxrbench.models.unet import predict_lung_mask
 from cxrbench.ood.guard import GuardVerdict, ImageGuard
+from cxrbench.preprocess import GeometrySource
 
 __all__ = ["UNTRAINED_NOTE", "OODResult", "Pipeline", "Report", "RejectedImageError"]
 
@@ -284,9 +285,10 @@ class Pipeline:
         """Chester Eq. 1 at the bundle's operating points: ``(..., F)`` raw -> calibrated, NaN without one."""
         return np.asarray(calibrate(np.asarray(raw, dtype=np.float64), self.operating_points), dtype=np.float64)
 
-    def gate(self, pixels: np.ndarray) -> OODResult:
-        """The gate's verdict on an image's ``(H, W)`` [0, 1] pixels: the blank-image guard (:attr:`guard`) before
-        any score is read; then, with an OOD bundle, its reconstruction score against its cutoff."""
+    def gate(self, pixels: np.ndarray | GeometrySource) -> OODResult:
+        """The gate's verdict on an image's ``(H, W)`` [0, 1] pixels (or their
+        :class:`~cxrbench.preprocess.GeometrySource`): the blank-image guard (:attr:`guard`) before any score
+        is read; then, with an OOD bundle, its reconstruction score against its cutoff."""
         verdict = self.guard.check(pixels)
         if not verdict.passed or self.ood is None or self.gate_backend is None:
             return OODResult(guard=verdict)
@@ -324,11 +326,12 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         img = self.read(source, name)
-        report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(img.pixels),
+        pixels = GeometrySource(img.pixels)  # checked and converted once for the three resizes
+        report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(pixels),
                         findings=list(self.findings), operating_points=self.operating_points,
                         timings={"read": time.perf_counter() - t0}, untrained=list(self.untrained))
         t = time.perf_counter()
-        report.ood = self.gate(img.pixels)
+        report.ood = self.gate(pixels)
         report.timings["ood"] = time.perf_counter() - t
         failed = not report.ood.in_distribution
         report.rejected = use_gate and failed and not (allow_ood and report.ood.overridable)

@@ -54,7 +54,8 @@ class ThresholdExplorer(Explorer):
         self.slider = w.FloatSlider(min=0.0, max=1.0, step=0.001, readout_format=".3f", continuous_update=True,
                                     description="threshold", layout=w.Layout(width="420px"))
         self.to_youden = w.Button(description="Youden point", tooltip="the threshold with the highest TPR - FPR here")
-        self.to_operating_point = w.Button(description="operating point", tooltip="the threshold fitted on the validation split (calibrated 0.5)")
+        self.to_operating_point = w.Button(description="operating point",
+                                           tooltip="the threshold fitted on the validation split (calibrated 0.5)")
         super().__init__("Threshold explorer: one finding, one threshold",
                          [self.finding, self.slider, self.to_youden, self.to_operating_point], figsize=(9.6, 3.2))
         self._busy = False

@@ -7,7 +7,8 @@ static snapshot of its first state (:class:`~cxrbench.plots.explorers.base.Explo
 """
 
 from cxrbench.plots.explorers.cutoff import CutoffExplorer, cutoff_explorer, rotation_cutoff_explorer
+from cxrbench.plots.explorers.methods import METHOD_DESCRIPTIONS, MethodPicker, method_picker
 from cxrbench.plots.explorers.threshold import ThresholdExplorer, threshold_explorer
 
-__all__ = ["CutoffExplorer", "ThresholdExplorer", "cutoff_explorer", "rotation_cutoff_explorer",
-           "threshold_explorer"]
+__all__ = ["METHOD_DESCRIPTIONS", "CutoffExplorer", "MethodPicker", "ThresholdExplorer", "cutoff_explorer",
+           "method_picker", "rotation_cutoff_explorer", "threshold_explorer"]

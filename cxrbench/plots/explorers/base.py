@@ -51,17 +51,20 @@ class Explorer(w.VBox):
         super().__init__([header, w.HBox(list(controls), layout=w.Layout(flex_flow="row wrap")),
                           w.HBox([self.picture, self.numbers], layout=w.Layout(align_items="flex-start"))])
 
-    def _show(self, numbers_html: str, *, relayout: bool = True) -> None:
+    def _new_layout(self) -> None:
+        """Clear the figure for new axes, laid out (constrained) at the next :meth:`_show`."""
+        self.figure.clear()
+        self.figure.set_layout_engine("constrained")
+
+    def _show(self, numbers_html: str) -> None:
         """Publish the figure drawn into :attr:`figure` and the numbers' HTML.
 
-        ``relayout=False`` keeps the axes where the last (constrained) layout put them: between layouts the figure
-        has no layout engine (with one, every save draws twice), so a slider that only moves markers redraws in
-        half the time."""
-        if relayout:
-            self.figure.set_layout_engine("constrained")
+        After the first save following :meth:`_new_layout` the figure has no layout engine (``None``, not
+        ``"none"``, whose placeholder makes every save draw twice): the axes stay where that layout put them, so
+        a control that only changes markers or pixels redraws in half the time."""
         self.picture.value = figure_png(self.figure)
         with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
-            self.figure.set_layout_engine(None)  # None, not "none": a placeholder engine makes each save draw twice
+            self.figure.set_layout_engine(None)
         self.numbers.value = numbers_html
 
     def state_line(self) -> str:

@@ -57,14 +57,14 @@ class CutoffExplorer(Explorer):
                                                   "auc_macro_ci_high") if k in row.index}
         self.values.update(n_retained=int(row["n_retained"]), n_rejected=int(rejected.size),
                            kept_examples=kept_ex.tolist(), rejected_examples=rejected_ex.tolist())
-        first = not self._marks
-        if first:
+        if not self._marks:
             self._draw_fixed()
         self._move(row)
-        self._show(self._numbers_html(), relayout=first)
+        self._show(self._numbers_html())
 
     def _draw_fixed(self) -> None:
         """The trade-off curve and the empty example panels (kept on top, rejected below), drawn once."""
+        self._new_layout()
         fig = self.figure
         grid = fig.add_gridspec(2, 2 + self._n_ex)
         curve = fig.add_subplot(grid[:, :2])

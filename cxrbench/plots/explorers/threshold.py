@@ -98,9 +98,9 @@ class ThresholdExplorer(Explorer):
                        "youden": rates_at(y, s, youden, self.finding.value),
                        "op_rates": rates_at(y, s, op, self.finding.value) if np.isfinite(op) else None}
         self._draw_curves(y, s)
-        self._update(relayout=True)
+        self._update()
 
-    def _update(self, relayout: bool = False) -> None:
+    def _update(self) -> None:
         if self._busy:
             return
         j, y, s = self._column
@@ -110,12 +110,12 @@ class ThresholdExplorer(Explorer):
         values["calibrated"] = float(calibrate(np.array([t]), [op])[0]) if np.isfinite(op) else math.nan
         self.values = {**values, **self._fixed}
         self._move_markers()
-        self._show(self._numbers_html(y), relayout=relayout)
+        self._show(self._numbers_html(y))
 
     def _draw_curves(self, y: np.ndarray, s: np.ndarray) -> None:
         """The three panels' fixed parts: ROC with its Youden and operating points, the confusion matrix, f_opt."""
         fixed = self._fixed
-        self.figure.clear()
+        self._new_layout()
         roc, cm, cal = self.figure.subplots(1, 3, width_ratios=[1.15, 0.85, 1.0])
         fpr, tpr, _ = roc_curve(y, s)
         roc.plot([0, 1], [0, 1], **MPL_CHANCE_LINE, label="chance")

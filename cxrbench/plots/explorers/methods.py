@@ -146,7 +146,8 @@ class MethodPicker(Explorer):
 
 def method_picker(pipeline: Pipeline, image: Any, methods: Sequence[str] | None = None,
                   findings: Sequence[str] | None = None, *,
-                  method_options: Mapping[str, Mapping[str, Any]] | None = None, finding: str | None = None, region: np.ndarray | None = None, cmap: str = "jet") -> MethodPicker:
+                  method_options: Mapping[str, Mapping[str, Any]] | None = None, finding: str | None = None,
+                  region: np.ndarray | None = None, cmap: str = "jet") -> MethodPicker:
     """A method x finding picker over one image (notebook 04): the map of each choice overlaid on the image, with
     its caption and colour bar. Only the first choice is computed here; the others when first picked, then cached.
 

@@ -57,6 +57,9 @@ def test_threshold_explorer_shows_the_package_numbers_at_every_threshold_it_is_m
         assert _png(ex.picture.value) and ex.picture.value != before  # the point moved in the picture
         seen_f1.add(round(v["f1"], 6))
     assert len(seen_f1) == 3
+    # a browser sends back the slider's value snapped to its steps: near the operating point it is the point
+    ex.slider.value = ops.thresholds["Effusion"] + 0.4 * ex.slider.step
+    assert ex.values["threshold"] == ops.thresholds["Effusion"] and ex.values["calibrated"] == pytest.approx(0.5)
 
 
 def test_threshold_explorer_youden_button_and_finding_switch():

@@ -109,8 +109,9 @@ class CutoffExplorer(Explorer):
     def _numbers_html(self) -> str:
         v, n = self.values, len(self._scores)
         full = self.table.iloc[int(np.argmax(self.table["retained_fraction"].to_numpy()))]
-        rows = [f"cutoff <b>{v['cutoff']:.4g}</b>: an image whose {html.escape(self._scorer)} score is above it "
-                "is rejected as out of distribution",
+        what = self._scorer if "score" in self._scorer else f"{self._scorer} score"
+        rows = [f"cutoff <b>{v['cutoff']:.4g}</b>: an image whose {html.escape(what)} is above it is rejected "
+                "as out of distribution",
                 f"kept <b>{v['n_retained']}</b> of {n} images (<b>{v['retained_fraction']:.1%}</b>), "
                 f"rejected {v['n_rejected']}",
                 f"macro AUC of the kept images <b>{_auc(v.get('auc_macro'), v)}</b>",
@@ -150,7 +151,7 @@ def _thumbnail(image: np.ndarray, side: int = 96) -> np.ndarray:
 
 def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence[np.ndarray], *,
                     bundle_cutoff: float | None = None, finding_names: Sequence[str] | None = None,
-                    image_notes: Sequence[str] | None = None, scorer: str = "score", n_points: int = 19,
+                    image_notes: Sequence[str] | None = None, scorer: str = "OOD score", n_points: int = 19,
                     min_retained: float = 0.1, n_bootstrap: int = 200, n_examples: int = 4,
                     seed: int = 0) -> CutoffExplorer:
     """An OOD-cutoff slider (notebook 03): the retained fraction, the macro AUC of the kept images with its

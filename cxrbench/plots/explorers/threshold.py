@@ -88,7 +88,8 @@ class ThresholdExplorer(Explorer):
         self._busy = True
         try:
             self.slider.min, self.slider.max = 0.0, 1.0  # widen first, so no bound ever crosses the other
-            self.slider.step = max((high - low) / 500, 1e-4)
+            self.slider.step = max(min(0.001, (high - low) / 200), 1e-5)
+            self.slider.readout_format = ".3f" if self.slider.step >= 0.001 else ".4f"
             self.slider.min, self.slider.max = low, high
             self.slider.value = float(start)
         finally:
@@ -104,13 +105,24 @@ class ThresholdExplorer(Explorer):
         if self._busy:
             return
         j, y, s = self._column
-        t = float(self.slider.value)
+        t = self._snapped(float(self.slider.value))
         op = self._fixed["operating_point"]
         values: dict[str, Any] = rates_at(y, s, t, self.finding.value)
         values["calibrated"] = float(calibrate(np.array([t]), [op])[0]) if np.isfinite(op) else math.nan
         self.values = {**values, **self._fixed}
         self._move_markers()
         self._show(self._numbers_html(y))
+
+    def _snapped(self, t: float) -> float:
+        """``t``, or the operating point / Youden threshold when ``t`` is within half a slider step of it.
+
+        A browser's slider snaps every value to its grid of steps and sends the snapped value back, so a
+        threshold set exactly (the start, the buttons) would come back a hair off; a hair above the Youden
+        threshold (a score) already drops that image from the positives."""
+        for key in (self._fixed["operating_point"], self._fixed["youden_threshold"]):
+            if np.isfinite(key) and abs(t - key) <= 0.51 * float(self.slider.step):
+                return float(key)
+        return t
 
     def _draw_curves(self, y: np.ndarray, s: np.ndarray) -> None:
         """The three panels' fixed parts: ROC with its Youden and operating points, the confusion matrix, f_opt."""
@@ -180,7 +192,7 @@ class ThresholdExplorer(Explorer):
 
     def state_line(self) -> str:
         """The finding and threshold shown, for the static snapshot."""
-        return f"finding {self.finding.value}, threshold {self.slider.value:.3f} (raw probability)"
+        return f"finding {self.finding.value}, threshold {self.values['threshold']:.3f} (raw probability)"
 
 
 def _fmt(x: float) -> str:

@@ -80,7 +80,7 @@ class Explorer(w.VBox):
                 f"<br><small>{html.escape(self.state_line())}</small></p>"
                 "<div style='display:flex;align-items:flex-start;gap:12px;flex-wrap:wrap'>"
                 f"<img src='data:image/png;base64,{png}' alt='{html.escape(self.title)}'>"
-                f"<div style='max-width:{self.numbers.layout.width}'>{self.numbers.value}</div></div>"
+                f"<div style='flex:1 1 {self.numbers.layout.width};max-width:900px'>{self.numbers.value}</div></div>"
                 f"<p><small><i>{note}</i></small></p></div>")
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:

@@ -126,7 +126,8 @@ class CutoffExplorer(Explorer):
 
     def state_line(self) -> str:
         """The cutoff shown, for the static snapshot."""
-        return f"cutoff {self.values['cutoff']:.4g} ({self._scorer} score; above it an image is rejected)"
+        what = self._scorer if "score" in self._scorer else f"{self._scorer} score"
+        return f"cutoff {self.values['cutoff']:.4g} ({what}; above it an image is rejected)"
 
 
 def _auc(auc: Any, row: Any) -> str:

@@ -129,6 +129,20 @@ def test_cutoff_explorer_keeps_what_the_cutoff_says_and_shows_the_auc_of_it():
     assert "none rejected" not in ex.numbers.value and _png(ex.picture.value)
 
 
+def test_cutoff_explorer_reuses_a_sweep_of_the_same_scores_and_refuses_another():
+    from cxrbench.ood.tradeoff import tradeoff_sweep
+
+    rng = np.random.default_rng(1)
+    score, y = rng.random(60), (rng.random(60) < 0.4).astype(int)
+    p = np.clip(0.3 * y + 0.7 * rng.random(60), 0, 1)
+    sweep = tradeoff_sweep(score, y, p, bundle_cutoff=0.5, n_points=5, n_bootstrap=10)
+    ex = cutoff_explorer(score, y, p, [np.zeros((8, 8))] * 60, table=sweep, n_examples=1)
+    marked = sweep.loc[sweep["bundle_cutoff"], "auc_macro"].item()
+    assert ex.values["cutoff"] == 0.5 and ex.values["auc_macro"] == marked
+    with pytest.raises(ValueError, match="table does not belong to these scores"):
+        cutoff_explorer(score[::-1] * 0.5, y, p, [np.zeros((8, 8))] * 60, table=sweep)
+
+
 def test_cutoff_explorer_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="2 images for 3 OOD scores"):
         cutoff_explorer([0.1, 0.2, 0.3], [0, 1, 0], [0.2, 0.8, 0.1], [np.zeros((4, 4))] * 2)

@@ -150,11 +150,24 @@ def _thumbnail(image: np.ndarray, side: int = 96) -> np.ndarray:
     return resize(image, (side, side), anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
+def _check_table(table: pd.DataFrame, scores: np.ndarray) -> None:
+    """ValueError unless ``table`` is a trade-off sweep whose every row keeps what its cutoff keeps of ``scores``."""
+    missing = {"cutoff", "n_retained", "retained_fraction", "auc_macro", "bundle_cutoff"} - set(table.columns)
+    if missing:
+        raise ValueError(f"table lacks the columns {sorted(missing)} of a tradeoff_sweep table")
+    kept = np.array([(scores <= c).sum() for c in table["cutoff"]])
+    wrong = np.flatnonzero(kept != table["n_retained"].to_numpy())
+    if wrong.size:
+        k = int(wrong[0])
+        raise ValueError(f"table does not belong to these scores: its cutoff {table['cutoff'].iloc[k]:.4g} keeps "
+                         f"{int(table['n_retained'].iloc[k])} images, of these scores it keeps {int(kept[k])}")
+
+
 def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence[np.ndarray], *,
                     bundle_cutoff: float | None = None, finding_names: Sequence[str] | None = None,
                     image_notes: Sequence[str] | None = None, scorer: str = "OOD score", n_points: int = 19,
                     min_retained: float = 0.1, n_bootstrap: int = 200, n_examples: int = 4,
-                    seed: int = 0) -> CutoffExplorer:
+                    seed: int = 0, table: pd.DataFrame | None = None) -> CutoffExplorer:
     """An OOD-cutoff slider (notebook 03): the retained fraction, the macro AUC of the kept images with its
     bootstrap CI, and the ``n_examples`` images nearest the cutoff on each side.
 
@@ -173,6 +186,10 @@ def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence
     n_points, min_retained, n_bootstrap, seed
         The slider's stops and the CI, as :func:`cxrbench.ood.tradeoff.tradeoff_sweep` (whose table the numbers
         are): cutoffs at the score quantiles that keep ``min_retained`` .. 100 % of the images.
+    table
+        That sweep, already computed for these same scores (e.g. the ``sweep`` of
+        :func:`~cxrbench.ood.tradeoff.rotation_tradeoff`), instead of computing it again; ValueError when a row's
+        ``n_retained`` is not what its cutoff keeps of ``ood_scores``.
     """
     scores = np.asarray(ood_scores, dtype=float).ravel()
     if len(images) != scores.size:
@@ -183,9 +200,12 @@ def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence
         raise ValueError("ood_scores contains NaN or inf; score every image first (or drop the unreadable ones)")
     if n_examples < 1:
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
-    table = tradeoff_sweep(scores, np.asarray(y_true), np.asarray(y_score), bundle_cutoff=bundle_cutoff,
-                           finding_names=finding_names, n_points=n_points, min_retained=min_retained,
-                           n_bootstrap=n_bootstrap, seed=seed)
+    if table is None:
+        table = tradeoff_sweep(scores, np.asarray(y_true), np.asarray(y_score), bundle_cutoff=bundle_cutoff,
+                               finding_names=finding_names, n_points=n_points, min_retained=min_retained,
+                               n_bootstrap=n_bootstrap, seed=seed)
+    else:
+        _check_table(table, scores)
     return CutoffExplorer(scores, [_thumbnail(im) for im in images], table, notes=image_notes,
                           n_examples=n_examples, scorer=scorer)
 

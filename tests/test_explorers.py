@@ -140,7 +140,37 @@ def test_cutoff_explorer_reuses_a_sweep_of_the_same_scores_and_refuses_another()
     marked = sweep.loc[sweep["bundle_cutoff"], "auc_macro"].item()
     assert ex.values["cutoff"] == 0.5 and ex.values["auc_macro"] == marked
     with pytest.raises(ValueError, match="table does not belong to these scores"):
-        cutoff_explorer(score[::-1] * 0.5, y, p, [np.zeros((8, 8))] * 60, table=sweep)
+        cutoff_explorer(score[::-1] * 0.5, None, None, [np.zeros((8, 8))] * 60, table=sweep)
+    with pytest.raises(ValueError, match=r"give the labels and the classifier's scores \(y_true, y_score\)"):
+        cutoff_explorer(score, None, None, [np.zeros((8, 8))] * 60)
+
+
+def test_rotation_explorer_over_bundles_shows_the_numbers_of_rotation_tradeoff(tmp_path, pipeline):
+    from cxrbench.data import load_manifest
+    from cxrbench.data.synthetic import make_phantom, write_phantom_set
+    from cxrbench.ood.tradeoff import rotation_tradeoff
+    from cxrbench.ood.untrained import untrained_ood_bundle
+    from cxrbench.plots.explorers import rotation_cutoff_explorer
+
+    manifest = load_manifest(write_phantom_set(tmp_path / "ph", 12, size=64, seed=2,
+                                               prevalence={"Mass": 0.5, "Effusion": 0.5}))
+    images = [make_phantom(64, seed=s).image for s in range(6)]
+    ood = _load_ood(untrained_ood_bundle(tmp_path / "ood", latent_dim=8, base_channels=4, images=images))
+    clf = pipeline.classifier
+    _, sweep = rotation_tradeoff(clf, ood, manifest, [0, 90], n_points=5, n_bootstrap=10)
+    fresh = rotation_cutoff_explorer(clf, ood, manifest, [0, 90], n_points=5, n_bootstrap=10)
+    reused = rotation_cutoff_explorer(clf, ood, manifest, [0, 90], table=sweep)  # no classifier pass again
+    assert reused.table[fresh.table.columns].equals(fresh.table) and len(fresh._scores) == 24
+    for ex in (fresh, reused):
+        ex.slider.value = 0
+        assert ex.values["n_retained"] == int(sweep["n_retained"].min())
+        assert "1 - SSIM score" in ex.numbers.value and set(ex._notes) == {"rotated 0°", "rotated 90°"}
+
+
+def _load_ood(path):
+    from cxrbench.models.bundle import load_bundle
+
+    return load_bundle(path, kind="ood")
 
 
 def test_cutoff_explorer_refuses_mismatched_inputs():

@@ -104,12 +104,13 @@ class CutoffExplorer(Explorer):
                 image.set_visible(True)
                 text.set_text("")
                 note = self._notes[i] if self._notes is not None else ""
-                ax.set_title(f"{self._scorer} {self._scores[i]:.3f}\n{note}", fontsize=7)
+                ax.set_title(f"{_score_name(self._scorer).removesuffix(' score')} {self._scores[i]:.3f}\n{note}",
+                             fontsize=7)
 
     def _numbers_html(self) -> str:
         v, n = self.values, len(self._scores)
         full = self.table.iloc[int(np.argmax(self.table["retained_fraction"].to_numpy()))]
-        what = self._scorer if "score" in self._scorer else f"{self._scorer} score"
+        what = _score_name(self._scorer)
         rows = [f"cutoff <b>{v['cutoff']:.4g}</b>: an image whose {html.escape(what)} is above it is rejected "
                 "as out of distribution",
                 f"kept <b>{v['n_retained']}</b> of {n} images (<b>{v['retained_fraction']:.1%}</b>), "
@@ -126,8 +127,15 @@ class CutoffExplorer(Explorer):
 
     def state_line(self) -> str:
         """The cutoff shown, for the static snapshot."""
-        what = self._scorer if "score" in self._scorer else f"{self._scorer} score"
+        what = _score_name(self._scorer)
         return f"cutoff {self.values['cutoff']:.4g} ({what}; above it an image is rejected)"
+
+
+def _score_name(scorer: str) -> str:
+    """``"1 - SSIM score"`` for the ``ssim`` scorer, ``"l1 score"`` ..., a name with "score" in it as it is."""
+    if "score" in scorer:
+        return scorer
+    return ("1 - SSIM" if scorer == "ssim" else scorer) + " score"
 
 
 def _auc(auc: Any, row: Any) -> str:
@@ -163,7 +171,7 @@ def _check_table(table: pd.DataFrame, scores: np.ndarray) -> None:
                          f"{int(table['n_retained'].iloc[k])} images, of these scores it keeps {int(kept[k])}")
 
 
-def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence[np.ndarray], *,
+def cutoff_explorer(ood_scores: Any, y_true: Any | None, y_score: Any | None, images: Sequence[np.ndarray], *,
                     bundle_cutoff: float | None = None, finding_names: Sequence[str] | None = None,
                     image_notes: Sequence[str] | None = None, scorer: str = "OOD score", n_points: int = 19,
                     min_retained: float = 0.1, n_bootstrap: int = 200, n_examples: int = 4,
@@ -176,7 +184,7 @@ def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence
     ood_scores
         ``(N,)`` OOD scores, higher = more out of distribution; an image is kept when its score <= cutoff.
     y_true, y_score
-        ``(N, F)`` (or ``(N,)``) 0/1 labels and the classifier's scores of the same images.
+        ``(N, F)`` (or ``(N,)``) 0/1 labels and the classifier's scores of the same images (None with ``table``).
     images
         ``N`` ``(H, W)`` [0, 1] images (kept as small thumbnails).
     bundle_cutoff
@@ -201,6 +209,8 @@ def cutoff_explorer(ood_scores: Any, y_true: Any, y_score: Any, images: Sequence
     if n_examples < 1:
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     if table is None:
+        if y_true is None or y_score is None:
+            raise ValueError("give the labels and the classifier's scores (y_true, y_score), or a precomputed table")
         table = tradeoff_sweep(scores, np.asarray(y_true), np.asarray(y_score), bundle_cutoff=bundle_cutoff,
                                finding_names=finding_names, n_points=n_points, min_retained=min_retained,
                                n_bootstrap=n_bootstrap, seed=seed)
@@ -215,7 +225,9 @@ def rotation_cutoff_explorer(classifier: Bundle, ood: Bundle, manifest: pd.DataF
     """:func:`cutoff_explorer` over the pool of ``manifest``'s labelled images rotated by each of ``angles`` (the
     pool of :func:`cxrbench.ood.tradeoff.rotation_tradeoff`): the OOD bundle's scores, the classifier's raw
     probabilities of its labels that are columns of ``manifest``, each thumbnail noted with its rotation.
-    ``options`` go to :func:`cutoff_explorer` (``n_bootstrap``, ``n_points``, ``n_examples`` ...)."""
+    ``options`` go to :func:`cutoff_explorer` (``n_bootstrap``, ``n_points``, ``n_examples`` ...); with
+    ``table=`` (the ``sweep`` of :func:`~cxrbench.ood.tradeoff.rotation_tradeoff` on the same images and angles)
+    the classifier does not run again: only the gate scores the pool, to place the example images."""
     findings = [f for f in classifier.labels if f in manifest.columns]
     if not findings:
         raise ValueError(f"the classifier's labels {classifier.labels} share none with the manifest's columns "
@@ -228,12 +240,13 @@ def rotation_cutoff_explorer(classifier: Bundle, ood: Bundle, manifest: pd.DataF
     for angle in angles:
         rotated = rotate_images(base, angle)
         pooled["score"].append(score_images(cast(OODModel, ood.model), rotated, preprocess=ood.preprocess)[scorer])
-        pooled["p"].append(classifier_probabilities(classifier, rotated)[:, columns])
-        pooled["y"].append(y)
+        if options.get("table") is None:  # a given sweep already holds what the classifier's outputs give
+            pooled["p"].append(classifier_probabilities(classifier, rotated)[:, columns])
+            pooled["y"].append(y)
         pooled["thumb"] += [_thumbnail(im) for im in rotated]
         pooled["note"] += [f"rotated {angle:g}°"] * len(rotated)
     options.setdefault("bundle_cutoff", ood.card.ood["cutoff"]["threshold"])
     options.setdefault("scorer", scorer)
-    return cutoff_explorer(np.concatenate(pooled["score"]), np.concatenate(pooled["y"]),
-                           np.concatenate(pooled["p"]), pooled["thumb"], finding_names=findings,
-                           image_notes=pooled["note"], **options)
+    labels, probabilities = (np.concatenate(pooled[k]) if pooled[k] else None for k in ("y", "p"))
+    return cutoff_explorer(np.concatenate(pooled["score"]), labels, probabilities, pooled["thumb"],
+                           finding_names=findings, image_notes=pooled["note"], **options)

@@ -155,8 +155,9 @@ def export_html(notebook: str | os.PathLike, out_dir: str | os.PathLike | None =
     """Export an executed notebook to ``<out_dir>/<name>.html`` (lab template) that renders offline.
 
     The local MathJax (``mathjax``: a ``tex-svg-full.js``; default :func:`install_mathjax`) is copied to
-    ``<out_dir>/mathjax/``. Raises ``FileNotFoundError`` for a missing notebook and ``RuntimeError`` when the
-    page would still load a script from outside.
+    ``<out_dir>/mathjax/``. Saved widget state is dropped: widgets show their static form (their ``text/html``).
+    Raises ``FileNotFoundError`` for a missing notebook and ``RuntimeError`` when the page would still load a
+    script from outside.
     """
     import nbformat
     from nbconvert import HTMLExporter
@@ -169,7 +170,11 @@ def export_html(notebook: str | os.PathLike, out_dir: str | os.PathLike | None =
     (out / "mathjax").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(local, out / "mathjax" / MATHJAX_FILE)
     exporter = HTMLExporter(template_name="lab", mathjax_url=f"mathjax/{MATHJAX_FILE}")
-    page, _ = exporter.from_notebook_node(nbformat.read(src, as_version=4))
+    nb = nbformat.read(src, as_version=4)
+    # without a kernel a widget cannot move: drop the saved widget state (whose renderer nbconvert loads from a
+    # CDN), so each widget output shows its static form (text/html, e.g. an explorer's snapshot) instead
+    nb.metadata.pop("widgets", None)
+    page, _ = exporter.from_notebook_node(nb)
     tag = f'<script src="mathjax/{MATHJAX_FILE}">'
     if tag not in page:
         raise RuntimeError(f"{src}: the HTML template did not load MathJax from {tag!r}; nbconvert changed?")

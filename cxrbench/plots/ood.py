@@ -119,6 +119,7 @@ def tradeoff_figure(table: pd.DataFrame, *, title: str = "", ax: Axes | None = N
     """Retained fraction vs macro AUC of the retained images, bootstrap CI band, bundle cutoff starred (Fig. 6)."""
     import matplotlib.pyplot as plt
 
+    own = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.6))
     t = table.sort_values("retained_fraction")
@@ -135,5 +136,6 @@ def tradeoff_figure(table: pd.DataFrame, *, title: str = "", ax: Axes | None = N
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig = cast("Figure", ax.figure)
-    fig.tight_layout()
+    if own:  # a figure given with ``ax`` keeps its own layout
+        fig.tight_layout()
     return fig

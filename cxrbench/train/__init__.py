@@ -13,6 +13,7 @@ from cxrbench.train.shared import (
                                     SharedBundleError,
                                     bundle_or_shared,
                                     prepare_shared_bundles,
+                                    run_or_shared,
                                     shared_bundle,
                                     shared_bundle_key,
 )
@@ -21,5 +22,5 @@ from cxrbench.train.unet import UNetConfig, UNetTrainResult, train_unet
 __all__ = ["SHARED_BUNDLES", "CheckpointError", "ClassifierConfig", "Family", "LoopResult", "LoopSettings",
            "OODConfig", "OODTrainResult", "RunFolderError", "SharedBundleError", "TrainResult", "TrainingParts",
            "UNetConfig", "UNetTrainResult", "bundle_or_shared", "ensure_run", "estimate_training_seconds",
-           "prepare_run_folder", "prepare_shared_bundles", "run_training", "shared_bundle", "shared_bundle_key",
-           "train_classifier", "train_ood", "train_unet"]
+           "prepare_run_folder", "prepare_shared_bundles", "run_or_shared", "run_training", "shared_bundle",
+           "shared_bundle_key", "train_classifier", "train_ood", "train_unet"]

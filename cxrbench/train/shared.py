@@ -29,7 +29,7 @@ from cxrbench.train.ood import OODConfig
 from cxrbench.train.unet import UNetConfig
 
 __all__ = ["SHARED_BUNDLES", "SharedBundleError", "SharedSpec", "bundle_or_shared", "prepare_shared_bundles",
-           "shared_bundle", "shared_bundle_key", "shared_bundles_dir"]
+           "run_or_shared", "shared_bundle", "shared_bundle_key", "shared_bundles_dir"]
 
 ENTRY_FILE = "entry.json"
 PHANTOM_PREVALENCE = {"Mass": 0.4, "Effusion": 0.4, "Cardiomegaly": 0.3, "Pneumothorax": 0.3}
@@ -250,6 +250,17 @@ def shared_bundle(name: str, data: Any = None, *, settings: dict[str, Any] | Non
 def bundle_or_shared(bundle: str | os.PathLike | None, name: str, data: Any = None, **kwargs: Any) -> Path:
     """``bundle`` when given (a folder the user named; used as it is), else :func:`shared_bundle` ``(name, data)``."""
     return Path(bundle) if bundle else shared_bundle(name, data, **kwargs)
+
+
+def run_or_shared(run_dir: str | os.PathLike | None, name: str, config: RunConfig, *, data: Any = None,
+                  train_if_missing: bool = False, progress: bool = True) -> Path:
+    """The bundle folder of the run in ``run_dir`` when given (:func:`~cxrbench.train.ensure.ensure_run`: it trains
+    there only when ``train_if_missing`` asks), else of the shared entry ``name`` (``config`` is then unused)."""
+    from cxrbench.train.ensure import ensure_run
+
+    if run_dir:
+        return ensure_run(run_dir, config, data=data, train_if_missing=train_if_missing, progress=progress)
+    return shared_bundle(name, data, progress=progress)
 
 
 def prepare_shared_bundles(names: list[str] | None = None, data: Any = None, *,

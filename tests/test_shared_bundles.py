@@ -83,3 +83,19 @@ def test_the_classifier_key_follows_the_data(nih_dir, tmp_path):
     (tmp_path / "nih").mkdir()
     (tmp_path / "nih" / "manifest.csv").write_text((nih_dir / "manifest.csv").read_text())
     assert shared_bundle_key("nih-classifier") != shared_bundle_key("nih-classifier", tmp_path)
+
+
+def test_the_cli_prepares_once_and_lists_the_entries(tmp_path, monkeypatch, fake_training, capsys):
+    from cxrbench.cli.main import main
+
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path))
+    assert main(["bundles", "prepare", "phantom-classifier", "--json", str(tmp_path / "warm.json")]) == 0
+    assert main(["bundles", "prepare", "phantom-classifier", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert len(fake_training) == 1 and out.count("1 shared bundles ready in") == 2
+    assert json.loads((tmp_path / "warm.json").read_text())["bundles"][0]["name"] == "phantom-classifier"
+    assert main(["bundles", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "phantom-classifier   ready" in listed and "lung-unet" in listed and str(tmp_path / "bundles") in listed
+    assert main(["bundles", "prepare", "nih-clasifier"]) == 1
+    assert "no shared bundle named 'nih-clasifier'" in capsys.readouterr().err

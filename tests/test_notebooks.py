@@ -26,7 +26,7 @@ SMALL_PARAMETERS: dict[str, dict] = {
     # the shared bundles (small settings, below); enough phantoms that the phantom model detects effusion
     "04_saliency_comparison.ipynb": {"classifier_bundle": "@bundle:nih-classifier", "unet_bundle": "@bundle:lung-unet",
                                      "phantom_bundle": "@bundle:phantom-classifier", "n_images": 3, "ig_steps": 4,
-                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_test_images": 6},
+                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_test_images": 12},
     "03_ood_cutoff_tradeoff.ipynb": {"run_dir": "@run:ood-autoencoder", "classifier_bundle": "@bundle:nih-classifier",
                                      "n_digits": 100, "angles": [0, 45, 90], "n_bootstrap": 20},
 }

@@ -28,8 +28,8 @@ from cxrbench.train.common import RunConfig
 from cxrbench.train.ood import OODConfig
 from cxrbench.train.unet import UNetConfig
 
-__all__ = ["SHARED_BUNDLES", "SharedBundleError", "SharedSpec", "bundle_or_shared", "prepare_shared_bundles",
-           "run_or_shared", "shared_bundle", "shared_bundle_key", "shared_bundles_dir"]
+__all__ = ["ENTRY_FILE", "SHARED_BUNDLES", "SharedBundleError", "SharedSpec", "bundle_or_shared",
+           "prepare_shared_bundles", "run_or_shared", "shared_bundle", "shared_bundle_key", "shared_bundles_dir"]
 
 ENTRY_FILE = "entry.json"
 PHANTOM_PREVALENCE = {"Mass": 0.4, "Effusion": 0.4, "Cardiomegaly": 0.3, "Pneumothorax": 0.3}

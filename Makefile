@@ -11,13 +11,14 @@ PORT ?= 8866
 # under CI (CI=true, as CI services and .ci/run set it) a missing prerequisite is an error, never a skip
 CI_STRICT := $(filter true True TRUE 1 yes,$(CI))
 
-.PHONY: venv browser lint test test-fast demo demo-prepare data-tour notebooks-html benchmarks clean help
+.PHONY: venv browser lint test test-fast demo demo-prepare bundles data-tour notebooks-html benchmarks clean help
 
 help:
 	@echo "make lint        ruff (cxrbench, tests, benchmarks) and mypy (the package), configured in pyproject.toml"
 	@echo "make test        create/refresh .venv, make lint, then run the whole test suite"
 	@echo "make demo        create/refresh .venv, train the demo bundles once, serve the dashboard on 127.0.0.1:$(PORT)"
 	@echo "make data-tour   execute notebooks/00_data_tour.ipynb into build/ (+ HTML)"
+	@echo "make bundles     train (once) the shared small bundles the notebooks reuse (cxrbench bundles prepare)"
 	@echo "make notebooks-html  execute every notebook into build/notebooks/ and export HTML that renders offline"
 	@echo "                 (NB_PARAMS=file.json: papermill parameters per notebook; NB_ONLY=\"02 04\": a subset)"
 	@echo "make benchmarks  speed and memory tables under build/benchmarks/"
@@ -61,6 +62,9 @@ demo: venv
 demo-prepare: venv
 	$(VENV)/bin/cxrbench demo prepare
 
+bundles: venv
+	$(VENV)/bin/cxrbench bundles prepare
+
 data-tour: venv
 	@mkdir -p $(BUILD)
 	$(VENV)/bin/papermill --log-level WARNING notebooks/00_data_tour.ipynb $(BUILD)/00_data_tour.ipynb
@@ -69,8 +73,8 @@ data-tour: venv
 	@echo "executed notebook: $(abspath $(BUILD)/00_data_tour.ipynb)"
 	@echo "HTML:              $(abspath $(BUILD)/00_data_tour.html)"
 
-# Every notebook at its defaults (or NB_PARAMS, a JSON file: notebook name -> parameters), executed into
-# build/notebooks/ and exported to HTML with a local MathJax (npm, once) and plotly.js embedded: it renders offline.
+# The shared bundles first (trained once into $CXRBENCH_CACHE/bundles, then reused), then every notebook at its
+# defaults (or NB_PARAMS, a JSON file: notebook name -> parameters), executed into build/notebooks/ and exported to HTML with a local MathJax (npm, once) and plotly.js embedded: it renders offline.
 NB_PARAMS ?=
 NB_ONLY ?=
 notebooks-html: venv

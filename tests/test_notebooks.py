@@ -14,28 +14,69 @@ SMALL_PARAMETERS: dict[str, dict] = {
     "00_data_tour.ipynb": {"image_size": 96, "images_per_finding": 2, "findings_to_show": 3, "n_phantoms": 4},
     "01_train_classifier.ipynb": {"image_size": 48, "epochs": 2, "max_steps_per_epoch": 3, "bootstrap": 50,
                                   "out_dir": "{tmp}/run01"},
-    "02_roc_operating_points.ipynb": {"run_dir": "{tmp}/run02", "train_if_missing": True, "image_size": 48,
-                                      "epochs": 1, "max_steps_per_epoch": 3},
+    "02_roc_operating_points.ipynb": {"run_dir": "@run:nih-classifier"},
     "07_export_and_parity.ipynb": {"out_dir": "{tmp}/nb07", "image_size": 64, "n_parity_images": 3, "latency_repeat": 1,
                                    "latency_batches": [1, 4], "write_web_app": False},
-    # the Voila app: under papermill it must run and show a widget (driven in a browser by test_dashboard_browser.py)
-    "05_dashboard.ipynb": {"demo_info": "{tmp}/absent.json"},
+    # the Voila app with the shared bundles: under papermill it must build the Dashboard and show its widget
+    # (test_notebook_05_builds_a_real_dashboard reads its values; test_dashboard_browser.py drives it in a browser)
+    "05_dashboard.ipynb": {"classifier_bundle": "@bundle:nih-classifier", "ood_bundle": "@bundle:ood-autoencoder",
+                           "unet_bundle": "@bundle:lung-unet", "demo_info": "{tmp}/absent.json"},
     "06_hybrid_features.ipynb": {"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
                                  "mlp_max_epochs": 20},
-    # full (small) epochs and enough phantoms that the phantom model detects effusion, so IG can beat random
-    "04_saliency_comparison.ipynb": {"work_dir": "{tmp}/run04", "image_size": 48, "epochs": 1,
-                                     "max_steps_per_epoch": 0, "unet_size": 32, "unet_epochs": 1, "n_images": 3,
-                                     "ig_steps": 4, "smoothgrad_samples": 3, "curve_steps": 3, "phantom_size": 48,
-                                     "phantom_count": 120, "phantom_epochs": 4, "phantom_test_images": 6},
-    "03_ood_cutoff_tradeoff.ipynb": {"epochs": 2, "max_steps": 2, "out_dir": "{tmp}/run03", "n_digits": 100,
-                                     "angles": [0, 45, 90], "n_bootstrap": 20},
+    # the shared bundles (small settings, below); enough phantoms that the phantom model detects effusion
+    "04_saliency_comparison.ipynb": {"classifier_bundle": "@bundle:nih-classifier", "unet_bundle": "@bundle:lung-unet",
+                                     "phantom_bundle": "@bundle:phantom-classifier",
+                                     "autoencoder_bundle": "@bundle:phantom-autoencoder", "n_images": 3, "ig_steps": 4,
+                                     "smoothgrad_samples": 3, "curve_steps": 3, "phantom_test_images": 12},
+    "03_ood_cutoff_tradeoff.ipynb": {"run_dir": "@run:ood-autoencoder", "classifier_bundle": "@bundle:nih-classifier",
+                                     "n_digits": 100, "angles": [0, 45, 90], "n_bootstrap": 20},
 }
+
+#: The shared bundles the notebook tests use ("@bundle:NAME" / "@run:NAME" above): the notebooks' default entries
+#: (:data:`cxrbench.train.SHARED_BUNDLES`) with small settings, trained once per test session into its cache.
+SMALL_BUNDLES: dict[str, dict] = {
+    "nih-classifier": {"image_size": 48, "epochs": 1, "max_steps_per_epoch": 3, "eval_bootstrap": 50},
+    "ood-autoencoder": {"epochs": 2, "max_steps_per_epoch": 2},
+    "lung-unet": {"image_size": 32, "epochs": 1},
+    "phantom-classifier": {"image_size": 48, "n_images": 120, "epochs": 4},
+    "phantom-autoencoder": {"n_images": 120, "epochs": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def small_bundles():
+    """``name -> bundle folder`` of the small shared bundles, each trained the first time it is asked for."""
+    from cxrbench.train import shared_bundle
+
+    class Bundles(dict):
+        def __missing__(self, name):
+            settings = dict(SMALL_BUNDLES[name])
+            if name == "phantom-autoencoder":  # made like the small phantom classifier, not the default one
+                settings["like"] = str(self["phantom-classifier"])
+            self[name] = shared_bundle(name, settings=settings, progress=False)
+            return self[name]
+
+    return Bundles()
+
+
+def _parameters(name: str, tmp_path: Path, bundles) -> dict:
+    """The small parameters of ``name`` with "{tmp}", "@bundle:NAME" and "@run:NAME" filled in."""
+    def fill(v):
+        if not isinstance(v, str):
+            return v
+        if v.startswith("@bundle:"):
+            return str(bundles[v.removeprefix("@bundle:")])
+        if v.startswith("@run:"):
+            return str(bundles[v.removeprefix("@run:")].parent)
+        return v.format(tmp=tmp_path)
+
+    return {k: fill(v) for k, v in SMALL_PARAMETERS[name].items()}
+
 
 #: Notebooks run (with the parameters above and more checks) by their own test module.
 DEDICATED = {"06_hybrid_features.ipynb": "tests/test_hybrid.py"}
 
-#: Seconds for notebooks that train enough to check a number (04: its phantom model must detect a finding);
-#: 04 took 7.5 min under papermill on the loaded 2-core machine.
+#: Seconds for notebooks whose fixtures train enough to check a number (04: its phantom model must detect a finding)
 LONGER = {"04_saliency_comparison.ipynb": 1200}
 
 #: Notebooks whose output is an app (widgets), not figures.
@@ -164,12 +205,12 @@ def test_notebooks_are_committed_without_outputs():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.timeout(LONGER[n])) if n in LONGER else n
                                   for n in sorted(set(SMALL_PARAMETERS) - set(DEDICATED))])
-def test_notebook_runs_under_papermill(name, tmp_path):
+def test_notebook_runs_under_papermill(name, tmp_path, small_bundles):
     import nbformat
     import papermill as pm
 
     out = tmp_path / name
-    params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in SMALL_PARAMETERS[name].items()}
+    params = _parameters(name, tmp_path, small_bundles)
     pm.execute_notebook(str(NOTEBOOKS / name), str(out), parameters=params, cwd=str(NOTEBOOKS.parent),
                         kernel_name="python3", progress_bar=False)
     nb = nbformat.read(out, as_version=4)
@@ -207,3 +248,51 @@ def test_notebook_02_with_a_mistyped_run_dir_stops_in_its_first_cell_and_creates
             and "injected-parameters" not in c.metadata.get("tags", [])]
     failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     assert failed == [0]  # the first code cell after the parameters
+
+
+def _widget_state_text(nb) -> str:
+    """Every widget's saved state in an executed notebook (papermill stores it in the notebook's metadata)."""
+    return json.dumps(nb.metadata.get("widgets", {}))
+
+
+def _check_05(results: dict, nb) -> None:
+    """The dashboard was built from the bundles given (its upload button is there), not the no-bundles message."""
+    state = _widget_state_text(nb)
+    assert "No model bundles yet" not in state and "Upload X-ray" in state, state[:500]
+
+
+CHECKS["05_dashboard.ipynb"] = _check_05
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_notebook_05_builds_a_real_dashboard_that_shows_the_pipelines_values(small_bundles, nih_dir):
+    """What notebook 05 runs (``dashboard_from_environment`` with the shared bundles) analyses a real NIH image:
+    the verdict, 14 bars and each bar's value equal what an independent Pipeline reports for that image."""
+    import numpy as np
+    import pandas as pd
+
+    from cxrbench.app.dashboard import Dashboard, dashboard_from_environment
+    from cxrbench.app.verdict import gate_verdict
+    from cxrbench.inference import Pipeline
+    from cxrbench.labels import NIH_FINDINGS
+
+    bundles = {k: str(small_bundles[name]) for k, name in (("classifier", "nih-classifier"),
+                                                           ("ood", "ood-autoencoder"), ("unet", "lung-unet"))}
+    widget = dashboard_from_environment(bundles["classifier"], bundles["ood"], bundles["unet"], "absent.json")
+    assert isinstance(widget, Dashboard), f"no dashboard was built: {getattr(widget, 'value', widget)}"
+    image = str(pd.read_csv(nih_dir / "manifest.csv")["file"].map(lambda f: nih_dir / f).iloc[-1])
+    widget.override.value = True  # a briefly trained gate may turn the image away: show the bars anyway
+    report = widget.analyze_path(image)
+    expected = Pipeline.from_paths(bundles["classifier"], ood=bundles["ood"], unet=bundles["unet"]).analyze(
+        image, explain=None, allow_ood=True)
+    assert report is not None and report.raw is not None
+    ood_card = widget.pipeline.ood.card.ood
+    assert widget.verdict.value == gate_verdict(expected, ood_card).html()
+    bars = widget.figure.data[0]
+    assert sorted(bars.y) == sorted(NIH_FINDINGS) and len(bars.x) == 14
+    shown = dict(zip(bars.y, bars.x))
+    for finding, value in zip(expected.findings, expected.calibrated):
+        assert shown[finding] == pytest.approx(float(value), abs=1e-5)
+    assert np.all((np.asarray(bars.x) >= 0) & (np.asarray(bars.x) <= 1))
+    assert Path(image).name in widget.timing.value and widget.bars.outputs

@@ -39,7 +39,7 @@ from cxrbench.models.bundle import format_metric
 from cxrbench.plots.app import probability_figure
 
 __all__ = ["CALIBRATION_NOTE", "WEAK_MACRO_AUC", "Dashboard", "colour_bar_html", "dashboard_from_environment",
-           "model_summary", "plotly_output", "png_bytes", "probability_figure"]
+           "model_summary", "plotly_output", "png_bytes", "probability_figure", "shared_demo_info"]
 
 CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operating point (the threshold that "
                     "best separated positives from negatives on the validation split, Chester Eq. 1). "
@@ -461,9 +461,23 @@ def colour_bar_html(cmap: str = "jet", stops: int = 9) -> str:
             "<span>high (the map's maximum)</span></div>")
 
 
+def shared_demo_info(data: str | Path | None = None) -> dict[str, Any]:
+    """The dashboard's bundles from the shared cache (:func:`cxrbench.train.shared.shared_bundle`: the demo
+    classifier and OOD gate and the lung U-Net, each trained once, announced, when missing) and held-out examples."""
+    from cxrbench.app.demo import demo_examples
+    from cxrbench.train.shared import ENTRY_FILE, shared_bundle
+
+    found = {key: shared_bundle(name, data) for key, name in (("classifier", "nih-classifier"),
+                                                             ("ood", "ood-autoencoder"), ("unet", "lung-unet"))}
+    entry = json.loads((found["classifier"].parents[1] / ENTRY_FILE).read_text())
+    examples = demo_examples(Path(entry["data"]), entry["kind"], bundles=(found["classifier"], found["ood"]))
+    return {**{k: str(v) for k, v in found.items()}, "examples": examples}
+
+
 def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = "",
-                               demo_info: str | Path = "", autoencoder: str = "") -> Any:
-    """The dashboard for the bundles named here, else in ``$CXRBENCH_DEMO`` (JSON), else ``build/demo/demo.json``.
+                               demo_info: str | Path = "", autoencoder: str = "", shared: bool = False) -> Any:
+    """The dashboard for the bundles named here, else in ``$CXRBENCH_DEMO`` (JSON), else ``build/demo/demo.json``,
+    else (``shared``) the shared cache's (:func:`shared_demo_info`).
 
     ``autoencoder`` (or the JSON's ``"autoencoder"``): a bundle of ``cxrbench train autoencoder --like`` the
     classifier, for the "Counterfactual (slow)" button. Returns the :class:`Dashboard`'s widget, or an HTML
@@ -480,10 +494,13 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
         path = Path(demo_info) if demo_info else default_demo_info()
         if path.is_file():
             info = json.loads(path.read_text())
+    if not (classifier or info.get("classifier")) and shared:
+        info = shared_demo_info()
     classifier = classifier or info.get("classifier") or ""
     if not classifier:
         return w.HTML("<h3>No model bundles yet</h3><p>Run <code>make demo</code> or "
-                      "<code>cxrbench demo prepare</code> first, or pass a classifier bundle.</p>")
+                      "<code>cxrbench demo prepare</code> first, or pass a classifier bundle (or shared = True: the "
+                      "shared bundles of <code>cxrbench bundles prepare</code>).</p>")
     pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None,
                                    unet=unet or info.get("unet") or None,
                                    autoencoder=autoencoder or info.get("autoencoder") or None)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from cxrbench import __version__
 from cxrbench.cli.app import add_app_commands
+from cxrbench.cli.bundles import add_bundles_commands
 from cxrbench.cli.classifier import add_classifier_commands
 from cxrbench.cli.data import add_data_commands
 from cxrbench.cli.explain import add_explain_commands
@@ -33,7 +34,7 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 #: the command groups, in the order of ``cxrbench --help``
 COMMAND_GROUPS: list[Callable[[Subcommands], None]] = [add_data_commands, add_classifier_commands, add_app_commands,
                                                        add_explain_commands, add_ood_commands, add_export_commands,
-                                                       add_published_commands]
+                                                       add_published_commands, add_bundles_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

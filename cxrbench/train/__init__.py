@@ -10,9 +10,20 @@ from cxrbench.train.family import Family, LoopResult, LoopSettings, TrainingPart
 from cxrbench.train.folder import RunFolderError, prepare_run_folder
 from cxrbench.train.loop import run_training
 from cxrbench.train.ood import OODConfig, OODTrainResult, train_ood
+from cxrbench.train.shared import (
+                                    SHARED_BUNDLES,
+                                    SharedBundleError,
+                                    bundle_or_shared,
+                                    prepare_shared_bundles,
+                                    run_or_shared,
+                                    shared_bundle,
+                                    shared_bundle_key,
+)
 from cxrbench.train.unet import UNetConfig, UNetTrainResult, train_unet
 
-__all__ = ["AutoencoderConfig", "CheckpointError", "ClassifierConfig", "Family", "LoopResult", "LoopSettings",
-           "OODConfig", "OODTrainResult", "RunFolderError", "TrainResult", "TrainingParts", "UNetConfig",
-           "UNetTrainResult", "ensure_run", "estimate_training_seconds", "prepare_run_folder", "run_training",
-           "train_autoencoder", "train_classifier", "train_ood", "train_unet"]
+__all__ = ["SHARED_BUNDLES", "AutoencoderConfig", "CheckpointError", "ClassifierConfig", "Family", "LoopResult",
+           "LoopSettings", "OODConfig", "OODTrainResult", "RunFolderError", "SharedBundleError", "TrainResult",
+           "TrainingParts", "UNetConfig", "UNetTrainResult", "bundle_or_shared", "ensure_run",
+           "estimate_training_seconds", "prepare_run_folder", "prepare_shared_bundles", "run_or_shared",
+           "run_training", "shared_bundle", "shared_bundle_key", "train_autoencoder", "train_classifier", "train_ood",
+           "train_unet"]

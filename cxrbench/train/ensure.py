@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from cxrbench.models.bundle import read_card
+from cxrbench.train.autoencoder import AutoencoderConfig, train_autoencoder
 from cxrbench.train.classifier import ClassifierConfig, train_classifier
 from cxrbench.train.common import RunConfig
 from cxrbench.train.folder import RunFolderError, inspect_run_folder, not_a_run_folder
@@ -27,7 +28,8 @@ from cxrbench.train.unet import UNetConfig, train_unet
 __all__ = ["ensure_run", "estimate_training_seconds"]
 
 #: config class -> (bundle kind, the word for it, the training function, the shared data folder it trains on)
-_FAMILIES: dict[type, tuple[str, str, Callable[..., Any], str]] = {
+_FAMILIES: dict[type, tuple[str, str, Callable[..., Any], str]] = {  # subclasses first (isinstance order)
+    AutoencoderConfig: ("autoencoder", "autoencoder", train_autoencoder, "cxr/nih"),
     ClassifierConfig: ("classifier", "classifier", train_classifier, "cxr/nih"),
     OODConfig: ("ood", "OOD model", train_ood, "cxr/nih"),
     UNetConfig: ("segmentation", "lung U-Net", train_unet, "cxr/masks"),

@@ -1,0 +1,95 @@
+"""The localisation sets of notebook 04: NIH images with expert boxes, and phantoms with known lesions.
+
+:func:`box_localisation_set` runs the :class:`~cxrbench.inference.pipeline.Pipeline` on the first ``n`` images
+of a manifest that carry a box and returns what a method comparison needs (inputs, targets, box masks, lung
+masks, probabilities); :func:`phantom_localisation_tables` compares explanation methods on phantoms of each
+finding (the lesion known pixel by pixel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrbench.data import bounding_boxes
+from cxrbench.explain.metrics import boxes_to_mask, compare_methods, phantom_localisation_set
+from cxrbench.inference.pipeline import Pipeline, Report
+from cxrbench.labels import canonical_finding
+from cxrbench.models.bundle import Bundle
+
+__all__ = ["BoxSet", "box_localisation_set", "phantom_localisation_tables"]
+
+
+@dataclass
+class BoxSet:
+    """Boxed images analysed by one pipeline. ``x``: (N, C, S, S) model inputs; ``targets``: the boxed finding's
+    output index per image; ``regions``: (S, S) bool box masks; ``lungs``: (N, S, S) bool U-Net masks (or
+    ``None`` without a U-Net); ``probs``: (N, K) raw probabilities."""
+
+    rows: pd.DataFrame
+    reports: list[Report]
+    x: torch.Tensor
+    boxes: list[list[tuple[str, float, float, float, float]]]
+    targets: list[int]
+    regions: list[np.ndarray]
+    lungs: np.ndarray | None
+    probs: np.ndarray
+
+    def table(self, labels: Sequence[str]) -> pd.DataFrame:
+        """One row per image: its id, the boxed finding, the model's probability of it, and all its labels."""
+        return pd.DataFrame({"image": self.rows["image_id"], "box": [labels[t] for t in self.targets],
+                             "p(box finding)": [self.probs[i, t] for i, t in enumerate(self.targets)],
+                             "labels": self.rows["finding_labels"]})
+
+
+def box_localisation_set(pipeline: Pipeline, manifest: pd.DataFrame, n_images: int, *,
+                         box_size: int = 256) -> BoxSet:
+    """The first ``n_images`` rows of ``manifest`` with a box (``bbox_256_json``), analysed without explanation.
+
+    The target of each image is its first box's finding, which must be one of the classifier's labels
+    (a ``ValueError`` names the image otherwise). Raises ``ValueError`` when the manifest has no boxed image.
+    """
+    has_box = manifest.get("bbox_256_json", pd.Series("", index=manifest.index)).fillna("").str.len() > 2
+    rows = manifest[has_box].head(n_images).reset_index(drop=True)
+    if rows.empty:
+        raise ValueError("no image of the manifest has an expert box (bbox_256_json): the NIH dev set has 11")
+    labels = list(pipeline.findings)
+    reports = [pipeline.analyze(p, explain=None) for p in rows["path"]]  # probabilities and the U-Net lung mask
+    boxes = [bounding_boxes(r) for _, r in rows.iterrows()]
+    targets = []
+    for (_, row), b in zip(rows.iterrows(), boxes):
+        finding = canonical_finding(b[0][0])
+        if finding not in labels:
+            raise ValueError(f"{row['path']}: its box names {finding!r}, which the classifier has no output for")
+        targets.append(labels.index(finding))
+    size = pipeline.classifier.preprocess.size
+    masks = [r.lung_mask for r in reports if r.lung_mask is not None]
+    lungs = np.stack(masks) if len(masks) == len(reports) else None
+    return BoxSet(rows=rows, reports=reports, x=pipeline.model_inputs([r.image for r in reports]), boxes=boxes,
+                  targets=targets, regions=[boxes_to_mask(b, (size, size), box_size=box_size) for b in boxes],
+                  lungs=lungs, probs=np.stack([np.asarray(r.raw, dtype=float) for r in reports]))
+
+
+def phantom_localisation_tables(bundle: Bundle, findings: Sequence[str], n_images: int, *,
+                                methods: Sequence[str], top_fraction: float = 0.05, curve_steps: int = 10,
+                                explainer_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """:func:`~cxrbench.explain.metrics.compare_methods` on ``n_images`` phantoms showing each finding, at the
+    bundle's input size; one table, with a ``finding`` column. Findings must be outputs of the bundle."""
+    missing = [f for f in findings if f not in bundle.labels]
+    if missing:
+        raise ValueError(f"the phantom classifier has no output for {missing}; it has {list(bundle.labels)}")
+    size, tables = bundle.preprocess.size, []
+    for finding in findings:
+        images, lesions, lungs = phantom_localisation_set(n_images, size=size, finding=finding)
+        xs = torch.from_numpy(np.stack([bundle.preprocess(im) for im in images]))
+        target = [bundle.labels.index(finding)] * len(xs)
+        t = cast(pd.DataFrame, compare_methods(
+            bundle.model, xs, target, list(lesions), methods=methods, lung_masks=lungs, top_fraction=top_fraction,
+            curve_steps=curve_steps, explainer_options=dict(explainer_options or {})))
+        tables.append(t.assign(finding=finding))
+    return pd.concat(tables, ignore_index=True)

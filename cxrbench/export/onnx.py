@@ -5,6 +5,8 @@
     DIR/
         classifier.onnx   x -> logits, probabilities (sigmoid), calibrated (Chester Eq. 1, operating points baked in)
         cam.onnx          x -> the same three outputs + cam: per-finding CAM at input size (forward only)
+        saliency.onnx     x, w -> the same three outputs + saliency: Chester's input-gradient map of sum(w * logits),
+                          forward and backward in one graph, batch 1 (:mod:`cxrbench.export.gradient`)
         ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM),
                           ssim_raw, latent
         export.json       what was exported: files, inputs/outputs, labels, preprocessing, thresholds, cutoff, parity
@@ -17,8 +19,8 @@ PyTorch model takes. The export is written next to ``DIR`` and only moved into p
 check passes: with a maximum absolute logit difference above the tolerance (default 1e-4) it fails
 with :class:`ParityError` and nothing is left behind.
 
-The exporter is the TorchScript-based ``torch.onnx.export(..., dynamo=False)``: the dynamo exporter
-needs ``onnxscript``, which is not a dependency (and is not needed for these static graphs).
+The forward graphs use the TorchScript-based ``torch.onnx.export(..., dynamo=False)``; the saliency graph is
+traced with ``make_fx`` and written by the dynamo exporter (``onnxscript``), see :mod:`cxrbench.export.gradient`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ DEFAULT_OPSET = 17
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "calibrated")
 CAM_OUTPUTS = (*CLASSIFIER_OUTPUTS, "cam")
 OOD_OUTPUTS = ("reconstruction", "latent_mean", "l1", "l2", "ssim", "ssim_raw", "latent")
-GRAPH_FILES = {"classifier": "classifier.onnx", "cam": "cam.onnx", "ood": "ood.onnx"}
+GRAPH_FILES = {"classifier": "classifier.onnx", "cam": "cam.onnx", "ood": "ood.onnx", "saliency": "saliency.onnx"}
 MANIFEST = "export.json"
 
 
@@ -172,14 +174,22 @@ def _card_json(card: ModelCard) -> str:
 def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str], *, graph: str,
                   card: ModelCard, opset: int) -> dict[str, Any]:
     """Trace ``module`` on ``example`` into ``path`` (dynamic batch), add metadata, check it."""
-    import onnx
-
     module.eval()
     with warnings.catch_warnings():  # the legacy exporter's deprecation notice, shape checks seen by the tracer
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
                           output_names=list(outputs), do_constant_folding=True,
                           dynamic_axes={name: {0: "batch"} for name in ("x", *outputs)})
+    return finish_graph(path, ["batch", *example.shape[1:]], outputs, graph=graph, card=card)
+
+
+def finish_graph(path: Path, input_shape: Sequence[Any], outputs: Sequence[str], *, graph: str,
+                 card: ModelCard) -> dict[str, Any]:
+    """Add the card and graph kind to the ``metadata_props`` of the ONNX file at ``path`` and check it.
+
+    Returns the graph's entry of ``export.json``."""
+    import onnx
+
     proto = onnx.load(str(path))
     meta = {"cxrbench_card": _card_json(card), "cxrbench_graph": graph, "cxrbench_version": __version__,
             "cxrbench_outputs": json.dumps(list(outputs))}
@@ -189,7 +199,7 @@ def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs:
     proto.producer_name, proto.doc_string = "cxrbench", f"cxrbench {graph} graph of {card.name or card.builder}"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
-    return {"file": path.name, "input": {"name": "x", "shape": ["batch", *example.shape[1:]]},
+    return {"file": path.name, "input": {"name": "x", "shape": list(input_shape)},
             "outputs": list(outputs), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "bytes": path.stat().st_size}
 
@@ -282,6 +292,10 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
            "calibrated": calibrate(probabilities, _thresholds(classifier.card)),
            "cam": get_explainer("cam", model)(x)}
     rows = []
+    if (export_dir / GRAPH_FILES["saliency"]).is_file():
+        from cxrbench.export.gradient import saliency_parity
+
+        rows += saliency_parity(export_dir / GRAPH_FILES["saliency"], model, x, tolerance=tolerance, threads=threads)
     for graph in ("classifier", "cam"):
         outputs = make_session(export_dir / GRAPH_FILES[graph], threads).run(None, {"x": x.numpy()})
         for name, value in zip(CAM_OUTPUTS, outputs):
@@ -326,7 +340,7 @@ def _atomic_dir(out: Path) -> Path:
 
 def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
                   images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
-                  threads: int | None = None) -> ExportResult:
+                  threads: int | None = None, saliency: bool = True) -> ExportResult:
     """Export a classifier bundle (and an OOD bundle) to ONNX in ``out`` and check parity.
 
     Parameters
@@ -336,6 +350,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
     tolerance : see :func:`parity_check`; the export fails above it.
     opset : ONNX opset (17 or newer).
     threads : ONNX Runtime intra-op threads for the check (None: its default).
+    saliency : also write ``saliency.onnx`` (forward + input gradient; its maps are held to ``tolerance``
+        relative to their maximum). DenseNet-121 at 224 px takes a few minutes to trace and convert.
 
     Raises :class:`ParityError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
     """
@@ -362,6 +378,10 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
             outputs = CAM_OUTPUTS if cam else CLASSIFIER_OUTPUTS
             graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
                                           card=classifier.card, opset=opset)
+        if saliency:
+            from cxrbench.export.gradient import export_saliency_graph
+
+            graphs["saliency"] = export_saliency_graph(classifier, tmp / GRAPH_FILES["saliency"], opset=opset)
         if ood is not None:
             opp = ood.preprocess
             example64 = torch.rand(2, 1, opp.size, opp.size)

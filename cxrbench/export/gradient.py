@@ -1,0 +1,216 @@
+"""The input-gradient (Chester saliency) graph as ONNX: forward and backward w.r.t. the input in one graph.
+
+ONNX has no backward operators, and neither exporter can trace autograd directly with the pinned torch
+2.14.1: ``torch.onnx.export(..., dynamo=True)`` of a module that calls ``torch.func.vjp`` fails in
+``torch.export`` ("attempted to apply meta conversion to view functorch tensor"), and the legacy exporter
+never sees the backward. What works:
+
+1. :func:`torch.fx.experimental.proxy_tensor.make_fx` traces the whole function -- forward, then
+   ``torch.autograd.grad`` -- into a graph of plain ATen operators, with a decomposition table that turns
+   every backward operator into forward ones: ``convolution_backward`` (input gradient only) into a
+   transposed convolution, ``avg_pool2d_backward`` into a depthwise transposed convolution with a
+   ``1 / (kh kw)`` kernel (neither has a decomposition in torch, and the ONNX exporter has no translation:
+   "No ONNX function found for <OpOverload(op='aten.convolution_backward', overload='default')>", the same for
+   ``aten.avg_pool2d_backward``), and torch's own decompositions for ``threshold_backward`` (ReLU mask),
+   ``native_batch_norm_backward`` (BN in eval: a per-channel scale) and ``max_pool2d_with_indices_backward``
+   (a scatter-add of the pooled gradient at the arg-max positions);
+2. the dynamo ONNX exporter (onnxscript) converts that graph: Conv, ConvTranspose, Where, ScatterElements, ...
+
+The graph (``saliency.onnx``) has a fixed batch of 1 (the trace bakes shapes in; the browser analyses one
+image at a time):
+
+    x   (1, C, S, S) float32 model input
+    w   (1, F) float32 weights of the logits: all ones = Chester's summed saliency of every finding,
+        one-hot = the saliency of one finding (any weights: the gradient of ``sum_i w_i logit_i``)
+    ->  logits, probabilities, calibrated (as the classifier graph), saliency (1, 1, S, S) =
+        ``max(0, sum_c d(sum_i w_i logit_i) / dx_c)``, exactly :class:`cxrbench.explain.ChesterSaliency`'s raw map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["SALIENCY_OUTPUTS", "export_saliency_graph", "gradient_program", "saliency_parity", "saliency_reference"]
+
+SALIENCY_OUTPUTS = ("logits", "probabilities", "calibrated", "saliency")
+_aten = torch.ops.aten
+
+
+def _transposed_padding(in_size: Any, out_size: Any, kernel: Any, stride: Any, padding: Any, dilation: Any
+                        ) -> list[int]:
+    """The output padding that makes a transposed convolution give back ``in_size`` (H, W)."""
+    return [int(in_size[i]) - ((int(out_size[i]) - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1)
+                               + 1) for i in range(2)]
+
+
+def _convolution_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
+                          stride: Any, padding: Any, dilation: Any, transposed: bool, output_padding: Any,
+                          groups: int, output_mask: Any) -> tuple[Any, None, None]:
+    """The input gradient of a 2-D convolution as a transposed convolution (no weight or bias gradients)."""
+    if transposed or output_mask[1] or output_mask[2] or weight.ndim != 4:
+        raise NotImplementedError("only the input gradient of a plain 2-D convolution is decomposed "
+                                  f"(transposed={transposed}, output_mask={list(output_mask)})")
+    extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], weight.shape[2:], stride, padding, dilation)
+    grad_in = _aten.convolution.default(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
+    return grad_in, None, None
+
+
+def _avg_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any, stride: Any, padding: Any,
+                         ceil_mode: bool, count_include_pad: bool, divisor: Any) -> torch.Tensor:
+    """Average-pool backward as a depthwise transposed convolution with a constant ``1 / (kh kw)`` kernel."""
+    kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
+    stride = list(stride or kernel) * (2 if len(stride or kernel) == 1 else 1)
+    padding = list(padding) * (2 if len(padding) == 1 else 1)
+    if ceil_mode or divisor is not None or (any(padding) and not count_include_pad):
+        raise NotImplementedError(f"avg_pool2d backward with ceil_mode={ceil_mode}, divisor={divisor}, "
+                                  f"count_include_pad={count_include_pad} and padding {padding} is not decomposed")
+    channels = inp.shape[1]
+    weight = torch.full((channels, 1, kernel[0], kernel[1]), 1.0 / (kernel[0] * kernel[1]), dtype=grad_out.dtype)
+    extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], kernel, stride, padding, [1, 1])
+    return _aten.convolution.default(grad_out, weight, None, stride, padding, [1, 1], True, extra, channels)
+
+
+def _decompositions() -> dict[Any, Callable[..., Any]]:
+    from torch._decomp import get_decompositions
+
+    table = get_decompositions([_aten.native_batch_norm_backward, _aten.threshold_backward,
+                                _aten.max_pool2d_with_indices_backward, _aten._native_batch_norm_legit_no_training,
+                                _aten.native_batch_norm])
+    table[_aten.convolution_backward.default] = _convolution_backward
+    table[_aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    return table
+
+
+class _SaliencyFunction(nn.Module):
+    """``(x, w) -> logits, probabilities, calibrated, saliency`` of a classifier graph module (eager, for tracing)."""
+
+    def __init__(self, calibrated_classifier: nn.Module) -> None:
+        super().__init__()
+        self.net = calibrated_classifier
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward, then the input gradient of ``sum(w * logits)``, summed over channels and rectified."""
+        image = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits, p, calibrated = self.net(image)
+            (gradient,) = torch.autograd.grad((logits * w).sum(), image)
+        return logits.detach(), p.detach(), calibrated.detach(), gradient.sum(1, keepdim=True).clamp_min(0.0)
+
+
+def gradient_program(calibrated_classifier: nn.Module, channels: int, size: int, n_outputs: int) -> nn.Module:
+    """The traced forward + input-gradient graph (an ``fx.GraphModule`` of forward ATen operators only).
+
+    ``calibrated_classifier``: :class:`cxrbench.export.onnx.CalibratedClassifier` (``cam=False``); its model's
+    in-place ReLUs are switched off for the trace and restored after. Inputs as in the module doc.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from cxrbench.explain.base import prepared_model
+
+    net = calibrated_classifier.eval()
+    frozen = [p for p in net.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # only the input gradient: no weight gradients in the graph
+    try:
+        with prepared_model(net):
+            example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
+            program = make_fx(_SaliencyFunction(net), decomposition_table=_decompositions())(*example)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    bad = sorted({str(n.target) for n in program.graph.nodes
+                  if n.op == "call_function" and "backward" in str(n.target)})
+    if bad:
+        raise NotImplementedError(f"backward operators left in the saliency graph: {bad}")
+    return program
+
+
+def saliency_reference(model: nn.Module, x: torch.Tensor, weights: np.ndarray) -> np.ndarray:
+    """PyTorch's saliency for the weighted logits: ``(B, 1, S, S)``.
+
+    All-ones weights give :class:`cxrbench.explain.ChesterSaliency` (summed over every output) and a one-hot
+    row its per-finding map; other weights are the same gradient of ``sum_i w_i logit_i``.
+    """
+    from cxrbench.explain import get_explainer
+
+    w = np.asarray(weights, dtype=np.float32)
+    out = np.empty((x.shape[0], 1, *x.shape[-2:]), np.float32)
+    for b in range(x.shape[0]):
+        chosen = np.flatnonzero(w[b])
+        if np.all(w[b][chosen] == 1.0):  # the explainer itself
+            out[b] = get_explainer("saliency", model)(x[b:b + 1], targets=[chosen.tolist()])[0]
+        else:
+            image = x[b:b + 1].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad((model(image) * torch.from_numpy(w[b:b + 1])).sum(), image)
+            out[b] = g.sum(1).clamp_min(0.0).detach().numpy()
+    return out
+
+
+def export_saliency_graph(classifier: Any, path: Path, *, opset: int) -> dict[str, Any]:
+    """Write ``saliency.onnx`` for a classifier bundle (dynamo exporter on the traced program); its manifest entry."""
+    import logging
+
+    from cxrbench.export.onnx import CalibratedClassifier, _thresholds, finish_graph
+
+    pp = classifier.preprocess
+    net = CalibratedClassifier(classifier.model.eval(), _thresholds(classifier.card))
+    program = gradient_program(net, pp.channels, pp.size, len(classifier.labels))
+    example = (torch.zeros(1, pp.channels, pp.size, pp.size), torch.ones(1, len(classifier.labels)))
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(program.train(False), example, str(path), dynamo=True, opset_version=max(18, opset),
+                              input_names=["x", "w"], output_names=list(SALIENCY_OUTPUTS), external_data=False)
+    finally:
+        quiet.setLevel(level)
+    entry = finish_graph(path, [1, pp.channels, pp.size, pp.size], SALIENCY_OUTPUTS, graph="saliency",
+                         card=classifier.card)
+    entry["weights"] = {"name": "w", "shape": [1, len(classifier.labels)],
+                        "meaning": "logit weights: all ones = summed saliency, one-hot = one finding"}
+    return entry
+
+
+def saliency_parity(path: Path, model: nn.Module, x: torch.Tensor, *, tolerance: float,
+                    threads: int | None = None) -> list[dict[str, Any]]:
+    """ONNX Runtime's saliency maps vs PyTorch's, summed and for each image's first finding, one image at a time.
+
+    Rows ``logits`` (absolute difference, as the other graphs), ``saliency_all`` (every finding summed) and
+    ``saliency_finding`` (image b explains finding ``b mod F``): for the maps ``max_abs_diff`` and
+    ``mean_abs_diff`` are relative to the largest reference value, held to ``tolerance``.
+    """
+    from cxrbench.export.onnx import make_session
+
+    session = make_session(path, threads)
+    n_out = session.get_inputs()[1].shape[1]
+    with torch.no_grad():
+        ref_logits = model(x).numpy()
+    rows = []
+    for kind in ("all", "finding"):
+        weights = np.ones((x.shape[0], n_out), np.float32)
+        if kind == "finding":
+            weights = np.eye(n_out, dtype=np.float32)[np.arange(x.shape[0]) % n_out]
+        ref = saliency_reference(model, x, weights)
+        runs = [session.run(["logits", "saliency"], {"x": x[b:b + 1].numpy(), "w": weights[b:b + 1]})
+                for b in range(x.shape[0])]
+        got = np.concatenate([r[1] for r in runs])
+        scale = float(np.abs(ref).max()) or 1.0
+        diff = np.abs(ref.astype(np.float64) - got) / scale if got.shape == ref.shape else np.array([np.inf])
+        rows.append({"graph": "saliency", "output": f"saliency_{kind}", "n_images": int(x.shape[0]),
+                     "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "tolerance": tolerance,
+                     "passed": bool(np.isfinite(got).all() and diff.max() <= tolerance)})
+    logit_diff = np.abs(np.concatenate([r[0] for r in runs]).astype(np.float64) - ref_logits)
+    rows.insert(0, {"graph": "saliency", "output": "logits", "n_images": int(x.shape[0]),
+                    "max_abs_diff": float(logit_diff.max()), "mean_abs_diff": float(logit_diff.mean()),
+                    "tolerance": tolerance, "passed": bool(logit_diff.max() <= tolerance)})
+    return rows

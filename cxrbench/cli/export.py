@@ -27,7 +27,7 @@ def _parity_images(args: argparse.Namespace):
 
 
 def _print_parity(parity) -> None:
-    cols = ["graph", "output", "n_images", "max_abs_diff", "mean_abs_diff", "tolerance", "passed"]
+    cols = ["graph", "output", "n_images", "max_abs_diff", "mean_abs_diff", "tolerance", "outside_tolerance", "passed"]
     print(parity[cols].to_string(index=False, float_format=lambda v: f"{v:.2e}"))
 
 

@@ -12,8 +12,9 @@ never sees the backward. What works:
    ``1 / (kh kw)`` kernel (neither has a decomposition in torch, and the ONNX exporter has no translation:
    "No ONNX function found for <OpOverload(op='aten.convolution_backward', overload='default')>", the same for
    ``aten.avg_pool2d_backward``), and torch's own decompositions for ``threshold_backward`` (ReLU mask),
-   ``native_batch_norm_backward`` (BN in eval: a per-channel scale) and ``max_pool2d_with_indices_backward``
-   (a scatter-add of the pooled gradient at the arg-max positions);
+   ``native_batch_norm_backward`` (BN in eval: a per-channel scale); ``max_pool2d_with_indices_backward``
+   recomputes PyTorch's first-maximum rule from the input (:func:`_max_pool2d_backward`: ties are common in
+   radiographs and ONNX does not fix which tied position MaxPool's indices name);
 2. the dynamo ONNX exporter (onnxscript) converts that graph: Conv, ConvTranspose, Where, ScatterElements, ...
 
 The graph (``saliency.onnx``) has a fixed batch of 1 (the trace bakes shapes in; the browser analyses one
@@ -24,6 +25,15 @@ image at a time):
         one-hot = the saliency of one finding (any weights: the gradient of ``sum_i w_i logit_i``)
     ->  logits, probabilities, calibrated (as the classifier graph), saliency (1, 1, S, S) =
         ``max(0, sum_c d(sum_i w_i logit_i) / dx_c)``, exactly :class:`cxrbench.explain.ChesterSaliency`'s raw map.
+
+Parity. The input gradient is a discontinuous function of the input: where a ReLU's input is within float32
+rounding of 0, or a max-pool window's two largest values are within rounding of each other, a kernel that
+rounds differently (MLAS in ONNX Runtime, its WebAssembly build, oneDNN in PyTorch) routes that unit's gradient
+differently, and the map changes in that unit's receptive field (a 7x7 patch for a stem unit: up to 3.5 % and
+20 % of the map's maximum on two NIH images, ResNet18, onnxruntime-web vs ONNX Runtime; elsewhere the maps agree
+to ~1e-7). Exact ties (flat regions) are broken as PyTorch does (the first maximum); near-ties cannot be. So the
+check is on every pixel, with the share allowed outside ``tolerance`` (relative to the map's maximum) capped at
+:data:`MAP_OUTSIDE_SHARE`; ``max_abs_diff`` reports the worst pixel as it is.
 """
 
 from __future__ import annotations
@@ -38,9 +48,12 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SALIENCY_OUTPUTS", "export_saliency_graph", "gradient_program", "saliency_parity", "saliency_reference"]
+__all__ = ["MAP_OUTSIDE_SHARE", "SALIENCY_OUTPUTS", "export_saliency_graph", "gradient_program", "saliency_parity",
+           "saliency_reference"]
 
 SALIENCY_OUTPUTS = ("logits", "probabilities", "calibrated", "saliency")
+#: the largest share of a map's pixels that may differ from PyTorch's by more than the tolerance (relative to its max)
+MAP_OUTSIDE_SHARE = 0.005
 _aten = torch.ops.aten
 
 
@@ -78,14 +91,48 @@ def _avg_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
     return _aten.convolution.default(grad_out, weight, None, stride, padding, [1, 1], True, extra, channels)
 
 
+def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any, stride: Any, padding: Any,
+                         dilation: Any, ceil_mode: bool, indices: torch.Tensor) -> torch.Tensor:
+    """Max-pool backward that picks, in each window, the *first* maximum in row-major order (PyTorch's rule),
+    recomputed from the input instead of read from ``indices``.
+
+    ONNX MaxPool's arg-max indices are not specified for ties, and radiographs have them (flat black borders
+    give equal values in a window): onnxruntime-web's kernel picked other positions than PyTorch's, which moved
+    the saliency map by up to 3.5 % of its maximum. The gradient of window position k goes back through a
+    depthwise transposed convolution with a one-hot kernel.
+    """
+    kh, kw = (list(kernel) * 2)[:2] if len(kernel) == 1 else list(kernel)
+    sh, sw = (list(stride or kernel) * 2)[:2] if len(stride or kernel) == 1 else list(stride or kernel)
+    ph, pw = (list(padding) * 2)[:2] if len(padding) == 1 else list(padding)
+    if ceil_mode or any(d != 1 for d in dilation):
+        raise NotImplementedError(f"max_pool2d backward with ceil_mode={ceil_mode}, dilation={list(dilation)}")
+    channels, (oh, ow) = inp.shape[1], grad_out.shape[2:]
+    padded = torch.nn.functional.pad(inp, [pw, pw, ph, ph], value=float("-inf"))
+    windows = [padded[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+               for i in range(kh) for j in range(kw)]
+    best = windows[0]
+    for v in windows[1:]:
+        best = torch.maximum(best, v)
+    taken = torch.zeros_like(best, dtype=torch.bool)
+    parts = []
+    for v in windows:
+        hit = (v == best) & ~taken
+        taken = taken | hit
+        parts.append(torch.where(hit, grad_out, torch.zeros_like(grad_out)))
+    stacked = torch.stack(parts, dim=2).flatten(1, 2)  # (B, C * K, oh, ow), channel c * K + k
+    weight = torch.eye(kh * kw, dtype=grad_out.dtype).reshape(kh * kw, 1, kh, kw).repeat(channels, 1, 1, 1)
+    extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], [kh, kw], [sh, sw], [ph, pw], [1, 1])
+    return _aten.convolution.default(stacked, weight, None, [sh, sw], [ph, pw], [1, 1], True, extra, channels)
+
+
 def _decompositions() -> dict[Any, Callable[..., Any]]:
     from torch._decomp import get_decompositions
 
     table = get_decompositions([_aten.native_batch_norm_backward, _aten.threshold_backward,
-                                _aten.max_pool2d_with_indices_backward, _aten._native_batch_norm_legit_no_training,
-                                _aten.native_batch_norm])
+                                _aten._native_batch_norm_legit_no_training, _aten.native_batch_norm])
     table[_aten.convolution_backward.default] = _convolution_backward
     table[_aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[_aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
     return table
 
 
@@ -186,8 +233,11 @@ def saliency_parity(path: Path, model: nn.Module, x: torch.Tensor, *, tolerance:
     """ONNX Runtime's saliency maps vs PyTorch's, summed and for each image's first finding, one image at a time.
 
     Rows ``logits`` (absolute difference, as the other graphs), ``saliency_all`` (every finding summed) and
-    ``saliency_finding`` (image b explains finding ``b mod F``): for the maps ``max_abs_diff`` and
-    ``mean_abs_diff`` are relative to the largest reference value, held to ``tolerance``.
+    ``saliency_finding`` (image b explains finding ``b mod F``). For the maps ``max_abs_diff`` and
+    ``mean_abs_diff`` are relative to the largest reference value; a map passes when at most
+    :data:`MAP_OUTSIDE_SHARE` of its pixels differ by more than ``tolerance`` of that maximum (see the module doc:
+    the gradient is discontinuous where a ReLU input or a max-pool's two largest values are within float32
+    rounding, and another kernel's rounding sends one unit's gradient elsewhere), ``outside_tolerance`` that share.
     """
     from cxrbench.export.onnx import make_session
 
@@ -206,11 +256,14 @@ def saliency_parity(path: Path, model: nn.Module, x: torch.Tensor, *, tolerance:
         got = np.concatenate([r[1] for r in runs])
         scale = float(np.abs(ref).max()) or 1.0
         diff = np.abs(ref.astype(np.float64) - got) / scale if got.shape == ref.shape else np.array([np.inf])
+        outside = float(np.mean(diff > tolerance))
         rows.append({"graph": "saliency", "output": f"saliency_{kind}", "n_images": int(x.shape[0]),
                      "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "tolerance": tolerance,
-                     "passed": bool(np.isfinite(got).all() and diff.max() <= tolerance)})
+                     "outside_tolerance": outside,
+                     "passed": bool(np.isfinite(got).all() and outside <= MAP_OUTSIDE_SHARE)})
     logit_diff = np.abs(np.concatenate([r[0] for r in runs]).astype(np.float64) - ref_logits)
     rows.insert(0, {"graph": "saliency", "output": "logits", "n_images": int(x.shape[0]),
                     "max_abs_diff": float(logit_diff.max()), "mean_abs_diff": float(logit_diff.mean()),
-                    "tolerance": tolerance, "passed": bool(logit_diff.max() <= tolerance)})
+                    "tolerance": tolerance, "outside_tolerance": float(np.mean(logit_diff > tolerance)),
+                    "passed": bool(logit_diff.max() <= tolerance)})
     return rows

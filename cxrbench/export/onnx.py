@@ -258,7 +258,8 @@ def _compare(graph: str, output: str, ref: np.ndarray, got: np.ndarray, toleranc
     diff = np.abs(ref[ok] - got[ok]) if ok.any() else np.zeros(1)
     tol = tolerance * max(1.0, float(np.abs(ref[ok]).max())) if scaled and ok.any() else tolerance
     return {"graph": graph, "output": output, "n_images": int(ref.shape[0]), "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "passed": bool(same_nan and diff.max() <= tol)}
+            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "outside_tolerance": float(np.mean(diff > tol)),
+            "passed": bool(same_nan and diff.max() <= tol)}
 
 
 def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle | None = None,

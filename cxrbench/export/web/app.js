@@ -561,6 +561,11 @@
     document.getElementById("cam-title").textContent = result.rejected ? "image"
       : `${result.map_kind} heat-map: ${result.map_finding}` +
         (result.map_kind === "saliency" ? ` (${result.timings.saliency.toFixed(2)} s)` : "");
+    if (p.oodDisplay && !result.reconstruction) { // not scored (the guard rejected it): no stale panel
+      for (const id of ["ood-input", "ood-recon"]) document.getElementById(id).getContext("2d").clearRect(0, 0, 64, 64);
+      document.getElementById("ood-score").textContent = result.guard && !result.guard.passed
+        ? `not scored: the blank-image guard rejected it (${result.guard.check})` : "";
+    }
     if (p.oodDisplay && result.reconstruction) {
       const side = Math.round(Math.sqrt(p.oodDisplay.length));
       paint(document.getElementById("ood-input"), p.oodDisplay, side, null);

@@ -391,8 +391,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         parity = parity_check(tmp, classifier, ood, images, tolerance=tolerance, threads=threads)
         failed = parity[~parity["passed"]]
         if len(failed):
-            worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g}"
-                              for r in failed.itertuples())
+            worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g} "
+                              f"on {r.outside_tolerance:.2%} of the values" for r in failed.itertuples())
             raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: "
                               f"{worst}")
         import onnxruntime

@@ -223,7 +223,7 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
         if progress:
             print(f"exporting {classifier} to ONNX in {out} (once; parity-checked) ...", flush=True)
         export_models(load_bundle(classifier, kind="classifier"), out,
-                      load_bundle(ood, kind="ood") if ood else None)
+                      load_bundle(ood, kind="ood") if ood else None, saliency=False)  # the backend uses CAM only
     return out
 
 

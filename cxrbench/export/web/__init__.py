@@ -111,7 +111,7 @@ def _check_browser_preprocess(pp: dict[str, Any], what: str) -> None:
 def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
                ood: Bundle | str | os.PathLike | None = None, *, images: Sequence[Any] | None = None,
                tolerance: float = 1e-4, npm_dir: str | os.PathLike | None = None,
-               threads: int | None = None) -> Path:
+               threads: int | None = None, saliency: bool = True) -> Path:
     """Write the static web app for a classifier (and an OOD gate) into ``out``.
 
     Parameters
@@ -120,6 +120,7 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
         must be None: the export brings its own).
     ood : OOD bundle (or folder) for the gate; without it the page has no gate.
     images, tolerance, threads : parity check of the ONNX export (see :func:`cxrbench.export.onnx.export_models`).
+    saliency : also export the gradient graph, so the page offers Chester's saliency next to CAM.
     npm_dir : where onnxruntime-web is installed (default ``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm``).
 
     Returns ``out``. Raises ``ValueError`` for preprocessing the browser cannot reproduce (CLAHE, nearest).
@@ -150,7 +151,8 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
             _check_browser_preprocess(gate.card.preprocess, "OOD model")
         dist = install_onnxruntime_web(npm_dir)
         out.mkdir(parents=True, exist_ok=True)
-        manifest = export_models(clf, models, gate, images=images, tolerance=tolerance, threads=threads).manifest
+        manifest = export_models(clf, models, gate, images=images, tolerance=tolerance, threads=threads,
+                                 saliency=saliency).manifest
     for name in TEMPLATES:
         shutil.copyfile(WEB_DIR / name, out / name)
     for name in ORT_FILES:

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MAP_OUTSIDE_SHARE", "SALIENCY_OUTPUTS", "export_saliency_graph", "gradient_program", "saliency_parity",
-           "saliency_reference"]
+__all__ = ["MAP_OUTSIDE_SHARE", "SALIENCY_OUTPUTS", "gradient_program", "saliency_parity", "saliency_reference",
+           "write_saliency_onnx"]
 
 SALIENCY_OUTPUTS = ("logits", "probabilities", "calibrated", "saliency")
 #: the largest share of a map's pixels that may differ from PyTorch's by more than the tolerance (relative to its max)
@@ -201,16 +201,12 @@ def saliency_reference(model: nn.Module, x: torch.Tensor, weights: np.ndarray) -
     return out
 
 
-def export_saliency_graph(classifier: Any, path: Path, *, opset: int) -> dict[str, Any]:
-    """Write ``saliency.onnx`` for a classifier bundle (dynamo exporter on the traced program); its manifest entry."""
+def write_saliency_onnx(program: nn.Module, channels: int, size: int, n_outputs: int, path: Path, *,
+                        opset: int) -> None:
+    """Write the traced program (:func:`gradient_program`) to ``path`` with the dynamo exporter (opset >= 18)."""
     import logging
 
-    from cxrbench.export.onnx import CalibratedClassifier, _thresholds, finish_graph
-
-    pp = classifier.preprocess
-    net = CalibratedClassifier(classifier.model.eval(), _thresholds(classifier.card))
-    program = gradient_program(net, pp.channels, pp.size, len(classifier.labels))
-    example = (torch.zeros(1, pp.channels, pp.size, pp.size), torch.ones(1, len(classifier.labels)))
+    example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -221,16 +217,11 @@ def export_saliency_graph(classifier: Any, path: Path, *, opset: int) -> dict[st
                               input_names=["x", "w"], output_names=list(SALIENCY_OUTPUTS), external_data=False)
     finally:
         quiet.setLevel(level)
-    entry = finish_graph(path, [1, pp.channels, pp.size, pp.size], SALIENCY_OUTPUTS, graph="saliency",
-                         card=classifier.card)
-    entry["weights"] = {"name": "w", "shape": [1, len(classifier.labels)],
-                        "meaning": "logit weights: all ones = summed saliency, one-hot = one finding"}
-    return entry
 
 
-def saliency_parity(path: Path, model: nn.Module, x: torch.Tensor, *, tolerance: float,
-                    threads: int | None = None) -> list[dict[str, Any]]:
-    """ONNX Runtime's saliency maps vs PyTorch's, summed and for each image's first finding, one image at a time.
+def saliency_parity(session: Any, model: nn.Module, x: torch.Tensor, *, tolerance: float) -> list[dict[str, Any]]:
+    """ONNX Runtime's saliency maps (``session`` of ``saliency.onnx``) vs PyTorch's, summed and for one finding
+    per image, one image at a time.
 
     Rows ``logits`` (absolute difference, as the other graphs), ``saliency_all`` (every finding summed) and
     ``saliency_finding`` (image b explains finding ``b mod F``). For the maps ``max_abs_diff`` and
@@ -239,9 +230,6 @@ def saliency_parity(path: Path, model: nn.Module, x: torch.Tensor, *, tolerance:
     the gradient is discontinuous where a ReLU input or a max-pool's two largest values are within float32
     rounding, and another kernel's rounding sends one unit's gradient elsewhere), ``outside_tolerance`` that share.
     """
-    from cxrbench.export.onnx import make_session
-
-    session = make_session(path, threads)
     n_out = session.get_inputs()[1].shape[1]
     with torch.no_grad():
         ref_logits = model(x).numpy()

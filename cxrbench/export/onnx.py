@@ -296,7 +296,8 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
     if (export_dir / GRAPH_FILES["saliency"]).is_file():
         from cxrbench.export.gradient import saliency_parity
 
-        rows += saliency_parity(export_dir / GRAPH_FILES["saliency"], model, x, tolerance=tolerance, threads=threads)
+        session = make_session(export_dir / GRAPH_FILES["saliency"], threads)
+        rows += saliency_parity(session, model, x, tolerance=tolerance)
     for graph in ("classifier", "cam"):
         outputs = make_session(export_dir / GRAPH_FILES[graph], threads).run(None, {"x": x.numpy()})
         for name, value in zip(CAM_OUTPUTS, outputs):
@@ -339,6 +340,40 @@ def _atomic_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
+def _saliency_graph(classifier: Bundle, path: Path, *, opset: int) -> dict[str, Any]:
+    """Write ``saliency.onnx`` (:mod:`cxrbench.export.gradient`); its manifest entry."""
+    from cxrbench.export.gradient import SALIENCY_OUTPUTS, gradient_program, write_saliency_onnx
+
+    pp, n = classifier.preprocess, len(classifier.labels)
+    net = CalibratedClassifier(classifier.model.eval(), _thresholds(classifier.card))
+    write_saliency_onnx(gradient_program(net, pp.channels, pp.size, n), pp.channels, pp.size, n, path, opset=opset)
+    entry = finish_graph(path, [1, pp.channels, pp.size, pp.size], SALIENCY_OUTPUTS, graph="saliency",
+                         card=classifier.card)
+    entry["weights"] = {"name": "w", "shape": [1, n],
+                        "meaning": "logit weights: all ones = summed saliency, one-hot = one finding"}
+    return entry
+
+
+def _write_graphs(classifier: Bundle, ood: Bundle | None, tmp: Path, *, opset: int, saliency: bool
+                  ) -> dict[str, dict[str, Any]]:
+    """Every graph of an export into ``tmp``; their manifest entries by graph kind."""
+    pp = classifier.preprocess
+    example = torch.randn(2, pp.channels, pp.size, pp.size)
+    graphs = {}
+    for graph, cam in (("classifier", False), ("cam", True)):
+        module = CalibratedClassifier(classifier.model.eval(), _thresholds(classifier.card), cam=cam)
+        outputs = CAM_OUTPUTS if cam else CLASSIFIER_OUTPUTS
+        graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
+                                      card=classifier.card, opset=opset)
+    if saliency:
+        graphs["saliency"] = _saliency_graph(classifier, tmp / GRAPH_FILES["saliency"], opset=opset)
+    if ood is not None:
+        example64 = torch.rand(2, 1, ood.preprocess.size, ood.preprocess.size)
+        graphs["ood"] = _export_graph(OODGraph(ood.model.eval()), example64, tmp / GRAPH_FILES["ood"], OOD_OUTPUTS,
+                                      graph="ood", card=ood.card, opset=opset)
+    return graphs
+
+
 def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
                   images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
                   threads: int | None = None, saliency: bool = True) -> ExportResult:
@@ -370,24 +405,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
     tmp = _atomic_dir(out)
     try:
-        pp = classifier.preprocess
-        example = torch.randn(2, pp.channels, pp.size, pp.size)
-        thresholds = _thresholds(classifier.card)
-        graphs = {}
-        for graph, cam in (("classifier", False), ("cam", True)):
-            module = CalibratedClassifier(classifier.model.eval(), thresholds, cam=cam)
-            outputs = CAM_OUTPUTS if cam else CLASSIFIER_OUTPUTS
-            graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
-                                          card=classifier.card, opset=opset)
-        if saliency:
-            from cxrbench.export.gradient import export_saliency_graph
-
-            graphs["saliency"] = export_saliency_graph(classifier, tmp / GRAPH_FILES["saliency"], opset=opset)
-        if ood is not None:
-            opp = ood.preprocess
-            example64 = torch.rand(2, 1, opp.size, opp.size)
-            graphs["ood"] = _export_graph(OODGraph(ood.model.eval()), example64, tmp / GRAPH_FILES["ood"], OOD_OUTPUTS,
-                                          graph="ood", card=ood.card, opset=opset)
+        pp, thresholds = classifier.preprocess, _thresholds(classifier.card)
+        graphs = _write_graphs(classifier, ood, tmp, opset=opset, saliency=saliency)
         parity = parity_check(tmp, classifier, ood, images, tolerance=tolerance, threads=threads)
         failed = parity[~parity["passed"]]
         if len(failed):

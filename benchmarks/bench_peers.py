@@ -7,7 +7,10 @@
 * **Grad-CAM**, DenseNet-121, 1 and 3 targets: cxrbench's ``GradCAM`` vs pytorch-grad-cam and captum's
   ``LayerGradCam`` (upsampled).
 * **Forward**, DenseNet-121 at batch 1 and 16: PyTorch eager vs ONNX Runtime on cxrbench's export.
-* **Training step**, DenseNet-121 at 128 px, batch 16, Adam: fp32 vs bf16 autocast + channels_last.
+* **Training step**, DenseNet-121 and ResNet18 at 128 px, batch 16, Adam: fp32 vs channels_last vs bf16 autocast
+  vs both (what ``--precision auto`` picks on a CPU with avx512_bf16 or AMX).
+* **3000 px DICOM**, DenseNet-121: cxrbench's whole report of a 12-bit windowed DICOM (a real radiograph upscaled),
+  and its stages (read, gate, classify, explain).
 
 Every contender of a comparison runs once per round, the rounds interleaved, so a machine whose load changes
 affects all of them alike; the table gives the median seconds, the ratio to cxrbench (peer / cxrbench: > 1 means
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import sys
@@ -31,11 +35,13 @@ from pathlib import Path
 
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")  # many models in one process (see NOTES)
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # dicom_factory: the tests' DICOM writer
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import machine, markdown  # noqa: E402
 
 Contenders = dict[str, Callable[[], object]]
+JOBS = ("report", "dicom", "gradcam", "forward", "train")
 
 
 def interleaved(contenders: Contenders, rounds: int) -> dict[str, float]:
@@ -93,7 +99,30 @@ def xrv_chain(model: torch.nn.Module, blob: bytes) -> Callable[[], object]:
     return run
 
 
-def bench_reports(tmp: Path, blob: bytes, rounds: int) -> list[dict]:
+def bench_dicom(tmp: Path, blob: bytes, rounds: int) -> list[dict]:
+    """The whole report of a 3000 px 12-bit DICOM (the PNG upscaled), median total and stages, DenseNet-121."""
+    from dicom_factory import make_dicom
+    from PIL import Image
+
+    from cxrbench.inference.pipeline import Pipeline
+    from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle
+    from cxrbench.ood.untrained import untrained_ood_bundle
+
+    grey = Image.open(io.BytesIO(blob)).convert("L").resize((3000, 3000), Image.Resampling.BICUBIC)
+    dicom = make_dicom(np.round(np.asarray(grey, dtype=np.float64) / 255 * 4095).astype(np.uint16),
+                       bits_stored=12, window=(2048, 4096))
+    pipe = Pipeline(load_bundle(untrained_classifier_bundle(tmp / "dicom", arch="densenet121")),
+                    load_bundle(untrained_ood_bundle(tmp / "ood", description="benchmark: never rejects")))
+    pipe.analyze(dicom, name="x.dcm", explain="saliency")
+    timings = [pipe.analyze(dicom, name="x.dcm", explain="saliency").timings for _ in range(rounds)]
+    stages = {k: round(1e3 * statistics.median(t[k] for t in timings), 1) for k in timings[0] if k != "total"}
+    total = statistics.median(t["total"] for t in timings)
+    return [{"task": f"full report, 3000 px 12-bit DICOM ({len(dicom) / 1e6:.0f} MB), densenet121 224 px",
+             "contender": "cxrbench (" + ", ".join(f"{k} {v}" for k, v in stages.items()) + " ms)",
+             "median_ms": round(1e3 * total, 1), "ratio_to_cxrbench": 1.0}]
+
+
+def bench_reports(tmp: Path, blob: bytes, rounds: int, quick: bool = False) -> list[dict]:
     import torchxrayvision as xrv
 
     from cxrbench.inference.pipeline import Pipeline
@@ -102,7 +131,7 @@ def bench_reports(tmp: Path, blob: bytes, rounds: int) -> list[dict]:
 
     ood = untrained_ood_bundle(tmp / "ood", description="benchmark: never rejects")
     rows = []
-    for arch in ("densenet121", "resnet18"):
+    for arch in ("densenet121",) if quick else ("densenet121", "resnet18"):
         pipe = Pipeline(load_bundle(untrained_classifier_bundle(tmp / arch, arch=arch)), load_bundle(ood))
         peer = xrv.models.DenseNet(weights=None).eval() if arch == "densenet121" else pipe.classifier.model
         medians = interleaved({"cxrbench": lambda: pipe.analyze(blob, name="x.png", explain="saliency"),
@@ -163,7 +192,7 @@ def bench_forward(tmp: Path, rounds: int, threads: int) -> list[dict]:
     return rows
 
 
-def bench_training(rounds: int) -> list[dict]:
+def bench_training(rounds: int, arch: str) -> list[dict]:
     from torch import nn
 
     from cxrbench.models.classifier import build_classifier
@@ -171,10 +200,11 @@ def bench_training(rounds: int) -> list[dict]:
 
     contenders: Contenders = {}
     x, y = torch.rand(16, 1, 128, 128), (torch.rand(16, 14) > 0.8).float()
-    for name, precision in (("fp32", Precision()), ("bf16 autocast + channels_last",
-                                                    Precision(torch.bfloat16, True))):
+    for name, precision in (("fp32", Precision()), ("channels_last", Precision(None, True)),
+                            ("bf16 autocast", Precision(torch.bfloat16, False)),
+                            ("bf16 autocast + channels_last", Precision(torch.bfloat16, True))):
         torch.manual_seed(0)
-        model = build_classifier("densenet121", 14, 1).train()
+        model = build_classifier(arch, 14, 1).train()
         xb = x
         if precision.channels_last:
             model, xb = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -189,7 +219,7 @@ def bench_training(rounds: int) -> list[dict]:
 
         contenders[name] = step
     medians = interleaved(contenders, rounds)
-    rows = rows_of("training step, densenet121 128 px, batch 16, Adam", medians, "fp32")
+    rows = rows_of(f"training step, {arch} 128 px, batch 16, Adam", medians, "fp32")
     return [{**r, "images_per_s": round(16 / (r["median_ms"] / 1e3), 1)} for r in rows]
 
 
@@ -197,9 +227,18 @@ def header(threads: int, load_before: tuple[float, ...], rounds: int) -> str:
     from cxrbench.train.runtime import FAST_BF16_FLAGS, cpu_flags
 
     bf16 = sorted(FAST_BF16_FLAGS & cpu_flags()) or ["none"]
-    return (f"<!-- {machine()}; bf16 flags: {', '.join(bf16)}; torch {torch.__version__}, {threads} threads; "
-            f"{rounds} interleaved rounds; load average before {' / '.join(f'{v:.2f}' for v in load_before)}, "
-            f"after {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.strftime('%Y-%m-%d %H:%M')} -->\n")
+    return (f"{machine()}; bf16 flags: {', '.join(bf16)}; torch {torch.__version__}, onnxruntime {ort_version()}, "
+            f"{threads} threads; {rounds} interleaved rounds; 1/5/15-min load average before "
+            f"{' / '.join(f'{v:.2f}' for v in load_before)}, after {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+            f"{time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def ort_version() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed"
+    return str(onnxruntime.__version__)
 
 
 def main() -> None:
@@ -207,9 +246,13 @@ def main() -> None:
     p.add_argument("--out", default="build/benchmarks")
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per comparison (medians over them)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", nargs="+", default=["report", "gradcam", "forward", "train"],
-                   choices=("report", "gradcam", "forward", "train"))
+    p.add_argument("--only", nargs="+", default=list(JOBS), choices=JOBS,
+                   help="comparisons to run (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="the DenseNet-121 report, Grad-CAM and training rows only (same rounds)")
     args = p.parse_args()
+    if args.quick:
+        args.only = [j for j in args.only if j in ("report", "gradcam", "train")]
     try:
         import pytorch_grad_cam  # noqa: F401
         import torchxrayvision  # noqa: F401
@@ -223,10 +266,12 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        jobs = {"report": lambda: bench_reports(tmp, sample_png(), args.rounds),
+        jobs = {"report": lambda: bench_reports(tmp, sample_png(), args.rounds, args.quick),
+                "dicom": lambda: bench_dicom(tmp, sample_png(), args.rounds),
                 "gradcam": lambda: bench_gradcam(args.rounds),
                 "forward": lambda: bench_forward(tmp, args.rounds, args.threads),
-                "train": lambda: bench_training(args.rounds)}
+                "train": lambda: [r for arch in (("densenet121",) if args.quick else ("densenet121", "resnet18"))
+                                  for r in bench_training(args.rounds, arch)]}
         for name in args.only:
             rows += jobs[name]()
             print(pd.DataFrame(rows).to_string(index=False), flush=True)
@@ -234,8 +279,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "peers.csv", index=False)
-    (out / "peers.md").write_text(header(args.threads, load_before, args.rounds) + markdown(df.fillna("")))
-    print(f"wrote {out / 'peers'}.csv and .md")
+    head = header(args.threads, load_before, args.rounds)
+    (out / "peers.md").write_text(f"<!-- {head} -->\n" + markdown(df.fillna("")))
+    (out / "peers.json").write_text(json.dumps({"header": head, "quick": args.quick, "threads": args.threads,
+                                                "rounds": args.rounds, "rows": df.to_dict(orient="records")},
+                                               indent=1, default=str))
+    print(head)
+    print(f"wrote {out / 'peers'}.csv, .md and .json")
 
 
 if __name__ == "__main__":

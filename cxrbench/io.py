@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image as _PILImage
 from PIL import UnidentifiedImageError
 
+from cxrbench._types import all_finite
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "LOW_DYNAMIC_RANGE_SPREAD",
@@ -312,9 +314,13 @@ def _scaled(raw: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _min_max(raw: np.ndarray) -> np.ndarray:
-    raw = raw.astype(np.float32)
+    raw = raw.astype(np.float32, copy=False)
     lo, hi = float(raw.min()), float(raw.max())
-    return (raw - lo) / np.float32(hi - lo) if hi > lo else np.zeros(raw.shape, np.float32)
+    if not hi > lo:
+        return np.zeros(raw.shape, np.float32)
+    out = np.subtract(raw, np.float32(lo), dtype=np.float32)  # in place from here: no further temporaries
+    out /= np.float32(hi - lo)
+    return out
 
 
 def _pil_to_grey(pil: _PILImage.Image, notes: list[str], sbit: int | None = None) -> tuple[np.ndarray, int, int]:
@@ -450,7 +456,7 @@ def _dicom_grey(ds, arr: np.ndarray, photometric: str) -> tuple[np.ndarray, bool
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         values = _window(values, ds)
         notes.append("window")
-    if not np.isfinite(values).all():
+    if not all_finite(values):
         raise ValueError("DICOM pixel values are not finite")
     scaled = _min_max(values)
     notes.append("min_max_scaled")
@@ -501,12 +507,15 @@ def _window(values: np.ndarray, ds) -> np.ndarray:
             raise ValueError(f"Window Width must be > 0 for a LINEAR_EXACT window, got {width}")
     else:
         raise ValueError(f"unsupported VOI LUT Function {function!r}")
-    return np.clip((values - np.float32(center)) / np.float32(width) + np.float32(0.5), 0.0, 1.0)
+    out = np.subtract(values, np.float32(center), dtype=np.float32)  # in place from here: no further temporaries
+    out /= np.float32(width)
+    out += np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _finish(pixels: np.ndarray, label: str) -> np.ndarray:
     if pixels.ndim != 2:
         raise ImageReadError(label, f"expected a 2-D grey image after conversion, got shape {pixels.shape}")
-    if not np.all(np.isfinite(pixels)):
+    if not all_finite(pixels):
         raise ImageReadError(label, "decoded pixels contain NaN or infinity")
     return np.ascontiguousarray(np.clip(pixels, 0.0, 1.0), dtype=np.float32)

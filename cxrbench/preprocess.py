@@ -9,6 +9,8 @@ The work is split in two steps so the expensive one can be cached:
 
 ``geometry``  (H, W) float [0, 1] -> (size, size) float32 [0, 1]
     square centre crop (or black padding) then an antialiased resize: never a stretch (Chester §5.1).
+    ``resample="skimage"`` is torchxrayvision's ``XRayResizer`` (``skimage.transform.resize``, bilinear, its
+    default anti-aliasing, constant mid-grey border), so imported xrv models see the pixels they were trained on.
     This is also the *displayed crop* on which explanation maps are overlaid.
 ``intensity`` (size, size) float [0, 1] -> (C, size, size) float32 model input
     optional histogram equalisation / CLAHE, then the normalisation mode, then 1 or 3 channels.
@@ -32,7 +34,7 @@ from PIL import Image as _PILImage
 
 from cxrbench._types import PreprocessError, check_unit_range
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "PreprocessError"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "GeometrySource", "Preprocess", "PreprocessError"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +46,8 @@ _RESAMPLE = {
     "area": _PILImage.Resampling.BOX,
     "nearest": _PILImage.Resampling.NEAREST,
 }
+#: ``resample`` modes done by scikit-image instead of Pillow (torchxrayvision's resizer)
+_SKIMAGE_RESAMPLE = ("skimage",)
 _NORMALIZE = ("zero_one", "minus1_1", "xrv", "imagenet")
 _EQUALIZE = ("none", "hist", "clahe")
 _CROP = ("center", "pad")
@@ -58,7 +62,8 @@ class Preprocess:
     size : output side in pixels (square).
     crop : ``"center"`` crops the central square (default, Chester's scale-and-crop), ``"pad"`` pads the
         short side with black to a square. Neither stretches.
-    resample : ``"bilinear"`` (antialiased when shrinking), ``"area"``, ``"bicubic"``, ``"lanczos"``.
+    resample : ``"bilinear"`` (antialiased when shrinking), ``"area"``, ``"bicubic"``, ``"lanczos"``, or
+        ``"skimage"`` (torchxrayvision's ``XRayResizer``; not available in the browser-only app).
     equalize : ``"none"``, ``"hist"`` (global histogram equalisation) or ``"clahe"``.
     clahe_clip : CLAHE clip limit (scikit-image ``equalize_adapthist``), used with ``equalize="clahe"``.
     normalize : ``"zero_one"``, ``"minus1_1"``, ``"xrv"`` or ``"imagenet"`` (see module doc).
@@ -67,7 +72,7 @@ class Preprocess:
 
     size: int = 224
     crop: Literal["center", "pad"] = "center"
-    resample: Literal["bilinear", "bicubic", "lanczos", "area", "nearest"] = "bilinear"
+    resample: Literal["bilinear", "bicubic", "lanczos", "area", "nearest", "skimage"] = "bilinear"
     equalize: Literal["none", "hist", "clahe"] = "none"
     clahe_clip: float = 0.01
     normalize: Literal["zero_one", "minus1_1", "xrv", "imagenet"] = "minus1_1"
@@ -78,8 +83,8 @@ class Preprocess:
             raise PreprocessError(f"size must be an integer >= 8, got {self.size!r}")
         if self.crop not in _CROP:
             raise PreprocessError(f"crop must be one of {_CROP}, got {self.crop!r}")
-        if self.resample not in _RESAMPLE:
-            raise PreprocessError(f"resample must be one of {tuple(_RESAMPLE)}, got {self.resample!r}")
+        if self.resample not in _RESAMPLE and self.resample not in _SKIMAGE_RESAMPLE:
+            raise PreprocessError(f"resample must be one of {(*_RESAMPLE, *_SKIMAGE_RESAMPLE)}, got {self.resample!r}")
         if self.equalize not in _EQUALIZE:
             raise PreprocessError(f"equalize must be one of {_EQUALIZE}, got {self.equalize!r}")
         if self.normalize not in _NORMALIZE:
@@ -112,23 +117,13 @@ class Preprocess:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     # ---------------------------------------------------------------- steps
-    def geometry(self, image: np.ndarray) -> np.ndarray:
-        """Square crop (or pad) and resize: ``(H, W)`` [0, 1] -> ``(size, size)`` float32 [0, 1]."""
-        image = np.asarray(image)
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim != 2:
-            raise PreprocessError(
-                f"expected a 2-D grey image (H, W), got shape {image.shape}; "
-                "read images with cxrbench.io.read_image, which converts colour to grey"
-            )
-        check_unit_range(image)
-        square = _square(image.astype(np.float32, copy=False), self.crop)
-        if square.shape[0] == self.size:
-            return np.ascontiguousarray(square, dtype=np.float32)
-        pil = _PILImage.fromarray(square, mode="F")
-        out = np.asarray(pil.resize((self.size, self.size), _RESAMPLE[self.resample]), dtype=np.float32)
-        return np.clip(out, 0.0, 1.0)
+    def geometry(self, image: "np.ndarray | GeometrySource") -> np.ndarray:
+        """Square crop (or pad) and resize: ``(H, W)`` [0, 1] -> ``(size, size)`` float32 [0, 1].
+
+        ``image`` may be a :class:`GeometrySource`: then the check and the conversion of a large image are
+        shared with the other preprocessings that resize it (the same pixels as from the array)."""
+        source = image if isinstance(image, GeometrySource) else GeometrySource(image)
+        return source.resized(self.crop, self.size, self.resample)
 
     def intensity(self, image: np.ndarray) -> np.ndarray:
         """Equalise and normalise a ``(size, size)`` [0, 1] image into ``(C, size, size)`` float32."""
@@ -199,6 +194,57 @@ class Preprocess:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Full path: ``(H, W)`` [0, 1] -> ``(C, size, size)`` float32 model input."""
         return self.intensity(self.geometry(image))
+
+
+class GeometrySource:
+    """An ``(H, W)`` [0, 1] image checked once, for :meth:`Preprocess.geometry` at several sizes.
+
+    A report resizes the same upload for the classifier, the gate and the blank-image guard; for a 3000 px
+    DICOM, checking the range and converting the pixels to a Pillow image each time cost more than the
+    resizes. This keeps the checked float32 pixels and the Pillow image of each crop mode; every
+    :meth:`resized` is what ``geometry`` of the array gives (a fresh array each call).
+    """
+
+    def __init__(self, image: np.ndarray) -> None:
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim != 2:
+            raise PreprocessError(
+                f"expected a 2-D grey image (H, W), got shape {image.shape}; "
+                "read images with cxrbench.io.read_image, which converts colour to grey"
+            )
+        check_unit_range(image)
+        self.pixels = image.astype(np.float32, copy=False)
+        self._pil: dict[str, _PILImage.Image] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(H, W)`` of the pixels."""
+        return tuple(self.pixels.shape)
+
+    def resized(self, crop: str, size: int, resample: str) -> np.ndarray:
+        """The ``(size, size)`` float32 [0, 1] crop (see :meth:`Preprocess.geometry`)."""
+        square = _square(self.pixels, crop)
+        if square.shape[0] == size:
+            return np.array(square, dtype=np.float32, order="C")
+        if resample == "skimage":
+            return _skimage_resize(square, size)
+        if crop not in self._pil:
+            self._pil[crop] = _PILImage.fromarray(np.ascontiguousarray(square), mode="F")
+        out = np.asarray(self._pil[crop].resize((size, size), _RESAMPLE[resample]), dtype=np.float32)
+        return np.clip(out, 0.0, 1.0)
+
+
+def _skimage_resize(square: np.ndarray, size: int) -> np.ndarray:
+    """The resize of torchxrayvision's ``XRayResizer`` (``skimage.transform.resize``, constant border).
+
+    xrv resizes after scaling to [-1024, 1024], where its zero border is mid-grey: ``cval=0.5`` here.
+    """
+    from skimage.transform import resize
+
+    out = resize(square, (size, size), mode="constant", cval=0.5, preserve_range=True)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def _square(image: np.ndarray, crop: str) -> np.ndarray:

@@ -121,11 +121,13 @@ def test_groups_build_the_parser_and_backend_is_an_ordinary_option(capsys):
     positions = [re.search(rf"\n    {name}[ \n]", listed).start() for name in order]
     assert positions == sorted(positions), listed
     for command, extra in (("predict", ["--bundle", "b", "x.png", "--out", "o.csv"]),
-                           ("analyze", ["--classifier", "c", "x.png", "--out", "o"])):
-        torch_args = parser.parse_args([command, *extra])
+                           ("analyze", ["--classifier", "c", "x.png", "--out", "o"]),
+                           ("ood-score", ["--bundle", "b", "x.png", "--out", "o.csv"])):
+        auto_args = parser.parse_args([command, *extra])
+        torch_args = parser.parse_args([command, *extra, "--backend", "torch"])
         onnx_args = parser.parse_args([command, *extra, "--backend", "onnx"])
-        assert torch_args.backend == "torch" and onnx_args.backend == "onnx"
-        assert cli_main._handler(onnx_args) is onnx_args.func is torch_args.func  # one handler, two backends
+        assert (auto_args.backend, torch_args.backend, onnx_args.backend) == ("auto", "torch", "onnx")
+        assert cli_main._handler(onnx_args) is onnx_args.func is torch_args.func is auto_args.func  # one handler
         with pytest.raises(SystemExit):
             parser.parse_args([command, *extra, "--backend", "tensorrt"])
     capsys.readouterr()

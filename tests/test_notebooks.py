@@ -110,6 +110,25 @@ def _check_04(results: dict, nb) -> None:
             assert not beats or rows.loc["integrated_gradients", "pointing_game"] > rows.loc["random", "pointing_game"]
             wins.append(beats)
     assert wins and any(wins), f"IG does not beat random on any detected phantom finding: {phantom}"
+    _check_04_latent_shift(results["04_latent_shift"], phantom)
+
+
+def _check_04_latent_shift(r: dict, phantom) -> None:
+    """The Latent Shift table has both variants for every phantom finding on the same images as the other methods
+    (the same random row), and its published sentences are the package's reading of the published table."""
+    import pandas as pd
+
+    from cxrbench.explain.metrics import VARIANTS, localisation_sentence
+
+    table = pd.DataFrame(r["phantom"])
+    expected = []
+    for finding, rows in table.groupby("finding", sort=False):
+        assert set(VARIANTS) | {"random"} <= set(rows["method"]), rows
+        assert (rows["n_images"] == r["phantom_test_images"]).all()
+        others = phantom[(phantom["finding"] == finding) & (phantom["method"] == "random")]
+        assert rows[rows["method"] == "random"]["pointing_game"].tolist() == others["pointing_game"].tolist()
+        expected += [localisation_sentence(rows, f"Phantoms with {finding}", m) for m in VARIANTS]
+    assert r["sentences"] == expected
 
 
 #: per notebook, what its published results must satisfy (read from the executed notebook)

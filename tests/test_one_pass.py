@@ -80,3 +80,49 @@ def test_the_gate_encodes_once_with_the_same_scores(kind, image):
         np.testing.assert_array_equal(out.scores[name], values, err_msg=name)
     np.testing.assert_array_equal(out.reconstruction, recon)
     np.testing.assert_array_equal(score_batch(model, x)["ssim"], reference["ssim"])
+
+
+@pytest.mark.parametrize("shape", [(300, 420), (420, 300), (256, 256)])
+def test_one_geometry_source_gives_each_preprocessings_own_pixels(shape):
+    from cxrbench.preprocess import GeometrySource
+
+    pixels = np.random.default_rng(1).random(shape)  # float64, as an array caller may pass
+    source = GeometrySource(pixels)
+    for pp in (Preprocess(size=64), Preprocess(size=224, crop="pad"), Preprocess(size=min(shape)),
+               Preprocess(size=64, resample="area"), Preprocess(size=32, crop="pad"),
+               Preprocess(size=48, resample="skimage")):
+        first = pp.geometry(source)
+        np.testing.assert_array_equal(first, pp.geometry(pixels))
+        assert first.dtype == np.float32 and first.shape == (pp.size, pp.size)
+        first[:] = -1  # every call hands out its own array
+        np.testing.assert_array_equal(pp.geometry(source), pp.geometry(pixels))
+    assert source.shape == shape
+
+
+@pytest.mark.slow  # ~7 s on the loaded 2-core machine (first torch calls of the process)
+def test_the_report_resizes_the_upload_once_converted_with_the_same_pixels(image, tmp_path):
+    from cxrbench.ood.guard import ImageGuard
+    from cxrbench.ood.untrained import untrained_ood_bundle
+
+    untrained_classifier_bundle(tmp_path / "clf", arch="resnet18", preprocess=Preprocess(size=64))
+    pipe = Pipeline(load_bundle(tmp_path / "clf"), load_bundle(untrained_ood_bundle(tmp_path / "ood")))
+    big = np.kron(image, np.ones((3, 4)))  # 288 x 384: both resizes shrink and crop
+    report = pipe.analyze(big, explain=None, allow_ood=True)
+    np.testing.assert_array_equal(report.image, pipe.classifier.preprocess.geometry(big))
+    np.testing.assert_array_equal(report.ood.input, pipe.ood.preprocess.geometry(big))
+    assert report.ood.guard == ImageGuard.from_dict(pipe.ood.card.ood.get("guard")).check(big)
+
+
+def test_all_finite_agrees_with_the_elementwise_check():
+    from cxrbench._types import PreprocessError, all_finite, check_unit_range
+
+    x = np.random.default_rng(0).random((50, 60)).astype(np.float32)
+    assert all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[7, 9] = bad
+        assert not all_finite(y)
+        with pytest.raises(PreprocessError, match="NaN or infinity"):
+            check_unit_range(y)
+    assert all_finite(np.full(10, 1e308))  # the sum overflows, every value is finite
+    assert not all_finite(np.array([np.inf, -np.inf]))

@@ -1,8 +1,9 @@
 """The demo server as a demo audience meets it: ``cxrbench demo serve`` in a subprocess, driven by Chromium.
 
-Kernels end with their page (the shutdown beacon works) or are culled; memory stays flat over 20 page loads;
-only local Host and Origin headers are answered; SIGTERM stops the server and its kernels and frees the port;
-the page shows the app's title and a loading line while the kernel starts. Screenshots go to build/screenshots/.
+Kernels end with their page (the shutdown beacon works) or are culled; memory stays flat over PAGE_LOADS page
+loads (10; 20 with CXRBENCH_PAGE_LOADS=20); only local Host and Origin headers are answered; SIGTERM stops the
+server and its kernels and frees the port; the page shows the app's title and a loading line while the kernel
+starts. Screenshots go to build/screenshots/.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "build" / "screenshots"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
+#: page loads of the memory test (each starts and ends a kernel: ~15 s on a quiet 2-core machine)
+PAGE_LOADS = int(os.environ.get("CXRBENCH_PAGE_LOADS", "10"))
 #: server + Voila + kernels, resident, at any point of the 20 page loads: one live kernel (~1.3 GB with torch and
 #: the models) + Voila (~0.1 GB) + the `cxrbench demo serve` process (~0.8 GB: it imported torch to prepare).
 #: Twenty leaked kernels would hold ~26 GB.
@@ -282,11 +285,12 @@ def test_the_page_shows_the_title_and_a_loading_line_then_the_app(server, browse
 @pytest.mark.realdata
 @needs_chromium
 @pytest.mark.timeout(2400)  # 20 kernel starts: ~4 min on a quiet machine, ~20 min on a loaded one
-def test_twenty_page_loads_end_their_kernels_and_memory_stays_flat(server, browser_context):
+def test_repeated_page_loads_end_their_kernels_and_memory_stays_flat(server, browser_context):
+    # PAGE_LOADS (default 10: a leaked ~1.3 GB kernel per load shows after two; CXRBENCH_PAGE_LOADS=20 as in issue 15)
     pid, cull_interval = server["proc"].pid, 30
     rss, back_to_one = [], []
     log_start = len(server["log"].read_text())  # the module's server: earlier tests' lines are not this test's
-    for i in range(20):
+    for i in range(PAGE_LOADS):
         load = _load(browser_context, server["url"])
         assert len(_kernels(pid)) >= 1
         load["page"].close(run_before_unload=True)  # what closing the tab does: Voila's beforeunload beacon
@@ -295,8 +299,8 @@ def test_twenty_page_loads_end_their_kernels_and_memory_stays_flat(server, brows
     _wait_until(lambda: not _kernels(pid), timeout=cull_interval)
     log = server["log"].read_text()[log_start:]
     assert "_xsrf" not in log and "403 POST /voila/api/shutdown" not in log, log[-2000:]
-    assert log.count("Kernel shutdown:") >= 20
-    print(f"20 page loads: kernels back to <= 1 after {max(back_to_one):.1f} s at most; server + children "
+    assert log.count("Kernel shutdown:") >= PAGE_LOADS
+    print(f"{PAGE_LOADS} page loads: kernels back to <= 1 after {max(back_to_one):.1f} s at most; server + children "
           f"resident {rss[0]:.0f} MB after the first, {rss[-1]:.0f} MB after the last, {max(rss):.0f} MB at most")
     assert max(rss) < MEMORY_BOUND_MB, rss
     assert rss[-1] - rss[0] < MEMORY_GROWTH_MB, rss

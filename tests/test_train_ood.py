@@ -93,7 +93,9 @@ def test_bundle_gates_the_pipeline_consistently_with_ood_score(ae_run, phantoms,
     csv = tmp_path / "scores.csv"
     assert main(["ood-score", "--bundle", str(ae_run.bundle), *files, "--out", str(csv)]) == 0
     table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
-    assert list(table.columns) == ["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "check", "reason", "error"]
+    assert list(table.columns) == ["file", "l1", "l2", "ssim", "latent", "score", "is_ood", "check", "reason", "error",
+                                   "backend"]
+    assert set(table["backend"]) == {"onnxruntime"}  # --backend auto scores on ONNX Runtime
     assert len(table) == len(files) and table["error"].isna().sum() == len(files) - 1
     assert "broken.png" in table.loc[len(files) - 1, "file"] and np.isnan(table.loc[len(files) - 1, "score"])
     assert "warning" in capsys.readouterr().err

@@ -11,7 +11,6 @@ the page loads nothing from outside (plotly.js comes from the local Jupyter exte
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import time
@@ -22,6 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from cxrbench._threads import use_interactive_threads
+from cxrbench.app.counterfactual import CounterfactualPanel
+from cxrbench.app.pictures import png_bytes
 from cxrbench.app.verdict import (
     error_verdict,
     explanation_caption,
@@ -44,18 +45,6 @@ CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operatin
                     "best separated positives from negatives on the validation split, Chester Eq. 1). "
                     "Hover a bar for the raw model output. Not a diagnosis.")
 UPLOAD_ACCEPT = ".png,.jpg,.jpeg,.dcm,.dicom,.tif,.tiff,.bmp"
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG of an ``(H, W)`` [0, 1] grey or ``(H, W, 3)`` uint8 RGB image (in memory)."""
-    from PIL import Image as PILImage
-
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def model_summary(pipeline: Pipeline) -> str:
@@ -112,11 +101,28 @@ def model_summary(pipeline: Pipeline) -> str:
                          "images.")
     else:
         lines.append("<b>No OOD gate model</b>: only the blank-image guard checks the images.")
+    lines[1:1] = _published_lines(card)
     g = pipeline.guard
     lines.append(f"<b>Blank-image guard</b> ({esc(g.method)}): an image needs at least {g.min_side} px on its short "
                  f"side, {g.min_bits_per_pixel:.2f} bits/pixel and an intensity spread of {g.min_spread:.3f}.")
     body = "".join(f"<p style='margin:2px 0'>{line}</p>" if not line.startswith("<table") else line for line in lines)
     return f"<details class='cxr-about'><summary>About these models</summary><small>{body}</small></details>"
+
+
+def _published_lines(card: Any) -> list[str]:
+    """``model_summary``'s lines for imported weights: what they never trained, where they come from."""
+    esc, lines = html.escape, []
+    if card.untrained:
+        lines.append(f"<b>Not trained by this model</b> (no probability, metric or explanation): "
+                     f"{esc(', '.join(card.untrained))}.")
+    if card.source:
+        src = card.source
+        lines.append(f"Published weights: {esc(str(src.get('origin', '?')))} {esc(str(src.get('weights', '')))}; "
+                     f"licence: {esc(str(src.get('licence', '?')))}; cite: {esc(str(src.get('citation', '?')))}")
+    if card.operating_points.get("published"):
+        lines.append("Operating points re-fitted with <code>cxrbench calibrate</code>; the published ones are kept "
+                     "in the card.")
+    return lines
 
 
 class Dashboard:
@@ -151,6 +157,7 @@ class Dashboard:
         self.model_warning = model_warning(test)
         self._build_inputs()
         self._build_outputs()
+        self.counterfactual = CounterfactualPanel(pipeline, lambda: self.report, lambda: self.finding.value)
         self._observe()
         self.widget = self._layout()
 
@@ -169,7 +176,8 @@ class Dashboard:
         self.override.add_class("cxr-override")
         self.method = w.Dropdown(options=list(self.METHODS), value="saliency", description="explain with")
         self.method.add_class("cxr-method")
-        self.finding = w.Dropdown(options=list(self.pipeline.findings), description="finding", disabled=True)
+        self.finding = w.Dropdown(options=[f for f in self.pipeline.findings if f not in self.pipeline.untrained],
+                                  description="finding", disabled=True)
         self.finding.add_class("cxr-finding")
         self.opacity = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="opacity")
         self.hide_below = w.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="hide below",
@@ -210,7 +218,7 @@ class Dashboard:
         self.example.observe(self._on_example, names="value")
         self.override.observe(lambda _: self._rerun(), names="value")
         self.method.observe(self._on_method, names="value")
-        self.finding.observe(lambda _: self._reexplain(), names="value")
+        self.finding.observe(self._on_finding, names="value")
         self.opacity.observe(lambda _: self._draw_overlay(), names="value")
         self.smoothing.observe(lambda _: self._draw_overlay(), names="value")
         self.hide_below.observe(lambda _: self._draw_overlay(), names="value")
@@ -228,7 +236,8 @@ class Dashboard:
         inputs = w.HBox([self.upload, self.example],
                         layout=w.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 16px"))
         inputs.add_class("cxr-inputs")
-        left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note],
+        left = w.VBox([self.busy, self.verdict, self.override, self.ood_images, self.banner, self.bars, self.note,
+                       self.counterfactual.widget],
                       layout=w.Layout(width="660px", min_width="660px"))
         left.add_class("cxr-left")
         self.controls = w.GridBox([self.method, self.finding, self.opacity, self.smoothing, self.hide_below],
@@ -267,6 +276,10 @@ class Dashboard:
 
     def _on_method(self, change: dict[str, Any]) -> None:
         self.finding.disabled = is_summed(change["new"])  # one map of all findings: no finding to choose
+        self._reexplain()
+
+    def _on_finding(self, change: dict[str, Any]) -> None:
+        self.counterfactual.clear()  # it was of the previous finding
         self._reexplain()
 
     def _rerun(self) -> None:
@@ -334,6 +347,8 @@ class Dashboard:
         self.overlay.value = b""
         self.controls.layout.display = "none"
         self.override.layout.display = "none"
+        self.counterfactual.clear()
+        self.counterfactual.widget.layout.display = "none"
 
     def _failed(self, name: str, reason: str) -> None:
         self.clear()
@@ -345,6 +360,7 @@ class Dashboard:
         # "analyse anyway" only where the gate turned the image away; the explanation controls with a prediction
         self.override.layout.display = "" if report.rejected or report.overridden else "none"
         self.controls.layout.display = "" if report.raw is not None else "none"
+        self.counterfactual.widget.layout.display = self.controls.layout.display  # on request only, never here
         # outputs are set, never cleared with clear_output(wait=True): a deferred clear that no new output
         # follows (a rejected image) would leave the previous image's bars on the page
         self.bars.outputs = ()
@@ -446,10 +462,12 @@ def colour_bar_html(cmap: str = "jet", stops: int = 9) -> str:
 
 
 def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = "",
-                               demo_info: str | Path = "") -> Any:
+                               demo_info: str | Path = "", autoencoder: str = "") -> Any:
     """The dashboard for the bundles named here, else in ``$CXRBENCH_DEMO`` (JSON), else ``build/demo/demo.json``.
 
-    Returns the :class:`Dashboard`'s widget, or an HTML message that says how to get bundles.
+    ``autoencoder`` (or the JSON's ``"autoencoder"``): a bundle of ``cxrbench train autoencoder --like`` the
+    classifier, for the "Counterfactual (slow)" button. Returns the :class:`Dashboard`'s widget, or an HTML
+    message that says how to get bundles.
     """
     import ipywidgets as w
 
@@ -467,6 +485,7 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
         return w.HTML("<h3>No model bundles yet</h3><p>Run <code>make demo</code> or "
                       "<code>cxrbench demo prepare</code> first, or pass a classifier bundle.</p>")
     pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None,
-                                   unet=unet or info.get("unet") or None)
+                                   unet=unet or info.get("unet") or None,
+                                   autoencoder=autoencoder or info.get("autoencoder") or None)
     pipeline.warm_up()  # before the page shows: the first upload then costs what every later one does
     return Dashboard(pipeline, examples=info.get("examples") or {})

@@ -40,9 +40,9 @@ def _analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from cxrbench.app.dashboard import png_bytes
-    from cxrbench.cli.classifier import backend_note, expand_files
+    from cxrbench.cli.classifier import expand_files, print_to_stderr
     from cxrbench.explain.overlay import overlay
-    from cxrbench.export.runtime import load_pipeline
+    from cxrbench.export.runtime import backend_note, load_pipeline
 
     files = expand_files(args.files)
     if not files:
@@ -50,10 +50,11 @@ def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stems = output_stems(files)
     refuse_overwriting_inputs(files, [out / "analysis.csv", *(out / "overlays" / f"{s}.png" for s in stems)])
-    pipe = load_pipeline(args.classifier, ood=args.ood, backend=args.backend, progress=not args.quiet)
+    explain = None if args.explain == "none" else args.explain
+    pipe = load_pipeline(args.classifier, ood=args.ood, backend=args.backend, progress=not args.quiet,
+                         explain=explain, warn=print_to_stderr)
     if args.min_side is not None:
         pipe.guard = replace(pipe.guard, min_side=args.min_side)
-    explain = None if args.explain == "none" else args.explain
     methods = pipe.classifier_backend.explain_methods
     if explain is not None and explain not in methods:
         fallback = methods[0] if methods else None
@@ -74,13 +75,15 @@ def _analyze(args: argparse.Namespace) -> int:
             (out / "overlays" / f"{stems[i]}.png").write_bytes(png)
             rows[-1]["overlay"] = f"overlays/{stems[i]}.png"
     cols = ["file", *[c for f in pipe.findings for c in (f, f"{f}_raw")], "ood_score", "in_distribution", "check",
-            "reason", "overlay", "error"]  # overlay: the row's own overlay file, relative to --out
-    pd.DataFrame(rows).reindex(columns=cols).to_csv(out / "analysis.csv", index=False)
+            "reason", "overlay", "error", "backend", "gate_backend"]  # overlay: the row's own file, relative to --out
+    table = pd.DataFrame(rows).reindex(columns=cols)
+    table["backend"], table["gate_backend"] = pipe.backends()["classifier"], pipe.backends()["gate"] or ""
+    table.to_csv(out / "analysis.csv", index=False)
     checks = [r.ood.check for r in reports if r is not None and r.rejected and r.ood is not None]
     why = ", ".join(f"{checks.count(c)} {text}" for c, text in (("size", "too small"), ("information", "almost no "
                     "image content"), ("reconstruction", "reconstruction error")) if c in checks)
     print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {len(checks)} rejected by the "
-          f"OOD gate{f' ({why})' if why else ''}{backend_note(args.backend)}")
+          f"OOD gate{f' ({why})' if why else ''}{backend_note(pipe)}")
     return 0 if len(errors) < len(files) else 1
 
 
@@ -109,7 +112,8 @@ def add_app_commands(sub: Subcommands) -> None:
     q.add_argument("files", nargs="+")
     q.add_argument("--out", required=True, help=f"folder for analysis.csv and overlays/<stem>.png ({OUTPUT_NAMING})")
     q.add_argument("--explain", default="saliency", choices=("none", *EXPLAINERS),
-                   help="explanation method for the overlays, or 'none' (the onnx backend explains with cam)")
+                   help="explanation method for the overlays, or 'none' (ONNX Runtime explains with cam only: with "
+                        "--backend auto a gradient method keeps the classifier in PyTorch)")
     q.add_argument("--allow-ood", action="store_true",
                    help="give probabilities for rejected images too (not for images too small to see anything)")
     q.add_argument("--min-side", type=positive_int, default=None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
 
-__all__ = ["add_classifier_commands", "backend_note", "expand_files", "train_subparsers"]
+__all__ = ["add_classifier_commands", "expand_files", "print_to_stderr", "train_subparsers"]
 
 #: each top-level registry -> the registry of its ``train`` group (one group however many families add to it)
 _TRAIN_GROUPS: weakref.WeakKeyDictionary[Subcommands, Subcommands] = weakref.WeakKeyDictionary()
@@ -37,9 +37,9 @@ def expand_files(items: list[str]) -> list[str]:
     return out
 
 
-def backend_note(backend: str) -> str:
-    """What a command's summary line adds for ``backend`` (nothing for torch)."""
-    return " (ONNX Runtime)" if backend == "onnx" else ""
+def print_to_stderr(line: str) -> None:
+    """How a command prints a warning: ``warning: ...`` on stderr (the ``warn`` of the backend chooser)."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -69,42 +69,30 @@ def _train_classifier(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from cxrbench.data import CXRDataset, load_manifest, load_split
     from cxrbench.evaluation.metrics import evaluate_predictions
-    from cxrbench.inference.pipeline import Pipeline
     from cxrbench.inference.predict import operating_points_of, predictions_table
+    from cxrbench.inference.recalibrate import labelled_outputs
     from cxrbench.models.bundle import load_bundle
 
     bundle = load_bundle(args.bundle, kind="classifier")
-    manifest = load_manifest(args.data, on_missing="drop")
-    absent = [c for c in bundle.labels if c not in manifest.columns]
-    if absent:
-        raise ValueError(f"{args.data}: no label columns for {absent}; this data cannot evaluate this model")
-    if args.split:
-        s = load_split(args.split, manifest)
-        manifest = manifest[(s == args.subset).to_numpy()].reset_index(drop=True)
-        if manifest.empty:
-            raise ValueError(f"{args.split}: no '{args.subset}' images")
-    ds = CXRDataset(manifest, bundle.preprocess, label_columns=bundle.labels)
-    report = ds.build_cache(progress=not args.quiet)
-    if report.n_failed:
-        print(f"warning: {report.summary()}", file=sys.stderr)
-    ds = ds.readable()
-    preds = Pipeline(bundle).predict_dataset(ds, batch_size=args.batch_size, progress=not args.quiet)
+    res = labelled_outputs(bundle, args.data, split=args.split, subset=args.subset, batch_size=args.batch_size,
+                           progress=not args.quiet)
     ops = operating_points_of(bundle)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = predictions_table(ds.manifest["image_id"].tolist(), preds.logits, bundle.labels, ops)
+    table = predictions_table(res.image_ids, res.logits, bundle.labels, ops, untrained=res.skipped)
     table.to_csv(out / "predictions.csv", index=False)
-    evaluation, summary = evaluate_predictions(preds.labels, preds.probabilities, bundle.labels, ops,
+    evaluation, summary = evaluate_predictions(res.labels, res.probabilities, res.findings, ops,
                                                n_boot=args.bootstrap, seed=args.seed)
     evaluation.to_csv(out / "evaluation.csv", index=False)
     cols = ["finding", "n_pos", "auc", "auc_std_half_splits", "auc_ci_low", "auc_ci_high", "f1", "note"]
     print(evaluation[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if res.skipped:
+        print(f"not evaluated, not trained by this model: {', '.join(res.skipped)}")
     print(f"macro AUC {summary['macro_auc']:.3f} over {summary['n_auc_defined']} findings with positives; "
           f"micro-F1 {summary['micro_f1']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
           f"Hamming loss {summary['hamming_loss']:.3f} (at the bundle's operating points)")
-    print(f"wrote {out / 'predictions.csv'} and {out / 'evaluation.csv'} ({len(ds)} images)")
+    print(f"wrote {out / 'predictions.csv'} and {out / 'evaluation.csv'} ({len(res.image_ids)} images)")
     return 0 if np.isfinite(summary["macro_auc"]) else 1
 
 
@@ -112,20 +100,22 @@ def _predict(args: argparse.Namespace) -> int:
     """The CSV of calibrated and raw probabilities, batched, on either backend; a warning per unreadable file;
     exit 1 when none was readable."""
     from cxrbench.cli.outputs import csv_output_path, report_problems
-    from cxrbench.export.runtime import load_pipeline
+    from cxrbench.export.runtime import backend_note, load_pipeline
 
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
     out = csv_output_path(args.out, "predictions.csv", files)  # refused here when it is one of the inputs
-    pipe = load_pipeline(args.bundle, backend=args.backend, progress=not args.quiet)
+    pipe = load_pipeline(args.bundle, backend=args.backend, progress=not args.quiet, explain=None,
+                         warn=print_to_stderr)
     table = pipe.predict(files, batch_size=args.batch_size, progress=not args.quiet)
+    table["backend"] = pipe.classifier_backend.name  # which runtime computed each row's probabilities
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     report_problems(table)
     failed, warned = table[table["error"] != ""], table[table["warning"] != ""]
     print(f"wrote {out}: {len(files) - len(failed)} predicted ({len(warned)} with a warning: see the warning "
-          f"column), {len(failed)} unreadable{backend_note(args.backend)}")
+          f"column), {len(failed)} unreadable{backend_note(pipe)}")
     return 0 if len(failed) < len(files) else 1
 
 

@@ -139,7 +139,8 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
                               prefixes=[(out / f"{s}_{method}", (".npy", ".png")) for s in stems])
     pipe = Pipeline.from_paths(bundle_path)
     # unknown findings or a bad --top fail here, before any file is read
-    explanation_targets(method, pipe.findings, targets, ranking=range(len(pipe.findings)), top=top)
+    explanation_targets(method, pipe.findings, targets, ranking=range(len(pipe.findings)), top=top,
+                        untrained=pipe.untrained)
     out.mkdir(parents=True, exist_ok=True)
     items = list(zip(files, stems))
     if progress:

@@ -26,12 +26,14 @@ from cxrbench.cli.explain import add_explain_commands
 from cxrbench.cli.export import add_export_commands
 from cxrbench.cli.ood import add_ood_commands
 from cxrbench.cli.options import CommandError, Subcommands, UsageError
+from cxrbench.cli.published import add_published_commands
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 
 #: the command groups, in the order of ``cxrbench --help``
 COMMAND_GROUPS: list[Callable[[Subcommands], None]] = [add_data_commands, add_classifier_commands, add_app_commands,
-                                                       add_explain_commands, add_ood_commands, add_export_commands]
+                                                       add_explain_commands, add_ood_commands, add_export_commands,
+                                                       add_published_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

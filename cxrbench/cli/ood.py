@@ -1,4 +1,4 @@
-"""``cxrbench train ood``, ``cxrbench ood-score`` and ``cxrbench ood-tradeoff``."""
+"""``cxrbench train ood``, ``cxrbench train autoencoder``, ``cxrbench ood-score`` and ``cxrbench ood-tradeoff``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cxrbench.cli.classifier import expand_files, train_subparsers
-from cxrbench.cli.options import Subcommands, add_run_folder_arguments, device_name, positive_int
+from cxrbench.cli.classifier import expand_files, print_to_stderr, train_subparsers
+from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
 
 __all__ = ["add_ood_commands"]
 
@@ -33,17 +33,37 @@ def _train_ood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_autoencoder(args: argparse.Namespace) -> int:
+    from cxrbench.data import load_manifest, load_split
+    from cxrbench.train.autoencoder import AutoencoderConfig, classifier_preprocess, train_autoencoder
+
+    manifest = load_manifest(args.data, on_missing="drop")
+    like = classifier_preprocess(args.like) if args.like else None
+    cfg = AutoencoderConfig(image_size=args.size, preprocess_like=like, like=str(args.like or ""),
+                            latent_dim=args.latent, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+                            lr=args.lr, ae_loss=args.loss, seed=args.seed, device=args.device,
+                            num_workers=args.workers, max_steps_per_epoch=args.max_steps)
+    split = load_split(args.split, manifest) if args.split else None
+    result = train_autoencoder(manifest, args.out, cfg, split=split, resume=args.resume, overwrite=args.overwrite,
+                               progress=not args.quiet, data_description=str(args.data))
+    print(f"best epoch {result.best_epoch} of {result.epochs_run} (val median SSIM {result.best_value:.3f}); "
+          f"{result.train_seconds:.0f} s of training; {cfg.image_size} px")
+    print(f"bundle: {result.bundle}")
+    return 0
+
+
 def _ood_score(args: argparse.Namespace) -> int:
     from cxrbench.cli.outputs import csv_output_path
-    from cxrbench.models.bundle import load_bundle
+    from cxrbench.export.runtime import BACKEND_NAMES, load_gate, model_backend
     from cxrbench.ood.scoring import score_files
 
-    bundle = load_bundle(args.bundle, kind="ood")
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
     out = csv_output_path(args.out, "ood_scores.csv", files)  # refused here when it is one of the inputs
+    bundle = load_gate(args.bundle, backend=args.backend, progress=not args.quiet, warn=print_to_stderr)
     table = score_files(bundle, files, batch_size=args.batch_size, min_side=args.min_side)
+    table["backend"] = model_backend(bundle.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     failed = table["error"].astype(bool)
@@ -55,7 +75,7 @@ def _ood_score(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(files) - int(failed.sum()) - n_guard} scored ({n_ood} out-of-distribution at "
           f"{cutoff.get('scorer')} > {cutoff.get('threshold', float('nan')):.4f}), {n_guard} rejected by the "
           f"blank-image guard (too small or almost no image content; see the reason column), "
-          f"{int(failed.sum())} unreadable")
+          f"{int(failed.sum())} unreadable ({BACKEND_NAMES[model_backend(bundle.model)]})")
     return 0 if failed.sum() < len(files) else 1
 
 
@@ -107,6 +127,30 @@ def _ood_tradeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_autoencoder(tsub: Subcommands) -> None:
+    """``cxrbench train autoencoder``: the OOD family's autoencoder at a classifier's resolution."""
+    q = tsub.add_parser("autoencoder", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="train an autoencoder at a classifier's resolution (for Latent Shift counterfactuals)")
+    q.add_argument("--data", required=True, help="dataset folder (the classifier's training data)")
+    q.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, bundle/ (kind autoencoder)")
+    q.add_argument("--like", default=None, help="classifier bundle whose input size, crop and equalisation to match")
+    q.add_argument("--size", type=positive_int, default=96, help="input side without --like (a multiple of 16)")
+    q.add_argument("--latent", type=int, default=128, help="latent size Z")
+    q.add_argument("--width", type=int, default=16, help="channels of the first conv block")
+    q.add_argument("--epochs", type=int, default=30)
+    q.add_argument("--batch-size", type=positive_int, default=32)
+    q.add_argument("--lr", type=float, default=None, help="default 1e-3")
+    q.add_argument("--loss", default="l1", help="reconstruction loss, l1, mse or mse+ssim")
+    q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    q.add_argument("--device", type=device_name, default="auto")
+    q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
+    add_run_folder_arguments(q)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_train_autoencoder)
+
+
 def add_ood_commands(sub: Subcommands) -> None:
     """Register ``train ood`` (in the shared ``train`` group), ``ood-score`` and ``ood-tradeoff``."""
     tsub = train_subparsers(sub)
@@ -136,15 +180,19 @@ def add_ood_commands(sub: Subcommands) -> None:
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_ood)
 
+    _add_train_autoencoder(tsub)
+
     q = sub.add_parser("ood-score", help="OOD scores of image files under an OOD bundle, to CSV")
     q.add_argument("--bundle", required=True, help="an OOD bundle (cxrbench train ood)")
     q.add_argument("files", nargs="+", help="image files, folders or globs")
     q.add_argument("--out", required=True, help="CSV: file, l1, l2, ssim (1 - SSIM), latent, score, is_ood, check, "
-                                                "reason, error; an existing folder (or a path ending in /) gets "
-                                                "ood_scores.csv")
+                                                "reason, error, backend; an existing folder (or a path ending in /) "
+                                                "gets ood_scores.csv")
     q.add_argument("--batch-size", type=positive_int, default=64)
     q.add_argument("--min-side", type=positive_int, default=None,
                    help="the blank-image guard's minimum short side in px (default: the card's, else 64)")
+    add_backend_argument(q, gate_only=True)
+    q.add_argument("-q", "--quiet", action="store_true", help="do not announce a first-use ONNX export")
     q.set_defaults(func=_ood_score)
 
     q = sub.add_parser("ood-tradeoff", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

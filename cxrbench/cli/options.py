@@ -16,8 +16,9 @@ from typing import Any, Protocol
 __all__ = ["BACKENDS", "DEVICE_PATTERN", "CommandError", "Subcommands", "UsageError", "add_backend_argument",
            "add_run_folder_arguments", "device_name", "positive_int", "probability"]
 
-#: where ``--backend`` runs a command: PyTorch eager (default) or ONNX Runtime on the exported graphs
-BACKENDS = ("torch", "onnx")
+#: where ``--backend`` runs a command: ONNX Runtime where no gradients are needed, else PyTorch (``auto``, the
+#: default); PyTorch eager; or ONNX Runtime on the exported graphs
+BACKENDS = ("auto", "torch", "onnx")
 
 
 class Subcommands(Protocol):
@@ -33,12 +34,15 @@ class CommandError(Exception):
     """A command failed for a reason the user can act on; printed as one line."""
 
 
-def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """Give a command ``--backend {torch,onnx}``: its handler builds the same
-    :class:`~cxrbench.inference.pipeline.Pipeline` on PyTorch or on ONNX Runtime's backends."""
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="torch (default) or onnx: ONNX Runtime on the exported graphs (a bundle folder is "
-                             "exported once and cached, parity-checked; an export folder is used as is)")
+def add_backend_argument(parser: argparse.ArgumentParser, *, gate_only: bool = False) -> None:
+    """Give a command ``--backend {auto,torch,onnx}`` (default auto): its handler builds the same
+    :class:`~cxrbench.inference.pipeline.Pipeline` (or gate) on PyTorch, on ONNX Runtime, or on each where it wins."""
+    what = "the gate" if gate_only else ("the classifier unless --explain needs gradients (saliency, gradcam, ...), "
+                                         "and the gate")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help=f"auto (default): ONNX Runtime for {what}, PyTorch otherwise or where the export fails "
+                             "(with a warning); torch: PyTorch only; onnx: ONNX Runtime only. A bundle folder is "
+                             "exported once into $CXRBENCH_CACHE/onnx (parity-checked); an export folder is used as is")
 
 
 class UsageError(CommandError):

@@ -1,4 +1,4 @@
-"""Explanations of a classifier's logits: saliency, CAM, Grad-CAM, Integrated Gradients, SmoothGrad.
+"""Explanations of a classifier's logits: saliency, CAM, Grad-CAM, Integrated Gradients, SmoothGrad, Latent Shift.
 
 Every explainer is called as ``explainer(x, targets=None)`` on a (B, C, H, W) float batch and returns
 a (B, F, H, W) float32 NumPy array at input resolution (F = number of explained findings; 1 for
@@ -11,6 +11,12 @@ hooks released, model state restored, finite maps) and post-processing options.
 Every name but :data:`EXPLAINERS` and :func:`get_explainer` is imported on first use, so the CLI's
 parser reads :data:`EXPLAINERS` without importing torch; the captum-based methods (:class:`IntegratedGradients`,
 :class:`SmoothGrad`) bring captum (about half a second), which ``cxrbench predict`` and the app's start need not pay.
+
+:data:`COUNTERFACTUAL_EXPLAINERS` (``"latent_shift"``, :mod:`cxrbench.explain.latent_shift`) need more than the
+classifier: an autoencoder at its input resolution (``get_explainer("latent_shift", model, autoencoder=ae,
+preprocess=pp)``; without one, :class:`~cxrbench.explain.latent_shift.NoAutoencoderError` says how to train one).
+They are slower (a search and a sweep through the decoder) and are not among :data:`EXPLAINERS`, the methods
+every backend and face computes from the classifier alone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from cxrbench.explain.cam import CAM
     from cxrbench.explain.fusion import fuse, mask_fraction
     from cxrbench.explain.gradcam import GradCAM
+    from cxrbench.explain.latent_shift import Counterfactual, LatentShift
     from cxrbench.explain.overlay import error_overlay, overlay, overlay_all_findings
     from cxrbench.explain.saliency import ChesterSaliency
     from cxrbench.explain.targets import (
@@ -49,6 +56,8 @@ _LAZY: dict[str, str] = {
     "fuse": "cxrbench.explain.fusion",
     "mask_fraction": "cxrbench.explain.fusion",
     "GradCAM": "cxrbench.explain.gradcam",
+    "Counterfactual": "cxrbench.explain.latent_shift",
+    "LatentShift": "cxrbench.explain.latent_shift",
     "error_overlay": "cxrbench.explain.overlay",
     "overlay": "cxrbench.explain.overlay",
     "overlay_all_findings": "cxrbench.explain.overlay",
@@ -75,6 +84,9 @@ EXPLAINERS: list[str] = [
     "smoothgrad",
 ]
 
+#: explainers that need an autoencoder as well (``autoencoder=``), accepted by :func:`get_explainer`
+COUNTERFACTUAL_EXPLAINERS: list[str] = ["latent_shift"]
+
 
 def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
     """Build an explainer by registry name.
@@ -82,7 +94,7 @@ def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
     Parameters
     ----------
     name : str
-        One of :data:`EXPLAINERS`.
+        One of :data:`EXPLAINERS` or :data:`COUNTERFACTUAL_EXPLAINERS` (these need ``autoencoder=``).
     model : nn.Module
         Classifier returning (B, N) logits.
     **kwargs
@@ -98,10 +110,12 @@ def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
     if name == "saliency_per_finding":
         return ChesterSaliency(model, per_finding=True, **kwargs)
     classes: dict[str, type[Explainer]] = {"cam": CAM, "gradcam": GradCAM}
+    if name in COUNTERFACTUAL_EXPLAINERS:
+        return __getattr__("LatentShift")(model, **kwargs)
     if name in _CAPTUM_METHODS:
         return __getattr__(_CAPTUM_METHODS[name])(model, **kwargs)
     if name not in classes:
-        raise ValueError(f"unknown explainer {name!r}; choose one of {EXPLAINERS}")
+        raise ValueError(f"unknown explainer {name!r}; choose one of {EXPLAINERS + COUNTERFACTUAL_EXPLAINERS}")
     return classes[name](model, **kwargs)
 
 
@@ -138,12 +152,15 @@ sys.modules[__name__].__class__ = _Package
 __all__ = [
     "ALL_FINDINGS",
     "CAM",
+    "COUNTERFACTUAL_EXPLAINERS",
+    "Counterfactual",
     "EXPLAINERS",
     "ChesterSaliency",
     "Explainer",
     "ExplanationTargets",
     "GradCAM",
     "IntegratedGradients",
+    "LatentShift",
     "SmoothGrad",
     "explanation_targets",
     "finding_ranking",

@@ -31,7 +31,7 @@ from cxrbench.explain.fusion import mask_fraction
 
 __all__ = ["FaithfulnessCurves", "MethodComparison", "boxes_to_mask", "compare_methods", "deletion_insertion",
            "mass_fraction", "phantom_localisation_set", "pointing_game", "read_bbox_list",
-           "topk_iou", "topk_mask"]
+           "topk_iou", "topk_mask", "VARIANTS", "latent_shift_comparison", "localisation_sentence"]
 
 Box = Sequence[Any]  # (x, y, w, h) or (label, x, y, w, h)
 
@@ -357,7 +357,8 @@ def compare_methods(
     targets : N output indices: the finding whose region is given (and whose score the curves track).
     regions : N entries, each a (H, W) bool mask (lesion mask, rasterised boxes), a list of boxes
         ``(x, y, w, h)`` / ``(label, x, y, w, h)`` in input pixels, or None (no localisation scores).
-    methods : names from :data:`cxrbench.explain.EXPLAINERS`. ``"saliency"`` is Chester's map of all
+    methods : names from :data:`cxrbench.explain.EXPLAINERS` or ``"latent_shift"`` (give its autoencoder in
+        ``explainer_options={"latent_shift": {"autoencoder": ae}}``). ``"saliency"`` is Chester's map of all
         findings summed (one general explanation); the others explain the target finding.
     lung_masks : (N, H, W) bool, optional; gives ``mass_in_lungs``.
     top_fraction : the k of :func:`topk_iou` (0.05 = the top 5 % pixels).
@@ -373,13 +374,13 @@ def compare_methods(
     ``deletion_auc`` (lower is better), ``insertion_auc`` (higher is better). With
     ``return_details=True`` a :class:`MethodComparison`: that table, the per-image table and the curves.
     """
-    from cxrbench.explain import EXPLAINERS, get_explainer
+    from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS, EXPLAINERS, get_explainer
 
     if images.ndim != 4 or len(targets) != images.shape[0]:
         raise ValueError(f"need images (N, C, H, W) and N targets, got {tuple(images.shape)} and {len(targets)}")
-    unknown = [m for m in methods if m not in EXPLAINERS]
+    unknown = [m for m in methods if m not in EXPLAINERS + COUNTERFACTUAL_EXPLAINERS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {EXPLAINERS}")
+        raise ValueError(f"unknown methods {unknown}; choose from {EXPLAINERS + COUNTERFACTUAL_EXPLAINERS}")
     n, shape = images.shape[0], (images.shape[-2], images.shape[-1])
     region_masks = _region_list(regions, n, shape)
     lungs = None if lung_masks is None else _as_array("lung_masks", lung_masks).astype(bool)
@@ -409,3 +410,44 @@ def compare_methods(
     detail = pd.DataFrame(details)
     table = _method_table(detail, top_fraction)
     return MethodComparison(table, detail, all_curves) if return_details else table
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent Shift on known lesions
+#: the rows :func:`latent_shift_comparison` adds: captum's frames, and the frames with the residual kept
+VARIANTS: dict[str, bool] = {"latent_shift": False, "latent_shift_residual": True}
+
+
+def latent_shift_comparison(model: nn.Module, images: torch.Tensor, targets: Any, regions: Any, *,
+                            autoencoder: nn.Module, preprocess: Any = None,
+                            variants: dict[str, bool] | None = None, **compare: Any) -> Any:
+    """:func:`~cxrbench.explain.metrics.compare_methods` rows for Latent Shift (one per entry of ``variants``,
+    default :data:`VARIANTS`: name -> ``keep_residual``), on the same images, targets and regions, with the same
+    scores (``compare``: ``lung_masks``, ``top_fraction``, ``curve_steps``, ...). No ``random`` row: the other
+    methods' table has it."""
+    rows = []
+    for name, residual in (variants or VARIANTS).items():
+        options = {"autoencoder": autoencoder, "preprocess": preprocess, "keep_residual": residual}
+        table = compare_methods(model, images, targets, regions, methods=["latent_shift"], include_random=False,
+                                explainer_options={"latent_shift": options}, **compare)
+        rows.append(pd.DataFrame(table).assign(method=name))
+    return pd.concat(rows, ignore_index=True)
+
+
+def localisation_sentence(table: Any, subject: str, method: str = "latent_shift") -> str:
+    """One plain sentence on whether ``method``'s difference maps put more of their mass inside the lesion than
+    the ``random`` row of ``table`` (a :func:`~cxrbench.explain.metrics.compare_methods` table with both rows)."""
+    rows = table.set_index("method")
+    if method not in rows.index or "random" not in rows.index:
+        raise ValueError(f"the table needs a {method!r} and a 'random' row, has {list(rows.index)}")
+    mine, chance = rows.loc[method], rows.loc["random"]
+    inside, base = (float(v) if v is not None else float("nan")
+                    for v in (mine["mass_in_region"], chance["mass_in_region"]))
+    if not np.isfinite(inside):
+        return (f"{subject}: {method} changed no pixel (the autoencoder's reconstruction already lacks the "
+                "finding, so there was nothing to remove).")
+    verdict = ("clearly more than" if inside > 2 * base else "slightly more than" if inside > 1.25 * base
+               else "about as much as" if inside > 0.8 * base else "less than")
+    return (f"{subject}: {method} puts {inside:.1%} of its change inside the lesion, {verdict} random maps "
+            f"({base:.1%}); pointing game {float(mine['pointing_game']):.2f} vs random "
+            f"{float(chance['pointing_game']):.2f}.")

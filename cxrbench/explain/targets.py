@@ -80,8 +80,8 @@ def finding_indices(names: str | Sequence[str], findings: Sequence[str]) -> list
 
 
 def explanation_targets(method: str, findings: Sequence[str], request: str | Sequence[str] | None = None, *,
-                        ranking: Sequence[int] | np.ndarray | None = None, top: int = DEFAULT_TOP
-                        ) -> ExplanationTargets:
+                        ranking: Sequence[int] | np.ndarray | None = None, top: int = DEFAULT_TOP,
+                        untrained: Sequence[str] = ()) -> ExplanationTargets:
     """Targets and map labels for ``method`` on a model with outputs ``findings``.
 
     Parameters
@@ -91,16 +91,24 @@ def explanation_targets(method: str, findings: Sequence[str], request: str | Seq
     request : None, a finding name or a list of names (see the module doc).
     ranking : output indices, most probable first (:func:`finding_ranking`); needed for the top-k default.
     top : how many findings the top-k default explains (>= 1).
+    untrained : outputs the weights never trained (a bundle card's ``untrained``): asking for one is a
+        ``ValueError`` ("not trained by this model"); the top-k default passes over them.
     """
     if request is not None and (isinstance(request, str) or len(request)):  # an empty list: the default
         index = finding_indices(request, findings)
+        refused = [findings[i] for i in index if findings[i] in untrained]
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: not trained by this model (its published weights never learnt "
+                             f"{'this finding' if len(refused) == 1 else 'these findings'}), so there is nothing to "
+                             "explain")
         labels = ["+".join(findings[i] for i in index)] if is_summed(method) else [findings[i] for i in index]
         return ExplanationTargets(index, labels)
-    if is_summed(method):
-        return ExplanationTargets(None, [ALL_FINDINGS])
+    if is_summed(method):  # every output, or every trained one where the weights never trained some
+        trained = [i for i, f in enumerate(findings) if f not in untrained]
+        return ExplanationTargets(trained if len(trained) < len(findings) else None, [ALL_FINDINGS])
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise ValueError(f"top must be a whole number >= 1 (how many findings to explain), got {top!r}")
     if ranking is None:
         raise ValueError(f"{method} explains the {top} most probable findings: pass their ranking")
-    index = [int(i) for i in list(ranking)[:top]]
+    index = [int(i) for i in list(ranking) if findings[int(i)] not in untrained][:top]
     return ExplanationTargets(index, [findings[i] for i in index])

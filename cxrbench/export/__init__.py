@@ -1,5 +1,5 @@
-"""Export: ONNX graphs with parity checks (:mod:`.onnx`), the ONNX Runtime backend (:mod:`.runtime`) and the
-browser-only app (:mod:`.web`)."""
+"""Export: ONNX graphs with parity checks (:mod:`.onnx`), the fingerprinted cache of exports (:mod:`.cache`), the
+ONNX Runtime backend and ``backend="auto"`` (:mod:`.runtime`) and the browser-only app (:mod:`.web`)."""
 
 from cxrbench.export.onnx import ExportResult, ParityError, export_models, parity_check, read_onnx_card
 

@@ -53,8 +53,8 @@ from cxrbench.models.classifier import classifier_layer, feature_maps
 from cxrbench.ood.scoring import SSIM_WIN_SIZE, OODModel, as_ood_model, score_batch
 
 __all__ = ["CLASSIFIER_OUTPUTS", "CAM_OUTPUTS", "DEFAULT_OPSET", "OOD_OUTPUTS", "CalibratedClassifier", "OODGraph",
-           "ExportResult", "ParityError", "calibration_constants", "default_parity_images", "export_models",
-           "image_pixels", "make_session", "parity_check", "read_onnx_card"]
+           "ExportResult", "ParityError", "calibration_constants", "card_fingerprint", "default_parity_images",
+           "export_gate", "export_models", "image_pixels", "make_session", "parity_check", "read_onnx_card"]
 
 DEFAULT_OPSET = 17
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "calibrated")
@@ -169,6 +169,12 @@ def _thresholds(card: ModelCard) -> np.ndarray:
 
 def _card_json(card: ModelCard) -> str:
     return json.dumps(card.to_dict(), default=_json_default)
+
+
+def card_fingerprint(card: ModelCard) -> str:
+    """SHA-256 of the whole card (weights checksum, preprocessing, operating points, cutoff, ...): what an export of
+    the bundle depends on besides the code. Recorded per bundle in ``export.json`` (``card_sha256``)."""
+    return hashlib.sha256(json.dumps(card.to_dict(), default=_json_default, sort_keys=True).encode()).hexdigest()
 
 
 def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str], *, graph: str,
@@ -303,17 +309,23 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
         for name, value in zip(CAM_OUTPUTS, outputs):
             rows.append(_compare(graph, name, ref[name], value, tolerance, scaled=name != "logits"))
     if ood is not None:
-        opp = ood.preprocess
-        x64 = torch.from_numpy(np.stack([opp(p) for p in pixels]))
-        ood_model = as_ood_model(ood.model.eval())
-        with torch.no_grad():
-            oref = score_batch(ood_model, x64)
-            oref["reconstruction"] = ood_model.reconstruct(x64).numpy()
-            oref["latent_mean"] = ood_model.latent_mean(x64).numpy()
-        outputs = make_session(export_dir / GRAPH_FILES["ood"], threads).run(None, {"x": x64.numpy()})
-        rows += [_compare("ood", name, oref[name], value, tolerance, scaled=True)
-                 for name, value in zip(OOD_OUTPUTS, outputs)]
+        rows += _gate_parity_rows(export_dir, ood, pixels, tolerance, threads)
     return pd.DataFrame(rows)
+
+
+def _gate_parity_rows(export_dir: Path, ood: Bundle, pixels: Sequence[np.ndarray], tolerance: float,
+                      threads: int | None) -> list[dict]:
+    """Parity rows of ``ood.onnx`` against the torch OOD model on ``pixels`` (``(H, W)`` [0, 1] each)."""
+    opp = ood.preprocess
+    x64 = torch.from_numpy(np.stack([opp(p) for p in pixels]))
+    ood_model = as_ood_model(ood.model.eval())
+    with torch.no_grad():
+        oref = score_batch(ood_model, x64)
+        oref["reconstruction"] = ood_model.reconstruct(x64).numpy()
+        oref["latent_mean"] = ood_model.latent_mean(x64).numpy()
+    outputs = make_session(export_dir / GRAPH_FILES["ood"], threads).run(None, {"x": x64.numpy()})
+    return [_compare("ood", name, oref[name], value, tolerance, scaled=True)
+            for name, value in zip(OOD_OUTPUTS, outputs)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,9 +386,35 @@ def _write_graphs(classifier: Bundle, ood: Bundle | None, tmp: Path, *, opset: i
     return graphs
 
 
+def _move_into_place(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Rename the finished export ``tmp`` to ``out`` (one atomic rename; readers never see a half-written folder).
+
+    ``replace``: an existing ``out`` is deleted first. Without it (the cache of
+    :mod:`cxrbench.export.runtime`, whose writers hold a lock) an ``out`` that another writer completed in the
+    meantime is kept and ``tmp`` is discarded by the caller.
+    """
+    if out.exists():
+        if not replace and (out / MANIFEST).is_file():
+            return
+        shutil.rmtree(out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another writer renamed its folder to out between the check and the rename
+        if replace or not (out / MANIFEST).is_file():
+            raise
+
+
+def _check_parity(parity: pd.DataFrame, what: str, n_images: int) -> None:
+    failed = parity[~parity["passed"]]
+    if len(failed):
+        worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g} "
+                          f"on {r.outside_tolerance:.2%} of the values" for r in failed.itertuples())
+        raise ParityError(f"ONNX export of {what} fails the parity check on {n_images} images: {worst}")
+
+
 def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
                   images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
-                  threads: int | None = None, saliency: bool = True) -> ExportResult:
+                  threads: int | None = None, replace: bool = True, saliency: bool = True) -> ExportResult:
     """Export a classifier bundle (and an OOD bundle) to ONNX in ``out`` and check parity.
 
     Parameters
@@ -386,6 +424,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
     tolerance : see :func:`parity_check`; the export fails above it.
     opset : ONNX opset (17 or newer).
     threads : ONNX Runtime intra-op threads for the check (None: its default).
+    replace : False keeps an ``out`` that another writer completed while this export ran (see
+        :func:`_move_into_place`); the result then describes this export, which was discarded.
     saliency : also write ``saliency.onnx`` (forward + input gradient; its maps are held to ``tolerance``
         relative to their maximum). DenseNet-121 at 224 px takes a few minutes to trace and convert.
 
@@ -408,18 +448,18 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         pp, thresholds = classifier.preprocess, _thresholds(classifier.card)
         graphs = _write_graphs(classifier, ood, tmp, opset=opset, saliency=saliency)
         parity = parity_check(tmp, classifier, ood, images, tolerance=tolerance, threads=threads)
-        failed = parity[~parity["passed"]]
-        if len(failed):
-            worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g} "
-                              f"on {r.outside_tolerance:.2%} of the values" for r in failed.itertuples())
-            raise ParityError(f"ONNX export of {classifier.path} fails the parity check on {len(images)} images: "
-                              f"{worst}")
+        _check_parity(parity, str(classifier.path), len(images))
         import onnxruntime
 
         mean, std = pp.stats()
         manifest = {
             "format": 1, "cxrbench": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "opset": opset, "graphs": graphs, "classifier_bundle": str(classifier.path), "labels": classifier.labels,
+            "opset": opset, "graphs": graphs, "classifier_bundle": str(classifier.path),
+            "weights_sha256": {"classifier": classifier.card.weights_sha256,
+                               **({"ood": ood.card.weights_sha256} if ood is not None else {})},
+            "card_sha256": {"classifier": card_fingerprint(classifier.card),
+                            **({"ood": card_fingerprint(ood.card)} if ood is not None else {})},
+            "labels": classifier.labels,
             "preprocess": pp.to_dict(), "normalize_mean": mean.tolist(), "normalize_std": std.tolist(),
             "thresholds": [None if not np.isfinite(t) else float(t) for t in thresholds],
             "ood_bundle": str(ood.path) if ood is not None else None,
@@ -430,9 +470,52 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
         parity.to_csv(tmp / "parity.csv", index=False)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _move_into_place(tmp, out, replace=replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out, manifest, parity)
+
+
+def export_gate(ood: Bundle, out: str | os.PathLike, *, images: Sequence[Any] | None = None,
+                tolerance: float = 1e-4, opset: int = DEFAULT_OPSET, threads: int | None = None,
+                replace: bool = True) -> ExportResult:
+    """Export an OOD bundle alone (``ood.onnx``, ``export.json`` with ``"kind": "gate"``, ``parity.csv``) to ``out``.
+
+    The gate's half of :func:`export_models`, with the same parity check (:class:`ParityError`, nothing written)
+    and the same atomic rename; used by :func:`cxrbench.export.runtime.load_gate` for ``ood-score`` and the gate of
+    a pipeline whose classifier runs in PyTorch.
+    """
+    if ood.card.kind != "ood":
+        raise ValueError(f"{ood.path}: expected an OOD bundle, got a {ood.card.kind} bundle")
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or newer, got {opset}")
+    image_source = "given images"
+    if images is None:
+        images, image_source = default_parity_images()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
+    tmp = _atomic_dir(out)
+    try:
+        opp = ood.preprocess
+        graph = _export_graph(OODGraph(ood.model.eval()), torch.rand(2, 1, opp.size, opp.size),
+                              tmp / GRAPH_FILES["ood"], OOD_OUTPUTS, graph="ood", card=ood.card, opset=opset)
+        parity = pd.DataFrame(_gate_parity_rows(tmp, ood, [image_pixels(s) for s in images], tolerance, threads))
+        _check_parity(parity, str(ood.path), len(images))
+        import onnxruntime
+
+        manifest = {
+            "format": 1, "kind": "gate", "cxrbench": __version__, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": opset, "graphs": {"ood": graph},
+            "weights_sha256": {"ood": ood.card.weights_sha256}, "card_sha256": {"ood": card_fingerprint(ood.card)},
+            "ood_bundle": str(ood.path),
+            "ood_preprocess": opp.to_dict(), "ood_cutoff": ood.card.ood.get("cutoff"),
+            "parity": {"images": len(images), "source": image_source, "tolerance": tolerance,
+                       "rows": parity.to_dict(orient="records")},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
+        parity.to_csv(tmp / "parity.csv", index=False)
+        _move_into_place(tmp, out, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, parity)

@@ -13,7 +13,10 @@ the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbenc
 >>> pipe.analyze("chest.png", explain="cam").table()                               # doctest: +SKIP
 
 :func:`load_pipeline` accepts bundle folders (exported once to ``$CXRBENCH_CACHE/onnx/<hash>``, parity
-checked) or a folder written by ``cxrbench export``.
+checked, :mod:`cxrbench.export.cache`) or a folder written by ``cxrbench export``. ``backend="auto"`` (the CLI's
+default) runs on ONNX Runtime what needs no gradients -- the classifier without a gradient explanation, the gate
+always -- and on PyTorch the rest, or a model whose export fails (one warning naming the bundle and the reason);
+:func:`load_gate` does the same for ``ood-score``, :func:`backend_note` says what ran.
 """
 
 from __future__ import annotations
@@ -21,28 +24,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import sys
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from cxrbench import __version__
+from cxrbench._threads import interactive_threads
 from cxrbench._types import to_numpy
-from cxrbench.data import default_cache_dir
 from cxrbench.explain.base import TargetChooser, Targets, postprocess_maps, resize_maps, target_matrix
-from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, export_models, make_session, read_onnx_card
+from cxrbench.export.cache import cached_export
+from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, make_session, read_onnx_card
 from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
-from cxrbench.models.bundle import Bundle, load_bundle, read_card
+from cxrbench.models.bundle import Bundle, BundleError, load_bundle, read_card
 
-__all__ = ["BACKENDS", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "backend_agreement",
-           "ensure_export", "latency_table", "load_export", "load_pipeline", "make_session", "pipeline_from_export"]
+__all__ = ["BACKENDS", "BACKEND_NAMES", "GRADIENT_FREE_METHODS", "BackendFallbackWarning", "ExportedModels", "OnnxCAM",
+           "OnnxClassifier", "OnnxOODModel", "backend_agreement", "backend_note", "ensure_export", "latency_table",
+           "load_export", "load_gate", "load_gate_export", "load_pipeline", "make_session", "model_backend",
+           "pipeline_from_export"]
 
-#: ``--backend`` choices of the CLI: PyTorch, or ONNX Runtime on the exported graphs
-BACKENDS = ("torch", "onnx")
+#: ``--backend`` choices of the CLI: ONNX Runtime where no gradients are needed (``auto``), PyTorch, or ONNX Runtime
+BACKENDS = ("auto", "torch", "onnx")
 
 
 class _OrtGraph(nn.Module):
@@ -205,7 +212,9 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     """An export folder for ``classifier`` (+ ``ood``): the folder itself if it is one, else a cached export.
 
     Bundle folders are exported (with the parity check) once into ``cache_dir`` (default
-    ``$CXRBENCH_CACHE/onnx``), keyed by the weights' SHA-256 and the cxrbench version.
+    ``$CXRBENCH_CACHE/onnx``), keyed by the weights' SHA-256 and the cxrbench version; an entry that is
+    incomplete or does not match its checksums is exported again (:func:`cxrbench.export.cache.cached_export`).
+    With ``progress`` the export is announced on stderr.
     """
     classifier = Path(classifier)
     if (classifier / MANIFEST).is_file():
@@ -213,18 +222,11 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
             raise ValueError(f"{classifier} is already an ONNX export; export the OOD bundle into it instead of "
                              "passing --ood")
         return classifier
-    cards = [read_card(classifier)] + ([read_card(ood)] if ood else [])
-    identity = json.dumps([__version__] + [c.weights_sha256 or c.created for c in cards])
-    key = hashlib.sha256(identity.encode()).hexdigest()[:20]
-    if cache_dir is None:
-        cache_dir = default_cache_dir() / "onnx"
-    out = Path(cache_dir) / key
-    if not (out / MANIFEST).is_file():
-        if progress:
-            print(f"exporting {classifier} to ONNX in {out} (once; parity-checked) ...", flush=True)
-        export_models(load_bundle(classifier, kind="classifier"), out,
-                      load_bundle(ood, kind="ood") if ood else None, saliency=False)  # the backend uses CAM only
-    return out
+    return cached_export(classifier, ood, cache_dir=cache_dir, announce=_to_stderr if progress else None)
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def pipeline_from_export(path: str | os.PathLike, *, unet: str | os.PathLike | None = None,
@@ -238,21 +240,174 @@ def pipeline_from_export(path: str | os.PathLike, *, unet: str | os.PathLike | N
     return Pipeline(models.classifier, models.ood, load_bundle(unet, kind="segmentation") if unet else None)
 
 
+def load_gate_export(path: str | os.PathLike, *, threads: int | None = None, bundle: str | os.PathLike | None = None
+                     ) -> Bundle:
+    """The OOD bundle of an export folder (``ood.onnx``: a gate-only or a full export) on ONNX Runtime;
+    ``bundle`` is the path its messages name (default the export folder)."""
+    path = Path(path)
+    graph = path / GRAPH_FILES["ood"]
+    if not graph.is_file():
+        raise ValueError(f"{path}: no OOD graph ({GRAPH_FILES['ood']}) in this export")
+    card, _ = read_onnx_card(graph)
+    return Bundle(OnnxOODModel(graph, threads=threads), card, Path(bundle) if bundle else path)
+
+
+#: the explanation methods the ONNX Runtime classifier computes (None: no explanation)
+GRADIENT_FREE_METHODS: tuple[str | None, ...] = (None, "cam")
+#: the names of :attr:`ClassifierBackend.name <cxrbench.inference.backend.ClassifierBackend.name>` in output text
+BACKEND_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
+
+
+class BackendFallbackWarning(UserWarning):
+    """``backend="auto"`` runs a model in PyTorch because its ONNX export or ONNX Runtime failed (the reason)."""
+
+
+def _warn_fallback(message: str) -> None:
+    warnings.warn(message, BackendFallbackWarning, stacklevel=4)
+
+
+def _ort_threads(threads: int | None) -> int | None:
+    """ORT's intra-op threads: ``threads``, else the interactive choice of :mod:`cxrbench._threads` (None: ORT's)."""
+    return threads if threads else (interactive_threads() or None)
+
+
+def _check_kind(path: str | os.PathLike, kind: str) -> None:
+    """The errors ``load_bundle(path, kind=kind)`` gives for a missing, broken or wrong-kind bundle, from the card
+    alone (cheap), so that they are errors and not reasons to fall back to PyTorch."""
+    card = read_card(path)
+    if card.kind != kind:
+        raise BundleError(f"{path}: this is a bundle of kind {card.kind!r}, but a {kind!r} bundle is needed here")
+
+
+def _try_onnx(bundle: str | os.PathLike, load: Callable[[], Bundle], warn: Callable[[str], None]) -> Bundle | None:
+    """``load()``, or None after one warning naming ``bundle`` and the reason when it fails (a broken bundle,
+    :class:`~cxrbench.models.bundle.BundleError`, is raised: PyTorch would fail on it too)."""
+    try:
+        return load()
+    except BundleError:
+        raise
+    except Exception as exc:  # ParityError, an unsupported model, a broken onnxruntime: torch is the reference
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        warn(f"{bundle}: ONNX Runtime is not used ({reason}); running it in PyTorch instead")
+        return None
+
+
+def _onnxruntime_missing(bundles: Sequence[str | os.PathLike | None], warn: Callable[[str], None]) -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return False
+    warn(f"{' and '.join(str(b) for b in bundles if b)}: onnxruntime is not installed; running PyTorch instead")
+    return True
+
+
+def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None, unet: str | os.PathLike | None,
+                   *, explain: str | None, threads: int | None, progress: bool,
+                   warn: Callable[[str], None]) -> Pipeline:
+    """ONNX Runtime for what needs no gradients (the classifier unless ``explain`` needs them; the gate), PyTorch
+    for the rest and for anything whose export or session fails (one ``warn`` per bundle)."""
+    announce = _to_stderr if progress else None
+    threads = _ort_threads(threads)
+    _check_kind(classifier, "classifier")
+    if ood is not None:
+        _check_kind(ood, "ood")
+    no_ort = _onnxruntime_missing([classifier, ood], warn)
+    clf: Bundle | None = None
+    if explain not in GRADIENT_FREE_METHODS:
+        reason = f"{explain} needs gradients"
+    elif no_ort:
+        reason = "onnxruntime is not installed"
+    else:
+        clf = _try_onnx(classifier, lambda: replace(load_export(
+            cached_export(classifier, announce=announce), threads=threads).classifier, path=Path(classifier)), warn)
+        reason = "" if clf is not None else "its ONNX export failed"
+    gate: Bundle | None = None
+    if ood is not None and not no_ort:
+        gate = _try_onnx(ood, lambda: load_gate_export(cached_export(None, ood, announce=announce), threads=threads,
+                                                       bundle=ood), warn)
+    pipe = Pipeline(clf or load_bundle(classifier, kind="classifier"),
+                    gate or (load_bundle(ood, kind="ood") if ood is not None else None),
+                    load_bundle(unet, kind="segmentation") if unet else None)
+    pipe.backend_reason = reason
+    return pipe
+
+
 def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
                   unet: str | os.PathLike | None = None, *, backend: str = "torch", device: str = "cpu",
-                  threads: int | None = None, progress: bool = False) -> Pipeline:
-    """The pipeline of bundle folders on ``backend``: ``"torch"`` or ``"onnx"`` (ONNX Runtime).
+                  threads: int | None = None, progress: bool = False, explain: str | None = "saliency",
+                  warn: Callable[[str], None] | None = None) -> Pipeline:
+    """The pipeline of bundle folders on ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime) or ``"auto"``.
 
-    For ``"onnx"``, ``classifier`` may also be an export folder; bundle folders are exported once into the cache
-    (:func:`ensure_export`, parity-checked); ``device`` must then be ``"cpu"`` and ``threads`` sets ORT's threads.
+    - ``"onnx"``: ``classifier`` may also be an export folder; bundle folders are exported once into the cache
+      (:func:`ensure_export`, parity-checked); export failures raise. ``device`` must be ``"cpu"``.
+    - ``"auto"``: ONNX Runtime where no gradients are needed -- the classifier when ``explain`` (the method the
+      caller will ask :meth:`~cxrbench.inference.pipeline.Pipeline.analyze` for) is None or ``"cam"``, and the OOD
+      gate always -- PyTorch otherwise, and PyTorch for a model whose export, parity check or session fails, after
+      one ``warn`` (default: a :class:`BackendFallbackWarning`) naming the bundle and the reason. On a
+      ``device`` other than the CPU everything runs in PyTorch. ``pipeline.backend_reason`` says why the classifier
+      runs in PyTorch (``""`` when it does not); :func:`backend_note` puts it into words.
+
+    ``threads``: ONNX Runtime's intra-op threads; default the interactive choice of :mod:`cxrbench._threads` (the
+    free cores, ``$CXRBENCH_THREADS``). ``progress`` announces a first-use export on stderr.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    if backend == "torch":
-        return Pipeline.from_paths(classifier, ood=ood, unet=unet, device=device)
+    if backend == "auto" and (Path(classifier) / MANIFEST).is_file():
+        backend = "onnx"  # an export folder: only ONNX Runtime runs it
+    if backend == "torch" or (backend == "auto" and str(device) != "cpu"):
+        pipe = Pipeline.from_paths(classifier, ood=ood, unet=unet, device=device)
+        pipe.backend_reason = f"device {device}" if backend == "auto" else ""
+        return pipe
+    if backend == "auto":
+        return _auto_pipeline(classifier, ood, unet, explain=explain, threads=threads, progress=progress,
+                              warn=warn or _warn_fallback)
     if str(device) != "cpu":
         raise ValueError(f"the ONNX Runtime backend runs on the CPU; got device={device!r}")
-    return pipeline_from_export(ensure_export(classifier, ood, progress=progress), unet=unet, threads=threads)
+    return pipeline_from_export(ensure_export(classifier, ood, progress=progress), unet=unet,
+                                threads=_ort_threads(threads))
+
+
+def load_gate(ood: str | os.PathLike, *, backend: str = "torch", threads: int | None = None, progress: bool = False,
+              warn: Callable[[str], None] | None = None) -> Bundle:
+    """An OOD bundle (for :func:`cxrbench.ood.scoring.score_files`) on ``backend``: ``"torch"``, ``"onnx"`` (exported
+    alone into the cache, parity-checked; failures raise) or ``"auto"`` (ONNX Runtime, else PyTorch after one
+    ``warn``). An export folder holding ``ood.onnx`` runs on ONNX Runtime. :func:`model_backend` names the result's."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if (Path(ood) / MANIFEST).is_file() and backend != "torch":
+        return load_gate_export(ood, threads=_ort_threads(threads))
+    if backend == "torch":
+        return load_bundle(ood, kind="ood")
+    _check_kind(ood, "ood")
+    announce = _to_stderr if progress else None
+
+    def onnx_gate() -> Bundle:
+        return load_gate_export(cached_export(None, ood, announce=announce), threads=_ort_threads(threads), bundle=ood)
+
+    if backend == "onnx":
+        return onnx_gate()
+    warn = warn or _warn_fallback
+    gate = None if _onnxruntime_missing([ood], warn) else _try_onnx(ood, onnx_gate, warn)
+    return gate or load_bundle(ood, kind="ood")
+
+
+def model_backend(model: object) -> str:
+    """``"onnxruntime"`` for the ONNX Runtime adapters, else ``"torch"`` (a bundle's ``model``)."""
+    return "onnxruntime" if isinstance(model, _OrtGraph) else "torch"
+
+
+def backend_note(pipeline: Pipeline) -> str:
+    """What produced a pipeline's results, for a summary line: ``" (ONNX Runtime)"``, ``" (PyTorch)"``,
+    ``" (PyTorch: saliency needs gradients; gate on ONNX Runtime)"``."""
+    names = pipeline.backends()
+    classifier = str(names["classifier"])
+    text = BACKEND_NAMES.get(classifier, classifier)
+    if pipeline.backend_reason:
+        text += f": {pipeline.backend_reason}"
+    gate = names.get("gate")
+    if gate and gate != classifier:
+        text += f"; gate on {BACKEND_NAMES.get(gate, gate)}"
+    return f" ({text})"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,7 +34,15 @@ import torch
 
 from cxrbench._types import check_unit_range
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
-from cxrbench.explain.targets import DEFAULT_TOP, ExplanationTargets, explanation_targets, finding_ranking
+from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS
+from cxrbench.explain.latent_shift import NO_AUTOENCODER, Counterfactual, LatentShift, NoAutoencoderError
+from cxrbench.explain.targets import (
+    DEFAULT_TOP,
+    ExplanationTargets,
+    explanation_targets,
+    finding_indices,
+    finding_ranking,
+)
 from cxrbench.inference.backend import (
     ClassifierBackend,
     GateBackend,
@@ -53,8 +61,9 @@ from cxrbench.io import Image, ImageMeta, ImageReadError, ImageSource, read_imag
 from cxrbench.models.bundle import Bundle, load_bundle
 from cxrbench.models.unet import predict_lung_mask
 from cxrbench.ood.guard import GuardVerdict, ImageGuard
+from cxrbench.preprocess import GeometrySource
 
-__all__ = ["OODResult", "Pipeline", "Report", "RejectedImageError"]
+__all__ = ["UNTRAINED_NOTE", "OODResult", "Pipeline", "Report", "RejectedImageError"]
 
 
 class RejectedImageError(RuntimeError):
@@ -117,7 +126,8 @@ class Report:
     with it). ``raw``/``calibrated``: ``(F,)`` or None when the image was rejected. ``maps``: ``(K, S, S)``
     float32 explanation maps (in [0, 1] unless the caller asked for raw values) with ``map_labels`` naming
     each (``"all findings"`` for Chester's saliency) and ``explained_outputs`` the output indices they explain.
-    ``timings``: seconds per stage.
+    ``timings``: seconds per stage. ``untrained``: findings the weights never trained, NaN in both arrays
+    (:meth:`table` notes them "not trained by this model").
     """
 
     source: str
@@ -136,6 +146,8 @@ class Report:
     explained_outputs: list[int] = field(default_factory=list)
     lung_mask: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: findings the classifier's weights never trained (its card's ``untrained``): NaN in ``raw``/``calibrated``
+    untrained: list[str] = field(default_factory=list)
 
     @property
     def in_distribution(self) -> bool | None:
@@ -150,17 +162,22 @@ class Report:
                                      "no prediction is made")
 
     def table(self) -> pd.DataFrame:
-        """One row per finding: calibrated and raw probability, operating point; most probable first
+        """One row per finding: calibrated and raw probability, operating point (and a ``note`` column "not trained
+        by this model" when the weights never trained some outputs); most probable first
         (:func:`~cxrbench.explain.targets.finding_ranking`, the order explanations pick their top-k from)."""
+        note = ["note"] if self.untrained else []
         if self.raw is None:
-            return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point"])
+            return pd.DataFrame(columns=["finding", "calibrated", "raw", "operating_point", *note])
         df = pd.DataFrame({"finding": self.findings, "calibrated": self.calibrated, "raw": self.raw,
                            "operating_point": self.operating_points})
+        if self.untrained:
+            df["note"] = [UNTRAINED_NOTE if f in self.untrained else "" for f in self.findings]
         return df.iloc[finding_ranking(self.calibrated, self.raw)].reset_index(drop=True)
 
     def to_row(self) -> dict[str, Any]:
         """A row of the batch CSV: file, ``<Finding>``/``<Finding>_raw``, ``ood_score``, ``in_distribution``,
-        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``."""
+        ``check`` and ``reason`` (why the gate rejected it, also when overridden), ``error``; ``note`` naming the
+        outputs the weights never trained, when there are any."""
         row: dict[str, Any] = {"file": self.source}
         for j, f in enumerate(self.findings):
             row[f] = float(self.calibrated[j]) if self.calibrated is not None else np.nan
@@ -170,8 +187,13 @@ class Report:
         row["check"] = self.ood.check if self.ood else ""
         row["reason"] = self.ood.reason if self.ood else ""
         row["error"] = "rejected by the OOD gate" if self.rejected else ""
+        if self.untrained:  # their columns are empty (NaN): say why
+            row["note"] = f"{UNTRAINED_NOTE} (left empty): {', '.join(self.untrained)}"
         return row
 
+
+#: what every face shows for an output the weights never trained, instead of a number
+UNTRAINED_NOTE = "not trained by this model"
 
 #: post-processing of the maps in a :class:`Report` unless the caller says otherwise (see :meth:`Pipeline.explain`)
 DEFAULT_MAP_OPTIONS: dict[str, Any] = {"normalize": "minmax"}
@@ -187,7 +209,8 @@ class Pipeline:
     """
 
     def __init__(self, classifier: Bundle, ood: Bundle | None = None, unet: Bundle | None = None,
-                 *, device: str | torch.device = "cpu", guard: ImageGuard | None = None, min_side: int | None = None):
+                 *, device: str | torch.device = "cpu", guard: ImageGuard | None = None, min_side: int | None = None,
+                 autoencoder: Bundle | None = None):
         if classifier.card.kind != "classifier":
             raise ValueError(f"{classifier.path}: expected a classifier bundle, got {classifier.card.kind}")
         if ood is not None and ood.card.kind != "ood":
@@ -196,6 +219,8 @@ class Pipeline:
             raise ValueError(f"{unet.path}: expected a segmentation bundle, got {unet.card.kind}")
         self.device = torch.device(device)
         self.classifier, self.ood, self.unet = classifier, ood, unet
+        #: the autoencoder at the classifier's resolution that Latent Shift needs (:meth:`counterfactual`)
+        self.autoencoder = _checked_autoencoder(autoencoder, classifier)
         self.classifier_backend: ClassifierBackend = classifier_backend(classifier.model, self.device)
         self.gate_backend: GateBackend | None = gate_backend(ood.model, self.device) if ood is not None else None
         if unet is not None:
@@ -205,7 +230,13 @@ class Pipeline:
         self.guard = guard or ImageGuard.from_dict(ood.card.ood.get("guard") if ood is not None else None)
         if min_side is not None:
             self.guard = replace(self.guard, min_side=int(min_side))
+        #: why the classifier runs on its backend when a chooser picked it (``backend="auto"`` of
+        #: :func:`cxrbench.export.runtime.load_pipeline`: "saliency needs gradients"); ``""`` otherwise
+        self.backend_reason = ""
         self.findings = classifier.labels
+        #: outputs the weights never trained (card ``untrained``): NaN probabilities, never explained
+        self.untrained = [f for f in self.findings if f in classifier.card.untrained]
+        self._trained = np.array([f not in self.untrained for f in self.findings])
         ops = classifier.card.operating_points
         self.operating_points = (OperatingPoints.from_dict(ops).as_array(self.findings) if ops
                                  else np.full(len(self.findings), np.nan))
@@ -213,11 +244,12 @@ class Pipeline:
     @classmethod
     def from_paths(cls, classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
                    unet: str | os.PathLike | None = None, *, device: str = "cpu",
-                   min_side: int | None = None) -> "Pipeline":
+                   min_side: int | None = None, autoencoder: str | os.PathLike | None = None) -> "Pipeline":
         """Load bundle folders (PyTorch); :func:`cxrbench.export.runtime.load_pipeline` chooses a backend."""
         return cls(load_bundle(classifier, kind="classifier"),
                    load_bundle(ood, kind="ood") if ood else None,
-                   load_bundle(unet, kind="segmentation") if unet else None, device=device, min_side=min_side)
+                   load_bundle(unet, kind="segmentation") if unet else None, device=device, min_side=min_side,
+                   autoencoder=load_bundle(autoencoder, kind="autoencoder") if autoencoder else None)
 
     def warm_up(self, explain: str | None = "saliency") -> float:
         """Run the whole chain once on a synthetic image so that the first real one does not pay for
@@ -253,9 +285,10 @@ class Pipeline:
         """Chester Eq. 1 at the bundle's operating points: ``(..., F)`` raw -> calibrated, NaN without one."""
         return np.asarray(calibrate(np.asarray(raw, dtype=np.float64), self.operating_points), dtype=np.float64)
 
-    def gate(self, pixels: np.ndarray) -> OODResult:
-        """The gate's verdict on an image's ``(H, W)`` [0, 1] pixels: the blank-image guard (:attr:`guard`) before
-        any score is read; then, with an OOD bundle, its reconstruction score against its cutoff."""
+    def gate(self, pixels: np.ndarray | GeometrySource) -> OODResult:
+        """The gate's verdict on an image's ``(H, W)`` [0, 1] pixels (or their
+        :class:`~cxrbench.preprocess.GeometrySource`): the blank-image guard (:attr:`guard`) before any score
+        is read; then, with an OOD bundle, its reconstruction score against its cutoff."""
         verdict = self.guard.check(pixels)
         if not verdict.passed or self.ood is None or self.gate_backend is None:
             return OODResult(guard=verdict)
@@ -293,11 +326,12 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         img = self.read(source, name)
-        report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(img.pixels),
+        pixels = GeometrySource(img.pixels)  # checked and converted once for the three resizes
+        report = Report(source=img.meta.source, meta=img.meta, image=self.classifier.preprocess.geometry(pixels),
                         findings=list(self.findings), operating_points=self.operating_points,
-                        timings={"read": time.perf_counter() - t0})
+                        timings={"read": time.perf_counter() - t0}, untrained=list(self.untrained))
         t = time.perf_counter()
-        report.ood = self.gate(img.pixels)
+        report.ood = self.gate(pixels)
         report.timings["ood"] = time.perf_counter() - t
         failed = not report.ood.in_distribution
         report.rejected = use_gate and failed and not (allow_ood and report.ood.overridable)
@@ -329,7 +363,7 @@ class Pipeline:
 
         def choose(logits: np.ndarray) -> list[int] | None:
             raw, calibrated = self._probabilities(logits)
-            chosen.append((explanation_targets(method, self.findings, targets, top=top,
+            chosen.append((explanation_targets(method, self.findings, targets, top=top, untrained=self.untrained,
                                                ranking=finding_ranking(calibrated, raw)), time.perf_counter()))
             return chosen[0][0].index
 
@@ -339,9 +373,11 @@ class Pipeline:
         return self._with_maps(report, method, chosen[0][0], maps, time.perf_counter() - chosen[0][1])
 
     def _probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (sigmoid) and calibrated probabilities ``(F,)`` float64 of the first image's logits."""
+        """Raw (sigmoid) and calibrated probabilities ``(F,)`` float64 of the first image's logits; NaN for the
+        outputs the weights never trained."""
         raw = 1.0 / (1.0 + np.exp(-np.asarray(logits[0], dtype=np.float64)))
-        return raw, self.calibrate(raw)
+        raw = np.where(self._trained, raw, np.nan)
+        return raw, np.where(self._trained, self.calibrate(np.nan_to_num(raw, nan=0.5)), np.nan)
 
     def _with_maps(self, report: Report, method: str, chosen: ExplanationTargets, maps: np.ndarray,
                    seconds: float) -> Report:
@@ -360,10 +396,39 @@ class Pipeline:
                                 if report.ood is None or report.ood.overridable else ""))
         t = time.perf_counter()
         ranking = finding_ranking(report.calibrated, report.raw)
-        chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top)
-        maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
-                                               **{**DEFAULT_MAP_OPTIONS, **(options or {})})
+        chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top,
+                                     untrained=self.untrained)
+        if method in COUNTERFACTUAL_EXPLAINERS:  # needs the autoencoder too: not a backend's method
+            maps = self._latent_shift(**{**DEFAULT_MAP_OPTIONS, **(options or {})})(
+                self.model_inputs(report.image).to(self.device), targets=chosen.index)
+        else:
+            maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
+                                                   **{**DEFAULT_MAP_OPTIONS, **(options or {})})
         return self._with_maps(report, method, chosen, maps, time.perf_counter() - t)
+
+    def _latent_shift(self, **options: Any) -> LatentShift:
+        """The Latent Shift explainer of this classifier and :attr:`autoencoder` (refused without one)."""
+        if self.autoencoder is None:
+            raise NoAutoencoderError(NO_AUTOENCODER)
+        model = self.classifier.model
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{self.classifier.path}: Latent Shift needs the classifier's gradients, which the "
+                             f"{type(model).__name__} backend does not give; load the PyTorch bundle")
+        self.autoencoder.model.to(self.device).eval()
+        return LatentShift(model, autoencoder=self.autoencoder.model, preprocess=self.classifier.preprocess, **options)
+
+    def counterfactual(self, report: Report, finding: str | None = None, **options: Any) -> Counterfactual:
+        """Latent Shift of ``report``'s image for ``finding`` (default: the most probable one): the frames, the
+        probability of the finding along them and the difference map (:class:`~cxrbench.explain.Counterfactual`).
+        ``options``: those of :class:`~cxrbench.explain.LatentShift` (``n_frames``, ``max_shift``, ...)."""
+        if report.raw is None:
+            raise ValueError(f"{report.source}: rejected by the OOD gate, so there is no prediction to explain")
+        ranking = [int(i) for i in finding_ranking(report.calibrated, report.raw) if self._trained[int(i)]]
+        index = finding_indices(finding, self.findings)[0] if finding else ranking[0]
+        if not self._trained[index]:
+            raise ValueError(f"{self.findings[index]}: {UNTRAINED_NOTE}, so it has no counterfactual")
+        explainer = self._latent_shift(**options)
+        return explainer.counterfactual(self.model_inputs(report.image).to(self.device), index)
 
     # ------------------------------------------------------------------------------------------
     # many images
@@ -396,7 +461,7 @@ class Pipeline:
                                        batch_size=batch_size, progress=progress, warnings=warnings,
                                        guard=self.guard)
         return predictions_table(files, logits, self.findings, operating_points_of(self.classifier), errors,
-                                 warnings)
+                                 warnings, untrained=self.untrained)
 
     def predict_dataset(self, dataset, *, batch_size: int = 32, num_workers: int = 0, progress: bool = False
                         ) -> Predictions:
@@ -404,15 +469,42 @@ class Pipeline:
         return predict_dataset(self.classifier_backend, dataset, batch_size=batch_size, num_workers=num_workers,
                                progress=progress)
 
+    def backends(self) -> dict[str, str | None]:
+        """Which backend runs what: ``{"classifier": "torch" | "onnxruntime" | ..., "gate": ... or None}``."""
+        return {"classifier": self.classifier_backend.name,
+                "gate": self.gate_backend.name if self.gate_backend is not None else None}
+
     def describe(self) -> dict[str, Any]:
         """What is loaded (for the dashboard's footer and logs)."""
         d: dict[str, Any] = {"classifier": str(self.classifier.path), "arch": self.classifier.card.builder_kwargs,
-                             "findings": len(self.findings), "device": str(self.device),
+                             "findings": len(self.findings), "untrained": list(self.untrained),
+                             "device": str(self.device),
                              "backend": self.classifier_backend.name}
+        if self.backend_reason:
+            d["backend_reason"] = self.backend_reason
         if self.ood is not None:
             d["ood"] = str(self.ood.path)
+            d["gate_backend"] = self.backends()["gate"]
             d["ood_cutoff"] = self.ood.card.ood.get("cutoff")
         d["guard"] = self.guard.to_dict()
         if self.unet is not None:
             d["unet"] = str(self.unet.path)
         return d
+
+
+def _checked_autoencoder(autoencoder: Bundle | None, classifier: Bundle) -> Bundle | None:
+    """``autoencoder`` when it is a Latent Shift autoencoder for ``classifier``'s input; a clear error otherwise."""
+    if autoencoder is None:
+        return None
+    if autoencoder.card.kind != "autoencoder":
+        raise ValueError(f"{autoencoder.path}: expected an autoencoder bundle (cxrbench train autoencoder), got "
+                         f"{autoencoder.card.kind}")
+    theirs, ours = autoencoder.preprocess, classifier.preprocess
+    differ = [k for k in ("size", "crop", "resample", "equalize", "clahe_clip")
+              if getattr(theirs, k) != getattr(ours, k)]
+    if differ:
+        raise ValueError(f"{autoencoder.path}: the autoencoder's input differs from the classifier's in "
+                         + ", ".join(f"{k} ({getattr(theirs, k)} vs {getattr(ours, k)})" for k in differ)
+                         + "; train one with cxrbench train autoencoder --like " + str(classifier.path or "CLASSIFIER"))
+    return autoencoder
+

@@ -164,11 +164,14 @@ def predictions_table(
     operating_points: OperatingPoints | None,
     errors: dict[int, str] | None = None,
     warnings: dict[int, str] | None = None,
+    untrained: Sequence[str] = (),
 ) -> pd.DataFrame:
     """The ``predict`` CSV: ``file``, then ``<Finding>`` (calibrated) and ``<Finding>_raw`` per finding, ``error``,
     and with ``warnings`` (position -> text, :func:`input_warning`) a ``warning`` column.
 
-    Without operating points the calibrated columns are NaN (never silently the raw values).
+    Without operating points the calibrated columns are NaN (never silently the raw values). Outputs in
+    ``untrained`` (the card's findings its weights never trained) are empty in both columns and a ``note``
+    column says so.
     """
     raw = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
     cal = np.full_like(raw, np.nan)
@@ -177,10 +180,14 @@ def predictions_table(
         cal[ok] = calibrate(raw[ok], operating_points, labels)
     cols: dict[str, object] = {"file": [str(n) for n in names]}
     for j, f in enumerate(labels):
-        cols[f] = cal[:, j]
-        cols[f"{f}_raw"] = raw[:, j]
+        masked = f in untrained
+        cols[f] = np.full(len(raw), np.nan) if masked else cal[:, j]
+        cols[f"{f}_raw"] = np.full(len(raw), np.nan) if masked else raw[:, j]
     errors = errors or {}
     cols["error"] = [errors.get(i, "") for i in range(len(names))]
     if warnings is not None:
         cols["warning"] = [warnings.get(i, "") for i in range(len(names))]
+    not_trained = [f for f in labels if f in untrained]
+    if not_trained:
+        cols["note"] = [f"not trained by this model (left empty): {', '.join(not_trained)}"] * len(names)
     return pd.DataFrame(cols)

@@ -1,4 +1,5 @@
-"""Plain convolutional autoencoder at 64x64 for the out-of-distribution (OOD) gate.
+"""Plain convolutional autoencoder: at 64x64 for the out-of-distribution (OOD) gate, at the classifier's
+resolution (any multiple of 16 from 32 px) for Latent Shift counterfactuals (:mod:`cxrbench.explain.latent_shift`).
 
 The encoder and decoder trunks defined here are shared with the ALI model
 (:mod:`cxrbench.models.ali`), so both OOD models have the same capacity and
@@ -25,7 +26,15 @@ from pytorch_msssim import ssim
 from torch import nn
 
 IMAGE_SIZE = 64
-_TRUNK_SPATIAL = 4  # 64 -> 32 -> 16 -> 8 -> 4 after four stride-2 convolutions
+_TRUNK_STRIDE = 16  # four stride-2 convolutions: the trunk's side is image_size / 16
+
+
+def trunk_spatial(image_size: int) -> int:
+    """Side of the trunk's feature map for a square input of ``image_size`` px (a multiple of 16, >= 32)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % _TRUNK_STRIDE:
+        raise ValueError(f"image_size must be a multiple of 16 and >= 32 (four stride-2 convolutions), "
+                         f"got {image_size!r}")
+    return image_size // _TRUNK_STRIDE
 
 
 def check_image_batch(x: torch.Tensor, image_size: int = IMAGE_SIZE) -> None:
@@ -57,7 +66,7 @@ def _check_latent_dim(latent_dim: int) -> None:
 
 
 class ConvEncoder64(nn.Module):
-    """Four stride-2 conv blocks (64 -> 4 px) then a linear head.
+    """Four stride-2 conv blocks (64 -> 4 px; ``image_size`` -> ``image_size / 16``) then a linear head.
 
     Parameters
     ----------
@@ -65,9 +74,11 @@ class ConvEncoder64(nn.Module):
         Size of the linear output (Z for a deterministic latent, 2Z for mean and log-variance).
     base_channels : int
         Channels of the first block; doubled at every block (C, 2C, 4C, 8C).
+    image_size : int
+        Input side in pixels (default 64; a multiple of 16).
     """
 
-    def __init__(self, out_features: int, base_channels: int = 32) -> None:
+    def __init__(self, out_features: int, base_channels: int = 32, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
         c = base_channels
         layers: list[nn.Module] = [nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
@@ -78,7 +89,7 @@ class ConvEncoder64(nn.Module):
                 nn.LeakyReLU(0.2, inplace=True),
             ]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(8 * c * _TRUNK_SPATIAL**2, out_features)
+        self.head = nn.Linear(8 * c * trunk_spatial(image_size) ** 2, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, 64, 64) -> (B, out_features)."""
@@ -94,15 +105,18 @@ class ConvDecoder64(nn.Module):
         Size Z of the input code.
     base_channels : int
         Channels of the last hidden block (mirrors :class:`ConvEncoder64`).
+    image_size : int
+        Output side in pixels (default 64; a multiple of 16).
     """
 
-    def __init__(self, latent_dim: int, base_channels: int = 32) -> None:
+    def __init__(self, latent_dim: int, base_channels: int = 32, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
         c = base_channels
         self.base_channels = c
+        self.spatial = side = trunk_spatial(image_size)
         self.project = nn.Sequential(
-            nn.Linear(latent_dim, 8 * c * _TRUNK_SPATIAL**2, bias=False),
-            nn.BatchNorm1d(8 * c * _TRUNK_SPATIAL**2),
+            nn.Linear(latent_dim, 8 * c * side**2, bias=False),
+            nn.BatchNorm1d(8 * c * side**2),
             nn.ReLU(inplace=True),
         )
         layers: list[nn.Module] = []
@@ -117,12 +131,12 @@ class ConvDecoder64(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, Z) -> (B, 1, 64, 64) float in [0, 1]."""
-        h = self.project(z).view(z.shape[0], 8 * self.base_channels, _TRUNK_SPATIAL, _TRUNK_SPATIAL)
+        h = self.project(z).view(z.shape[0], 8 * self.base_channels, self.spatial, self.spatial)
         return self.features(h)
 
 
 class ConvAutoencoder(nn.Module):
-    """Deterministic convolutional autoencoder for 1-channel 64x64 images in [0, 1].
+    """Deterministic convolutional autoencoder for 1-channel square images in [0, 1] (64 px by default).
 
     Parameters
     ----------
@@ -132,16 +146,18 @@ class ConvAutoencoder(nn.Module):
         Width of the conv trunks: 16 (~0.9 M parameters) is the CPU default (measured:
         289 steps in 45 s reached a held-out SSIM of 0.71 vs 0.68 for width 32 in 60 s);
         use 32 on a GPU.
+    image_size : int
+        Input and output side in pixels: 64 for the OOD gate, the classifier's input size for Latent Shift
+        (a multiple of 16, >= 32). The methods below say 64 for the default.
     """
 
-    image_size: int = IMAGE_SIZE
-
-    def __init__(self, latent_dim: int = 128, base_channels: int = 16) -> None:
+    def __init__(self, latent_dim: int = 128, base_channels: int = 16, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
         _check_latent_dim(latent_dim)
         self.latent_dim = latent_dim
-        self.encoder = ConvEncoder64(latent_dim, base_channels)
-        self.decoder = ConvDecoder64(latent_dim, base_channels)
+        self.image_size = image_size
+        self.encoder = ConvEncoder64(latent_dim, base_channels, image_size)
+        self.decoder = ConvDecoder64(latent_dim, base_channels, image_size)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, 64, 64) float in [0, 1] -> latent (B, Z)."""

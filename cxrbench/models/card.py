@@ -37,7 +37,7 @@ BUILDERS: dict[str, str] = {
 }
 #: bundle kind -> the builders that make such a model
 KINDS: dict[str, tuple[str, ...]] = {"classifier": ("classifier",), "ood": ("autoencoder", "ali"),
-                                     "segmentation": ("unet",)}
+                                     "segmentation": ("unet",), "autoencoder": ("autoencoder",)}
 #: the OOD scorers a cutoff may name (:data:`cxrbench.ood.scoring.SCORER_NAMES`)
 OOD_SCORERS: tuple[str, ...] = ("l1", "l2", "ssim", "latent")
 #: input sizes a card may ask for, in pixels
@@ -71,7 +71,8 @@ class ModelCard:
 
     Attributes
     ----------
-    kind : ``"classifier"``, ``"ood"`` or ``"segmentation"``.
+    kind : ``"classifier"``, ``"ood"``, ``"segmentation"`` or ``"autoencoder"`` (an autoencoder at a classifier's
+        resolution for Latent Shift counterfactuals, ``cxrbench train autoencoder``; no cutoff).
     builder : key of :data:`BUILDERS`; ``builder_kwargs`` are passed to it.
     preprocess : :meth:`Preprocess.to_dict` of the preprocessing the model was trained with (required).
     labels : output names, in output order (classifier); ``[]`` otherwise.
@@ -81,6 +82,11 @@ class ModelCard:
         (same keys, threshold >= the near one) and ``"false_rejection"`` (``{"near", "far", "n_images", "split"}``).
     training : data root, split file, seed, epochs, hyper-parameters, time.
     metrics : evaluation results (e.g. per-finding AUC with spread, on which split).
+    untrained : labels whose outputs the weights never trained (published weights that cover fewer findings:
+        torchxrayvision returns a constant 0.5 for them). They are masked everywhere: no probability, no bar, no
+        metric, no explanation ("not trained by this model").
+    source : where imported weights come from (``{"origin", "weights", "url", "licence", "citation", ...}``);
+        ``{}`` for a model trained here.
     weights_sha256 : SHA-256 of ``model.safetensors``, filled in by :func:`~cxrbench.models.bundle.save_bundle`.
     """
 
@@ -93,6 +99,8 @@ class ModelCard:
     ood: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    untrained: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     description: str = ""
     versions: dict[str, str] = field(default_factory=versions)
@@ -154,7 +162,8 @@ class ModelCard:
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "kind": str, "builder": str, "builder_kwargs": dict, "preprocess": dict, "labels": list,
-    "operating_points": dict, "ood": dict, "training": dict, "metrics": dict, "name": str, "description": str,
+    "operating_points": dict, "ood": dict, "training": dict, "metrics": dict, "untrained": list, "source": dict,
+    "name": str, "description": str,
     "versions": dict, "created": str, "weights_sha256": str}
 
 
@@ -208,6 +217,11 @@ def _label_problems(card: ModelCard) -> list[str]:
     problems = []
     if len(set(labels)) != len(labels):
         problems.append("labels repeat a name")
+    strangers = [u for u in card.untrained if u not in labels]
+    if strangers:
+        problems.append(f"untrained outputs {strangers} are not labels of this card")
+    if labels and len(card.untrained) >= len(labels):
+        problems.append("every output is marked untrained: the model predicts nothing")
     if card.kind == "classifier":
         outputs = card.builder_kwargs.get("num_outputs")
         if not labels:
@@ -228,6 +242,11 @@ def _preprocess_problems(card: ModelCard) -> list[str]:
     in_channels = card.builder_kwargs.get("in_channels")
     if in_channels is not None and in_channels != pp.channels:
         return [f"preprocess makes {pp.channels} channel(s) for a model with in_channels={in_channels}"]
+    if card.builder == "autoencoder":  # a [0, 1] grey image at the network's own side
+        side = card.builder_kwargs.get("image_size", 64)
+        if pp.size != side or pp.normalize != "zero_one" or pp.channels != 1:
+            return [f"an autoencoder of image_size {side} needs preprocess size {side}, normalize 'zero_one', "
+                    f"1 channel; got size {pp.size}, normalize {pp.normalize!r}, {pp.channels} channel(s)"]
     return []
 
 
@@ -321,6 +340,12 @@ def describe_card(card: ModelCard) -> list[str]:
         lines.append(f"description: {card.description}")
     if card.labels:
         lines.append(f"labels ({len(card.labels)}): {', '.join(card.labels)}")
+    if card.untrained:
+        lines.append(f"not trained by this model ({len(card.untrained)}, masked): {', '.join(card.untrained)}")
+    if card.source:
+        src = card.source
+        lines.append(f"source: {src.get('origin', '?')} {src.get('weights', '')}; licence {src.get('licence', '?')}; "
+                     f"cite {src.get('citation', '?')}")
     lines += _describe_training(card.training) + _describe_calibration(card) + _describe_test(card)
     lines.append(f"created {card.created}; " + ", ".join(f"{k} {v}" for k, v in card.versions.items()))
     return lines
@@ -363,6 +388,10 @@ def _describe_guard(g: dict[str, Any] | None) -> str:
 
 def _describe_test(card: ModelCard) -> list[str]:
     num = format_metric
+    if card.kind == "autoencoder" and "test_ssim_median" in card.metrics:
+        return [f"test reconstruction: median SSIM {num(card.metrics['test_ssim_median'])}, mean L1 "
+                f"{num(card.metrics.get('test_l1'), 4)}" + (f"; made for {card.training['like']}"
+                                                          if card.training.get("like") else "")]
     test = card.test_metrics
     summary = test.get("summary") or {}
     if "macro_auc" in summary:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.densenet import DenseNet
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from cxrbench.models.weights import (
     TORCHVISION_WEIGHTS,
@@ -32,6 +32,7 @@ __all__ = [
     "ARCHITECTURES",
     "DenseNet121",
     "ResNet18",
+    "ResNet50",
     "build_classifier",
     "classifier_layer",
     "disable_inplace_relu",
@@ -153,7 +154,23 @@ class ResNet18(_HeadMixin, ResNet):
         return self.forward(x)
 
 
-ARCHITECTURES: dict[str, type[_HeadMixin]] = {"densenet121": DenseNet121, "resnet18": ResNet18}
+class ResNet50(ResNet18):
+    """torchvision ResNet-50 (bottleneck blocks) with the same head and helpers as :class:`ResNet18`.
+
+    The architecture of torchxrayvision's ``resnet50-res512-all`` (1 input channel, 512 px), which
+    ``cxrbench import xrv`` converts; ``cxrbench train classifier`` does not offer it.
+    """
+
+    arch = "resnet50"
+    feature_dim = 2048
+
+    def __init__(self, num_outputs: int = 14, in_channels: int = 1, dropout: float = 0.0) -> None:
+        ResNet.__init__(self, Bottleneck, [3, 4, 6, 3], num_classes=num_outputs)
+        self._finish_init(num_outputs, in_channels, dropout)
+
+
+ARCHITECTURES: dict[str, type[_HeadMixin]] = {"densenet121": DenseNet121, "resnet18": ResNet18,
+                                              "resnet50": ResNet50}
 
 
 def build_classifier(
@@ -170,7 +187,7 @@ def build_classifier(
     Parameters
     ----------
     arch
-        ``"densenet121"`` (CheXNet) or ``"resnet18"``.
+        ``"densenet121"`` (CheXNet), ``"resnet18"`` or ``"resnet50"`` (torchxrayvision's 512 px model).
     num_outputs
         Number of logits (14 for the NIH findings, :data:`cxrbench.labels.NIH_FINDINGS` order).
     in_channels

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PickledCheckpointError",
     "WeightsUnavailableError",
     "adapt_first_conv",
     "adapt_conv_weight",
@@ -44,6 +45,15 @@ _HEAD_PREFIXES = ("classifier.", "fc.")
 
 class WeightsUnavailableError(FileNotFoundError):
     """Pretrained weights are not on this machine and downloading was not allowed."""
+
+
+class PickledCheckpointError(ValueError):
+    """A checkpoint holds pickled Python objects (e.g. a whole model), which cxrbench never unpickles."""
+
+
+#: how to turn a pickled whole model into a file cxrbench reads, in the environment that made it
+STATE_DICT_HINT = ("in the environment that made it (with the code of its model class), load it there and save "
+                   "only its weights: `torch.save(model.state_dict(), 'state_dict.pt')`, then pass that file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,11 +135,26 @@ def _pair(values: tuple[int, ...]) -> tuple[int, int]:
 # state-dict helpers
 # --------------------------------------------------------------------------------------------
 def _read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, read with ``torch.load(weights_only=True)``.
+
+    A file of pickled objects (a whole ``nn.Module`` saved with ``torch.save(model)``, as torchxrayvision's
+    DenseNet files are) is refused with :class:`PickledCheckpointError` naming the file and saying how to
+    save a state dict instead; nothing in it is unpickled.
+    """
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # what weights_only raises for a global it does not allow
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        needs = f": it needs the class {found.group(1)}" if found else ""
+        raise PickledCheckpointError(
+            f"{path} is a pickled model or other Python objects, not a state dict of tensors "
+            f"(torch.load(weights_only=True) refuses it{needs}). cxrbench never unpickles files; "
+            f"{STATE_DICT_HINT}.") from None
     except Exception as err:  # pickle errors come in many types
         raise ValueError(
             f"could not load {path} with torch.load(weights_only=True): {err}. cxrbench never unpickles "

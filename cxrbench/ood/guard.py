@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image as _PILImage
 
-from cxrbench.preprocess import Preprocess
+from cxrbench.preprocess import GeometrySource, Preprocess
 
 __all__ = ["GuardVerdict", "ImageGuard", "fit_guard", "image_information"]
 
@@ -41,10 +41,11 @@ _FIT_PERCENTILE = 1.0
 _FIT_MARGINS = {"bits_per_pixel": 0.7, "spread": 0.25}
 
 
-def image_information(pixels: np.ndarray, size: int = GUARD_SIZE) -> dict[str, float]:
+def image_information(pixels: np.ndarray | GeometrySource, size: int = GUARD_SIZE) -> dict[str, float]:
     """``bits_per_pixel`` (PNG size of the 8-bit ``size`` px crop) and ``spread`` (1st to 99th percentile).
 
-    ``pixels``: ``(H, W)`` float in [0, 1], as :func:`cxrbench.io.read_image` gives it.
+    ``pixels``: ``(H, W)`` float in [0, 1], as :func:`cxrbench.io.read_image` gives it (or its
+    :class:`~cxrbench.preprocess.GeometrySource`).
     """
     small = Preprocess(size=size, normalize="zero_one").geometry(pixels)
     u8 = np.round(small * 255.0).astype(np.uint8)
@@ -88,9 +89,10 @@ class ImageGuard:
             raise ValueError(f"min_bits_per_pixel must be >= 0 and min_spread in [0, 1), got "
                              f"{self.min_bits_per_pixel}, {self.min_spread}")
 
-    def check(self, pixels: np.ndarray) -> GuardVerdict:
-        """Check an ``(H, W)`` [0, 1] image; size first (no measure of a 1-pixel image means anything)."""
-        h, w = np.asarray(pixels).shape[:2]
+    def check(self, pixels: np.ndarray | GeometrySource) -> GuardVerdict:
+        """Check an ``(H, W)`` [0, 1] image (or its :class:`~cxrbench.preprocess.GeometrySource`); size first
+        (no measure of a 1-pixel image means anything)."""
+        h, w = (pixels.shape if isinstance(pixels, GeometrySource) else np.asarray(pixels).shape)[:2]
         if min(h, w) < self.min_side:
             return GuardVerdict(False, "size", f"too small ({w}x{h} px; a chest radiograph needs at least "
                                 f"{self.min_side} px on the short side)", {"short_side": float(min(h, w))},

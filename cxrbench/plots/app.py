@@ -29,6 +29,7 @@ def probability_figure(report: Report, reliability: Mapping[str, FindingReliabil
     With ``reliability`` (:func:`~cxrbench.evaluation.reliability.finding_reliability`) each bar is labelled on
     the right with its finding's test AUC, CI and positives; findings that are not reliable are drawn in
     :data:`MUTED_COLOURS` and marked "not reliable". On hover: the raw value, the operating point and the same.
+    A finding the weights never trained (``report.untrained``) has no bar, only the words "not trained by this model".
     """
     import plotly.graph_objects as go
 
@@ -43,6 +44,10 @@ def probability_figure(report: Report, reliability: Mapping[str, FindingReliabil
         hovertemplate="%{y}<br>calibrated %{x:.3f}<br>raw %{customdata[0]:.3f}"
                       "<br>operating point %{customdata[1]:.3f}"
                       + ("<br>test %{customdata[2]}" if reliability else "") + "<extra></extra>"))
+    for finding in table["finding"]:
+        if finding in getattr(report, "untrained", ()):
+            fig.add_annotation(x=0.01, y=finding, xanchor="left", showarrow=False,
+                               text="<i>not trained by this model</i>", font=dict(size=11, color="#8a8a8a"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#555", annotation_text="operating point",
                   annotation_position="top")
     right = 10

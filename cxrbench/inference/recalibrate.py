@@ -1,0 +1,108 @@
+"""Labelled predictions of a bundle on a dataset, and re-fitting its operating points (``cxrbench calibrate``).
+
+Only the findings the weights trained take part (a card's ``untrained`` outputs are skipped, and the callers
+say so). :func:`refit_operating_points` fits Youden operating points on the user's validation images and writes
+them into the bundle's card next to the ones it had (``operating_points["published"]``, e.g. torchxrayvision's
+``op_threshs``); the refitted ones are used from then on. A finding the validation images cannot fit (no
+positives or no negatives) keeps its previous operating point, listed in ``operating_points["kept_previous"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbench.evaluation.calibration import fit_operating_points
+from cxrbench.inference.pipeline import Pipeline
+from cxrbench.models.bundle import Bundle, load_bundle, save_bundle
+from cxrbench.models.card import ModelCard
+
+__all__ = ["LabelledOutputs", "labelled_outputs", "refit_operating_points", "trained_findings"]
+
+
+def trained_findings(card: ModelCard) -> list[str]:
+    """The card's labels without the outputs its weights never trained (``card.untrained``)."""
+    return [f for f in card.labels if f not in card.untrained]
+
+
+@dataclass
+class LabelledOutputs:
+    """A bundle's outputs on labelled images: ``logits`` (N, F) over all outputs; ``labels`` and
+    ``probabilities`` (N, T) over the ``findings`` it trained (T <= F); ``image_ids`` (N,)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+    findings: list[str]
+    image_ids: list[str]
+    skipped: list[str]
+
+
+def labelled_outputs(bundle: Bundle, data: str | os.PathLike, *, split: str | os.PathLike | None = None,
+                     subset: str = "val", batch_size: int = 32, progress: bool = False) -> LabelledOutputs:
+    """Predict every readable image of the labelled folder ``data`` (``subset`` of ``split`` when given).
+
+    Raises ``ValueError`` when the data has no label column for a trained finding, or no images.
+    """
+    from cxrbench.data import CXRDataset, load_manifest, load_split
+
+    findings = trained_findings(bundle.card)
+    manifest = load_manifest(data, on_missing="drop")
+    absent = [c for c in findings if c not in manifest.columns]
+    if absent:
+        raise ValueError(f"{data}: no label columns for {absent}; this data cannot evaluate this model")
+    if split:
+        s = load_split(split, manifest)
+        manifest = manifest[(s == subset).to_numpy()].reset_index(drop=True)
+        if manifest.empty:
+            raise ValueError(f"{split}: no '{subset}' images")
+    ds = CXRDataset(manifest, bundle.preprocess, label_columns=findings)
+    report = ds.build_cache(progress=progress)
+    if report.n_failed:
+        print(f"warning: {report.summary()}", file=sys.stderr)
+    ds = ds.readable()
+    preds = Pipeline(bundle).predict_dataset(ds, batch_size=batch_size, progress=progress)
+    keep = [bundle.labels.index(f) for f in findings]
+    assert preds.labels is not None
+    return LabelledOutputs(preds.logits, preds.labels, preds.probabilities[:, keep], findings,
+                           ds.manifest["image_id"].astype(str).tolist(), list(bundle.card.untrained))
+
+
+def refit_operating_points(bundle_path: str | os.PathLike, data: str | os.PathLike, *,
+                           split: str | os.PathLike | None = None, subset: str = "val", batch_size: int = 32,
+                           progress: bool = False) -> ModelCard:
+    """Fit Youden operating points of the bundle at ``bundle_path`` on ``data`` and write them into its card.
+
+    The previous operating points are kept under ``operating_points["published"]`` (the first ones a bundle
+    had: re-fitting twice keeps the published ones, not the first re-fit). Returns the new card.
+    """
+    bundle = load_bundle(bundle_path, kind="classifier")
+    out = labelled_outputs(bundle, data, split=split, subset=subset, batch_size=batch_size, progress=progress)
+    if not len(out.labels):
+        raise ValueError(f"{data}: no readable labelled images to fit operating points on")
+    where = f"{data}" + (f" ({subset} rows of {split})" if split else "")
+    fitted = fit_operating_points(out.labels, out.probabilities, out.findings, fitted_on=where).to_dict()
+    before: dict[str, Any] = dict(bundle.card.operating_points)
+    published = before.get("published") or ({k: v for k, v in before.items() if k != "kept_previous"}
+                                            if before.get("thresholds") else {})
+    previous = (before.get("thresholds") or {})
+    thresholds: dict[str, float | None] = {f: None for f in bundle.labels}
+    kept = []
+    for f in out.findings:
+        value = fitted["thresholds"].get(f)
+        if value is None or not math.isfinite(value) or not 0 < value < 1:
+            value = previous.get(f)
+            kept += [f] if value is not None else []
+        thresholds[f] = value
+    fitted.update(thresholds=thresholds, n_images=len(out.labels), kept_previous=kept, published=published,
+                  skipped_untrained=out.skipped)
+    card = bundle.card
+    card.operating_points = fitted
+    save_bundle(Path(bundle_path), bundle.model, card)
+    return card

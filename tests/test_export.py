@@ -58,12 +58,12 @@ def exported(tmp_path_factory, files):
     return root
 
 
-def test_export_writes_three_graphs_with_the_card_and_a_passing_parity_table(exported):
+def test_export_writes_four_graphs_with_the_card_and_a_passing_parity_table(exported):
     import onnx
 
     out = exported / "onnx"
     manifest = json.loads((out / "export.json").read_text())
-    assert set(manifest["graphs"]) == {"classifier", "cam", "ood"} and manifest["opset"] >= 17
+    assert set(manifest["graphs"]) == {"classifier", "cam", "ood", "saliency"} and manifest["opset"] >= 17
     cards = {"classifier": load_bundle(exported / "clf").card, "ood": load_bundle(exported / "ood").card}
     for graph in ("classifier", "cam", "ood"):
         stored, kind = read_onnx_card(out / f"{graph}.onnx")
@@ -72,8 +72,15 @@ def test_export_writes_three_graphs_with_the_card_and_a_passing_parity_table(exp
         proto = onnx.load(str(out / f"{graph}.onnx"))
         assert proto.opset_import[0].version >= 17
         assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    stored, kind = read_onnx_card(out / "saliency.onnx")  # forward + input gradient, batch 1, logit weights w
+    proto = onnx.load(str(out / "saliency.onnx"))
+    assert kind == "saliency" and stored == cards["classifier"] and [i.name for i in proto.graph.input] == ["x", "w"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "calibrated", "saliency"]
+    assert not {n.op_type for n in proto.graph.node} & {"MaxPoolGrad", "ConvGrad", "ReluGrad"}  # forward ops only
     parity = pd.read_csv(out / "parity.csv")
-    assert parity["passed"].all() and len(parity) == 14
+    assert parity["passed"].all() and len(parity) == 17
+    maps = parity[parity["output"].str.startswith("saliency_")]
+    assert len(maps) == 2 and (maps["outside_tolerance"] <= 0.005).all() and (maps["mean_abs_diff"] < 1e-5).all()
     logits = parity[parity["output"] == "logits"]
     assert (logits["max_abs_diff"] <= 1e-4).all() and (logits["tolerance"] == 1e-4).all()
     assert manifest["parity"]["source"] == "given images" and manifest["parity"]["images"] == 3
@@ -165,7 +172,7 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_export_and_leaves_nothing
     model = _TracedDiffers(num_outputs=14, in_channels=1).eval()
     bundle = Bundle(model, _card(), exported / "clf")
     with pytest.raises(ParityError, match=r"classifier/logits: max \|diff\| 0.001"):
-        export_models(bundle, tmp_path / "bad", images=files[:2], threads=1)
+        export_models(bundle, tmp_path / "bad", images=files[:2], threads=1, saliency=False)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
     # the parity table itself says which outputs disagree
     good = load_bundle(exported / "clf")
@@ -174,6 +181,29 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_export_and_leaves_nothing
     table = parity_check(exported / "onnx", good, images=files[:2], threads=1)
     failed = set(table.loc[~table["passed"], "output"])
     assert {"logits", "probabilities"} <= failed and "cam" not in failed  # CAM leaves the bias out
+
+
+def test_a_wrong_gradient_graph_fails_the_saliency_parity(exported, files, tmp_path):
+    """saliency.onnx with one transposed convolution's output 1 % off (a decomposition bug) fails its parity rows."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from cxrbench.export.gradient import saliency_parity
+    from cxrbench.io import read_image
+
+    proto = onnx.load(str(exported / "onnx" / "saliency.onnx"))
+    index, node = next((i, n) for i, n in enumerate(proto.graph.node) if n.op_type == "ConvTranspose")
+    out = node.output[0]
+    node.output[0] = f"{out}_exact"
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "one_percent_more"))
+    proto.graph.node.insert(index + 1, helper.make_node("Mul", [f"{out}_exact", "one_percent_more"], [out]))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    good = load_bundle(exported / "clf")
+    x = torch.from_numpy(np.stack([good.preprocess(read_image(f).pixels) for f in files[:2]]))
+    session = make_session(tmp_path / "bad.onnx", threads=1)
+    rows = {r["output"]: r for r in saliency_parity(session, good.model.eval(), x, tolerance=1e-4)}
+    assert rows["logits"]["passed"] and not rows["saliency_all"]["passed"] and not rows["saliency_finding"]["passed"]
+    assert rows["saliency_all"]["outside_tolerance"] > 0.05
 
 
 def test_errors_name_what_is_wrong(exported, tmp_path):

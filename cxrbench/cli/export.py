@@ -27,7 +27,7 @@ def _parity_images(args: argparse.Namespace):
 
 
 def _print_parity(parity) -> None:
-    cols = ["graph", "output", "n_images", "max_abs_diff", "mean_abs_diff", "tolerance", "passed"]
+    cols = ["graph", "output", "n_images", "max_abs_diff", "mean_abs_diff", "tolerance", "outside_tolerance", "passed"]
     print(parity[cols].to_string(index=False, float_format=lambda v: f"{v:.2e}"))
 
 
@@ -39,7 +39,8 @@ def _export(args: argparse.Namespace) -> int:
     images, source = _parity_images(args)
     result = export_models(load_bundle(args.bundle, kind="classifier"), args.out,
                            load_bundle(args.ood, kind="ood") if args.ood else None, images=images,
-                           tolerance=args.tolerance, opset=args.opset, threads=args.threads)
+                           tolerance=args.tolerance, opset=args.opset, threads=args.threads,
+                           saliency=not args.no_saliency)
     _print_parity(result.parity)
     graphs = ", ".join(f"{g['file']} ({g['bytes'] / 1e6:.1f} MB)" for g in result.manifest["graphs"].values())
     print(f"parity on {len(images)} images ({source}): max |logit diff| {result.max_logit_diff:.2e} "
@@ -53,7 +54,8 @@ def _export_web(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     images = _parity_images(args)[0]
-    out = export_web(args.bundle, args.out, args.ood, images=images, tolerance=args.tolerance, npm_dir=args.npm_dir)
+    out = export_web(args.bundle, args.out, args.ood, images=images, tolerance=args.tolerance, npm_dir=args.npm_dir,
+                     saliency=not args.no_saliency)
     print(f"wrote the web app to {out} in {time.perf_counter() - t0:.1f} s; serve it over http, e.g.\n"
           f"  python -m http.server -b 127.0.0.1 -d {out} 8000")
     if args.serve is not None:
@@ -72,7 +74,10 @@ def _add_parity_options(q: argparse.ArgumentParser) -> None:
                    help="parity-check images (files, folders, globs); default: real NIH images from the shared data")
     q.add_argument("--n-images", type=int, default=8, help="how many parity images")
     q.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest allowed |logit difference| torch vs ONNX Runtime")
+                   help="largest allowed |logit difference| torch vs ONNX Runtime (saliency maps: relative to "
+                        "their maximum, on all but 0.5%% of the pixels)")
+    q.add_argument("--no-saliency", action="store_true",
+                   help="skip saliency.onnx, the forward + input-gradient graph (DenseNet-121: minutes to export)")
 
 
 def add_export_commands(sub: Subcommands) -> None:

@@ -120,7 +120,8 @@ def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike |
             shutil.rmtree(out)
         if classifier is not None:
             export_models(load_bundle(classifier, kind="classifier"), out,
-                          load_bundle(ood, kind="ood") if ood is not None else None, replace=False)
+                          load_bundle(ood, kind="ood") if ood is not None else None, replace=False,
+                          saliency=False)  # the ONNX backend needs no gradient graph
         else:
             export_gate(load_bundle(ood, kind="ood"), out, replace=False)  # type: ignore[arg-type]
     return out

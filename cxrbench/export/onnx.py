@@ -5,6 +5,8 @@
     DIR/
         classifier.onnx   x -> logits, probabilities (sigmoid), calibrated (Chester Eq. 1, operating points baked in)
         cam.onnx          x -> the same three outputs + cam: per-finding CAM at input size (forward only)
+        saliency.onnx     x, w -> the same three outputs + saliency: Chester's input-gradient map of sum(w * logits),
+                          forward and backward in one graph, batch 1 (:mod:`cxrbench.export.gradient`)
         ood.onnx          x64 -> reconstruction, latent_mean, and the OOD scores l1, l2, ssim (1 - SSIM),
                           ssim_raw, latent
         export.json       what was exported: files, inputs/outputs, labels, preprocessing, thresholds, cutoff, parity
@@ -17,8 +19,8 @@ PyTorch model takes. The export is written next to ``DIR`` and only moved into p
 check passes: with a maximum absolute logit difference above the tolerance (default 1e-4) it fails
 with :class:`ParityError` and nothing is left behind.
 
-The exporter is the TorchScript-based ``torch.onnx.export(..., dynamo=False)``: the dynamo exporter
-needs ``onnxscript``, which is not a dependency (and is not needed for these static graphs).
+The forward graphs use the TorchScript-based ``torch.onnx.export(..., dynamo=False)``; the saliency graph is
+traced with ``make_fx`` and written by the dynamo exporter (``onnxscript``), see :mod:`cxrbench.export.gradient`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ DEFAULT_OPSET = 17
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "calibrated")
 CAM_OUTPUTS = (*CLASSIFIER_OUTPUTS, "cam")
 OOD_OUTPUTS = ("reconstruction", "latent_mean", "l1", "l2", "ssim", "ssim_raw", "latent")
-GRAPH_FILES = {"classifier": "classifier.onnx", "cam": "cam.onnx", "ood": "ood.onnx"}
+GRAPH_FILES = {"classifier": "classifier.onnx", "cam": "cam.onnx", "ood": "ood.onnx", "saliency": "saliency.onnx"}
 MANIFEST = "export.json"
 
 
@@ -178,14 +180,22 @@ def card_fingerprint(card: ModelCard) -> str:
 def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str], *, graph: str,
                   card: ModelCard, opset: int) -> dict[str, Any]:
     """Trace ``module`` on ``example`` into ``path`` (dynamic batch), add metadata, check it."""
-    import onnx
-
     module.eval()
     with warnings.catch_warnings():  # the legacy exporter's deprecation notice, shape checks seen by the tracer
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
                           output_names=list(outputs), do_constant_folding=True,
                           dynamic_axes={name: {0: "batch"} for name in ("x", *outputs)})
+    return finish_graph(path, ["batch", *example.shape[1:]], outputs, graph=graph, card=card)
+
+
+def finish_graph(path: Path, input_shape: Sequence[Any], outputs: Sequence[str], *, graph: str,
+                 card: ModelCard) -> dict[str, Any]:
+    """Add the card and graph kind to the ``metadata_props`` of the ONNX file at ``path`` and check it.
+
+    Returns the graph's entry of ``export.json``."""
+    import onnx
+
     proto = onnx.load(str(path))
     meta = {"cxrbench_card": _card_json(card), "cxrbench_graph": graph, "cxrbench_version": __version__,
             "cxrbench_outputs": json.dumps(list(outputs))}
@@ -195,7 +205,7 @@ def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, outputs:
     proto.producer_name, proto.doc_string = "cxrbench", f"cxrbench {graph} graph of {card.name or card.builder}"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
-    return {"file": path.name, "input": {"name": "x", "shape": ["batch", *example.shape[1:]]},
+    return {"file": path.name, "input": {"name": "x", "shape": list(input_shape)},
             "outputs": list(outputs), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "bytes": path.stat().st_size}
 
@@ -254,7 +264,8 @@ def _compare(graph: str, output: str, ref: np.ndarray, got: np.ndarray, toleranc
     diff = np.abs(ref[ok] - got[ok]) if ok.any() else np.zeros(1)
     tol = tolerance * max(1.0, float(np.abs(ref[ok]).max())) if scaled and ok.any() else tolerance
     return {"graph": graph, "output": output, "n_images": int(ref.shape[0]), "max_abs_diff": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "passed": bool(same_nan and diff.max() <= tol)}
+            "mean_abs_diff": float(diff.mean()), "tolerance": tol, "outside_tolerance": float(np.mean(diff > tol)),
+            "passed": bool(same_nan and diff.max() <= tol)}
 
 
 def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle | None = None,
@@ -288,6 +299,11 @@ def parity_check(export_dir: str | os.PathLike, classifier: Bundle, ood: Bundle 
            "calibrated": calibrate(probabilities, _thresholds(classifier.card)),
            "cam": get_explainer("cam", model)(x)}
     rows = []
+    if (export_dir / GRAPH_FILES["saliency"]).is_file():
+        from cxrbench.export.gradient import saliency_parity
+
+        session = make_session(export_dir / GRAPH_FILES["saliency"], threads)
+        rows += saliency_parity(session, model, x, tolerance=tolerance)
     for graph in ("classifier", "cam"):
         outputs = make_session(export_dir / GRAPH_FILES[graph], threads).run(None, {"x": x.numpy()})
         for name, value in zip(CAM_OUTPUTS, outputs):
@@ -336,6 +352,40 @@ def _atomic_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
+def _saliency_graph(classifier: Bundle, path: Path, *, opset: int) -> dict[str, Any]:
+    """Write ``saliency.onnx`` (:mod:`cxrbench.export.gradient`); its manifest entry."""
+    from cxrbench.export.gradient import SALIENCY_OUTPUTS, gradient_program, write_saliency_onnx
+
+    pp, n = classifier.preprocess, len(classifier.labels)
+    net = CalibratedClassifier(classifier.model.eval(), _thresholds(classifier.card))
+    write_saliency_onnx(gradient_program(net, pp.channels, pp.size, n), pp.channels, pp.size, n, path, opset=opset)
+    entry = finish_graph(path, [1, pp.channels, pp.size, pp.size], SALIENCY_OUTPUTS, graph="saliency",
+                         card=classifier.card)
+    entry["weights"] = {"name": "w", "shape": [1, n],
+                        "meaning": "logit weights: all ones = summed saliency, one-hot = one finding"}
+    return entry
+
+
+def _write_graphs(classifier: Bundle, ood: Bundle | None, tmp: Path, *, opset: int, saliency: bool
+                  ) -> dict[str, dict[str, Any]]:
+    """Every graph of an export into ``tmp``; their manifest entries by graph kind."""
+    pp = classifier.preprocess
+    example = torch.randn(2, pp.channels, pp.size, pp.size)
+    graphs = {}
+    for graph, cam in (("classifier", False), ("cam", True)):
+        module = CalibratedClassifier(classifier.model.eval(), _thresholds(classifier.card), cam=cam)
+        outputs = CAM_OUTPUTS if cam else CLASSIFIER_OUTPUTS
+        graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
+                                      card=classifier.card, opset=opset)
+    if saliency:
+        graphs["saliency"] = _saliency_graph(classifier, tmp / GRAPH_FILES["saliency"], opset=opset)
+    if ood is not None:
+        example64 = torch.rand(2, 1, ood.preprocess.size, ood.preprocess.size)
+        graphs["ood"] = _export_graph(OODGraph(ood.model.eval()), example64, tmp / GRAPH_FILES["ood"], OOD_OUTPUTS,
+                                      graph="ood", card=ood.card, opset=opset)
+    return graphs
+
+
 def _move_into_place(tmp: Path, out: Path, *, replace: bool) -> None:
     """Rename the finished export ``tmp`` to ``out`` (one atomic rename; readers never see a half-written folder).
 
@@ -357,14 +407,14 @@ def _move_into_place(tmp: Path, out: Path, *, replace: bool) -> None:
 def _check_parity(parity: pd.DataFrame, what: str, n_images: int) -> None:
     failed = parity[~parity["passed"]]
     if len(failed):
-        worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g}"
-                          for r in failed.itertuples())
+        worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g} "
+                          f"on {r.outside_tolerance:.2%} of the values" for r in failed.itertuples())
         raise ParityError(f"ONNX export of {what} fails the parity check on {n_images} images: {worst}")
 
 
 def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
                   images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
-                  threads: int | None = None, replace: bool = True) -> ExportResult:
+                  threads: int | None = None, replace: bool = True, saliency: bool = True) -> ExportResult:
     """Export a classifier bundle (and an OOD bundle) to ONNX in ``out`` and check parity.
 
     Parameters
@@ -376,6 +426,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
     threads : ONNX Runtime intra-op threads for the check (None: its default).
     replace : False keeps an ``out`` that another writer completed while this export ran (see
         :func:`_move_into_place`); the result then describes this export, which was discarded.
+    saliency : also write ``saliency.onnx`` (forward + input gradient; its maps are held to ``tolerance``
+        relative to their maximum). DenseNet-121 at 224 px takes a few minutes to trace and convert.
 
     Raises :class:`ParityError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
     """
@@ -393,20 +445,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
     tmp = _atomic_dir(out)
     try:
-        pp = classifier.preprocess
-        example = torch.randn(2, pp.channels, pp.size, pp.size)
-        thresholds = _thresholds(classifier.card)
-        graphs = {}
-        for graph, cam in (("classifier", False), ("cam", True)):
-            module = CalibratedClassifier(classifier.model.eval(), thresholds, cam=cam)
-            outputs = CAM_OUTPUTS if cam else CLASSIFIER_OUTPUTS
-            graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
-                                          card=classifier.card, opset=opset)
-        if ood is not None:
-            opp = ood.preprocess
-            example64 = torch.rand(2, 1, opp.size, opp.size)
-            graphs["ood"] = _export_graph(OODGraph(ood.model.eval()), example64, tmp / GRAPH_FILES["ood"], OOD_OUTPUTS,
-                                          graph="ood", card=ood.card, opset=opset)
+        pp, thresholds = classifier.preprocess, _thresholds(classifier.card)
+        graphs = _write_graphs(classifier, ood, tmp, opset=opset, saliency=saliency)
         parity = parity_check(tmp, classifier, ood, images, tolerance=tolerance, threads=threads)
         _check_parity(parity, str(classifier.path), len(images))
         import onnxruntime

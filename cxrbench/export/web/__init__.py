@@ -7,13 +7,20 @@
         config.json                 labels, preprocessing, operating points, OOD cutoff, graph paths
         models/                     a cxrbench ONNX export (cam.onnx, ood.onnx, ...; parity-checked)
         ort.wasm.min.js, ort-wasm-simd-threaded.{mjs,wasm}   onnxruntime-web from npm, pinned (package.json)
+        UPNG.js, pako.min.js        upng-js and its zlib port (pako), same lockfile: 16-bit PNG decoding, and the
+                                    blank-image guard's PNG-size measure (cxrbench.ood.guard) in the page
 
 Nothing is fetched from elsewhere at run time (the page's Content-Security-Policy allows only its own
 origin), and the chosen image never leaves the page. WebAssembly needs the folder served over http, e.g.
 ``python -m http.server -b 127.0.0.1 -d OUT`` or :func:`serve`.
 
 onnxruntime-web is installed once with npm (``npm ci`` against this package's lockfile) into
-``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm`` and copied from there.
+``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm`` and copied from there, with upng-js and pako.
+
+``config.json`` carries the blank-image guard's thresholds (the OOD card's fitted ``ood["guard"]``, else the
+:class:`~cxrbench.ood.guard.ImageGuard` defaults), so the page rejects blank, flat and tiny images with the
+same checks and reason text as the Python gate, and the saliency graph (``models/saliency.onnx``) when the
+export has one.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ WEB_DIR = Path(__file__).resolve().parent
 TEMPLATES = ("index.html", "app.js")
 #: The files of onnxruntime-web the page needs: the WebAssembly-only bundle, its loader and the binary.
 ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+#: Other npm files copied next to the page: name in the app -> path under node_modules.
+VENDOR_FILES = {"UPNG.js": "upng-js/UPNG.js", "pako.min.js": "pako/dist/pako.min.js"}
 BROWSER_RESAMPLE = ("bilinear", "area", "bicubic", "lanczos")
 
 
@@ -56,7 +65,8 @@ def installed_onnxruntime_web(npm_dir: str | os.PathLike | None = None) -> Path 
     dist = folder / "node_modules" / "onnxruntime-web" / "dist"
     installed = dist.parent / "package.json"
     if installed.is_file() and json.loads(installed.read_text()).get("version") == onnxruntime_web_version() \
-            and all((dist / f).is_file() for f in ORT_FILES):
+            and all((dist / f).is_file() for f in ORT_FILES) \
+            and all((folder / "node_modules" / f).is_file() for f in VENDOR_FILES.values()):
         return dist
     return None
 
@@ -81,7 +91,7 @@ def install_onnxruntime_web(npm_dir: str | os.PathLike | None = None, *, quiet: 
         shutil.copyfile(WEB_DIR / name, folder / name)
     cmd = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not all((dist / f).is_file() for f in ORT_FILES):
+    if proc.returncode != 0 or installed_onnxruntime_web(folder) is None:
         tail = (proc.stderr or proc.stdout)[-2000:]
         raise RuntimeError(f"'npm ci' in {folder} failed (exit {proc.returncode}): {tail}")
     if not quiet:
@@ -101,7 +111,7 @@ def _check_browser_preprocess(pp: dict[str, Any], what: str) -> None:
 def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
                ood: Bundle | str | os.PathLike | None = None, *, images: Sequence[Any] | None = None,
                tolerance: float = 1e-4, npm_dir: str | os.PathLike | None = None,
-               threads: int | None = None) -> Path:
+               threads: int | None = None, saliency: bool = True) -> Path:
     """Write the static web app for a classifier (and an OOD gate) into ``out``.
 
     Parameters
@@ -110,6 +120,7 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
         must be None: the export brings its own).
     ood : OOD bundle (or folder) for the gate; without it the page has no gate.
     images, tolerance, threads : parity check of the ONNX export (see :func:`cxrbench.export.onnx.export_models`).
+    saliency : also export the gradient graph, so the page offers Chester's saliency next to CAM.
     npm_dir : where onnxruntime-web is installed (default ``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm``).
 
     Returns ``out``. Raises ``ValueError`` for preprocessing the browser cannot reproduce (CLAHE, nearest).
@@ -140,19 +151,32 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
             _check_browser_preprocess(gate.card.preprocess, "OOD model")
         dist = install_onnxruntime_web(npm_dir)
         out.mkdir(parents=True, exist_ok=True)
-        manifest = export_models(clf, models, gate, images=images, tolerance=tolerance, threads=threads).manifest
+        manifest = export_models(clf, models, gate, images=images, tolerance=tolerance, threads=threads,
+                                 saliency=saliency).manifest
     for name in TEMPLATES:
         shutil.copyfile(WEB_DIR / name, out / name)
     for name in ORT_FILES:
         shutil.copyfile(dist / name, out / name)
+    for name, source in VENDOR_FILES.items():
+        shutil.copyfile(dist.parent.parent / source, out / name)
     graphs = {k: f"models/{v['file']}" for k, v in manifest["graphs"].items()}
     config = {key: manifest.get(key) for key in ("labels", "preprocess", "normalize_mean", "normalize_std",
                                                  "thresholds", "ood_preprocess", "ood_cutoff", "cxrbench", "opset")}
     config.update(graphs=graphs, onnxruntime_web=onnxruntime_web_version(), parity=manifest.get("parity"))
     if "ood" not in graphs:
         config.update(ood_preprocess=None, ood_cutoff=None)
+    config["guard"] = _guard_config(models)
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
+
+
+def _guard_config(models: Path) -> dict[str, Any]:
+    """The blank-image guard's thresholds for the page: the OOD card's fitted ones (in ``ood.onnx``), else defaults."""
+    from cxrbench.export.onnx import read_onnx_card
+    from cxrbench.ood.guard import ImageGuard
+
+    fitted = read_onnx_card(models / "ood.onnx")[0].ood.get("guard") if (models / "ood.onnx").is_file() else None
+    return ImageGuard.from_dict(fitted).to_dict()
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -1,4 +1,4 @@
-/* cxrbench browser app: OOD gate, calibrated probabilities and a CAM heat-map, all inside this page.
+/* cxrbench browser app: OOD gate, calibrated probabilities and a CAM or saliency heat-map, all inside this page.
  *
  * Written by `cxrbench export-web`; reads config.json (labels, preprocessing, operating points, OOD cutoff)
  * and the exported graphs in models/. Preprocessing reproduces cxrbench.preprocess.Preprocess:
@@ -9,15 +9,19 @@
  *
  * API for tests and scripts:
  *   window.cxrbenchReady                     Promise of {load_s, threads, ort}
- *   window.cxrbenchAnalyze(src, options)     Promise of {probabilities (calibrated), raw, logits, ood_score, ...}
+ *   window.cxrbenchAnalyze(src, options)     Promise of {probabilities (calibrated), raw, logits, ood_score, guard,
+ *                                            reason, map_kind, map_finding, timings, map_b64 (with returnMap), ...}
  *   window.cxrbenchPreprocess(src, options)  Promise of {x, x_ood, size, channels, ood_size}: the model inputs,
  *                                            flat arrays (or base64 float32 with options.encoding = "base64")
  * src: URL string, File/Blob, HTMLImageElement, HTMLCanvasElement or ImageBitmap.
- * options: {resize: "pillow" | "canvas-high" | "canvas-low", allowOod: bool, render: bool, preprocess: {...}}
+ * options: {resize: "pillow" | "canvas-high" | "canvas-low", allowOod: bool, render: bool, preprocess: {...},
+ *           explain: "cam" | "saliency", finding: "all" | "top" | name | index (saliency), returnMap: bool}
+ * The gate runs the blank-image guard of cxrbench.ood.guard (thresholds in config.json) before the OOD model; a
+ * 16-bit greyscale PNG is decoded with UPNG.js (not the 8-bit canvas) and scaled by its effective bit depth.
  */
 (function () {
   "use strict";
-  const state = { config: null, cam: null, ood: null };
+  const state = { config: null, cam: null, ood: null, saliency: null, saliencyLoad: null };
   const now = () => performance.now();
 
   // ------------------------------------------------------------------ resampling (Pillow's Resample.c)
@@ -102,6 +106,67 @@
     }
   }
 
+  // ------------------------------------------------------------------ 16-bit greyscale PNG (cxrbench.io.read_image)
+  const PNG_MAGIC = [137, 80, 78, 71, 13, 10, 26, 10];
+  const EFFECTIVE_DEPTHS = [8, 10, 12, 14, 16];
+
+  /** IHDR fields and the sBIT of a PNG (null if the bytes are not a PNG). */
+  function pngHeader(bytes) {
+    if (bytes.length < 33 || PNG_MAGIC.some((v, i) => bytes[i] !== v)) return null;
+    const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const info = { width: dv.getUint32(16), height: dv.getUint32(20), depth: bytes[24], ctype: bytes[25], sbit: null };
+    for (let pos = 8; pos + 8 <= bytes.length;) {
+      const len = dv.getUint32(pos), kind = String.fromCharCode(...bytes.subarray(pos + 4, pos + 8));
+      if (kind === "IDAT" || kind === "IEND") break;
+      if (kind === "sBIT" && len >= 1 && pos + 8 < bytes.length) {
+        const b = bytes[pos + 8];
+        info.sbit = b >= 1 && b <= 16 ? b : null;
+      }
+      pos += 12 + len;
+    }
+    return info;
+  }
+
+  /** A 16-bit greyscale PNG scaled by its effective bit depth (sBIT, else the smallest of 8..16 holding its maximum). */
+  function grey16(bytes, header) {
+    if (typeof UPNG === "undefined" || typeof pako === "undefined") {
+      throw new Error("16-bit PNG: this app folder lacks its PNG decoder (UPNG.js, pako.min.js); write it again with cxrbench export-web");
+    }
+    let png;
+    try {
+      png = UPNG.decode(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
+    } catch (err) {
+      throw new Error(`cannot read this file as an image (16-bit PNG: ${err.message || err})`);
+    }
+    const w = png.width, h = png.height, n = w * h, d = png.data;
+    if (!w || !h) throw new Error("the image is empty (0 pixels)");
+    if (!d || d.length < 2 * n) throw new Error("cannot read this file as an image (16-bit PNG: truncated image data)");
+    const raw = new Uint16Array(n);
+    let vmax = 0;
+    for (let i = 0; i < n; i++) { const v = (d[2 * i] << 8) | d[2 * i + 1]; raw[i] = v; if (v > vmax) vmax = v; }
+    const bits = header.sbit !== null ? header.sbit : EFFECTIVE_DEPTHS.find((b) => b >= 16 || vmax < 2 ** b);
+    const scale = 2 ** bits - 1, grey = new Float32Array(n);
+    for (let i = 0; i < n; i++) grey[i] = raw[i] / scale; // float32(v / scale): float32 division of the same integers
+    return { grey, width: w, height: h, bit_depth: 16, effective_bits: bits };
+  }
+
+  /** Decoded source: {img: {grey, width, height, bit_depth, effective_bits}, bitmap (null for 16-bit PNG)}. */
+  async function decode(src) {
+    if (src instanceof ImageBitmap) return { img: greyPixels(src), bitmap: src };
+    if (typeof src === "string") {
+      const response = await fetch(src);
+      if (!response.ok) throw new Error(`cannot read ${src}: HTTP ${response.status}`);
+      src = await response.blob();
+    }
+    if (src instanceof Blob) {
+      const bytes = new Uint8Array(await src.arrayBuffer());
+      const header = pngHeader(bytes);
+      if (header && header.depth === 16 && header.ctype === 0) return { img: grey16(bytes, header), bitmap: null };
+    }
+    const bitmap = await toBitmap(src);
+    return { img: greyPixels(bitmap), bitmap };
+  }
+
   /** Grey pixels in [0, 1] as float32, as cxrbench.io.read_image gives them for 8-bit images. */
   function greyPixels(bitmap) {
     const w = bitmap.width, h = bitmap.height;
@@ -116,7 +181,19 @@
       const luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16; // Pillow's convert("L")
       grey[i] = a === 255 ? luma / 255 : (luma * (a / 255)) / 255;
     }
-    return { grey, width: w, height: h };
+    return { grey, width: w, height: h, bit_depth: 8, effective_bits: 8 };
+  }
+
+  function greyBitmap(img) {
+    const canvas = new OffscreenCanvas(img.width, img.height);
+    const ctx = canvas.getContext("2d");
+    const im = ctx.createImageData(img.width, img.height);
+    for (let i = 0; i < img.grey.length; i++) {
+      const v = Math.round(255 * img.grey[i]);
+      im.data[4 * i] = v; im.data[4 * i + 1] = v; im.data[4 * i + 2] = v; im.data[4 * i + 3] = 255;
+    }
+    ctx.putImageData(im, 0, 0);
+    return canvas.transferToImageBitmap();
   }
 
   function squareBox(w, h, crop) {
@@ -143,6 +220,7 @@
       }
       return box.side === pp.size ? sq : resizePillow(sq, box.side, pp.size, pp.resample);
     }
+    if (!bitmap) bitmap = greyBitmap(img); // a 16-bit PNG: the canvas sees its 8-bit rendering
     const canvas = new OffscreenCanvas(pp.size, pp.size);
     const ctx = canvas.getContext("2d", { willReadFrequently: true });
     ctx.fillStyle = "#000";
@@ -215,8 +293,7 @@
     const pp = options.preprocess || cfg.preprocess;
     const [mean, std] = options.preprocess ? statsOf(pp).map((a) => a.map(Math.fround)) : [cfg.normalize_mean, cfg.normalize_std];
     const t0 = now();
-    const bitmap = src instanceof ImageBitmap ? src : await toBitmap(src);
-    const img = greyPixels(bitmap);
+    const { img, bitmap } = await decode(src);
     const t1 = now();
     const display = geometry(img, bitmap, pp, resize);
     const x = intensity(display, pp, mean.map(Math.fround), std.map(Math.fround));
@@ -227,7 +304,86 @@
       const [om, os] = statsOf(opp);
       xOod = intensity(oodDisplay, opp, om.map(Math.fround), os.map(Math.fround));
     }
-    return { x, xOod, display, oodDisplay, pp, decode_s: (t1 - t0) / 1000, preprocess_s: (now() - t1) / 1000 };
+    return { x, xOod, display, oodDisplay, pp, img, decode_s: (t1 - t0) / 1000, preprocess_s: (now() - t1) / 1000 };
+  }
+
+  // ------------------------------------------------------------------ the blank-image guard (cxrbench.ood.guard)
+  /** numpy's round-half-to-even of a value >= 0. */
+  function roundEven(v) {
+    const f = Math.floor(v), d = v - f;
+    return d > 0.5 ? f + 1 : d < 0.5 ? f : (f % 2 === 0 ? f : f + 1);
+  }
+
+  /** Python's f"{x:.{digits}f}" (ties of the binary value to even, where JS's toFixed rounds them up). */
+  function pyFixed(x, digits) {
+    const s = x * 10 ** digits;
+    if (Number.isInteger(2 * s) && !Number.isInteger(s)) return (roundEven(s) / 10 ** digits).toFixed(digits);
+    return x.toFixed(digits);
+  }
+
+  /** The size of Pillow's PNG of an 8-bit grey image at compress_level 9: its per-row filter choice
+   * (None, Up, Sub, Paeth: least sum of |filtered byte|, ZipEncode.c) and zlib (pako) with its settings. */
+  function pillowPngBytes(u8, w, h) {
+    const cost = (v) => (v < 128 ? v : 256 - v);
+    const out = new Uint8Array(h * (w + 1)), cand = new Uint8Array(w);
+    let prev = new Uint8Array(w);
+    for (let y = 0; y < h; y++) {
+      const row = u8.subarray(y * w, (y + 1) * w), o = y * (w + 1);
+      let sum = 0;
+      for (let i = 0; i < w; i++) sum += cost(row[i]);
+      out[o] = 0; out.set(row, o + 1);
+      const tryFilter = (type, predict) => {
+        let s = 0;
+        for (let i = 0; i < w; i++) { cand[i] = (row[i] - predict(i)) & 255; s += cost(cand[i]); }
+        if (s < sum) { sum = s; out[o] = type; out.set(cand, o + 1); }
+      };
+      if (sum > 0) tryFilter(2, (i) => prev[i]);
+      if (sum > 0) tryFilter(1, (i) => (i > 0 ? row[i - 1] : 0));
+      if (sum > 0) {
+        tryFilter(4, (i) => {
+          const a = i > 0 ? row[i - 1] : 0, b = prev[i], c = i > 0 ? prev[i - 1] : 0;
+          const pa = Math.abs(b - c), pb = Math.abs(a - c), pc = Math.abs(a + b - 2 * c);
+          return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+        });
+      }
+      prev = row;
+    }
+    const z = pako.deflate(out, { level: 9, windowBits: 15, memLevel: 9, strategy: 1 }); // Z_FILTERED
+    return 8 + 25 + 12 + z.length + 12; // signature, IHDR, IDAT around the stream, IEND
+  }
+
+  function percentile(sorted, q) { // numpy's default (linear) method
+    const pos = (q / 100) * (sorted.length - 1), lo = Math.floor(pos), t = pos - lo;
+    const a = sorted[lo], b = sorted[Math.min(lo + 1, sorted.length - 1)];
+    return t >= 0.5 ? b - (b - a) * (1 - t) : a + (b - a) * t;
+  }
+
+  /** image_information: bits_per_pixel (PNG size of the 8-bit size-px crop) and spread (1st to 99th percentile). */
+  function imageInformation(img, size) {
+    const small = geometry(img, null, { size, crop: "center", resample: "bilinear" }, "pillow");
+    const u8 = new Uint8Array(small.length);
+    for (let i = 0; i < small.length; i++) u8[i] = roundEven(Math.fround(small[i] * 255));
+    const sorted = Float32Array.from(small).sort();
+    const spread = Math.fround(Math.fround(percentile(sorted, 99)) - Math.fround(percentile(sorted, 1)));
+    return { bits_per_pixel: (8 * pillowPngBytes(u8, size, size)) / u8.length, spread };
+  }
+
+  /** ImageGuard.check: size first, then information; the same verdict and reason text as Python. */
+  function guardCheck(img, guard) {
+    const w = img.width, h = img.height;
+    if (Math.min(w, h) < guard.min_side) {
+      return { passed: false, check: "size", overridable: false, measures: { short_side: Math.min(w, h) },
+               reason: `too small (${w}x${h} px; a chest radiograph needs at least ${guard.min_side} px on the short side)` };
+    }
+    if (typeof pako === "undefined") throw new Error("this app folder lacks pako.min.js (the blank-image guard needs it)");
+    const info = imageInformation(img, guard.size);
+    if (info.spread < guard.min_spread || info.bits_per_pixel < guard.min_bits_per_pixel) {
+      return { passed: false, check: "information", overridable: true, measures: info,
+               reason: "almost no image content (blank, flat or a simple pattern: " +
+                 `${pyFixed(info.bits_per_pixel, 2)} bits/pixel, intensity spread ${pyFixed(info.spread, 3)}; ` +
+                 `chest radiographs have at least ${pyFixed(guard.min_bits_per_pixel, 2)} and ${pyFixed(guard.min_spread, 3)})` };
+    }
+    return { passed: true, check: "", overridable: true, measures: info, reason: "" };
   }
 
   // ------------------------------------------------------------------ models
@@ -241,6 +397,7 @@
     const opts = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
     state.cam = await ort.InferenceSession.create(cfg.graphs.cam, opts);
     state.ood = cfg.graphs.ood ? await ort.InferenceSession.create(cfg.graphs.ood, opts) : null;
+    cfg.guard = cfg.guard || { min_side: 64, min_bits_per_pixel: 2.5, min_spread: 0.15, size: 64 };
     state.config = cfg;
     const info = { load_s: (now() - t0) / 1000, threads: ort.env.wasm.numThreads, ort: (ort.env.versions && ort.env.versions.web) || "" };
     status(`models loaded in ${info.load_s.toFixed(1)} s (${info.threads} thread${info.threads > 1 ? "s" : ""}); choose an image.`);
@@ -249,44 +406,113 @@
   const readyPromise = init().catch((err) => { status(`could not load the models: ${err.message || err}`); throw err; });
   const ready = async () => { await readyPromise; return state.config; };
 
+  /** The saliency graph's session, created on first use (it is as large as the classifier). */
+  function saliencySession() {
+    const cfg = state.config;
+    if (!cfg.graphs.saliency) throw new Error("this export has no saliency graph (models/saliency.onnx); write it again with cxrbench export-web");
+    if (!state.saliency) {
+      const t = now();
+      state.saliency = ort.InferenceSession.create(cfg.graphs.saliency, { executionProviders: ["wasm"], graphOptimizationLevel: "all" })
+        .then((session) => { state.saliencyLoad = (now() - t) / 1000; return session; });
+      state.saliency.catch(() => { state.saliency = null; });
+    }
+    return state.saliency;
+  }
+
+  function probabilityOutputs(result, out) {
+    result.logits = Array.from(out.logits.data);
+    result.raw = Array.from(out.probabilities.data);
+    result.calibrated = Array.from(out.calibrated.data, (v) => (Number.isNaN(v) ? null : v));
+    result.probabilities = result.calibrated;
+  }
+
+  function topFinding(calibrated) {
+    return calibrated.map((v, i) => [v === null ? -1 : v, i]).sort((a, b) => b[0] - a[0])[0][1];
+  }
+
+  /** Chester's saliency: the gradient graph with logit weights w (ones: every finding summed; one-hot: one finding). */
+  async function explainSaliency(result, p, options, cfg) {
+    const session = await saliencySession();
+    const pp = p.pp, n = cfg.labels.length;
+    const x = new ort.Tensor("float32", p.x, [1, pp.channels, pp.size, pp.size]);
+    const run = (w) => session.run({ x, w: new ort.Tensor("float32", w, [1, n]) });
+    const t = now();
+    let out = await run(new Float32Array(n).fill(1));
+    probabilityOutputs(result, out);
+    let target = options.finding === undefined || options.finding === null || options.finding === "all" ? null : options.finding;
+    if (target === "top") target = topFinding(result.calibrated);
+    else if (typeof target === "string") target = cfg.labels.indexOf(target);
+    if (target !== null) {
+      if (!(target >= 0 && target < n)) throw new Error(`no finding ${options.finding} in this model`);
+      const w = new Float32Array(n); w[target] = 1;
+      out = await run(w);
+    }
+    result.timings.saliency = (now() - t) / 1000;
+    result.timings.saliency_load = state.saliencyLoad;
+    result.map = out.saliency.data;
+    result.map_kind = "saliency";
+    result.map_finding = target === null ? "all findings" : cfg.labels[target];
+  }
+
+  async function explainCam(result, p, cfg) {
+    const pp = p.pp, t = now();
+    const out = await state.cam.run({ x: new ort.Tensor("float32", p.x, [1, pp.channels, pp.size, pp.size]) });
+    probabilityOutputs(result, out);
+    result.timings.classify = (now() - t) / 1000;
+    const top = topFinding(result.calibrated);
+    result.map = out.cam.data.subarray(top * pp.size * pp.size, (top + 1) * pp.size * pp.size);
+    result.map_kind = "CAM";
+    result.map_finding = cfg.labels[top];
+  }
+
+  /** The gate: the blank-image guard first (a rejected image gets no OOD score), then the OOD score vs the cutoff. */
+  async function gate(result, p, options, cfg) {
+    const verdict = guardCheck(p.img, cfg.guard);
+    result.guard = verdict;
+    if (!verdict.passed) {
+      result.in_distribution = false;
+      result.rejected = !verdict.overridable || !options.allowOod;
+      result.reason = verdict.reason;
+      return;
+    }
+    if (!state.ood) return;
+    const t = now();
+    const side = Math.round(Math.sqrt(p.oodDisplay.length));
+    const out = await state.ood.run({ x: new ort.Tensor("float32", p.xOod, [1, 1, side, side]) });
+    const cut = cfg.ood_cutoff || { scorer: "ssim", threshold: Infinity };
+    const scores = {};
+    for (const k of ["l1", "l2", "ssim", "ssim_raw", "latent"]) scores[k] = out[k].data[0];
+    result.ood = { scorer: cut.scorer, cutoff: cut.threshold, scores };
+    result.ood_score = scores[cut.scorer];
+    result.in_distribution = result.ood_score <= cut.threshold;
+    result.rejected = !result.in_distribution && !options.allowOod;
+    if (!result.in_distribution) { // Python's OODResult.reason
+      result.reason = `reconstruction error (${cut.scorer} score ${pyFixed(result.ood_score, 3)} > cutoff ` +
+        `${pyFixed(cut.threshold, 3)}: unlike the chest X-rays the gate was trained on)`;
+    }
+    result.reconstruction = out.reconstruction.data;
+    result.timings.ood = (now() - t) / 1000;
+  }
+
+  /** options.explain: "cam" (default) or "saliency"; options.finding (saliency): "all" (default), "top", a name or index. */
   async function analyze(src, options = {}) {
     const cfg = await ready();
     const t0 = now();
     const p = await preprocess(src, options);
     const result = { findings: cfg.labels, operating_points: cfg.thresholds, resize: options.resize || "pillow",
-                     rejected: false, in_distribution: null, ood_score: null,
+                     rejected: false, in_distribution: null, ood_score: null, reason: null,
+                     bit_depth: p.img.bit_depth, effective_bits: p.img.effective_bits,
                      timings: { decode: p.decode_s, preprocess: p.preprocess_s } };
-    if (state.ood) {
-      const t = now();
-      const s = p.oodDisplay.length;
-      const side = Math.round(Math.sqrt(s));
-      const out = await state.ood.run({ x: new ort.Tensor("float32", p.xOod, [1, 1, side, side]) });
-      const cut = cfg.ood_cutoff || { scorer: "ssim", threshold: Infinity };
-      const scores = {};
-      for (const k of ["l1", "l2", "ssim", "ssim_raw", "latent"]) scores[k] = out[k].data[0];
-      result.ood = { scorer: cut.scorer, cutoff: cut.threshold, scores };
-      result.ood_score = scores[cut.scorer];
-      result.in_distribution = result.ood_score <= cut.threshold;
-      result.rejected = !result.in_distribution && !options.allowOod;
-      result.reconstruction = out.reconstruction.data;
-      result.timings.ood = (now() - t) / 1000;
-    }
+    await gate(result, p, options, cfg);
     if (!result.rejected) {
-      const t = now();
-      const pp = p.pp;
-      const out = await state.cam.run({ x: new ort.Tensor("float32", p.x, [1, pp.channels, pp.size, pp.size]) });
-      result.logits = Array.from(out.logits.data);
-      result.raw = Array.from(out.probabilities.data);
-      result.calibrated = Array.from(out.calibrated.data, (v) => (Number.isNaN(v) ? null : v));
-      result.probabilities = result.calibrated;
-      result.timings.classify = (now() - t) / 1000;
-      const order = result.calibrated.map((v, i) => [v === null ? -1 : v, i]).sort((a, b) => b[0] - a[0]);
-      result.cam_finding = cfg.labels[order[0][1]];
-      result.cam = out.cam.data.subarray(order[0][1] * pp.size * pp.size, (order[0][1] + 1) * pp.size * pp.size);
+      if ((options.explain || "cam") === "saliency") await explainSaliency(result, p, options, cfg);
+      else await explainCam(result, p, cfg);
+      result.cam_finding = result.map_finding; // the name before saliency was offered
     }
     result.timings.total = (now() - t0) / 1000;
     if (options.render !== false) render(result, p);
-    delete result.cam;
+    if (options.returnMap && result.map) result.map_b64 = base64(result.map);
+    delete result.map;
     delete result.reconstruction;
     return result;
   }
@@ -320,15 +546,26 @@
 
   function render(result, p) {
     const verdict = document.getElementById("verdict");
-    if (result.in_distribution === null) { verdict.textContent = "no OOD gate in this export"; verdict.className = ""; }
+    if (result.guard && !result.guard.passed) {
+      verdict.textContent = `This image cannot be analysed: ${result.guard.reason}` +
+        (result.rejected ? "; no prediction is made." : "; analysed anyway.");
+      verdict.className = "rejected";
+    } else if (result.in_distribution === null) { verdict.textContent = "no OOD gate in this export"; verdict.className = ""; }
     else if (result.in_distribution) { verdict.textContent = "Looks like a frontal chest X-ray."; verdict.className = "ok"; }
     else {
       verdict.textContent = `This does not look like a frontal chest X-ray (${result.ood.scorer} score ` +
         `${result.ood_score.toFixed(3)} > cutoff ${result.ood.cutoff.toFixed(3)})` + (result.rejected ? "; no prediction is made." : "; analysed anyway.");
       verdict.className = "rejected";
     }
-    paint(document.getElementById("display"), p.display, p.pp.size, result.rejected ? null : result.cam);
-    document.getElementById("cam-title").textContent = result.rejected ? "image" : `CAM heat-map: ${result.cam_finding}`;
+    paint(document.getElementById("display"), p.display, p.pp.size, result.rejected ? null : result.map);
+    document.getElementById("cam-title").textContent = result.rejected ? "image"
+      : `${result.map_kind} heat-map: ${result.map_finding}` +
+        (result.map_kind === "saliency" ? ` (${result.timings.saliency.toFixed(2)} s)` : "");
+    if (p.oodDisplay && !result.reconstruction) { // not scored (the guard rejected it): no stale panel
+      for (const id of ["ood-input", "ood-recon"]) document.getElementById(id).getContext("2d").clearRect(0, 0, 64, 64);
+      document.getElementById("ood-score").textContent = result.guard && !result.guard.passed
+        ? `not scored: the blank-image guard rejected it (${result.guard.check})` : "";
+    }
     if (p.oodDisplay && result.reconstruction) {
       const side = Math.round(Math.sqrt(p.oodDisplay.length));
       paint(document.getElementById("ood-input"), p.oodDisplay, side, null);
@@ -355,7 +592,8 @@
     if (!input.files || !input.files.length) return;
     status("analysing…");
     try {
-      await analyze(input.files[0], { resize: document.getElementById("resize").value,
+      const [explain, finding] = document.getElementById("explain").value.split(":");
+      await analyze(input.files[0], { resize: document.getElementById("resize").value, explain, finding,
                                       allowOod: document.getElementById("allow-ood").checked });
     } catch (err) {
       status(`Cannot read ${input.files[0].name}: ${err.message || err}`);
@@ -378,5 +616,6 @@
   };
   document.addEventListener("DOMContentLoaded", () => {
     document.getElementById("file").addEventListener("change", onFile);
+    document.getElementById("explain").addEventListener("change", onFile);
   });
 })();

@@ -155,12 +155,12 @@ def _resolve(name: str, data: Any, settings: dict[str, Any] | None) -> tuple[Sha
 
     spec = _spec(name)
     config, extra = _settings(spec, settings)
-    if extra.get("like"):  # an autoencoder made for another entry's classifier: that one's preprocessing
-        from cxrbench.models.bundle import read_card
-
-        named = str(extra["like"])  # a shared entry's name, or a classifier bundle folder
-        like = shared_bundle(named, data) if named in SHARED_BUNDLES else Path(named)
-        config = replace(cast(AutoencoderConfig, config), preprocess_like=read_card(like).preprocess, like=str(like))
+    if extra.get("like"):  # an autoencoder made for a classifier: a shared entry's name or a bundle folder
+        named = str(extra["like"])
+        if named in SHARED_BUNDLES:  # keyed by that entry's key; its card is read when this one trains
+            extra = {**extra, "like_key": shared_bundle_key(named, data), "like_data": str(data or "")}
+        else:
+            config = _made_like(config, Path(named))
     folder, kind = _data_folder(spec, data)
     config = _far_reference(spec, config, folder, kind)
     h = hashlib.sha1(json.dumps({"name": name, "config": config.to_dict(), "extra": extra, "version": __version__},
@@ -170,6 +170,14 @@ def _resolve(name: str, data: Any, settings: dict[str, Any] | None) -> tuple[Sha
         h.update(manifest.read_bytes() if manifest.is_file() else str(sorted(os.listdir(folder))[:1000]).encode())
         h.update(str(folder.resolve()).encode())
     return spec, config, extra, folder, kind, h.hexdigest()[:16]
+
+
+def _made_like(config: RunConfig, classifier: Path) -> RunConfig:
+    """An autoencoder config at ``classifier``'s size and preprocessing (``cxrbench train autoencoder --like``)."""
+    from cxrbench.models.bundle import read_card
+
+    return replace(cast(AutoencoderConfig, config), preprocess_like=read_card(classifier).preprocess,
+                   like=str(classifier))
 
 
 def shared_bundle_key(name: str, data: Any = None, *, settings: dict[str, Any] | None = None) -> str:
@@ -196,6 +204,8 @@ def _train(spec: SharedSpec, config: RunConfig, extra: dict, folder: Path | None
            progress: bool) -> Path:
     from cxrbench.train.ensure import _announce, _family
 
+    if extra.get("like_key"):  # the shared classifier it is made like, trained first when missing
+        config = _made_like(config, shared_bundle(str(extra["like"]), extra["like_data"] or None, progress=progress))
     _, word, train, _ = _family(config)
     manifest, source = _training_manifest(spec, config, extra, folder, entry)
     run = entry / "run"

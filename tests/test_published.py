@@ -255,3 +255,20 @@ def test_onnx_export_of_imported_bundle_keeps_parity_and_the_mask(chex_bundle, i
     onnx_report = onnx_pipe.analyze(images[0], explain=None)
     np.testing.assert_allclose(onnx_report.calibrated, torch_report.calibrated, atol=1e-4)
     assert onnx_report.untrained == CHEX_UNTRAINED
+
+
+def test_notebook_04s_box_set_takes_only_boxes_of_trained_findings(chex_bundle, nih_dir) -> None:
+    from cxrbench.data import load_manifest
+    from cxrbench.inference.localisation import box_localisation_set
+
+    pipe = Pipeline.from_paths(chex_bundle)
+    boxed = box_localisation_set(pipe, load_manifest(nih_dir, on_missing="drop"), 4)
+    names = [pipe.findings[t] for t in boxed.targets]
+    assert 0 < len(names) <= 4 and not set(names) & set(pipe.untrained), (names, pipe.untrained)
+    assert len(boxed.reports) == len(boxed.regions) == len(names)
+    with pytest.raises(ValueError, match="trained on"):  # a manifest whose boxes are all of untrained findings
+        manifest = load_manifest(nih_dir, on_missing="drop")
+        boxes = manifest["bbox_256_json"].fillna("")
+        only_untrained = manifest[boxes.str.contains("|".join(pipe.untrained))
+                                  & ~boxes.str.contains("|".join(set(pipe.findings) - set(pipe.untrained)))]
+        box_localisation_set(pipe, only_untrained, 4)

@@ -49,24 +49,29 @@ class BoxSet:
 
 def box_localisation_set(pipeline: Pipeline, manifest: pd.DataFrame, n_images: int, *,
                          box_size: int = 256) -> BoxSet:
-    """The first ``n_images`` rows of ``manifest`` with a box (``bbox_256_json``), analysed without explanation.
+    """The first ``n_images`` rows of ``manifest`` with a box (``bbox_256_json``) whose finding the classifier was
+    trained on, analysed without explanation.
 
-    The target of each image is its first box's finding, which must be one of the classifier's labels
-    (a ``ValueError`` names the image otherwise). Raises ``ValueError`` when the manifest has no boxed image.
+    The target of each image is its first box's finding. Boxes of findings the classifier has no output for, or
+    whose output its weights never trained (an imported bundle's ``untrained``), are left out and listed in the
+    ``ValueError`` raised when no boxed image is left (or the manifest has none).
     """
     has_box = manifest.get("bbox_256_json", pd.Series("", index=manifest.index)).fillna("").str.len() > 2
-    rows = manifest[has_box].head(n_images).reset_index(drop=True)
-    if rows.empty:
+    boxed = manifest[has_box].reset_index(drop=True)
+    if boxed.empty:
         raise ValueError("no image of the manifest has an expert box (bbox_256_json): the NIH dev set has 11")
     labels = list(pipeline.findings)
+    usable = [f for f in labels if f not in pipeline.untrained]
+    all_boxes = [bounding_boxes(r) for _, r in boxed.iterrows()]
+    findings = [canonical_finding(b[0][0]) for b in all_boxes]
+    keep = [i for i, f in enumerate(findings) if f in usable][:n_images]
+    if not keep:
+        raise ValueError(f"none of the {len(boxed)} boxed images names a finding this classifier was trained on "
+                         f"(boxes: {sorted(set(findings))}; trained: {usable})")
+    rows = boxed.iloc[keep].reset_index(drop=True)
+    boxes = [all_boxes[i] for i in keep]
+    targets = [labels.index(findings[i]) for i in keep]
     reports = [pipeline.analyze(p, explain=None) for p in rows["path"]]  # probabilities and the U-Net lung mask
-    boxes = [bounding_boxes(r) for _, r in rows.iterrows()]
-    targets = []
-    for (_, row), b in zip(rows.iterrows(), boxes):
-        finding = canonical_finding(b[0][0])
-        if finding not in labels:
-            raise ValueError(f"{row['path']}: its box names {finding!r}, which the classifier has no output for")
-        targets.append(labels.index(finding))
     size = pipeline.classifier.preprocess.size
     masks = [r.lung_mask for r in reports if r.lung_mask is not None]
     lungs = np.stack(masks) if len(masks) == len(reports) else None

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Sequence
 from cxrbench import __version__
 from cxrbench.data import default_cache_dir
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, card_fingerprint, export_gate, export_models
-from cxrbench.models.bundle import load_bundle, read_card
+from cxrbench.models.bundle import file_sha256, load_bundle, read_card
 
 __all__ = ["NOT_EXPORTED", "cache_key", "cached_export", "entry_problem", "onnx_cache_dir"]
 
@@ -47,14 +47,6 @@ def cache_key(kind: str, cards: Mapping[str, str]) -> str:
     fingerprints ``cards`` (role -> :func:`~cxrbench.export.onnx.card_fingerprint`) under this cxrbench version."""
     identity = json.dumps([__version__, kind, sorted(cards.items())])
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping[str, str]) -> str | None:
@@ -81,7 +73,7 @@ def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != info.get("bytes") or _sha256(file) != info.get("sha256"):
+        if file.stat().st_size != info.get("bytes") or file_sha256(file) != info.get("sha256"):
             return f"{name} does not match the checksum in {MANIFEST}"
     return None
 

@@ -48,7 +48,7 @@ from cxrbench.data import load_manifest, shared_data_root
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.explain import get_explainer
 from cxrbench.io import read_image
-from cxrbench.models.bundle import Bundle, ModelCard, _json_default
+from cxrbench.models.bundle import Bundle, ModelCard, _json_default, file_sha256
 from cxrbench.models.classifier import classifier_layer, feature_maps
 from cxrbench.ood.scoring import SSIM_WIN_SIZE, OODModel, as_ood_model, score_batch
 
@@ -206,7 +206,7 @@ def finish_graph(path: Path, input_shape: Sequence[Any], outputs: Sequence[str],
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return {"file": path.name, "input": {"name": "x", "shape": list(input_shape)},
-            "outputs": list(outputs), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "outputs": list(outputs), "sha256": file_sha256(path),
             "bytes": path.stat().st_size}
 
 
@@ -412,6 +412,29 @@ def _check_parity(parity: pd.DataFrame, what: str, n_images: int) -> None:
         raise ParityError(f"ONNX export of {what} fails the parity check on {n_images} images: {worst}")
 
 
+def _check_opset(opset: int) -> None:
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or newer, got {opset}")
+
+
+def _export_target(out: str | os.PathLike, images: Sequence[Any] | None) -> tuple[Path, Sequence[Any], str]:
+    """``(out, parity images, where they came from)``; refuses a non-empty folder that is not an export."""
+    image_source = "given images"
+    if images is None:
+        images, image_source = default_parity_images()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
+    return out, images, image_source
+
+
+def _finish_export(tmp: Path, out: Path, manifest: dict[str, Any], parity: pd.DataFrame, *, replace: bool) -> None:
+    """Write ``export.json`` and ``parity.csv`` into ``tmp``, then move it into place as ``out``."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
+    parity.to_csv(tmp / "parity.csv", index=False)
+    _move_into_place(tmp, out, replace=replace)
+
+
 def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
                   images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
                   threads: int | None = None, replace: bool = True, saliency: bool = True) -> ExportResult:
@@ -435,14 +458,8 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
         raise ValueError(f"{classifier.path}: expected a classifier bundle, got a {classifier.card.kind} bundle")
     if ood is not None and ood.card.kind != "ood":
         raise ValueError(f"{ood.path}: expected an OOD bundle, got a {ood.card.kind} bundle")
-    if opset < 17:
-        raise ValueError(f"opset must be 17 or newer, got {opset}")
-    image_source = "given images"
-    if images is None:
-        images, image_source = default_parity_images()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
+    _check_opset(opset)
+    out, images, image_source = _export_target(out, images)
     tmp = _atomic_dir(out)
     try:
         pp, thresholds = classifier.preprocess, _thresholds(classifier.card)
@@ -468,9 +485,7 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
             "parity": {"images": len(images), "source": image_source, "tolerance": tolerance,
                        "rows": parity.to_dict(orient="records")},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
-        parity.to_csv(tmp / "parity.csv", index=False)
-        _move_into_place(tmp, out, replace=replace)
+        _finish_export(tmp, out, manifest, parity, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, parity)
@@ -487,14 +502,8 @@ def export_gate(ood: Bundle, out: str | os.PathLike, *, images: Sequence[Any] | 
     """
     if ood.card.kind != "ood":
         raise ValueError(f"{ood.path}: expected an OOD bundle, got a {ood.card.kind} bundle")
-    if opset < 17:
-        raise ValueError(f"opset must be 17 or newer, got {opset}")
-    image_source = "given images"
-    if images is None:
-        images, image_source = default_parity_images()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ValueError(f"{out} exists and is not a cxrbench ONNX export; choose an empty or new folder")
+    _check_opset(opset)
+    out, images, image_source = _export_target(out, images)
     tmp = _atomic_dir(out)
     try:
         opp = ood.preprocess
@@ -513,9 +522,7 @@ def export_gate(ood: Bundle, out: str | os.PathLike, *, images: Sequence[Any] | 
             "parity": {"images": len(images), "source": image_source, "tolerance": tolerance,
                        "rows": parity.to_dict(orient="records")},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default) + "\n")
-        parity.to_csv(tmp / "parity.csv", index=False)
-        _move_into_place(tmp, out, replace=replace)
+        _finish_export(tmp, out, manifest, parity, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, parity)

@@ -36,7 +36,7 @@ from cxrbench.models.card import BUILDERS, BUNDLE_FORMAT, BundleError, ModelCard
 from cxrbench.preprocess import Preprocess
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "Bundle", "BundleError", "ModelCard", "build_model", "describe_card",
-           "format_metric", "load_bundle", "read_card", "remove_stale_temporaries", "save_bundle",
+           "file_sha256", "format_metric", "load_bundle", "read_card", "remove_stale_temporaries", "save_bundle",
            "untrained_classifier_bundle", "versions"]
 
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
@@ -73,7 +73,8 @@ def build_model(builder: str, kwargs: dict[str, Any]) -> nn.Module:
     return factory(**kwargs)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (bundle weights, imported checkpoints, exported graphs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -99,7 +100,7 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, card: ModelCard) -> P
         # one metadata key: safetensors writes them in hash-map order, so two would make equal weights
         # give different files (and checksums) from run to run
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        card.weights_sha256 = _sha256(tmp / WEIGHTS_FILE)
+        card.weights_sha256 = file_sha256(tmp / WEIGHTS_FILE)
         card_json = json.dumps(card.to_dict(), indent=2, sort_keys=False, default=_json_default)
         (tmp / CARD_FILE).write_text(card_json + "\n")
         if path.exists():
@@ -213,7 +214,7 @@ def load_bundle(path: str | os.PathLike, *, kind: str | None = None, verify: boo
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path}: weights file {WEIGHTS_FILE} is missing")
-    if verify and _sha256(weights) != card.weights_sha256:
+    if verify and file_sha256(weights) != card.weights_sha256:
         raise BundleError(f"{weights}: checksum does not match the card: the file is corrupted or was replaced")
     try:
         state = load_file(str(weights))

@@ -21,7 +21,6 @@ with how to save a state dict); ``allow_download=True`` lets torchxrayvision its
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from cxrbench.labels import NIH_FINDINGS
-from cxrbench.models.bundle import build_model, save_bundle
+from cxrbench.models.bundle import build_model, file_sha256, save_bundle
 from cxrbench.models.card import ModelCard
 from cxrbench.models.weights import (
     WeightsUnavailableError,
@@ -170,7 +169,7 @@ def _load_xrv_state(name: str, weights: str | os.PathLike[str] | None, allow_dow
                                 f".state_dict(), '{name}-state.pt')\"` and pass --weights {name}-state.pt, or "
                                 "let torchxrayvision download and load it with --allow-download") from None
             raise
-        return state, f"{path} (sha256 {_sha256(path)[:16]}…)"
+        return state, f"{path} (sha256 {file_sha256(path)[:16]}…)"
     if not allow_download:
         spec = xrv_spec(name)
         raise WeightsUnavailableError(
@@ -179,14 +178,6 @@ def _load_xrv_state(name: str, weights: str | os.PathLike[str] | None, allow_dow
     xrv = _xrv()
     model = xrv.models.DenseNet(weights=name) if name.startswith("densenet") else xrv.models.ResNet(weights=name)
     return xrv_model_state(model), f"downloaded by torchxrayvision {xrv.__version__} ({model.weights_filename_local})"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_xrv(name: str, out: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None,
@@ -220,5 +211,5 @@ def import_chexnet(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
     card = chexnet_card()
     model = build_model(card.builder, card.builder_kwargs)
     load_chexnet_checkpoint(model, path)
-    card.source["imported_from"] = f"{path} (sha256 {_sha256(path)[:16]}…)"
+    card.source["imported_from"] = f"{path} (sha256 {file_sha256(path)[:16]}…)"
     return save_bundle(out, model.eval(), card)

@@ -17,12 +17,12 @@ import pandas as pd
 import torch
 
 from cxrbench.data import bounding_boxes
-from cxrbench.explain.metrics import boxes_to_mask, compare_methods, phantom_localisation_set
+from cxrbench.explain.metrics import boxes_to_mask, compare_methods, latent_shift_comparison, phantom_localisation_set
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.labels import canonical_finding
 from cxrbench.models.bundle import Bundle
 
-__all__ = ["BoxSet", "box_localisation_set", "phantom_localisation_tables"]
+__all__ = ["BoxSet", "box_localisation_set", "phantom_latent_shift_tables", "phantom_localisation_tables"]
 
 
 @dataclass
@@ -80,21 +80,40 @@ def box_localisation_set(pipeline: Pipeline, manifest: pd.DataFrame, n_images: i
                   lungs=lungs, probs=np.stack([np.asarray(r.raw, dtype=float) for r in reports]))
 
 
+def _phantom_batches(bundle: Bundle, findings: Sequence[str], n_images: int):
+    """``(finding, model inputs, lesion masks, lung masks, targets)`` of ``n_images`` phantoms per finding, at the
+    bundle's input size (the same seeded phantoms for every caller)."""
+    missing = [f for f in findings if f not in bundle.labels]
+    if missing:
+        raise ValueError(f"the phantom classifier has no output for {missing}; it has {list(bundle.labels)}")
+    for finding in findings:
+        images, lesions, lungs = phantom_localisation_set(n_images, size=bundle.preprocess.size, finding=finding)
+        xs = torch.from_numpy(np.stack([bundle.preprocess(im) for im in images]))
+        yield finding, xs, list(lesions), lungs, [bundle.labels.index(finding)] * len(xs)
+
+
 def phantom_localisation_tables(bundle: Bundle, findings: Sequence[str], n_images: int, *,
                                 methods: Sequence[str], top_fraction: float = 0.05, curve_steps: int = 10,
                                 explainer_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """:func:`~cxrbench.explain.metrics.compare_methods` on ``n_images`` phantoms showing each finding, at the
     bundle's input size; one table, with a ``finding`` column. Findings must be outputs of the bundle."""
-    missing = [f for f in findings if f not in bundle.labels]
-    if missing:
-        raise ValueError(f"the phantom classifier has no output for {missing}; it has {list(bundle.labels)}")
-    size, tables = bundle.preprocess.size, []
-    for finding in findings:
-        images, lesions, lungs = phantom_localisation_set(n_images, size=size, finding=finding)
-        xs = torch.from_numpy(np.stack([bundle.preprocess(im) for im in images]))
-        target = [bundle.labels.index(finding)] * len(xs)
+    tables = []
+    for finding, xs, lesions, lungs, target in _phantom_batches(bundle, findings, n_images):
         t = cast(pd.DataFrame, compare_methods(
-            bundle.model, xs, target, list(lesions), methods=methods, lung_masks=lungs, top_fraction=top_fraction,
+            bundle.model, xs, target, lesions, methods=methods, lung_masks=lungs, top_fraction=top_fraction,
             curve_steps=curve_steps, explainer_options=dict(explainer_options or {})))
         tables.append(t.assign(finding=finding))
+    return pd.concat(tables, ignore_index=True)
+
+
+def phantom_latent_shift_tables(bundle: Bundle, autoencoder: Bundle, findings: Sequence[str], n_images: int, *,
+                                top_fraction: float = 0.05, curve_steps: int = 10) -> pd.DataFrame:
+    """The Latent Shift rows (:func:`~cxrbench.explain.metrics.latent_shift_comparison`, plain and with the
+    residual) on the same phantoms as :func:`phantom_localisation_tables`; one table, with a ``finding`` column."""
+    tables = []
+    for finding, xs, lesions, lungs, target in _phantom_batches(bundle, findings, n_images):
+        t = latent_shift_comparison(bundle.model, xs, target, lesions, autoencoder=autoencoder.model,
+                                    preprocess=bundle.preprocess, lung_masks=lungs, top_fraction=top_fraction,
+                                    curve_steps=curve_steps)
+        tables.append(pd.DataFrame(t).assign(finding=finding))
     return pd.concat(tables, ignore_index=True)

@@ -107,3 +107,31 @@ def nih_table(shared_data) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+#: The shared bundles the notebook tests use (``"@bundle:NAME"`` / ``"@run:NAME"`` in test_notebooks.py's
+#: parameters, and test_imported_e2e.py): the notebooks' default entries (:data:`cxrbench.train.SHARED_BUNDLES`)
+#: with small settings, trained once per test session into its cache.
+SMALL_BUNDLES: dict[str, dict] = {
+    "nih-classifier": {"image_size": 48, "epochs": 1, "max_steps_per_epoch": 3, "eval_bootstrap": 50},
+    "ood-autoencoder": {"epochs": 2, "max_steps_per_epoch": 2},
+    "lung-unet": {"image_size": 32, "epochs": 1},
+    "phantom-classifier": {"image_size": 48, "n_images": 120, "epochs": 4},
+    "phantom-autoencoder": {"n_images": 120, "epochs": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def small_bundles():
+    """``name -> bundle folder`` of the small shared bundles, each trained the first time it is asked for."""
+    from cxrbench.train import shared_bundle
+
+    class Bundles(dict):
+        def __missing__(self, name):
+            settings = dict(SMALL_BUNDLES[name])
+            if name == "phantom-autoencoder":  # made like the small phantom classifier, not the default one
+                settings["like"] = str(self["phantom-classifier"])
+            self[name] = shared_bundle(name, settings=settings, progress=False)
+            return self[name]
+
+    return Bundles()

@@ -32,33 +32,6 @@ SMALL_PARAMETERS: dict[str, dict] = {
                                      "n_digits": 100, "angles": [0, 45, 90], "n_bootstrap": 20},
 }
 
-#: The shared bundles the notebook tests use ("@bundle:NAME" / "@run:NAME" above): the notebooks' default entries
-#: (:data:`cxrbench.train.SHARED_BUNDLES`) with small settings, trained once per test session into its cache.
-SMALL_BUNDLES: dict[str, dict] = {
-    "nih-classifier": {"image_size": 48, "epochs": 1, "max_steps_per_epoch": 3, "eval_bootstrap": 50},
-    "ood-autoencoder": {"epochs": 2, "max_steps_per_epoch": 2},
-    "lung-unet": {"image_size": 32, "epochs": 1},
-    "phantom-classifier": {"image_size": 48, "n_images": 120, "epochs": 4},
-    "phantom-autoencoder": {"n_images": 120, "epochs": 2},
-}
-
-
-@pytest.fixture(scope="session")
-def small_bundles():
-    """``name -> bundle folder`` of the small shared bundles, each trained the first time it is asked for."""
-    from cxrbench.train import shared_bundle
-
-    class Bundles(dict):
-        def __missing__(self, name):
-            settings = dict(SMALL_BUNDLES[name])
-            if name == "phantom-autoencoder":  # made like the small phantom classifier, not the default one
-                settings["like"] = str(self["phantom-classifier"])
-            self[name] = shared_bundle(name, settings=settings, progress=False)
-            return self[name]
-
-    return Bundles()
-
-
 def _parameters(name: str, tmp_path: Path, bundles) -> dict:
     """The small parameters of ``name`` with "{tmp}", "@bundle:NAME" and "@run:NAME" filled in."""
     def fill(v):
@@ -83,27 +56,47 @@ LONGER = {"04_saliency_comparison.ipynb": 1200}
 WIDGET_NOTEBOOKS = {"05_dashboard.ipynb"}
 
 
-def _check_02(results: dict, nb) -> None:
-    """Macro AUC and operating points equal the package's own evaluation of the run's saved predictions;
-    the skill box is shown exactly when that evaluation says the model is weak."""
-    import numpy as np
+def _scored_02(r: dict):
+    """(labels, raw probabilities, findings, operating points) that notebook 02 read, computed here: a run's saved
+    test predictions, or a bundle's on the labelled images it names (untrained outputs left out)."""
     import pandas as pd
 
-    from cxrbench.evaluation import OperatingPoints, evaluate_predictions, skill_box_for
+    from cxrbench.evaluation import OperatingPoints
+    from cxrbench.inference.labelled import labelled_folder
+    from cxrbench.inference.recalibrate import labelled_outputs
     from cxrbench.models.bundle import load_bundle
 
+    if r["bundle"]:
+        bundle = load_bundle(r["bundle"])
+        out = labelled_outputs(bundle, labelled_folder(r["data_root"]), max_images=r["max_images"])
+        assert r["image_ids"] == out.image_ids and r["untrained"] == bundle.card.untrained == out.skipped
+        y, raw, findings = out.labels, out.probabilities, out.findings
+    else:
+        run = Path(r["run_dir"])
+        bundle = load_bundle(run / "bundle")
+        test = pd.read_csv(run / "predictions_test.csv")
+        findings = bundle.labels
+        y = test[[f"{f}_label" for f in findings]].to_numpy()
+        raw = test[[f"{f}_raw" for f in findings]].to_numpy()
+    return y, raw, findings, OperatingPoints.from_dict(bundle.card.operating_points)
+
+
+def _check_02(results: dict, nb) -> None:
+    """Macro AUC and operating points equal the package's own evaluation of the predictions the notebook read
+    (a run's saved test predictions, or an imported bundle's on labelled images); an untrained output has no
+    operating point; the skill box is shown exactly when that evaluation says the model is weak."""
+    import numpy as np
+
+    from cxrbench.evaluation import evaluate_predictions, skill_box_for
+
     r = results["02_roc"]
-    run = Path(r["run_dir"])
-    bundle = load_bundle(run / "bundle")
-    ops = OperatingPoints.from_dict(bundle.card.operating_points)
-    test = pd.read_csv(run / "predictions_test.csv")
-    y = test[[f"{f}_label" for f in bundle.labels]].to_numpy()
-    raw = test[[f"{f}_raw" for f in bundle.labels]].to_numpy()
-    _, summary = evaluate_predictions(y, raw, bundle.labels, ops, n_boot=r["n_boot"])
-    assert r["n_test"] == len(test)
+    y, raw, findings, ops = _scored_02(r)
+    _, summary = evaluate_predictions(y, raw, findings, ops, n_boot=r["n_boot"])
+    assert r["n_test"] == len(y)
     assert r["macro_auc"] == pytest.approx(summary["macro_auc"], abs=1e-12)
-    for f, thr in ops.thresholds.items():
-        shown = r["operating_points"][f]
+    assert set(r["operating_points"]) == set(findings) and not set(findings) & set(r.get("untrained", []))
+    for f in findings:
+        thr, shown = ops.thresholds[f], r["operating_points"][f]
         assert (shown is None) if not np.isfinite(thr) else shown == pytest.approx(thr)
     weak = skill_box_for(y, raw, n_boot=500).weak
     assert r["weak"] == weak

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from seeded_xrv import CHEX, CHEX_UNTRAINED, fit_batchnorm, xrv_input
+from seeded_xrv import seeded_densenet as make_seeded_densenet
 
 from cxrbench.cli.main import main
 from cxrbench.inference.pipeline import UNTRAINED_NOTE, Pipeline
@@ -28,30 +30,7 @@ from cxrbench.models.weights import PickledCheckpointError, WeightsUnavailableEr
 
 xrv = pytest.importorskip("torchxrayvision", reason="torchxrayvision (the dev extra) is not installed")
 
-CHEX = "densenet121-res224-chex"  # trains 7 of the 14 NIH findings: the others must be masked
-CHEX_UNTRAINED = ["Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 TOL = 1e-5
-
-
-def _xrv_input(path: Path, size: int) -> torch.Tensor:
-    """torchxrayvision's documented chain for a PNG: normalize, centre crop, resize -> (1, 1, size, size)."""
-    import skimage.io
-
-    img = xrv.utils.normalize(skimage.io.imread(path), 255)[None]
-    img = xrv.datasets.XRayResizer(size)(xrv.datasets.XRayCenterCrop()(img))
-    return torch.from_numpy(img)[None]
-
-
-def _fit_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """Seeded weights give logits in the thousands; batch statistics of real images make them O(1)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +40,7 @@ def images(nih_dir) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def seeded_densenet(images) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return _fit_batchnorm(xrv.models.DenseNet(weights=None), torch.cat([_xrv_input(p, 224) for p in images]))
+    return make_seeded_densenet(images)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +67,7 @@ def test_densenet_import_matches_xrv_forward_logits_and_calibrated(seeded_densen
     ref.op_threshs = torch.tensor(xrv_spec(CHEX)["op_threshs"], dtype=torch.float32)  # as xrv sets it for CHEX
     ref.eval()
     for path in images:
-        x_xrv = _xrv_input(path, 224)
+        x_xrv = xrv_input(path, 224)
         x_cxr = pipe.model_inputs(pipe.classifier.preprocess.geometry(read_image(path).pixels))
         assert float((x_xrv - x_cxr).abs().max()) < 1e-3  # [-1024, 1024] scale: float rounding only
         with torch.no_grad():
@@ -113,8 +91,8 @@ def test_resnet50_import_matches_xrv_forward_at_512(tmp_path, images) -> None:
     torch.manual_seed(1)
     net = torchvision.models.resnet50(num_classes=18, weights=None)  # exactly what xrv.models.ResNet builds
     net.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    x = _xrv_input(images[0], 512)
-    _fit_batchnorm(net, x)
+    x = xrv_input(images[0], 512)
+    fit_batchnorm(net, x)
     torch.save(net.state_dict(), tmp_path / "resnet50.pt")  # torchxrayvision's ResNet file is such a state dict
     bundle = load_bundle(import_xrv("resnet50-res512-all", tmp_path / "b", weights=tmp_path / "resnet50.pt"))
     assert bundle.preprocess.size == 512 and bundle.card.untrained == []
@@ -145,7 +123,7 @@ def test_chexnet_state_dict_with_old_names_and_module_prefix_converts_with_parit
     torch.manual_seed(2)
     net = torchvision.models.densenet121(weights=None)
     net.classifier = torch.nn.Sequential(torch.nn.Linear(1024, 14), torch.nn.Sigmoid())  # arnoweng's head
-    _fit_batchnorm(net, torch.randn(2, 3, 224, 224))
+    fit_batchnorm(net, torch.randn(2, 3, 224, 224))
     old = {}
     for k, v in net.state_dict().items():  # pre-0.4 names: norm1 -> norm.1, and DataParallel's module.densenet121.
         for new, was in (("norm1.", "norm.1."), ("norm2.", "norm.2."), ("conv1.", "conv.1."), ("conv2.", "conv.2."),

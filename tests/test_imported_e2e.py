@@ -141,6 +141,9 @@ def test_notebook_04_explains_only_trained_findings_of_the_imported_bundle(impor
     assert r["nih_findings"] and not set(r["nih_findings"]) & set(CHEX_UNTRAINED), r["nih_findings"]
     assert r["explorer_findings"] == [f for f in load_bundle(imported).labels if f in TRAINED]
     assert pd.DataFrame(r["nih"])["n_images"].eq(len(r["nih_findings"])).all()
+    text = _text(nb)  # its card has no test metrics: unmeasured, not "no finding has positives in the test split"
+    assert f"Skill not measured.</b> the classifier torchxrayvision {CHEX}: its card records no test metrics" in text
+    assert "the classifier torchxrayvision" not in text.split("Skill not measured")[0]
 
 
 def test_export_keeps_parity_and_the_mask(imported, labelled, tmp_path, capsys) -> None:
@@ -161,3 +164,19 @@ def test_export_keeps_parity_and_the_mask(imported, labelled, tmp_path, capsys) 
         assert onnx[f].isna().all() and onnx[f"{f}_raw"].isna().all()
     cols = [c for f in TRAINED for c in (f, f"{f}_raw")]
     np.testing.assert_allclose(onnx[cols].to_numpy(), torch_[cols].to_numpy(), atol=1e-5)
+
+
+def test_what_an_imported_bundle_cannot_do_is_refused_naming_it(imported, tmp_path) -> None:
+    """No training run behind it: notebook 02's ``run_dir`` refuses it and says where it goes; without operating
+    points (a CheXNet before ``cxrbench calibrate``) there is nothing to place on the ROC curves."""
+    from cxrbench.inference.labelled import bundle_predictions
+    from cxrbench.models.bundle import save_bundle
+    from cxrbench.train import ClassifierConfig, RunFolderError, run_or_shared
+
+    with pytest.raises(RunFolderError, match=r"chex: is a bundle folder.*has no training run.*notebook 02: bundle"):
+        run_or_shared(imported, "nih-classifier", ClassifierConfig())
+    bundle = load_bundle(imported)
+    bundle.card.operating_points = {}
+    save_bundle(tmp_path / "uncalibrated", bundle.model, bundle.card)
+    with pytest.raises(ValueError, match=r"uncalibrated: this bundle has no operating points.*cxrbench calibrate"):
+        bundle_predictions(tmp_path / "uncalibrated", max_images=2)

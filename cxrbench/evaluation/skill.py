@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SKILL_FLOOR", "SkillBox", "skill_box", "skill_box_for", "skill_box_from_metrics", "skill_verdict"]
+__all__ = ["NO_TEST_METRICS", "SKILL_FLOOR", "SkillBox", "skill_box", "skill_box_for", "skill_box_from_metrics",
+           "skill_verdict"]
 
 #: below this test macro AUC a classifier is shown as "no usable model"
 SKILL_FLOOR = 0.75
@@ -24,6 +25,9 @@ SKILL_FLOOR = 0.75
 WHERE_IT_WORKS = ("the paediatric pneumonia task (notebook 06, or a classifier trained on "
                   "<code>cxr/pediatric</code>) or the synthetic phantoms (the last section of notebook 04), "
                   "where the models do learn")
+#: the reason of a card without test metrics: nothing measured, rather than a measured lack of skill
+NO_TEST_METRICS = ("its card records no test metrics (a bundle without a training run, e.g. of cxrbench import); "
+                   "measure it on labelled images with notebook 02 (bundle) or cxrbench evaluate")
 
 
 def _finite(v: Any) -> float:
@@ -77,6 +81,8 @@ class SkillBox:
         """The message as plain text (no HTML)."""
         if not self.weak:
             return f"{self.subject}: {self._numbers()}, above the {SKILL_FLOOR:.2f} floor of this workbench."
+        if self.reason == NO_TEST_METRICS:
+            return f"Skill not measured: {self.subject}: {self.reason}. Until then, read what follows as the workflow."
         where = html.unescape(WHERE_IT_WORKS.replace("<code>", "").replace("</code>", ""))
         return (f"Not a usable model: {self.subject} has {self._numbers()}; {self.reason}. The numbers below show "
                 f"the workflow, not a usable model. For an effect that is real, see {where}.")
@@ -85,9 +91,12 @@ class SkillBox:
         if not self.weak:
             return (f'<div class="cxr-skill cxr-skill-ok" style="border-left:4px solid #2e7d32;padding:4px 10px;'
                     f'margin:6px 0;background:#eef7ee">{html.escape(self.text())}</div>')
-        return ('<div class="cxr-skill cxr-skill-weak" role="alert" style="border:1px solid #c77700;'
-                'border-left:6px solid #c77700;background:#fff4e0;padding:8px 12px;margin:8px 0">'
-                f"<b>&#9888; Not a usable model.</b> {html.escape(self.subject)} has {self._numbers()}: "
+        style = ('<div class="cxr-skill cxr-skill-weak" role="alert" style="border:1px solid #c77700;'
+                 'border-left:6px solid #c77700;background:#fff4e0;padding:8px 12px;margin:8px 0">')
+        if self.reason == NO_TEST_METRICS:
+            return (f"{style}<b>&#9888; Skill not measured.</b> {html.escape(self.subject)}: "
+                    f"{html.escape(self.reason)}.<br>Until then, read what follows as the workflow.</div>")
+        return (f"{style}<b>&#9888; Not a usable model.</b> {html.escape(self.subject)} has {self._numbers()}: "
                 f"{html.escape(self.reason or '')}.<br>The numbers below show <b>the workflow, not a usable "
                 f"model</b>. For an effect that is real, see {WHERE_IT_WORKS}.</div>")
 
@@ -121,7 +130,10 @@ def skill_box_for(y_true: Any, scores: Any, *, subject: str = "this model", n_bo
 def skill_box_from_metrics(test_metrics: dict[str, Any] | None, *, subject: str = "this model",
                            floor: float = SKILL_FLOOR) -> SkillBox:
     """:func:`skill_box` of a bundle card's test metrics (``card.metrics["test"]``: ``summary.macro_auc`` and,
-    where recorded, ``summary.macro_auc_ci_low`` / ``_high``). A card without test metrics is weak (undefined)."""
+    where recorded, ``summary.macro_auc_ci_low`` / ``_high``). A card without test metrics (an imported bundle)
+    is weak with the reason :data:`NO_TEST_METRICS`: not measured, rather than measured to be without skill."""
     summary = (test_metrics or {}).get("summary") or {}
+    if "macro_auc" not in summary:
+        return SkillBox(math.nan, math.nan, math.nan, subject, NO_TEST_METRICS)
     ci = (summary["macro_auc_ci_low"], summary["macro_auc_ci_high"]) if "macro_auc_ci_low" in summary else None
     return skill_box(summary.get("macro_auc", math.nan), ci, subject=subject, floor=floor)

@@ -52,8 +52,9 @@ def labelled_outputs(bundle: Bundle, data: str | os.PathLike, *, split: str | os
 
     The images go through the path of ``cxrbench predict`` (:meth:`Pipeline.predict`: each file read and
     preprocessed in float), so the probabilities evaluated or calibrated on are the ones ``predict`` reports;
-    the training cache's 8-bit resized pixels moved a seeded DenseNet's probabilities by about 2e-3 (4 NIH images), enough to
-    reorder near ties and change an AUC. Unreadable files are left out with a warning naming each.
+    the training cache's 8-bit resized pixels moved a seeded DenseNet's probabilities by about 2e-3 (4 NIH
+    images), enough to reorder near ties and change an AUC. Unreadable files are left out with a warning naming
+    each.
 
     Raises ``ValueError`` when the data has no label column for a trained finding, or no images.
     """

@@ -161,7 +161,9 @@ def ensure_run(run_dir: str | os.PathLike, config: RunConfig, *, data: Any = Non
     kind, word, train, shared_folder = _family(config)
     folder = inspect_run_folder(run)
     if not folder.empty and not folder.is_run:
-        raise not_a_run_folder(folder, f"give the folder of a {word} run")
+        where = "; a bundle without a run goes where a bundle is asked for (notebook 02: bundle)" \
+            if folder.is_bundle and kind == "classifier" else ""
+        raise not_a_run_folder(folder, f"give the folder of a {word} run{where}")
     bundle = run / "bundle"
     if (bundle / "card.json").is_file():
         card = read_card(bundle)

@@ -110,6 +110,9 @@ def not_a_run_folder(folder: RunFolder, advice: str = "train into a new or empty
     what = "a bundle folder, not a run folder" if folder.is_bundle else "not a run folder"
     if folder.is_bundle and inspect_run_folder(folder.path.parent).is_run:
         what += f" (its run folder is {folder.path.parent})"
+    elif folder.is_bundle:  # e.g. an imported published model: no split, saved predictions or training history
+        what += (" and has no training run (e.g. a bundle of cxrbench import): no split, saved predictions or "
+                 "training history to read")
     return RunFolderError(f"{folder.path}: is {what}; it holds {folder.describe()}; {advice}")
 
 

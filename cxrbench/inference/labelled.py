@@ -50,10 +50,10 @@ def _trained_operating_points(bundle: Bundle, where: str | os.PathLike) -> Opera
                          f"{where} --data VAL` on a labelled validation split first")
     ops = OperatingPoints.from_dict(bundle.card.operating_points)
     keep = [f for f in bundle.labels if f not in bundle.card.untrained]
-    pick = lambda d: {f: d[f] for f in keep if f in d}  # noqa: E731
-    thresholds = {f: ops.thresholds.get(f, math.nan) for f in keep}
-    return OperatingPoints(thresholds, method=ops.method, fitted_on=ops.fitted_on, n_pos=pick(ops.n_pos),
-                           n_neg=pick(ops.n_neg), tpr=pick(ops.tpr), fpr=pick(ops.fpr))
+    n_pos, n_neg = ({f: d[f] for f in keep if f in d} for d in (ops.n_pos, ops.n_neg))
+    tpr, fpr = ({f: d[f] for f in keep if f in d} for d in (ops.tpr, ops.fpr))
+    return OperatingPoints({f: ops.thresholds.get(f, math.nan) for f in keep}, method=ops.method,
+                           fitted_on=ops.fitted_on, n_pos=n_pos, n_neg=n_neg, tpr=tpr, fpr=fpr)
 
 
 def run_test_predictions(run_dir: str | os.PathLike) -> ScoredImages:

@@ -173,10 +173,30 @@ def test_preprocessing_study_table_by_hand():
 
 
 def test_export_web_refuses_preprocessing_the_browser_cannot_reproduce(tmp_path):
-    untrained_classifier_bundle(tmp_path / "clahe", preprocess=Preprocess(size=64, equalize="clahe"))
-    with pytest.raises(ValueError, match="CLAHE"):
-        export_web(tmp_path / "clahe", tmp_path / "app")
-    assert not Path(tmp_path / "app").exists() or not os.listdir(tmp_path / "app")
+    from cxrbench.models.published import xrv_preprocess
+
+    cases = {"clahe": (Preprocess(size=64, equalize="clahe"), "equalize 'clahe' (CLAHE)"),
+             "nearest": (Preprocess(size=64, resample="nearest"), "nearest-neighbour resampling"),
+             # what `cxrbench import xrv` writes on its card: the page's resize is not skimage's
+             "xrv": (xrv_preprocess(64), "torchxrayvision's skimage resize (resample 'skimage'")}
+    for name, (pp, reason) in cases.items():
+        bundle = untrained_classifier_bundle(tmp_path / name, preprocess=pp)
+        with pytest.raises(ValueError) as caught:
+            export_web(bundle, tmp_path / "app")
+        message = str(caught.value)
+        assert message.startswith(f"{bundle}: cannot write a browser app for this classifier: it ")
+        assert reason in message
+        assert "probabilities would differ from Python's" in message and "cxrbench predict" in message
+        assert not Path(tmp_path / "app").exists() or not os.listdir(tmp_path / "app")
+    from cxrbench.export.onnx import export_models
+    from cxrbench.models.bundle import load_bundle
+
+    exported = tmp_path / "onnx-xrv"  # an ONNX export of such a bundle is refused too, naming its folder
+    # (1e-3: a seeded ResNet18 on xrv inputs, in [-1024, 1024], gives large logits: 2.4e-4 apart at most here)
+    export_models(load_bundle(tmp_path / "xrv"), exported, saliency=False, threads=1, tolerance=1e-3)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(exported))}: cannot write a browser app for this "
+                                         "classifier: it resizes with torchxrayvision's skimage resize"):
+        export_web(exported, tmp_path / "app")
 
 
 def test_onnxruntime_web_is_pinned_by_the_lockfile_and_npm_is_asked_only_when_needed(tmp_path, monkeypatch):

@@ -282,6 +282,45 @@ def test_a_16_bit_png_gives_the_8_bit_probabilities_and_a_12_bit_one_its_effecti
         np.testing.assert_allclose(result["ood_score"], report.ood.score, atol=1e-4)
 
 
+def test_a_16_bit_png_keeps_its_precision_in_every_resize_mode(app, files, tmp_path):
+    """The canvas-* modes resize a 16-bit PNG on float16 canvases (Chromium has them), not on its 8-bit rendering:
+    on a smooth 16-bit ramp every mode stays within float16's rounding of the exact resize, where the 8-bit
+    rendering of the same ramp is off by up to half an 8-bit step; and the page says how it held the image."""
+    from PIL import Image as PILImage
+
+    from cxrbench.export.web.study import RESIZE_MODES
+    from cxrbench.io import read_image
+
+    ramp = np.tile(np.round(np.linspace(0, 65535, 448)).astype(np.uint16), (448, 1))
+    paths = [tmp_path / "ramp16.png", tmp_path / "ramp8.png", tmp_path / "chest16.png"]
+    PILImage.fromarray(ramp).save(paths[0])
+    PILImage.fromarray(np.round(ramp / 257).astype(np.uint8)).save(paths[1])
+    PILImage.fromarray(np.asarray(PILImage.open(files[0]).convert("L"), dtype=np.uint16) * 257).save(paths[2])
+    pp = Preprocess(size=224, normalize="zero_one")
+    exact = pp(read_image(paths[0]).pixels)[0]
+    interior = (slice(None), slice(4, -4))  # the canvas's black border enters the outermost columns
+    with staged_images(app.folder, [*paths, files[0]]) as urls:
+        for resize in RESIZE_MODES:
+            sixteen, eight = (app.preprocess(u, preprocess=pp.to_dict(), resize=resize)["x"][0] for u in urls[:2])
+            err16, err8 = (float(np.abs(got - exact)[interior].max()) for got in (sixteen, eight))
+            # observed: pillow 0 vs 8.3e-4; both canvas modes 3.8e-4 vs 3.1e-3 (float16: 2 roundings of <= 2.4e-4)
+            assert err16 <= (1e-6 if resize == "pillow" else 6e-4), (resize, err16)
+            assert err8 > max(5e-4, 3 * err16), (resize, err16, err8)
+            chest16, chest8 = app.analyze(urls[2:], resize=resize, allowOod=True)
+            assert chest16["canvas_precision"] == (None if resize == "pillow" else "float16")
+            assert (chest16["bit_depth"], chest8["bit_depth"]) == (16, 8)
+            # v * 257 / 65535 == v / 255: the same image; float16 rounding moves it by <= 2.4e-4 (observed raw 4e-4)
+            assert np.abs(np.array(chest16["raw"]) - chest8["raw"]).max() <= (0 if resize == "pillow" else 2e-3)
+    from playwright.sync_api import expect
+
+    page = app.page
+    page.check("#allow-ood")
+    page.select_option("#resize", "canvas-high")
+    page.set_input_files("#file", str(paths[2]))
+    expect(page.locator("#status")).to_contain_text("held this 16-bit image as float16", timeout=120_000)
+    page.select_option("#resize", "pillow")
+
+
 def test_the_browser_gate_runs_the_blank_image_guard_with_pythons_reasons(app, bundles, files, tmp_path):
     from PIL import Image as PILImage
 

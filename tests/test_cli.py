@@ -68,6 +68,32 @@ def test_help_of_every_command_imports_no_torch():
     assert int(n_commands) >= 15 and torch_modules.strip() == "[]"
 
 
+_DEMO_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+from cxrbench.app.demo import DemoSettings, _fingerprint, demo_data, prepare_demo
+assert not [m for m in sys.modules if m.split(".")[0] == "torch"], "import cxrbench.app.demo imported torch"
+out, data = Path(sys.argv[1]), sys.argv[2]
+for name in ("classifier", "ood"):  # bundles the cache check finds (it reads nothing but their card's presence)
+    (out / name).mkdir(parents=True)
+    (out / name / "card.json").write_text("{}")
+train_dir, kind = demo_data(data)
+(out / "demo.json").write_text(json.dumps({"fingerprint": _fingerprint(train_dir, DemoSettings()),
+                                           "classifier": str(out / "classifier"), "ood": str(out / "ood")}))
+info = prepare_demo(out, data=data, progress=False)
+assert info["classifier"] == str(out / "classifier"), info
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+
+
+def test_the_demo_module_and_an_up_to_date_demo_prepare_import_no_torch(tmp_path, nih_dir):
+    """`cxrbench demo serve` with bundles already trained starts Voila without paying for torch (~2 s, 0.7 GB)."""
+    run = subprocess.run([sys.executable, "-c", _DEMO_WITHOUT_TORCH, str(tmp_path / "demo"), str(nih_dir)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out

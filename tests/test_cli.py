@@ -94,6 +94,30 @@ def test_the_demo_module_and_an_up_to_date_demo_prepare_import_no_torch(tmp_path
     assert run.stdout.strip() == "[]"
 
 
+def test_the_train_commands_share_their_data_options():
+    """train classifier, ood and autoencoder take --split/--seed/--workers/--device/--max-steps from one definition
+    (cxrbench.cli.options.add_training_arguments): the same values, defaults and help in each."""
+    import argparse
+
+    from cxrbench.cli.main import build_parser
+
+    parser = build_parser()
+    argv = ["--split", "s.csv", "--seed", "5", "--workers", "2", "--device", "CUDA:1", "--max-steps", "3"]
+    dests = ("split", "seed", "workers", "device", "max_steps")
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    commands = next(a for a in train._actions if isinstance(a, argparse._SubParsersAction)).choices
+    definitions = []
+    for command in ("classifier", "ood", "autoencoder"):
+        args = parser.parse_args(["train", command, "--data", "d", "--out", "o", *argv])
+        assert tuple(getattr(args, d) for d in dests) == ("s.csv", 5, 2, "cuda:1", 3), command
+        defaults = parser.parse_args(["train", command, "--data", "d", "--out", "o"])
+        assert tuple(getattr(defaults, d) for d in dests) == (None, 0, 0, "auto", None), command
+        actions = [a for a in commands[command]._actions if a.dest in dests]
+        definitions.append([(a.option_strings, a.default, a.help) for a in actions])
+    assert definitions[0] == definitions[1] == definitions[2] and len(definitions[0]) == len(dests)
+    assert definitions[0][0] == (["--split"], None, "split CSV to use (default: patient split 70/10/20)")
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out

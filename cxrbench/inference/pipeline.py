@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -164,6 +165,20 @@ class Report:
             raise RejectedImageError(f"{self.source}: not recognised as a frontal chest X-ray: {self.ood.reason}; "
                                      "no prediction is made")
 
+    @property
+    def rejection(self) -> str:
+        """Why the gate gave no prediction, in words that name the file (``""`` when it was not rejected):
+        ``"hand.png: no prediction: it does not look like the frontal chest X-rays the OOD gate was trained on
+        (ssim score 0.866 > cutoff 0.477); --allow-ood analyses it anyway"``; the blank-image guard's own reason
+        for a tiny or blank image."""
+        if not self.rejected or self.ood is None:
+            return ""
+        ood = self.ood
+        why = (f"it does not look like the frontal chest X-rays the OOD gate was trained on ({ood.scorer} score "
+               f"{ood.score:.3f} > cutoff {ood.cutoff:.3f})" if ood.check == "reconstruction" else ood.reason)
+        hint = "; --allow-ood analyses it anyway" if ood.overridable else ""
+        return f"{Path(str(self.source)).name}: no prediction: {why}{hint}"
+
     def table(self) -> pd.DataFrame:
         """One row per finding: calibrated and raw probability, operating point (and a ``note`` column "not trained
         by this model" when the weights never trained some outputs); most probable first
@@ -189,7 +204,7 @@ class Report:
         row["in_distribution"] = self.in_distribution if self.ood else ""
         row["check"] = self.ood.check if self.ood else ""
         row["reason"] = self.ood.reason if self.ood else ""
-        row["error"] = "rejected by the OOD gate" if self.rejected else ""
+        row["error"] = self.rejection
         if self.untrained:  # their columns are empty (NaN): say why
             row["note"] = f"{UNTRAINED_NOTE} (left empty): {', '.join(self.untrained)}"
         return row

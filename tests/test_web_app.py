@@ -197,6 +197,18 @@ def test_export_web_refuses_preprocessing_the_browser_cannot_reproduce(tmp_path)
     with pytest.raises(ValueError, match=f"^{re.escape(str(exported))}: cannot write a browser app for this "
                                          "classifier: it resizes with torchxrayvision's skimage resize"):
         export_web(exported, tmp_path / "app")
+    # outputs the weights never trained (an imported model's card 'untrained'): the page would show them as numbers
+    import dataclasses
+
+    plain = load_bundle(untrained_classifier_bundle(tmp_path / "partial", preprocess=Preprocess(size=64)))
+    partial = dataclasses.replace(plain, card=dataclasses.replace(plain.card, untrained=["Hernia", "Edema"]))
+    export_models(partial, tmp_path / "onnx-partial", saliency=False, threads=1)
+    for source in (partial, tmp_path / "onnx-partial"):
+        where = partial.path if source is partial else source
+        with pytest.raises(ValueError, match=f"^{re.escape(str(where))}: cannot write a browser app for this "
+                                             "classifier: its weights never trained Hernia, Edema"):
+            export_web(source, tmp_path / "app")
+    assert not Path(tmp_path / "app").exists() or not os.listdir(tmp_path / "app")
 
 
 def test_onnxruntime_web_is_pinned_by_the_lockfile_and_npm_is_asked_only_when_needed(tmp_path, monkeypatch):

@@ -120,9 +120,19 @@ def _check_browser_preprocess(pp: dict[str, Any], what: str, where: Any) -> None
         problem = (f"it equalises with equalize '{pp['equalize']}' (CLAHE), which the browser app does not reproduce "
                    "(it has 'none' and 'hist')")
     if problem:
-        raise ValueError(f"{where}: cannot write a browser app for this {what}: {problem}, so the page's "
-                         "probabilities would differ from Python's. Run it with the Python tools instead "
-                         "(cxrbench predict, cxrbench demo, or its cxrbench export on ONNX Runtime)")
+        _refuse(where, what, f"{problem}, so the page's probabilities would differ from Python's")
+
+
+def _check_browser_outputs(untrained: Sequence[str], where: Any) -> None:
+    """Refuse a classifier whose card lists outputs its weights never trained: the page does not mask them."""
+    if untrained:
+        _refuse(where, "classifier", f"its weights never trained {', '.join(untrained)} (its card's 'untrained'), "
+                                     "and the page would show their constant outputs as probabilities")
+
+
+def _refuse(where: Any, what: str, problem: str) -> None:
+    raise ValueError(f"{where}: cannot write a browser app for this {what}: {problem}. Run it with the Python tools "
+                     "instead (cxrbench predict, cxrbench demo, or its cxrbench export on ONNX Runtime)")
 
 
 def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
@@ -142,9 +152,9 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
 
     Returns ``out``. Raises ``ValueError``, naming the bundle, for preprocessing the browser cannot reproduce
     exactly: CLAHE, nearest-neighbour resampling, and torchxrayvision's skimage resize (``cxrbench import xrv``
-    bundles).
+    bundles); and a classifier with outputs its weights never trained (the page would show them as probabilities).
     """
-    from cxrbench.export.onnx import MANIFEST, export_models
+    from cxrbench.export.onnx import MANIFEST, export_models, read_onnx_card
     from cxrbench.models.bundle import load_bundle
 
     out = Path(out)
@@ -156,6 +166,8 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
             raise ValueError(f"{classifier} is an ONNX export; it brings its own OOD graph (do not pass ood)")
         manifest = json.loads((Path(classifier) / MANIFEST).read_text())
         _check_browser_preprocess(manifest["preprocess"], "classifier", classifier)
+        graph = manifest["graphs"].get("cam") or manifest["graphs"]["classifier"]
+        _check_browser_outputs(read_onnx_card(Path(classifier) / graph["file"])[0].untrained, classifier)
         if manifest.get("ood_preprocess"):
             _check_browser_preprocess(manifest["ood_preprocess"], "OOD model", classifier)
         dist = install_onnxruntime_web(npm_dir)
@@ -166,6 +178,7 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
         clf = classifier if isinstance(classifier, Bundle) else load_bundle(classifier, kind="classifier")
         gate = ood if isinstance(ood, Bundle) or ood is None else load_bundle(ood, kind="ood")
         _check_browser_preprocess(clf.card.preprocess, "classifier", clf.path or "(a bundle in memory)")
+        _check_browser_outputs(clf.card.untrained, clf.path or "(a bundle in memory)")
         if gate is not None:
             _check_browser_preprocess(gate.card.preprocess, "OOD model", gate.path or "(a bundle in memory)")
         dist = install_onnxruntime_web(npm_dir)

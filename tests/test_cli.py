@@ -68,6 +68,56 @@ def test_help_of_every_command_imports_no_torch():
     assert int(n_commands) >= 15 and torch_modules.strip() == "[]"
 
 
+_DEMO_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+from cxrbench.app.demo import DemoSettings, _fingerprint, demo_data, prepare_demo
+assert not [m for m in sys.modules if m.split(".")[0] == "torch"], "import cxrbench.app.demo imported torch"
+out, data = Path(sys.argv[1]), sys.argv[2]
+for name in ("classifier", "ood"):  # bundles the cache check finds (it reads nothing but their card's presence)
+    (out / name).mkdir(parents=True)
+    (out / name / "card.json").write_text("{}")
+train_dir, kind = demo_data(data)
+(out / "demo.json").write_text(json.dumps({"fingerprint": _fingerprint(train_dir, DemoSettings()),
+                                           "classifier": str(out / "classifier"), "ood": str(out / "ood")}))
+info = prepare_demo(out, data=data, progress=False)
+assert info["classifier"] == str(out / "classifier"), info
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+
+
+def test_the_demo_module_and_an_up_to_date_demo_prepare_import_no_torch(tmp_path, nih_dir):
+    """`cxrbench demo serve` with bundles already trained starts Voila without paying for torch (~2 s, 0.7 GB)."""
+    run = subprocess.run([sys.executable, "-c", _DEMO_WITHOUT_TORCH, str(tmp_path / "demo"), str(nih_dir)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_train_commands_share_their_data_options():
+    """train classifier, ood and autoencoder take --split/--seed/--workers/--device/--max-steps from one definition
+    (cxrbench.cli.options.add_training_arguments): the same values, defaults and help in each."""
+    import argparse
+
+    from cxrbench.cli.main import build_parser
+
+    parser = build_parser()
+    argv = ["--split", "s.csv", "--seed", "5", "--workers", "2", "--device", "CUDA:1", "--max-steps", "3"]
+    dests = ("split", "seed", "workers", "device", "max_steps")
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    commands = next(a for a in train._actions if isinstance(a, argparse._SubParsersAction)).choices
+    definitions = []
+    for command in ("classifier", "ood", "autoencoder"):
+        args = parser.parse_args(["train", command, "--data", "d", "--out", "o", *argv])
+        assert tuple(getattr(args, d) for d in dests) == ("s.csv", 5, 2, "cuda:1", 3), command
+        defaults = parser.parse_args(["train", command, "--data", "d", "--out", "o"])
+        assert tuple(getattr(defaults, d) for d in dests) == (None, 0, 0, "auto", None), command
+        actions = [a for a in commands[command]._actions if a.dest in dests]
+        definitions.append([(a.option_strings, a.default, a.help) for a in actions])
+    assert definitions[0] == definitions[1] == definitions[2] and len(definitions[0]) == len(dests)
+    assert definitions[0][0] == (["--split"], None, "split CSV to use (default: patient split 70/10/20)")
+
+
 def test_data_list(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out

@@ -223,7 +223,7 @@ def test_analyze_gives_no_probabilities_to_any_case_and_says_why(gate_run, class
     for _, row in table.iloc[:len(CASES)].iterrows():
         check = _expected(row["file"])
         assert row["check"] == check and row["reason"].startswith(REASONS[check])
-        assert row["Effusion"] == "" and row["error"] == "rejected by the OOD gate"
+        assert row["Effusion"] == "" and row["error"].startswith(f"{Path(row['file']).name}: no prediction: ")
     last = table.iloc[-1]
     assert last["check"] == "" and last["reason"] == "" and last["Effusion"] != ""
     # --min-side is the guard's minimum short side: 1x1 and 7x3 are still too small at 8 px
@@ -231,6 +231,42 @@ def test_analyze_gives_no_probabilities_to_any_case_and_says_why(gate_run, class
                  "--min-side", "8", "-q"]) == 0
     table = pd.read_csv(out / "analysis.csv", keep_default_na=False)
     assert "needs at least 8 px" in table.loc[table["file"].str.endswith("1x1.png"), "reason"].iloc[0]
+
+
+@pytest.mark.realdata
+def test_analyze_error_column_names_each_bad_file_and_says_why_in_words(classifier, case_dir, nih_dir, shared_data,
+                                                                       tmp_path, capsys):
+    """What a user reads in analysis.csv's error column: the file's name, then why it got no probabilities."""
+    real = sorted(nih_dir.glob("*.png"))[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.png").write_text("my notes, saved with the wrong name\n")
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "half.png").write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    hand = sorted((shared_data / "cxr" / "nonchest").glob("*.png"))[0]
+    closed = untrained_ood_bundle(tmp_path / "closed", latent_dim=16, base_channels=8, threshold=-1.0)
+    files = [bad / "notes.png", bad / "empty.png", bad / "half.png", case_dir / "grey_128.png", case_dir / "1x1.png",
+             hand]
+    out = tmp_path / "an"
+    assert main(["analyze", "--classifier", str(classifier), "--ood", str(closed), *map(str, files), "--out", str(out),
+                 "--explain", "none", "-q"]) == 0  # a rejection is an answer; only all unreadable exits 1
+    captured = capsys.readouterr()
+    errors = pd.read_csv(out / "analysis.csv", keep_default_na=False)["error"].tolist()
+    expected = ["notes.png: cannot read it: not a recognised image format (PNG, JPEG, TIFF, BMP or DICOM expected)",
+                "empty.png: cannot read it: the file is empty (0 bytes)",
+                "half.png: cannot read it: truncated or corrupt PNG data",
+                "grey_128.png: no prediction: almost no image content (blank, flat or a simple pattern",
+                "1x1.png: no prediction: too small (1x1 px; a chest radiograph needs at least 64 px on the short side)",
+                f"{hand.name}: no prediction: it does not look like the frontal chest X-rays the OOD gate was trained "
+                "on (ssim score "]
+    for error, start in zip(errors, expected):
+        assert error.startswith(start), (error, start)
+    assert errors[3].endswith("; --allow-ood analyses it anyway") and errors[5].endswith("; --allow-ood analyses it "
+                                                                                           "anyway")
+    assert "allow-ood" not in errors[4]  # too small: not even --allow-ood analyses it
+    for f in files[:3]:
+        assert f"warning: {f}: " in captured.err  # the full path on stderr
+    assert "1 unlike the chest X-rays it was trained on" in captured.out
 
 
 def _bit_depth_versions(source: Path, folder: Path) -> dict[str, Path]:

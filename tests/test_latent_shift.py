@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,53 @@ def test_phantom_comparison_rows_and_their_sentence():
     assert "changed no pixel" in localisation_sentence(pd.concat([empty, chance]), "Phantoms")
     with pytest.raises(ValueError, match="needs a 'latent_shift' and a 'random' row"):
         localisation_sentence(chance, "Phantoms")
+
+
+def test_cli_explain_latent_shift_writes_difference_maps_and_frames(phantom_runs, tmp_path, capsys):
+    import pandas as pd
+    from PIL import Image as PILImage
+
+    from cxrbench.cli import main
+    from cxrbench.data import load_manifest
+
+    clf_path, ae_path, root = phantom_runs
+    manifest = load_manifest(root)
+    image = str(manifest.loc[manifest["Effusion"] == 1, "path"].iloc[0])
+    out = tmp_path / "out"
+    rc = main(["explain", "--bundle", str(clf_path), "--method", "latent_shift", "--autoencoder", str(ae_path),
+               image, "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "too small (32x32 px" in err, err  # the tiny phantom is explained anyway, with a warning
+    row = pd.read_csv(out / "explain_summary.csv", keep_default_na=False).iloc[0]
+    stem = Path(image).stem
+    assert row["error"] == "" and row["targets"] == "Effusion" and row["stop"]
+    assert row["frames"] == f"{stem}_latent_shift_Effusion_frames.npy"
+    frames = np.load(out / row["frames"])
+    assert frames.shape == (6, SIDE, SIDE) and frames.dtype == np.float32 and 0 <= frames.min() <= frames.max() <= 1
+    maps = np.load(out / f"{stem}_latent_shift.npy")  # the raw difference map: reconstruction vs counterfactual
+    assert maps.shape == (1, SIDE, SIDE)
+    np.testing.assert_allclose(maps[0], np.abs(frames[0] - frames[-1]), atol=1e-6)
+    probabilities = [float(p) for p in row["frame_probabilities"].split(">")]
+    assert len(probabilities) == 6 and probabilities[-1] <= probabilities[0]
+    assert row["raw_probabilities"] and (out / f"{stem}_latent_shift_Effusion.png").is_file()
+    strip = np.asarray(PILImage.open(out / f"{stem}_latent_shift_Effusion_frames.png"))
+    assert strip.shape[1] == 6 * 128 + 5 * 4 and strip.shape[0] > 128  # six frames with their captions under them
+    assert (strip[130:, :128] < 128).any()  # there is text in the caption band
+
+    # refused before anything is read: no autoencoder, one made for another input, one the method does not use
+    bad = [(["--method", "latent_shift"], [str(clf_path), "needs an autoencoder at the classifier's input resolution",
+                                           f"--like {clf_path} --data", "--autoencoder"]),
+           (["--method", "saliency", "--autoencoder", str(ae_path)], [str(ae_path), "not saliency"])]
+    other = ConvAutoencoder(latent_dim=8, base_channels=4, image_size=48)
+    wrong = save_bundle(tmp_path / "ae48", other, ModelCard(
+        kind="autoencoder", builder="autoencoder", builder_kwargs={"latent_dim": 8, "base_channels": 4,
+                                                                   "image_size": 48},
+        preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
+    bad.append((["--method", "latent_shift", "--autoencoder", str(wrong)],
+                [str(wrong), "differs from the classifier's in size (48 vs 32)", f"--like {clf_path}"]))
+    for options, words in bad:
+        refused = tmp_path / "refused"
+        assert main(["explain", "--bundle", str(clf_path), *options, image, "--out", str(refused), "-q"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("cxrbench: error: ") and all(w in err for w in words), err
+        assert not refused.exists()

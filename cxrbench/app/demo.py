@@ -132,11 +132,9 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
                  settings: DemoSettings | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or reuse) the demo bundles; returns ``{"classifier": path, "ood": path, "examples": {...}}``.
 
-    The result is also written to ``out/demo.json``, which the dashboard notebook reads.
+    The result is also written to ``out/demo.json``, which the dashboard notebook reads. Bundles that are up to
+    date are reused without importing torch (``cxrbench demo serve`` only starts Voila, whose kernels load them).
     """
-    from cxrbench.data import load_manifest
-    from cxrbench.train import ClassifierConfig, OODConfig, train_classifier, train_ood
-
     settings = settings or DemoSettings()
     out = Path(out).resolve()
     train_dir, kind = demo_data(data)
@@ -149,6 +147,9 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
             if progress:
                 print(f"demo bundles up to date in {out} (data: {train_dir}, {kind})")
             return cached
+    from cxrbench.data import load_manifest
+    from cxrbench.train import ClassifierConfig, OODConfig, train_classifier, train_ood
+
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

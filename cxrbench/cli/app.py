@@ -66,7 +66,7 @@ def _analyze(args: argparse.Namespace) -> int:
     rows = []
     for i, (f, r) in enumerate(zip(files, reports)):
         if r is None:
-            rows.append({"file": f, "error": errors[i]})
+            rows.append({"file": f, "error": f"{Path(f).name}: cannot read it: {errors[i]}"})
             print(f"warning: {f}: {errors[i]}", file=sys.stderr)
             continue
         rows.append({**r.to_row(), "file": f})
@@ -81,7 +81,7 @@ def _analyze(args: argparse.Namespace) -> int:
     table.to_csv(out / "analysis.csv", index=False)
     checks = [r.ood.check for r in reports if r is not None and r.rejected and r.ood is not None]
     why = ", ".join(f"{checks.count(c)} {text}" for c, text in (("size", "too small"), ("information", "almost no "
-                    "image content"), ("reconstruction", "reconstruction error")) if c in checks)
+                    "image content"), ("reconstruction", "unlike the chest X-rays it was trained on")) if c in checks)
     print(f"wrote {out / 'analysis.csv'}: {len(files)} files, {len(errors)} unreadable, {len(checks)} rejected by the "
           f"OOD gate{f' ({why})' if why else ''}{backend_note(pipe)}")
     return 0 if len(errors) < len(files) else 1

@@ -8,7 +8,13 @@ import sys
 import weakref
 from pathlib import Path
 
-from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
+from cxrbench.cli.options import (
+    Subcommands,
+    add_backend_argument,
+    add_run_folder_arguments,
+    add_training_arguments,
+    positive_int,
+)
 
 __all__ = ["add_classifier_commands", "expand_files", "print_to_stderr", "train_subparsers"]
 
@@ -171,11 +177,7 @@ def add_classifier_commands(sub: Subcommands) -> None:
     q.add_argument("--no-pos-weight", action="store_true", help="plain BCE instead of per-finding pos_weight")
     q.add_argument("--no-augment", action="store_true")
     q.add_argument("--labels", nargs="+", default=None, help="label columns (default: the dataset's)")
-    q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    q.add_argument("--device", type=device_name, default="auto")
-    q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
+    add_training_arguments(q)
     q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test AUC CIs")
     q.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 autocast + channels_last on CUDA and on CPUs with avx512_bf16 or AMX, else fp32 "

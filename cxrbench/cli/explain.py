@@ -108,7 +108,8 @@ def _segment(args: argparse.Namespace) -> int:
 
 def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: str, *,
                   targets: Sequence[str] | None = None, top: int = 3, sigma: float | None = None,
-                  cmap: str = "jet", alpha: float = 0.5, progress: bool = False) -> pd.DataFrame:
+                  cmap: str = "jet", alpha: float = 0.5, progress: bool = False,
+                  autoencoder: str | None = None) -> pd.DataFrame:
     """Explanation maps and overlays for image files with a classifier bundle.
 
     Per file (``stem`` = file name without suffix, unique per input: :func:`cxrbench.cli.outputs.output_stems`;
@@ -116,6 +117,13 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
     with the raw maps, (F, S, S) float32 at the classifier's input size S, in the order of the ``targets`` column;
     ``OUT/<stem>_<method>_<finding>.png`` overlays (RGB) on the displayed crop; for several findings
     also ``OUT/<stem>_<method>_all.png`` (all findings at once, Chester Fig. 8).
+
+    ``method="latent_shift"`` (the Latent Shift counterfactual) needs ``autoencoder``, an autoencoder bundle at the
+    classifier's resolution (refused before any file is read when it is missing or made for another input). Its
+    maps are the difference maps ``|reconstruction - counterfactual|`` (what the dashboard's panel shows over the
+    image); per finding it also writes ``OUT/<stem>_latent_shift_<finding>_frames.npy`` (T, S, S) float32 [0, 1]
+    and ``..._frames.png``, the frames from the reconstruction to the counterfactual with the finding's
+    probability under each, and the table gets ``frames``, ``frame_probabilities`` and ``stop`` columns.
 
     ``targets``: finding names; default: the ``top`` most probable findings (calibrated when the
     bundle has operating points), or all findings summed for ``method="saliency"``
@@ -127,17 +135,18 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
     """
     import pandas as pd
 
-    from cxrbench.explain import EXPLAINERS
+    from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS, EXPLAINERS
     from cxrbench.explain.targets import explanation_targets
     from cxrbench.inference.pipeline import Pipeline
 
-    if method not in EXPLAINERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {EXPLAINERS}")
+    if method not in EXPLAINERS + COUNTERFACTUAL_EXPLAINERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {EXPLAINERS + COUNTERFACTUAL_EXPLAINERS}")
+    _check_autoencoder_choice(bundle_path, method, autoencoder)
     out = Path(out_dir)
     stems = output_stems(files)
     refuse_overwriting_inputs(files, [out / "explain_summary.csv"],
                               prefixes=[(out / f"{s}_{method}", (".npy", ".png")) for s in stems])
-    pipe = Pipeline.from_paths(bundle_path)
+    pipe = Pipeline.from_paths(bundle_path, autoencoder=autoencoder)
     # unknown findings or a bad --top fail here, before any file is read
     explanation_targets(method, pipe.findings, targets, ranking=range(len(pipe.findings)), top=top,
                         untrained=pipe.untrained)
@@ -149,10 +158,51 @@ def explain_files(bundle_path: str, method: str, files: Sequence[str], out_dir: 
         items = tqdm(items, desc=f"explaining ({method})", unit="img")
     rows = [_explain_file(pipe, f, stem, out, method, targets, top=top, sigma=sigma, cmap=cmap, alpha=alpha)
             for f, stem in items]
-    table = pd.DataFrame(rows, columns=["file", "method", "targets", "raw_probabilities", "maps", "overlays", "seconds",
-                                        "error", "warning"])
+    columns = ["file", "method", "targets", "raw_probabilities", "maps", "overlays", "seconds", "error", "warning"]
+    if method in COUNTERFACTUAL_EXPLAINERS:
+        columns += list(COUNTERFACTUAL_COLUMNS)
+    table = pd.DataFrame(rows, columns=columns).fillna({c: "" for c in COUNTERFACTUAL_COLUMNS if c in columns})
     table.to_csv(out / "explain_summary.csv", index=False)
     return table
+
+
+#: the columns ``explain_summary.csv`` has for Latent Shift only (one entry per finding, ``|``-separated)
+COUNTERFACTUAL_COLUMNS = ("frames", "frame_probabilities", "stop")
+
+
+def _check_autoencoder_choice(bundle_path: str, method: str, autoencoder: str | None) -> None:
+    """Latent Shift needs an autoencoder bundle and the other methods use none: both refused in words."""
+    from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS
+    from cxrbench.explain.latent_shift import NO_AUTOENCODER, NoAutoencoderError
+
+    if method in COUNTERFACTUAL_EXPLAINERS and not autoencoder:
+        raise NoAutoencoderError(f"{bundle_path}: {NO_AUTOENCODER.replace('CLASSIFIER_BUNDLE', str(bundle_path))} "
+                                 "(give its bundle with --autoencoder)")
+    if autoencoder and method not in COUNTERFACTUAL_EXPLAINERS:
+        raise ValueError(f"--autoencoder {autoencoder}: only {', '.join(COUNTERFACTUAL_EXPLAINERS)} uses an "
+                         f"autoencoder, not {method}; leave it out or choose --method latent_shift")
+
+
+def _write_counterfactuals(report: Any, stem: str, out: Path) -> dict[str, str]:
+    """Each Latent Shift counterfactual's frames (``.npy`` and a captioned strip ``.png``); the row's columns."""
+    from cxrbench.app.counterfactual import frame_captions
+    from cxrbench.explain.overlay import captioned_strip
+
+    names, probabilities = [], []
+    for name, cf in zip(report.map_labels, report.counterfactuals):
+        base = out / f"{stem}_latent_shift_{_file_safe(name)}_frames"
+        np.save(base.with_suffix(".npy"), cf.frames.astype(np.float32), allow_pickle=False)
+        captions = frame_captions(cf, list(range(len(cf.frames))), name)
+        _save_png(base.with_suffix(".png"), captioned_strip(cf.frames, [c.replace("λ", "lambda") for c in captions]))
+        names.append(f"{base.name}.npy")
+        probabilities.append(">".join(f"{p:.4f}" for p in cf.probabilities))
+    return {"frames": "|".join(names), "frame_probabilities": "|".join(probabilities),
+            "stop": "|".join(cf.stop for cf in report.counterfactuals)}
+
+
+def _file_safe(finding: str) -> str:
+    """A finding's name as it appears in output file names."""
+    return finding.replace(" ", "_").replace("+", "-")
 
 
 def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, targets: Sequence[str] | None, *, top: int,
@@ -178,7 +228,7 @@ def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, tar
     np.save(out / f"{stem}_{method}.npy", maps.astype(np.float32), allow_pickle=False)
     written = []
     for name, heat in zip(names, maps):
-        target = out / f"{stem}_{method}_{name.replace(' ', '_').replace('+', '-')}.png"
+        target = out / f"{stem}_{method}_{_file_safe(name)}.png"
         _save_png(target, overlay(report.image, heat, cmap=cmap, alpha=alpha))
         written.append(target.name)
     if len(names) > 1:
@@ -186,6 +236,8 @@ def _explain_file(pipe: Pipeline, f: str, stem: str, out: Path, method: str, tar
         _save_png(target, overlay_all_findings(report.image, maps, names))
         written.append(target.name)
     probabilities = "|".join(f"{report.raw[i]:.4f}" for i in report.explained_outputs)
+    if report.counterfactuals:
+        row.update(_write_counterfactuals(report, stem, out))
     row.update(targets="|".join(names), raw_probabilities=probabilities, maps=f"{stem}_{method}.npy",
                overlays="|".join(written), seconds=time.perf_counter() - t0)
     return row
@@ -198,7 +250,8 @@ def _explain(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError("no input files")
     table = explain_files(args.bundle, args.method, files, args.out, targets=args.targets, top=args.top,
-                          sigma=args.sigma, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet)
+                          sigma=args.sigma, cmap=args.cmap, alpha=args.alpha, progress=not args.quiet,
+                          autoencoder=args.autoencoder)
     report_problems(table)
     failed, warned = table[table["error"] != ""], table[table["warning"] != ""]
     print(f"explained {len(table) - len(failed)} images with {args.method} ({len(warned)} with a warning); wrote "
@@ -238,7 +291,7 @@ def add_explain_commands(sub: Subcommands) -> None:
     """Register ``train unet``, ``segment`` and ``explain``."""
     from cxrbench.cli.classifier import train_subparsers
     from cxrbench.cli.options import add_run_folder_arguments
-    from cxrbench.explain import EXPLAINERS
+    from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS, EXPLAINERS
 
     tsub = train_subparsers(sub)
     q = tsub.add_parser("unet", help="train the lung U-Net on image + mask pairs (mask 127 = ignore)",
@@ -274,7 +327,12 @@ def add_explain_commands(sub: Subcommands) -> None:
 
     q = sub.add_parser("explain", help="explanation maps (.npy) and overlays (PNG) for image files")
     q.add_argument("--bundle", required=True, help="classifier bundle folder")
-    q.add_argument("--method", default="saliency", choices=EXPLAINERS)
+    q.add_argument("--method", default="saliency", choices=EXPLAINERS + COUNTERFACTUAL_EXPLAINERS,
+                   help="latent_shift: the Latent Shift counterfactual (slow; needs --autoencoder): difference maps "
+                        "and the frames from the reconstruction to the counterfactual")
+    q.add_argument("--autoencoder", default=None, metavar="BUNDLE",
+                   help="autoencoder bundle at the classifier's resolution, for --method latent_shift "
+                        "(cxrbench train autoencoder --like CLASSIFIER_BUNDLE)")
     q.add_argument("files", nargs="+", help="image files, folders or globs")
     q.add_argument("--out", required=True,
                    help=f"folder for <stem>_<method>.npy maps, overlays and explain_summary.csv ({OUTPUT_NAMING})")

@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from cxrbench.cli.classifier import expand_files, print_to_stderr, train_subparsers
-from cxrbench.cli.options import Subcommands, add_backend_argument, add_run_folder_arguments, device_name, positive_int
+from cxrbench.cli.options import (
+    Subcommands,
+    add_backend_argument,
+    add_run_folder_arguments,
+    add_training_arguments,
+    positive_int,
+)
 
 __all__ = ["add_ood_commands"]
 
@@ -141,11 +147,7 @@ def _add_train_autoencoder(tsub: Subcommands) -> None:
     q.add_argument("--batch-size", type=positive_int, default=32)
     q.add_argument("--lr", type=float, default=None, help="default 1e-3")
     q.add_argument("--loss", default="l1", help="reconstruction loss, l1, mse or mse+ssim")
-    q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    q.add_argument("--device", type=device_name, default="auto")
-    q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
+    add_training_arguments(q)
     add_run_folder_arguments(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_autoencoder)
@@ -171,11 +173,7 @@ def add_ood_commands(sub: Subcommands) -> None:
                    "(about 100 - p %% of in-distribution images are rejected)")
     q.add_argument("--scorer", default="ssim", choices=("ssim", "l1", "l2", "latent"),
                    help="the gate's score (ssim means 1 - SSIM; higher = more OOD)")
-    q.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    q.add_argument("--device", type=device_name, default="auto")
-    q.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")
+    add_training_arguments(q)
     add_run_folder_arguments(q)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_train_ood)

@@ -2,7 +2,8 @@
 errors a command raises, the ``--backend`` option of the commands that run on PyTorch or ONNX Runtime, and the
 ``type=`` functions that refuse a bad value while parsing (``cxrbench predict: error: argument --batch-size: ...``,
 exit code 2) instead of letting it fail, or silently do something else, later;
-and the ``--resume`` / ``--overwrite`` options of every ``train`` command.
+and the options every ``train`` command shares: ``--resume`` / ``--overwrite``, and ``--split``, ``--seed``,
+``--workers``, ``--device``, ``--max-steps`` of those that train on a dataset folder.
 
 This module imports no command group, so every group can use it.
 """
@@ -14,7 +15,7 @@ import re
 from typing import Any, Protocol
 
 __all__ = ["BACKENDS", "DEVICE_PATTERN", "CommandError", "Subcommands", "UsageError", "add_backend_argument",
-           "add_run_folder_arguments", "device_name", "positive_int", "probability"]
+           "add_run_folder_arguments", "add_training_arguments", "device_name", "positive_int", "probability"]
 
 #: where ``--backend`` runs a command: ONNX Runtime where no gradients are needed, else PyTorch (``auto``, the
 #: default); PyTorch eager; or ONNX Runtime on the exported graphs
@@ -91,3 +92,13 @@ def add_run_folder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true",
                        help="start again in OUT: delete the earlier run's files there first (checkpoint, split, "
                             "logs, bundle); without it or --resume, a used run folder is refused")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Give a ``train`` command ``--split``, ``--seed``, ``--workers``, ``--device`` and ``--max-steps`` (in that
+    order, as its ``--help`` lists them): what ``train classifier``, ``train ood`` and ``train autoencoder`` share."""
+    parser.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", type=device_name, default="auto")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")

@@ -3,6 +3,7 @@
 * :func:`overlay`: one heat map through a matplotlib colormap, alpha-blended onto the image.
 * :func:`overlay_all_findings`: all findings at once as in Chester Fig. 8: red where the strongest
   finding's map is high, transparent where every map is negligible (opacity proportional to value).
+* :func:`captioned_strip`: frames side by side with a caption under each (Latent Shift's sweep).
 """
 
 from __future__ import annotations
@@ -170,3 +171,27 @@ def overlay_all_findings(
         stack = stack / peak if peak > 0 else np.zeros_like(stack)
     combined = stack.max(axis=0) if stack.shape[0] else np.zeros(grey.shape, np.float32)
     return _blend(grey, rgb, max_alpha * combined)
+
+
+def captioned_strip(frames: ArrayLike, captions: Sequence[str], *, tile: int = 128, gap: int = 4) -> np.ndarray:
+    """Grey frames ``(T, H, W)`` in [0, 1] side by side, each scaled to ``tile`` px wide (at least its own width),
+    with its caption under it (one line per `` · ``-separated part): an ``(H', W', 3)`` uint8 RGB image on white.
+    Latent Shift's frames in ``cxrbench explain --method latent_shift``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    stack = to_numpy(frames, name="frames", finite=True)
+    if stack.ndim != 3 or len(captions) != stack.shape[0]:
+        raise ValueError(f"expected (T, H, W) frames and T captions, got shape {stack.shape} and {len(captions)}")
+    font = ImageFont.load_default(size=11)
+    lines = [c.split(" · ") for c in captions]
+    width = max(tile, stack.shape[2])
+    height = round(stack.shape[1] * width / stack.shape[2])
+    band = 4 + 13 * max(len(parts) for parts in lines)
+    sheet = Image.new("RGB", (len(stack) * (width + gap) - gap, height + band), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (frame, parts) in enumerate(zip(stack, lines)):
+        grey = Image.fromarray(np.round(np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8))
+        sheet.paste(grey.resize((width, height), Image.Resampling.BILINEAR).convert("RGB"), (i * (width + gap), 0))
+        for j, part in enumerate(parts):
+            draw.text((i * (width + gap) + 2, height + 2 + 13 * j), part, fill="black", font=font)
+    return np.asarray(sheet)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -127,7 +128,8 @@ class Report:
     float32 explanation maps (in [0, 1] unless the caller asked for raw values) with ``map_labels`` naming
     each (``"all findings"`` for Chester's saliency) and ``explained_outputs`` the output indices they explain.
     ``timings``: seconds per stage. ``untrained``: findings the weights never trained, NaN in both arrays
-    (:meth:`table` notes them "not trained by this model").
+    (:meth:`table` notes them "not trained by this model"). ``counterfactuals``: with ``method="latent_shift"``,
+    the :class:`~cxrbench.explain.Counterfactual` behind each map (frames, probabilities), in ``map_labels`` order.
     """
 
     source: str
@@ -148,6 +150,8 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     #: findings the classifier's weights never trained (its card's ``untrained``): NaN in ``raw``/``calibrated``
     untrained: list[str] = field(default_factory=list)
+    #: Latent Shift's frames and probabilities behind each map (``method="latent_shift"`` only)
+    counterfactuals: list[Counterfactual] = field(default_factory=list)
 
     @property
     def in_distribution(self) -> bool | None:
@@ -160,6 +164,20 @@ class Report:
             assert self.ood is not None
             raise RejectedImageError(f"{self.source}: not recognised as a frontal chest X-ray: {self.ood.reason}; "
                                      "no prediction is made")
+
+    @property
+    def rejection(self) -> str:
+        """Why the gate gave no prediction, in words that name the file (``""`` when it was not rejected):
+        ``"hand.png: no prediction: it does not look like the frontal chest X-rays the OOD gate was trained on
+        (ssim score 0.866 > cutoff 0.477); --allow-ood analyses it anyway"``; the blank-image guard's own reason
+        for a tiny or blank image."""
+        if not self.rejected or self.ood is None:
+            return ""
+        ood = self.ood
+        why = (f"it does not look like the frontal chest X-rays the OOD gate was trained on ({ood.scorer} score "
+               f"{ood.score:.3f} > cutoff {ood.cutoff:.3f})" if ood.check == "reconstruction" else ood.reason)
+        hint = "; --allow-ood analyses it anyway" if ood.overridable else ""
+        return f"{Path(str(self.source)).name}: no prediction: {why}{hint}"
 
     def table(self) -> pd.DataFrame:
         """One row per finding: calibrated and raw probability, operating point (and a ``note`` column "not trained
@@ -186,7 +204,7 @@ class Report:
         row["in_distribution"] = self.in_distribution if self.ood else ""
         row["check"] = self.ood.check if self.ood else ""
         row["reason"] = self.ood.reason if self.ood else ""
-        row["error"] = "rejected by the OOD gate" if self.rejected else ""
+        row["error"] = self.rejection
         if self.untrained:  # their columns are empty (NaN): say why
             row["note"] = f"{UNTRAINED_NOTE} (left empty): {', '.join(self.untrained)}"
         return row
@@ -380,10 +398,10 @@ class Pipeline:
         return raw, np.where(self._trained, self.calibrate(np.nan_to_num(raw, nan=0.5)), np.nan)
 
     def _with_maps(self, report: Report, method: str, chosen: ExplanationTargets, maps: np.ndarray,
-                   seconds: float) -> Report:
+                   seconds: float, counterfactuals: Sequence[Counterfactual] = ()) -> Report:
         return replace(report, method=method, maps=np.asarray(maps[0], dtype=np.float32), map_labels=chosen.labels,
                        explained_outputs=chosen.outputs(len(self.findings)),
-                       timings={**report.timings, "explain": seconds})
+                       timings={**report.timings, "explain": seconds}, counterfactuals=list(counterfactuals))
 
     def explain(self, report: Report, method: str, targets: str | Sequence[str] | None = None, *,
                 top: int = DEFAULT_TOP, options: Mapping[str, Any] | None = None) -> Report:
@@ -399,11 +417,11 @@ class Pipeline:
         chosen = explanation_targets(method, self.findings, targets, ranking=ranking, top=top,
                                      untrained=self.untrained)
         if method in COUNTERFACTUAL_EXPLAINERS:  # needs the autoencoder too: not a backend's method
-            maps = self._latent_shift(**{**DEFAULT_MAP_OPTIONS, **(options or {})})(
-                self.model_inputs(report.image).to(self.device), targets=chosen.index)
-        else:
-            maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
-                                                   **{**DEFAULT_MAP_OPTIONS, **(options or {})})
+            explainer = self._latent_shift(**{**DEFAULT_MAP_OPTIONS, **(options or {})})
+            maps = explainer(self.model_inputs(report.image).to(self.device), targets=chosen.index)
+            return self._with_maps(report, method, chosen, maps, time.perf_counter() - t, explainer.counterfactuals)
+        maps = self.classifier_backend.explain(self.model_inputs(report.image), method, chosen.index,
+                                               **{**DEFAULT_MAP_OPTIONS, **(options or {})})
         return self._with_maps(report, method, chosen, maps, time.perf_counter() - t)
 
     def _latent_shift(self, **options: Any) -> LatentShift:

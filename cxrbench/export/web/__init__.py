@@ -99,13 +99,40 @@ def install_onnxruntime_web(npm_dir: str | os.PathLike | None = None, *, quiet: 
     return dist
 
 
-def _check_browser_preprocess(pp: dict[str, Any], what: str) -> None:
+#: why the page cannot reproduce a resampling, for the refusals of :func:`export_web`
+_NOT_IN_BROWSER = {
+    "skimage": ("torchxrayvision's skimage resize (resample 'skimage': a Gaussian anti-aliasing filter, then bilinear "
+                "interpolation with a mid-grey border), the preprocessing its published weights were trained with"),
+    "nearest": "nearest-neighbour resampling (resample 'nearest')",
+}
+
+
+def _check_browser_preprocess(pp: dict[str, Any], what: str, where: Any) -> None:
+    """Refuse (``ValueError`` naming ``where``, the bundle or export folder) preprocessing that the page's exact
+    path (Pillow's resampling, scikit-image's equalize_hist) cannot give: its probabilities would differ from
+    Python's without a word."""
+    problem = ""
     if pp["resample"] not in BROWSER_RESAMPLE:
-        raise ValueError(f"{what}: resample '{pp['resample']}' is not reproduced in the browser; "
-                         f"use one of {BROWSER_RESAMPLE}")
-    if pp["equalize"] not in ("none", "hist"):
-        raise ValueError(f"{what}: equalize '{pp['equalize']}' (CLAHE) is not reproduced in the browser; "
-                         "use 'none' or 'hist'")
+        problem = (f"it resizes with {_NOT_IN_BROWSER.get(pp['resample'], repr(pp['resample']))}, which the browser "
+                   f"app does not reproduce (it resizes with Pillow's {', '.join(BROWSER_RESAMPLE)} filters, or the "
+                   "canvas's own)")
+    elif pp["equalize"] not in ("none", "hist"):
+        problem = (f"it equalises with equalize '{pp['equalize']}' (CLAHE), which the browser app does not reproduce "
+                   "(it has 'none' and 'hist')")
+    if problem:
+        _refuse(where, what, f"{problem}, so the page's probabilities would differ from Python's")
+
+
+def _check_browser_outputs(untrained: Sequence[str], where: Any) -> None:
+    """Refuse a classifier whose card lists outputs its weights never trained: the page does not mask them."""
+    if untrained:
+        _refuse(where, "classifier", f"its weights never trained {', '.join(untrained)} (its card's 'untrained'), "
+                                     "and the page would show their constant outputs as probabilities")
+
+
+def _refuse(where: Any, what: str, problem: str) -> None:
+    raise ValueError(f"{where}: cannot write a browser app for this {what}: {problem}. Run it with the Python tools "
+                     "instead (cxrbench predict, cxrbench demo, or its cxrbench export on ONNX Runtime)")
 
 
 def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
@@ -123,9 +150,11 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
     saliency : also export the gradient graph, so the page offers Chester's saliency next to CAM.
     npm_dir : where onnxruntime-web is installed (default ``$CXRBENCH_NPM_DIR`` or ``~/.cache/cxrbench/npm``).
 
-    Returns ``out``. Raises ``ValueError`` for preprocessing the browser cannot reproduce (CLAHE, nearest).
+    Returns ``out``. Raises ``ValueError``, naming the bundle, for preprocessing the browser cannot reproduce
+    exactly: CLAHE, nearest-neighbour resampling, and torchxrayvision's skimage resize (``cxrbench import xrv``
+    bundles); and a classifier with outputs its weights never trained (the page would show them as probabilities).
     """
-    from cxrbench.export.onnx import MANIFEST, export_models
+    from cxrbench.export.onnx import MANIFEST, export_models, read_onnx_card
     from cxrbench.models.bundle import load_bundle
 
     out = Path(out)
@@ -136,9 +165,11 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
         if ood is not None:
             raise ValueError(f"{classifier} is an ONNX export; it brings its own OOD graph (do not pass ood)")
         manifest = json.loads((Path(classifier) / MANIFEST).read_text())
-        _check_browser_preprocess(manifest["preprocess"], "classifier")
+        _check_browser_preprocess(manifest["preprocess"], "classifier", classifier)
+        graph = manifest["graphs"].get("cam") or manifest["graphs"]["classifier"]
+        _check_browser_outputs(read_onnx_card(Path(classifier) / graph["file"])[0].untrained, classifier)
         if manifest.get("ood_preprocess"):
-            _check_browser_preprocess(manifest["ood_preprocess"], "OOD model")
+            _check_browser_preprocess(manifest["ood_preprocess"], "OOD model", classifier)
         dist = install_onnxruntime_web(npm_dir)
         if Path(classifier).resolve() != models.resolve():
             shutil.rmtree(models, ignore_errors=True)
@@ -146,9 +177,10 @@ def export_web(classifier: Bundle | str | os.PathLike, out: str | os.PathLike,
     else:
         clf = classifier if isinstance(classifier, Bundle) else load_bundle(classifier, kind="classifier")
         gate = ood if isinstance(ood, Bundle) or ood is None else load_bundle(ood, kind="ood")
-        _check_browser_preprocess(clf.card.preprocess, "classifier")
+        _check_browser_preprocess(clf.card.preprocess, "classifier", clf.path or "(a bundle in memory)")
+        _check_browser_outputs(clf.card.untrained, clf.path or "(a bundle in memory)")
         if gate is not None:
-            _check_browser_preprocess(gate.card.preprocess, "OOD model")
+            _check_browser_preprocess(gate.card.preprocess, "OOD model", gate.path or "(a bundle in memory)")
         dist = install_onnxruntime_web(npm_dir)
         out.mkdir(parents=True, exist_ok=True)
         manifest = export_models(clf, models, gate, images=images, tolerance=tolerance, threads=threads,

@@ -17,7 +17,8 @@
  * options: {resize: "pillow" | "canvas-high" | "canvas-low", allowOod: bool, render: bool, preprocess: {...},
  *           explain: "cam" | "saliency", finding: "all" | "top" | name | index (saliency), returnMap: bool}
  * The gate runs the blank-image guard of cxrbench.ood.guard (thresholds in config.json) before the OOD model; a
- * 16-bit greyscale PNG is decoded with UPNG.js (not the 8-bit canvas) and scaled by its effective bit depth.
+ * 16-bit greyscale PNG is decoded with UPNG.js (not the 8-bit canvas) and scaled by its effective bit depth; the
+ * canvas-* modes resize it on float16 canvases where the browser has them (result.canvas_precision), else at 8 bits.
  */
 (function () {
   "use strict";
@@ -220,16 +221,55 @@
       }
       return box.side === pp.size ? sq : resizePillow(sq, box.side, pp.size, pp.resample);
     }
-    if (!bitmap) bitmap = greyBitmap(img); // a 16-bit PNG: the canvas sees its 8-bit rendering
-    const canvas = new OffscreenCanvas(pp.size, pp.size);
-    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    if (!bitmap) return canvasResize16(img, box, pp.size, resize); // a 16-bit PNG
+    const ctx = canvasFor(pp.size, resize, {});
+    ctx.drawImage(bitmap, box.left, box.top, box.side, box.side, 0, 0, pp.size, pp.size);
+    return greyPixels(ctx.canvas.transferToImageBitmap()).grey;
+  }
+
+  /** A size x size 2-D context, black, with the smoothing of the canvas-* resize mode. */
+  function canvasFor(size, resize, settings) {
+    const ctx = new OffscreenCanvas(size, size).getContext("2d", { willReadFrequently: true, ...settings });
     ctx.fillStyle = "#000";
-    ctx.fillRect(0, 0, pp.size, pp.size);
+    ctx.fillRect(0, 0, size, size);
     ctx.imageSmoothingEnabled = true;
     ctx.imageSmoothingQuality = resize === "canvas-high" ? "high" : "low";
-    ctx.drawImage(bitmap, box.left, box.top, box.side, box.side, 0, 0, pp.size, pp.size);
-    return greyPixels(canvas.transferToImageBitmap()).grey;
+    return ctx;
   }
+
+  /** Whether this browser's 2-D canvas holds float16 pixels (colorType "float16", ImageData "rgba-float16"). */
+  const FLOAT16_CANVAS = (() => {
+    try {
+      const ctx = new OffscreenCanvas(1, 1).getContext("2d", { colorType: "float16" });
+      return typeof Float16Array !== "undefined" && ctx.getContextAttributes().colorType === "float16" &&
+        ctx.getImageData(0, 0, 1, 1, { pixelFormat: "rgba-float16" }).data instanceof Float16Array;
+    } catch (err) { return false; }
+  })();
+
+  /** The canvas-* resize of a 16-bit PNG: drawn on float16 canvases (11 significant bits, so a 16-bit image keeps
+   * about 12 bits near white and more below) where the browser has them, else on its 8-bit rendering. */
+  function canvasResize16(img, box, size, resize) {
+    if (!FLOAT16_CANVAS) {
+      const ctx = canvasFor(size, resize, {});
+      ctx.drawImage(greyBitmap(img), box.left, box.top, box.side, box.side, 0, 0, size, size);
+      return greyPixels(ctx.canvas.transferToImageBitmap()).grey;
+    }
+    const f16 = { colorType: "float16" }, rgba = new Float16Array(4 * img.grey.length);
+    for (let i = 0; i < img.grey.length; i++) {
+      const v = img.grey[i];
+      rgba[4 * i] = v; rgba[4 * i + 1] = v; rgba[4 * i + 2] = v; rgba[4 * i + 3] = 1;
+    }
+    const source = new OffscreenCanvas(img.width, img.height).getContext("2d", f16);
+    source.putImageData(new ImageData(rgba, img.width, img.height, { pixelFormat: "rgba-float16" }), 0, 0);
+    const ctx = canvasFor(size, resize, f16);
+    ctx.drawImage(source.canvas, box.left, box.top, box.side, box.side, 0, 0, size, size);
+    const out = ctx.getImageData(0, 0, size, size, { pixelFormat: "rgba-float16" }).data, grey = new Float32Array(size * size);
+    for (let i = 0; i < grey.length; i++) grey[i] = Math.min(1, Math.max(0, out[4 * i]));
+    return grey;
+  }
+
+  /** How the canvas-* resize modes hold an image of this bit depth: "8-bit", or "float16" for a 16-bit PNG. */
+  function canvasPrecision(img) { return img.bit_depth === 16 && FLOAT16_CANVAS ? "float16" : "8-bit"; }
 
   /** scikit-image equalize_hist(image, nbins=256) on float32 values (float32 bin edges, as numpy). */
   function equalizeHist(x) {
@@ -502,6 +542,7 @@
     const result = { findings: cfg.labels, operating_points: cfg.thresholds, resize: options.resize || "pillow",
                      rejected: false, in_distribution: null, ood_score: null, reason: null,
                      bit_depth: p.img.bit_depth, effective_bits: p.img.effective_bits,
+                     canvas_precision: (options.resize || "pillow") === "pillow" ? null : canvasPrecision(p.img),
                      timings: { decode: p.decode_s, preprocess: p.preprocess_s } };
     await gate(result, p, options, cfg);
     if (!result.rejected) {
@@ -584,7 +625,11 @@
         body.appendChild(tr);
       }
     }
-    status(`analysed in ${result.timings.total.toFixed(2)} s, in this browser.`);
+    const precision = result.bit_depth === 16 && result.canvas_precision
+      ? (result.canvas_precision === "float16" ? " The canvas resize held this 16-bit image as float16 (about 12 bits)."
+        : " This browser's canvas holds 8 bits, so the canvas resize saw this 16-bit image at 8 bits; the exact resize keeps them all.")
+      : "";
+    status(`analysed in ${result.timings.total.toFixed(2)} s, in this browser.${precision}`);
   }
 
   async function onFile() {

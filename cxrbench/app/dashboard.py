@@ -297,6 +297,7 @@ class Dashboard:
             return self._draw_overlay()  # that map is already there
         t0 = time.perf_counter()
         try:
+            use_interactive_threads()  # the load may have changed since the upload
             self.report = self.pipeline.explain(r, method, targets)
         except Exception as exc:  # a message instead of a traceback; the probabilities stay
             self.message.value = (f"<div style='color:#b00020'>Could not explain with {html.escape(method)}: "
@@ -320,8 +321,9 @@ class Dashboard:
         try:
             targets = None if is_summed(self.method.value) else self.finding.value
             use_interactive_threads()  # 1 thread while other processes hold the cores (cxrbench/_threads.py)
+            # no lung mask: nothing here shows one, and the U-Net took as long as the classifier
             report = self.pipeline.analyze(content, name=name, explain=self.method.value, targets=targets,
-                                           allow_ood=self.override.value)
+                                           allow_ood=self.override.value, segment=False)
         except ImageReadError as exc:
             self._failed(exc.source, exc.reason)
             return None

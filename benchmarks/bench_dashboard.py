@@ -172,6 +172,23 @@ def dicom_report(pipe: Any, blob: bytes, setting: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ browser
 
+#: page-side times (performance.now(), ms) of one upload: the file chosen (``start``), the kernel's "analysing"
+#: line shown (``busy``) and gone (``done``), the bars drawn (``bars``)
+MARKS_JS = """() => {
+    const m = window.cxrMarks = {start: performance.now()};
+    const busy = document.querySelector('.cxr-busy');
+    if (window.cxrObserver) window.cxrObserver.disconnect();
+    window.cxrObserver = new MutationObserver(() => {
+        const now = performance.now(), text = busy.textContent;
+        if (text.includes('analysing') && m.busy === undefined) m.busy = now;
+        if (m.busy !== undefined && !text.includes('analysing') && m.done === undefined) m.done = now;
+        if (m.done !== undefined && m.bars === undefined && document.querySelector('.cxr-bars .plotly .bars'))
+            m.bars = now;
+    });
+    window.cxrObserver.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 class BrowserPage:
     """One Voila server (its kernel with one thread setting) and a Chromium page on it."""
 
@@ -179,6 +196,7 @@ class BrowserPage:
         from cxrbench.app.demo import free_port, serve
 
         self.setting = setting
+        self.marks: list[dict[str, float]] = []
         self.port = free_port()
         self.proc = serve(info, port=self.port, env=_thread_env(setting))
         self.context = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -192,6 +210,7 @@ class BrowserPage:
         if pg.locator(".cxr-method select").is_visible():
             pg.locator(".cxr-method select").select_option("saliency")
             pg.wait_for_selector(".cxr-caption >> text=saliency · all findings", timeout=60_000)
+        pg.evaluate(MARKS_JS)
         t0 = time.perf_counter()
         with pg.expect_file_chooser() as chooser:
             pg.click(".cxr-upload")
@@ -203,7 +222,9 @@ class BrowserPage:
                     && img && img.src && getComputedStyle(img).visibility === 'visible'
                     && document.querySelector('.cxr-caption').textContent.includes('saliency');
             }""", arg=path.name, timeout=120_000, polling="raf")
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.marks.append(pg.evaluate("() => window.cxrMarks"))
+        return seconds
 
     def finding(self, k: int) -> float:
         pg = self.page
@@ -314,6 +335,7 @@ def browser_rows(info: dict[str, Any], images: list[Path], settings: list[str], 
         try:
             for p in pages.values():
                 p.upload(images[-1])  # the page's first plotly figure is not timed
+                p.marks.clear()
             up = interleaved(rounds, settings, lambda k, s: pages[s].upload(images[k]))
             find = interleaved(rounds, settings, lambda k, s: pages[s].finding(k))
         finally:
@@ -321,9 +343,21 @@ def browser_rows(info: dict[str, Any], images: list[Path], settings: list[str], 
                 p.close()
             browser.close()
     for s in settings:
-        rows.append(_row("browser (Voila + Chromium)", "upload -> result", s, up[s], threads[s]))
+        rows.append(_row("browser (Voila + Chromium)", "upload -> result", s, up[s], threads[s],
+                         stages_ms=_mark_stages(pages[s].marks)))
         rows.append(_row("browser (Voila + Chromium)", f"finding change ({FINDING_METHOD})", s, find[s], threads[s]))
     return rows
+
+
+def _mark_stages(marks: list[dict[str, float]]) -> str:
+    """Medians of the page-side stages of the uploads: to the kernel, in the kernel, drawing the bars."""
+    spans = {"to kernel": ("start", "busy"), "kernel": ("busy", "done"), "bars drawn": ("done", "bars")}
+    out = []
+    for name, (a, b) in spans.items():
+        values = [m[b] - m[a] for m in marks if a in m and b in m]
+        if values:
+            out.append(f"{name} {statistics.median(values):.0f}")
+    return " ".join(out)
 
 
 def _frame(rows: list[dict]) -> Any:

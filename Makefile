@@ -21,7 +21,7 @@ help:
 	@echo "make bundles     train (once) the shared small bundles the notebooks reuse (cxrbench bundles prepare)"
 	@echo "make notebooks-html  execute every notebook into build/notebooks/ and export HTML that renders offline"
 	@echo "                 (NB_PARAMS=file.json: papermill parameters per notebook; NB_ONLY=\"02 04\": a subset)"
-	@echo "make benchmarks  speed and memory tables under build/benchmarks/"
+	@echo "make benchmarks  speed and memory tables under build/benchmarks/ (bench_dashboard drives Chromium)"
 	@echo "make clean       remove build/ and caches (keeps .venv)"
 
 # The venv is rebuilt when missing, or refreshed when pyproject.toml is newer than the last install.
@@ -81,7 +81,7 @@ notebooks-html: venv
 	$(PY) -m cxrbench.cli.notebooks --out $(BUILD)/notebooks $(if $(NB_PARAMS),--parameters $(NB_PARAMS)) \
 	  $(if $(NB_ONLY),--only $(NB_ONLY))
 
-benchmarks: venv
+benchmarks: venv browser
 	$(PY) -m pip install --quiet --no-deps torchxrayvision grad-cam ttach opencv-python-headless
 	@mkdir -p $(BUILD)/benchmarks
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b --out $(BUILD)/benchmarks || exit 1; done

@@ -115,6 +115,9 @@ def test_a_broken_file_after_a_good_one_leaves_nothing_of_the_good_one(root, ima
     dash = _dash(root)
     dash.analyze_bytes("good.png", _png(image))
     assert dash.bars.outputs and dash.ood_images.children and dash.timing.value and dash.caption.value
+    thumbnails = [bytes(box.children[0].value) for box in dash.ood_images.children]
+    dash.analyze_bytes("flipped.png", _png(image[::-1]))  # the same thumbnail widgets show the new image's gate
+    assert [bytes(box.children[0].value) for box in dash.ood_images.children] != thumbnails
     assert dash.banner.layout.display == "" and dash.overlay.layout.visibility == "visible"
     dash.analyze_bytes("broken.png", b"not a png at all")
     assert "Not an image we can read" in dash.verdict.value and "broken.png" in dash.verdict.value

@@ -453,5 +453,8 @@ def test_the_lung_mask_of_a_report_is_predict_lung_mask(bundles, image, tmp_path
     r = pipe.analyze(image, explain=None)
     assert r.lung_mask.shape == r.image.shape == (64, 64) and r.lung_mask.dtype == bool and "segment" in r.timings
     np.testing.assert_array_equal(r.lung_mask, predict_lung_mask(unet.model, unet.preprocess, r.image)[0])
+    unsegmented = pipe.analyze(image, explain=None, segment=False)  # the dashboard's: it shows no mask
+    assert unsegmented.lung_mask is None and "segment" not in unsegmented.timings
+    np.testing.assert_array_equal(unsegmented.calibrated, r.calibrated)
     with pytest.raises(ValueError, match="expected a segmentation bundle"):
         Pipeline(load_bundle(bundles / "clf"), unet=load_bundle(bundles / "clf"))

@@ -143,6 +143,8 @@ class Dashboard:
     SMOOTHING = 2.0
     #: colormap of the overlays (:func:`cxrbench.explain.overlay.overlay`)
     CMAP = "jet"
+    #: the captions of the gate's thumbnails: its input, its reconstruction, the error
+    GATE_IMAGES = ("gate input, 64 px", "its reconstruction", "error: red = poorly rebuilt")
 
     def __init__(self, pipeline: Pipeline, examples: Mapping[str, str | Path] | None = None):
         self.pipeline = pipeline
@@ -212,6 +214,13 @@ class Dashboard:
         self.caption.add_class("cxr-tight")
         self.colour_bar = html_widget("cxr-colour-bar", colour_bar_html(self.CMAP), width="384px", display="none")
         self.timing = html_widget("cxr-timing")
+        # the gate's three thumbnails, made once: each upload changes only their pictures (a new widget per
+        # upload costs the page a model and a view each)
+        self._tile_images = [w.Image(format="png", layout=w.Layout(width="64px", height="64px"))
+                             for _ in self.GATE_IMAGES]
+        self._gate_tiles = [w.HBox([im, w.HTML(f"<div style='line-height:1.2;width:80px'><small>{t}</small></div>")],
+                                   layout=w.Layout(width="210px", align_items="center"))
+                            for im, t in zip(self._tile_images, self.GATE_IMAGES)]
 
     def _observe(self) -> None:
         self.upload.observe(self._on_upload, names="value")
@@ -297,6 +306,7 @@ class Dashboard:
             return self._draw_overlay()  # that map is already there
         t0 = time.perf_counter()
         try:
+            use_interactive_threads()  # the load may have changed since the upload
             self.report = self.pipeline.explain(r, method, targets)
         except Exception as exc:  # a message instead of a traceback; the probabilities stay
             self.message.value = (f"<div style='color:#b00020'>Could not explain with {html.escape(method)}: "
@@ -320,8 +330,9 @@ class Dashboard:
         try:
             targets = None if is_summed(self.method.value) else self.finding.value
             use_interactive_threads()  # 1 thread while other processes hold the cores (cxrbench/_threads.py)
+            # no lung mask: nothing here shows one, and the U-Net took as long as the classifier
             report = self.pipeline.analyze(content, name=name, explain=self.method.value, targets=targets,
-                                           allow_ood=self.override.value)
+                                           allow_ood=self.override.value, segment=False)
         except ImageReadError as exc:
             self._failed(exc.source, exc.reason)
             return None
@@ -389,22 +400,15 @@ class Dashboard:
                              f"{html.escape(model_line(self.pipeline))}</small>")
 
     def _show_gate_images(self, report: Report) -> None:
-        import ipywidgets as w
-
         o = report.ood
         if o is None or o.input is None or o.reconstruction is None or o.error is None:  # no OOD model, or not scored
             self.ood_images.children = []
             return
         from cxrbench.explain.overlay import error_overlay
 
-        imgs = [("gate input, 64 px", o.input), ("its reconstruction", o.reconstruction),
-                ("error: red = poorly rebuilt", error_overlay(o.input, o.error))]
-        self.ood_images.children = [w.HBox([w.Image(value=png_bytes(im), format="png",
-                                                    layout=w.Layout(width="64px", height="64px")),
-                                            w.HTML(f"<div style='line-height:1.2;width:80px'><small>{t}</small>"
-                                                   "</div>")],
-                                           layout=w.Layout(width="210px", align_items="center"))
-                                    for t, im in imgs]
+        for image, picture in zip(self._tile_images, (o.input, o.reconstruction, error_overlay(o.input, o.error))):
+            image.value = png_bytes(picture)
+        self.ood_images.children = self._gate_tiles
 
     def _render_verdict(self, report: Report) -> None:
         self.verdict.value = gate_verdict(report, self.pipeline.ood.card.ood if self.pipeline.ood else None).html()

@@ -325,7 +325,8 @@ class Pipeline:
     # one image
     def analyze(self, source: ImageSource | np.ndarray, *, name: str | None = None, explain: str | None = "saliency",
                 targets: str | Sequence[str] | None = None, top: int = DEFAULT_TOP, allow_ood: bool = False,
-                explain_options: Mapping[str, Any] | None = None, use_gate: bool = True) -> Report:
+                explain_options: Mapping[str, Any] | None = None, use_gate: bool = True,
+                segment: bool = True) -> Report:
         """Run the chain on one image; see the module doc.
 
         Parameters
@@ -338,6 +339,7 @@ class Pipeline:
             "too small" image: the model would see nothing but interpolation (:attr:`OODResult.overridable`).
         use_gate : False for the faces without a gate (``cxrbench explain``): the verdict is still in
             ``report.ood`` (to warn with), but nothing is rejected.
+        segment : False to leave ``report.lung_mask`` unset even with a U-Net (a face that shows no mask).
         explain_options : post-processing of the maps (default :data:`DEFAULT_MAP_OPTIONS`, min-max to [0, 1]).
 
         Raises :class:`~cxrbench.io.ImageReadError` for unreadable input (nothing else is lost).
@@ -356,7 +358,7 @@ class Pipeline:
         report.overridden = failed and not report.rejected
         if not report.rejected:
             report = self._classify_and_explain(report, explain, targets, top, explain_options)
-            if self.unet is not None:
+            if self.unet is not None and segment:
                 t = time.perf_counter()
                 report.lung_mask = predict_lung_mask(self.unet.model, self.unet.preprocess, report.image,
                                                      device=self.device)[0]

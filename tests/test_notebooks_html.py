@@ -135,7 +135,8 @@ def test_runtimes_name_the_slowest_cells_with_their_share_and_the_load():
     cells.append(nbformat.v4.new_code_cell("never ran"))  # no papermill metadata: counts as 0 s
     slow = cell_durations(nbformat.v4.new_notebook(cells=cells))
     assert [(r["cell"], r["seconds"], r["share"], r["source"]) for r in slow] == [
-        (2, 6.0, 0.6, "train(model)"), (3, 3.0, 0.3, "plot()"), (1, 1.0, 0.1, "import torch"), (4, 0.0, 0.0, "never ran")]
+        (2, 6.0, 0.6, "train(model)"), (3, 3.0, 0.3, "plot()"), (1, 1.0, 0.1, "import torch"),
+        (4, 0.0, 0.0, "never ran")]
     table = runtimes_table([{"notebook": "01_x.ipynb", "seconds": 12.34, "load_before": 1.5, "load_after": 2.25,
                              "slowest_cells": slow[:3], "html": "01_x.html"},
                             {"notebook": "02_y.ipynb", "seconds": 3.0, "error": "boom"}])

@@ -249,6 +249,15 @@ class Dashboard:
         body.add_class("cxr-result")
         return w.VBox([header, inputs, self.message, body, self.timing, self.about])
 
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The live widget for Jupyter and Voila, and ``text/html``, its static snapshot
+        (:func:`cxrbench.app.snapshot.dashboard_html`), for pages without a kernel (the exported HTML)."""
+        from cxrbench.app.snapshot import dashboard_html
+
+        data = self.widget._repr_mimebundle_(**kwargs) or {}
+        data["text/html"] = dashboard_html(self)
+        return data
+
     # ------------------------------------------------------------------ entry points
     def analyze_bytes(self, name: str, content: bytes) -> Report | None:
         """Analyse an uploaded file's bytes (never written to disk). Errors become the verdict."""

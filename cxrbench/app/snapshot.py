@@ -7,8 +7,8 @@ with its caption and colour bar, the timing) in plain HTML and CSS, no script. J
 widget and ignore it; :func:`cxrbench.cli.notebooks.export_html` drops the saved widget state, so the exported
 page shows this instead.
 
-:func:`show_dashboard` is what notebook 05 displays: outside Voila it first analyses one example image, so the
-exported page shows a result; in Voila the page opens empty, waiting for an upload.
+:func:`cxrbench.app.dashboard.show_dashboard` is what notebook 05 displays: outside Voila it first analyses one
+example image, so the exported page shows a result; in Voila the page opens empty, waiting for an upload.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ from __future__ import annotations
 import base64
 import html
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the dashboard imports this module
-    from cxrbench.app.dashboard import Dashboard
-
-__all__ = ["dashboard_html", "served_by_voila", "show_dashboard"]
+__all__ = ["dashboard_html", "served_by_voila"]
 
 NOTE = ("a snapshot of the dashboard after analysing the image above; serve the notebook with Voila "
         "(make demo) to upload your own image and move the controls")
@@ -60,9 +56,10 @@ def _png_img(png: bytes, alt: str) -> str:
             "style='width:384px;max-width:100%'>")
 
 
-def dashboard_html(dashboard: Dashboard) -> str:
-    """The dashboard's current state as one HTML snippet: its verdict, bars, map, caption, timing and model summary
-    (for pages without a kernel); before any image, the model summary and a line saying none was analysed."""
+def dashboard_html(dashboard: Any) -> str:
+    """A :class:`~cxrbench.app.dashboard.Dashboard`'s current state as one HTML snippet: its verdict, bars, map,
+    caption, timing and model summary (for pages without a kernel); before any image, the model summary and a line
+    saying none was analysed."""
     parts = ["<div class='cxr-dashboard-static'><p><b style='font-size:18px'>cxrbench · chest X-ray check</b> "
              "<span style='color:#555'>(static snapshot)</span></p>"]
     if dashboard.report is None and not dashboard.verdict.value:
@@ -87,23 +84,3 @@ def dashboard_html(dashboard: Dashboard) -> str:
     parts.append(f"<div class='cxr-static-about'>{dashboard.about.value}</div>")
     parts.append(f"<p><small><i>{NOTE}</i></small></p></div>")
     return "".join(parts)
-
-
-def show_dashboard(app: Any, image: str | os.PathLike = "", *, snapshot: bool = True) -> Any:
-    """What notebook 05 displays: ``app`` (a :class:`Dashboard`, or the message that there are no bundles).
-
-    Outside Voila (``snapshot`` and not :func:`served_by_voila`) a dashboard first analyses ``image`` (default: its
-    first example), so its static form (:func:`dashboard_html`) shows a result; in Voila nothing is analysed
-    before the user asks. A missing ``image`` is a ``FileNotFoundError`` naming it.
-    """
-    from cxrbench.app.dashboard import Dashboard
-
-    if not isinstance(app, Dashboard) or not snapshot or served_by_voila():
-        return app
-    if image:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"{image}: no such image to analyse for the dashboard's snapshot")
-        app.analyze_path(Path(image))
-    elif app.examples:
-        app.example.value = next(iter(app.examples))  # as if picked: the picker names the image shown
-    return app

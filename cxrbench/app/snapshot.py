@@ -44,7 +44,8 @@ def _bars_html(figure: Any) -> str:
                     f"<div style='width:{width};height:14px;background:{colour}'></div>"
                     "<div style='position:absolute;left:50%;top:0;bottom:0;border-left:1px dashed #555'></div></td>"
                     f"<td style='padding-left:6px'>{number}</td>"
-                    f"<td style='padding-left:8px;color:#555'><small>{html.escape(label)}</small></td></tr>")
+                    f"<td style='padding-left:8px;color:#555;white-space:nowrap;text-align:left'><small>{html.escape(label)}</small>"
+                    "</td></tr>")
     return ("<table class='cxr-static-bars' style='border-collapse:collapse;font-size:12px;line-height:1.2'>"
             "<caption style='caption-side:bottom;text-align:left;color:#555'><small>calibrated probability, "
             "0 to 1; dashed line: 0.5, each finding's operating point</small></caption>"
@@ -66,6 +67,9 @@ def dashboard_html(dashboard: Any) -> str:
         parts.append("<p class='cxr-static-empty'>No image analysed yet: in Voila (<code>make demo</code>) upload "
                      "a chest X-ray or pick an example.</p>")
     else:
+        if dashboard.report is not None:  # the live page names it in its picker or upload button
+            parts.append(f"<p class='cxr-static-image'>Image analysed: <b>{html.escape(dashboard.report.source)}</b>"
+                         "</p>")
         parts.append(f"<div class='cxr-static-verdict'>{dashboard.verdict.value}</div>")
         left = []
         if dashboard.banner.layout.display != "none" and dashboard.banner.value:

@@ -282,7 +282,7 @@ def _check_05(results: dict, nb) -> None:
     assert _nih_images()[-1].name in snapshot and "cxr-static-verdict" in snapshot
     assert "data:image/png;base64," in snapshot, snapshot[:2000]
     # a briefly trained gate may withhold the prediction (its verdict says so): then no bars, else all 14
-    assert snapshot.count("<tr>") == (0 if "cxr-rejected" in snapshot else 14), snapshot[:2000]
+    assert snapshot.count("<tr class='cxr-bar'>") == (0 if "cxr-rejected" in snapshot else 14), snapshot[:2000]
 
 
 CHECKS["05_dashboard.ipynb"] = _check_05

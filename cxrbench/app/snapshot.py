@@ -39,7 +39,7 @@ def _bars_html(figure: Any) -> str:
         shown = value is not None and value == value  # NaN: an untrained output, no bar
         width = f"{100 * min(max(float(value), 0.0), 1.0):.1f}%" if shown else "0"
         number = f"{float(value):.3f}" if shown else "not trained by this model"
-        rows.append("<tr><td style='text-align:right;padding-right:6px;white-space:nowrap'>"
+        rows.append("<tr class='cxr-bar'><td style='text-align:right;padding-right:6px;white-space:nowrap'>"
                     f"{html.escape(str(finding))}</td><td style='width:300px;position:relative'>"
                     f"<div style='width:{width};height:14px;background:{colour}'></div>"
                     "<div style='position:absolute;left:50%;top:0;bottom:0;border-left:1px dashed #555'></div></td>"

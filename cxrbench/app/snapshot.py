@@ -44,8 +44,8 @@ def _bars_html(figure: Any) -> str:
                     f"<div style='width:{width};height:14px;background:{colour}'></div>"
                     "<div style='position:absolute;left:50%;top:0;bottom:0;border-left:1px dashed #555'></div></td>"
                     f"<td style='padding-left:6px'>{number}</td>"
-                    f"<td style='padding-left:8px;color:#555;white-space:nowrap;text-align:left'><small>{html.escape(label)}</small>"
-                    "</td></tr>")
+                    "<td style='padding-left:8px;color:#555;white-space:nowrap;text-align:left'>"
+                    f"<small>{html.escape(label)}</small></td></tr>")
     return ("<table class='cxr-static-bars' style='border-collapse:collapse;font-size:12px;line-height:1.2'>"
             "<caption style='caption-side:bottom;text-align:left;color:#555'><small>calibrated probability, "
             "0 to 1; dashed line: 0.5, each finding's operating point</small></caption>"

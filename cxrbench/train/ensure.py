@@ -19,7 +19,7 @@ import torch
 
 from cxrbench.models.bundle import read_card
 from cxrbench.train.autoencoder import AutoencoderConfig, train_autoencoder
-from cxrbench.train.classifier import ClassifierConfig, train_classifier
+from cxrbench.train.classifier import ClassifierConfig, cxr_augmentation, train_classifier
 from cxrbench.train.common import RunConfig
 from cxrbench.train.folder import RunFolderError, inspect_run_folder, not_a_run_folder
 from cxrbench.train.ood import OODConfig, train_ood
@@ -80,20 +80,27 @@ def _step_precision(config: RunConfig, device: torch.device) -> Precision:
 
 
 def _seconds_per_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
-                      precision: Precision | None = None, *, warm_up: int = 2, timed: int = 2) -> float:
-    """Seconds of an Adam step (forward and a stand-in loss under the run's autocast, backward, step) in the run's
-    precision and memory format, the median of ``timed`` steps after ``warm_up`` untimed ones (the first steps
-    create oneDNN's kernels and are several times slower)."""
+                      precision: Precision | None = None, *,
+                      augment: Callable[[torch.Tensor], torch.Tensor] | None = None, warm_up: int = 2,
+                      timed: int = 2) -> float:
+    """Seconds of an Adam step (the batch's per-image ``augment``, as the training set applies it; forward and a
+    stand-in loss under the run's autocast, backward, step) in the run's precision and memory format, the median
+    of ``timed`` steps after ``warm_up`` untimed ones (the first steps create oneDNN's kernels and are several
+    times slower)."""
     precision = precision or Precision()
-    model, x = model.to(device).train(), x.to(device)
+    model = model.to(device).train()
     if precision.channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     times = []
     for _ in range(warm_up + timed):
         t0 = time.perf_counter()
+        batch = torch.stack([augment(image) for image in x]) if augment is not None else x
+        batch = batch.to(device)
+        if precision.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with precision.autocast(device):
-            out = model(x)
+            out = model(batch)
             loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,10 +114,11 @@ def _seconds_per_step(model: torch.nn.Module, x: torch.Tensor, device: torch.dev
 def estimate_training_seconds(config: RunConfig, n_images: int, n_outputs: int = 14) -> dict[str, Any]:
     """How long training ``config`` on ``n_images`` (train + val + test) should take here, from a timed step.
 
-    The step is timed as the run takes it: in the precision and memory format the run's precision policy picks
-    (bf16 autocast + channels_last on CPUs with avx512_bf16, :func:`~cxrbench.train.runtime.precision_policy`),
-    after warm-up steps. Returns ``{"seconds", "seconds_per_step", "steps_per_epoch", "train_images",
-    "precision"}``: the training steps only (decoding, validation and the final evaluation come on top).
+    The step is timed as the run takes it: with a classifier's per-image augmentation, in the precision and memory
+    format the run's precision policy picks (bf16 autocast + channels_last on CPUs with avx512_bf16,
+    :func:`~cxrbench.train.runtime.precision_policy`), after warm-up steps. Returns ``{"seconds",
+    "seconds_per_step", "steps_per_epoch", "train_images", "precision"}``: the training steps only (decoding,
+    validation and the final evaluation come on top).
     """
     fractions = getattr(config, "fractions", (0.7, 0.1, 0.2))
     n_train = max(1, round(n_images * fractions[0]))
@@ -121,7 +129,8 @@ def estimate_training_seconds(config: RunConfig, n_images: int, n_outputs: int =
     model, x = _model_and_batch(config, n_outputs)
     device = pick_device(getattr(config, "device", "auto"))
     precision = _step_precision(config, device)
-    per_step = _seconds_per_step(model, x, device, precision)
+    augment = cxr_augmentation(config) if isinstance(config, ClassifierConfig) and config.augment else None
+    per_step = _seconds_per_step(model, x, device, precision, augment=augment)
     return {"seconds": per_step * steps * int(getattr(config, "epochs")), "seconds_per_step": per_step,
             "steps_per_epoch": steps, "train_images": n_train, "precision": precision.describe()}
 

@@ -29,7 +29,9 @@ def main() -> None:
     names = sorted((_checkout() / "notebooks").glob("*.ipynb"))
     if args.only:
         names = [n for n in names if any(n.name.startswith(k) for k in args.only)]
-    rows = [warm_up_row(), *run_notebooks(names, Path(args.out) / "notebooks", {})]
+    out = Path(args.out) / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [warm_up_row(), *run_notebooks(names, out, {})]
     table = []
     for r in rows:
         slow = (r.get("slowest_cells") or [{}])[0]
@@ -37,7 +39,7 @@ def main() -> None:
                       "load_after": r.get("load_after"),
                       "slowest_cell": f"{slow['cell']}: {slow['source']}" if slow else "",
                       "slowest_share": slow.get("share"),
-                      "within_90s": "" if r["notebook"] == WARM_UP else r["seconds"] <= BUDGET_S,
+                      "within_90s": "" if r["notebook"] == WARM_UP or "error" in r else r["seconds"] <= BUDGET_S,
                       "result": f"failed: {r['error']}" if "error" in r else "ok"})
     write_table(table, args.out, "notebooks")
     failed = [r["notebook"] for r in rows if "error" in r]

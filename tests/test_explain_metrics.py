@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from cxrbench.explain import get_explainer
 from cxrbench.explain.metrics import (
     boxes_to_mask,
     compare_methods,
     deletion_insertion,
+    endpoint_scores,
     mass_fraction,
     phantom_localisation_set,
     pointing_game,
@@ -138,6 +140,26 @@ def test_blur_baseline_and_batching_give_the_same_curves():
     np.testing.assert_allclose(one.insertion, many.insertion, rtol=1e-5)
 
 
+def test_curves_from_shared_endpoints_equal_the_curves_computed_whole():
+    """compare_methods scores each image and its baseline once for every method (endpoint_scores): the curves are
+    those deletion_insertion computes on its own, and the ends are the image's and the baseline's scores."""
+    model = PatchModel()
+    x = torch.rand(3, 1, 24, 24, generator=torch.Generator().manual_seed(2))
+    heat = np.random.default_rng(3).random((3, 24, 24))
+    for score in ("probability", "logit"):
+        ends = endpoint_scores(model, x, [0, 1, 0], baseline="blur", score=score)
+        whole = deletion_insertion(model, x, heat, [0, 1, 0], steps=5, baseline="blur", score=score)
+        shared = deletion_insertion(model, x, heat, [0, 1, 0], steps=5, baseline="blur", score=score, endpoints=ends)
+        np.testing.assert_allclose(shared.deletion, whole.deletion, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(shared.insertion, whole.insertion, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(whole.deletion[:, [0, -1]], ends, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(whole.insertion[:, [0, -1]], ends[:, ::-1], rtol=1e-6, atol=1e-7)
+    one_step = deletion_insertion(model, x, heat, [0, 1, 0], steps=1, endpoints=ends, score="logit")
+    np.testing.assert_allclose(one_step.deletion, ends)  # nothing left to compute
+    with pytest.raises(ValueError, match=r"endpoints must be \(N, 2\)"):
+        deletion_insertion(model, x, heat, [0, 1, 0], endpoints=ends[:2])
+
+
 # --------------------------------------------------------------------------------------------------
 # the comparison table
 
@@ -168,7 +190,7 @@ def test_compare_methods_table_ranks_a_focused_model_above_chance():
     lungs = np.ones((3, 32, 32), bool)
     lungs[:, :, 16:] = False
     methods = ["saliency", "gradcam", "cam", "integrated_gradients"]
-    table, detail, curves = compare_methods(model, x, [0, 1, 0], [quadrant, [(0, 0, 16, 16)], quadrant],
+    table, detail, curves, maps = compare_methods(model, x, [0, 1, 0], [quadrant, [(0, 0, 16, 16)], quadrant],
                                             methods=methods, lung_masks=lungs, top_fraction=0.1, curve_steps=4,
                                             explainer_options={"integrated_gradients": {"n_steps": 4}},
                                             return_details=True)
@@ -178,6 +200,9 @@ def test_compare_methods_table_ranks_a_focused_model_above_chance():
     assert len(detail) == 3 * (len(methods) + 1) and (table["n_images"] == 3).all()
     # the curves behind the table's AUC columns come back too (the notebook plots them without recomputing)
     assert list(curves) == [*methods, "random"] and curves["gradcam"].deletion.shape == (3, 5)
+    # and the maps they were computed on (the notebook's figures show them without recomputing)
+    assert list(maps) == [*methods, "random"] and maps["gradcam"].shape == (3, 32, 32)
+    np.testing.assert_array_equal(maps["saliency"][1], get_explainer("saliency", model)(x[1:2])[0, 0])
     expected = table.set_index("method").loc["gradcam", "deletion_auc"]
     assert curves["gradcam"].deletion_auc.mean() == pytest.approx(expected)
     fig = faithfulness_figure(curves, ["gradcam", "random"])

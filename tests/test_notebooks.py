@@ -20,7 +20,8 @@ SMALL_PARAMETERS: dict[str, dict] = {
     # the Voila app with the shared bundles: under papermill it must build the Dashboard and show its widget
     # (test_notebook_05_builds_a_real_dashboard reads its values; test_dashboard_browser.py drives it in a browser)
     "05_dashboard.ipynb": {"classifier_bundle": "@bundle:nih-classifier", "ood_bundle": "@bundle:ood-autoencoder",
-                           "unet_bundle": "@bundle:lung-unet", "demo_info": "{tmp}/absent.json"},
+                           "unet_bundle": "@bundle:lung-unet", "demo_info": "{tmp}/absent.json",
+                           "snapshot_image": "@nih-image"},
     "06_hybrid_features.ipynb": {"max_images": 60, "image_size": 64, "finetune_epochs": 1, "n_permutations": 100,
                                  "mlp_max_epochs": 20},
     # the shared bundles (small settings, below); enough phantoms that the phantom model detects effusion
@@ -32,6 +33,18 @@ SMALL_PARAMETERS: dict[str, dict] = {
                                      "n_digits": 100, "angles": [0, 45, 90], "n_bootstrap": 20},
 }
 
+
+def _nih_images() -> list[Path]:
+    import pandas as pd
+
+    from cxrbench.data import shared_data_root
+
+    root = shared_data_root()
+    assert root is not None, "the real dev data (../shared/data) is needed"
+    nih = root / "cxr" / "nih"
+    return [nih / f for f in pd.read_csv(nih / "manifest.csv")["file"]]
+
+
 def _parameters(name: str, tmp_path: Path, bundles) -> dict:
     """The small parameters of ``name`` with "{tmp}", "@bundle:NAME" and "@run:NAME" filled in."""
     def fill(v):
@@ -41,6 +54,8 @@ def _parameters(name: str, tmp_path: Path, bundles) -> dict:
             return str(bundles[v.removeprefix("@bundle:")])
         if v.startswith("@run:"):
             return str(bundles[v.removeprefix("@run:")].parent)
+        if v == "@nih-image":  # the last image of the real NIH dev set
+            return str(_nih_images()[-1])
         return v.format(tmp=tmp_path)
 
     return {k: fill(v) for k, v in SMALL_PARAMETERS[name].items()}
@@ -249,9 +264,19 @@ def _widget_state_text(nb) -> str:
 
 
 def _check_05(results: dict, nb) -> None:
-    """The dashboard was built from the bundles given (its upload button is there), not the no-bundles message."""
+    """The dashboard was built from the bundles given (its upload button is there), not the no-bundles message,
+    and its output also carries the static snapshot of the image analysed for it: its verdict, one bar per finding,
+    the map image (what the exported HTML shows, where widgets cannot render)."""
     state = _widget_state_text(nb)
     assert "No model bundles yet" not in state and "Upload X-ray" in state, state[:500]
+    shown = [o["data"] for c in nb.cells for o in c.get("outputs", []) if "cxr-dashboard-static" in
+             str(o.get("data", {}).get("text/html", ""))]
+    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0], shown
+    snapshot = shown[0]["text/html"]
+    assert _nih_images()[-1].name in snapshot and "cxr-static-verdict" in snapshot
+    assert "data:image/png;base64," in snapshot, snapshot[:2000]
+    # a briefly trained gate may withhold the prediction (its verdict says so): then no bars, else all 14
+    assert snapshot.count("<tr class='cxr-bar'>") == (0 if "cxr-rejected" in snapshot else 14), snapshot[:2000]
 
 
 CHECKS["05_dashboard.ipynb"] = _check_05

@@ -118,3 +118,28 @@ def test_published_results_round_trip_through_a_notebook_output():
                     nbformat.v4.new_output("display_data", data={"text/plain": "not a result"})]
     nb = nbformat.v4.new_notebook(cells=[cell])
     assert read_results(nb) == {"demo": data}
+
+
+def test_runtimes_name_the_slowest_cells_with_their_share_and_the_load():
+    """run_notebooks' rows carry the slowest cells (papermill's per-cell durations) and the load average; the
+    table shows both, so a runtime measured on a shared machine says how loaded it was and where its time went."""
+    import nbformat
+
+    from cxrbench.cli.notebooks import cell_durations, runtimes_table
+
+    cells = [nbformat.v4.new_markdown_cell("# title")]
+    for seconds, source in ((1.0, "import torch"), (6.0, "train(model)\nmore"), (3.0, "\nplot()")):
+        cell = nbformat.v4.new_code_cell(source)
+        cell.metadata["papermill"] = {"duration": seconds}
+        cells.append(cell)
+    cells.append(nbformat.v4.new_code_cell("never ran"))  # no papermill metadata: counts as 0 s
+    slow = cell_durations(nbformat.v4.new_notebook(cells=cells))
+    assert [(r["cell"], r["seconds"], r["share"], r["source"]) for r in slow] == [
+        (2, 6.0, 0.6, "train(model)"), (3, 3.0, 0.3, "plot()"), (1, 1.0, 0.1, "import torch"),
+        (4, 0.0, 0.0, "never ran")]
+    table = runtimes_table([{"notebook": "01_x.ipynb", "seconds": 12.34, "load_before": 1.5, "load_after": 2.25,
+                             "slowest_cells": slow[:3], "html": "01_x.html"},
+                            {"notebook": "02_y.ipynb", "seconds": 3.0, "error": "boom"}])
+    lines = table.splitlines()
+    assert lines[2] == "| 01_x.ipynb | 12.3 | 1.5 / 2.25 | 2: 6.0 s (60 %) | ok |"
+    assert lines[3] == "| 02_y.ipynb | 3.0 |  |  | failed: boom |"

@@ -71,6 +71,24 @@ def test_the_precision_choice_is_recorded_in_the_card(phantoms, tmp_path):
         ClassifierConfig(precision="half")
 
 
+def test_the_training_estimate_times_the_runs_own_step_within_2x_of_a_measured_run(nih_dir, tmp_path):
+    """estimate_training_seconds times the step the run takes (its precision and memory format, after warm-up):
+    its seconds per step lie within 2x of the steady steps (second epoch) of a short real run on the NIH images."""
+    from cxrbench.train import estimate_training_seconds
+
+    df = load_manifest(nih_dir)
+    config = ClassifierConfig(arch="resnet18", image_size=96, batch_size=16, epochs=2, max_steps_per_epoch=6,
+                              eval_bootstrap=20, early_stopping_patience=0)
+    estimate = estimate_training_seconds(config, len(df), len(df.attrs["label_columns"]))
+    result = train_classifier(df, tmp_path / "run", config, progress=False, cache_dir=tmp_path / "cache")
+    assert estimate["precision"] == result.precision  # the timed step is the run's own
+    assert estimate["steps_per_epoch"] == 6
+    steady = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[-1]  # the first epoch's steps also warm up
+    measured = config.batch_size / steady["images_per_s"]
+    ratio = estimate["seconds_per_step"] / measured
+    assert 0.5 <= ratio <= 2.0, f"estimate {estimate['seconds_per_step']:.3f} s/step, measured {measured:.3f} s/step"
+
+
 def test_learns_two_clear_phantom_findings_to_test_macro_auc_at_least_0_75(tmp_path):
     """Chance is 0.5: on 96 phantoms where half show Cardiomegaly and half Effusion (independently), a
     ResNet18 at 32 px trained for 4 epochs reaches a test macro AUC >= 0.75 and every finding > 0.6

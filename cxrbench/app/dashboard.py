@@ -23,6 +23,7 @@ import numpy as np
 from cxrbench._threads import use_interactive_threads
 from cxrbench.app.counterfactual import CounterfactualPanel
 from cxrbench.app.pictures import png_bytes
+from cxrbench.app.snapshot import dashboard_html, served_by_voila
 from cxrbench.app.verdict import (
     error_verdict,
     explanation_caption,
@@ -39,7 +40,8 @@ from cxrbench.models.bundle import format_metric
 from cxrbench.plots.app import probability_figure
 
 __all__ = ["CALIBRATION_NOTE", "WEAK_MACRO_AUC", "Dashboard", "colour_bar_html", "dashboard_from_environment",
-           "model_summary", "plotly_output", "png_bytes", "probability_figure", "shared_demo_info"]
+           "model_summary", "plotly_output", "png_bytes", "probability_figure", "shared_demo_info",
+           "show_dashboard"]
 
 CALIBRATION_NOTE = ("Calibrated probabilities: 0.5 marks each finding's operating point (the threshold that "
                     "best separated positives from negatives on the validation split, Chester Eq. 1). "
@@ -257,6 +259,13 @@ class Dashboard:
         body = w.HBox([left, right], layout=w.Layout(align_items="flex-start", grid_gap="24px"))
         body.add_class("cxr-result")
         return w.VBox([header, inputs, self.message, body, self.timing, self.about])
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The live widget for Jupyter and Voila, and ``text/html``, its static snapshot
+        (:func:`cxrbench.app.snapshot.dashboard_html`), for pages without a kernel (the exported HTML)."""
+        data = self.widget._repr_mimebundle_(**kwargs) or {}
+        data["text/html"] = dashboard_html(self)
+        return data
 
     # ------------------------------------------------------------------ entry points
     def analyze_bytes(self, name: str, content: bytes) -> Report | None:
@@ -510,3 +519,21 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
                                    autoencoder=autoencoder or info.get("autoencoder") or None)
     pipeline.warm_up()  # before the page shows: the first upload then costs what every later one does
     return Dashboard(pipeline, examples=info.get("examples") or {})
+
+
+def show_dashboard(app: Any, image: str | os.PathLike = "", *, snapshot: bool = True) -> Any:
+    """What notebook 05 displays: ``app`` (a :class:`Dashboard`, or the message that there are no bundles).
+
+    Outside Voila (``snapshot`` and not :func:`served_by_voila`) a dashboard first analyses ``image`` (default: its
+    first example), so its static form (:func:`dashboard_html`) shows a result; in Voila nothing is analysed
+    before the user asks. A missing ``image`` is a ``FileNotFoundError`` naming it.
+    """
+    if not isinstance(app, Dashboard) or not snapshot or served_by_voila():
+        return app
+    if image:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"{image}: no such image to analyse for the dashboard's snapshot")
+        app.analyze_path(Path(image))
+    elif app.examples:
+        app.example.value = next(iter(app.examples))  # as if picked: the picker names the image shown
+    return app

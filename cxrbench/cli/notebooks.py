@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MATHJAX_VERSION", "RESULTS_KEY", "RESULTS_MIMETYPE", "WARM_UP", "export_html", "install_mathjax", "main",
-           "outside_scripts", "publish_results", "read_results", "run_notebooks", "runtimes_table", "warm_up_row"]
+__all__ = ["MATHJAX_VERSION", "RESULTS_KEY", "RESULTS_MIMETYPE", "WARM_UP", "cell_durations", "export_html",
+           "install_mathjax", "main", "outside_scripts", "publish_results", "read_results", "run_notebooks",
+           "runtimes_table", "warm_up_row"]
 
 #: the first row of ``runtimes.json``: the shared bundles prepared before the notebooks run
 WARM_UP = "shared bundles (cxrbench bundles prepare)"
@@ -200,25 +201,55 @@ def _parameters(path: str | None, out: Path) -> dict[str, dict[str, Any]]:
             for name, p in given.items()}
 
 
+def cell_durations(notebook: str | os.PathLike | Any) -> list[dict[str, Any]]:
+    """Each code cell's seconds in an executed notebook (papermill's ``papermill.duration``) and its share of
+    their sum, slowest first: ``{"cell": index, "seconds", "share", "source": its first line}``."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4) if isinstance(notebook, (str, os.PathLike)) else notebook
+    cells = [(i, float((c.get("metadata", {}).get("papermill") or {}).get("duration") or 0.0), c.source)
+             for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    total = sum(seconds for _, seconds, _ in cells) or 1.0
+    rows: list[dict[str, Any]] = [
+        {"cell": i, "seconds": round(seconds, 2), "share": round(seconds / total, 3),
+         "source": next((line for line in source.splitlines() if line.strip()), "")[:80]}
+        for i, seconds, source in cells]
+    return sorted(rows, key=lambda r: -r["seconds"])
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none): timings on a shared machine need it beside them."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return None
+
+
 def run_notebooks(names: Sequence[Path], out: Path, parameters: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Execute each notebook into ``out`` and export its HTML; one row (name, seconds, html or error) each.
+    """Execute each notebook into ``out`` and export its HTML; one row each: name, seconds, the load average
+    before and after, the three slowest cells (:func:`cell_durations`), and the html or the error.
 
     A notebook that fails is reported and the others still run."""
     import papermill as pm
 
     script, rows = install_mathjax(), []
     for nb in names:
-        t0 = time.perf_counter()
+        t0, load = time.perf_counter(), _load()
         executed = out / nb.name
+        row: dict[str, Any] = {"notebook": nb.name}
         try:
             pm.execute_notebook(str(nb), str(executed), parameters=parameters.get(nb.name, {}), cwd=str(_checkout()),
                                 kernel_name="python3", progress_bar=False, log_output=False)
-            html = export_html(executed, out, mathjax=script)
-            rows.append({"notebook": nb.name, "seconds": round(time.perf_counter() - t0, 1), "html": str(html)})
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row["html"] = str(export_html(executed, out, mathjax=script))
         except Exception as exc:  # noqa: BLE001 - a batch goes on past a failing notebook, and says why
             first = str(exc).strip().splitlines()
-            reason = next((line for line in first if line.strip()), type(exc).__name__)[:300]
-            rows.append({"notebook": nb.name, "seconds": round(time.perf_counter() - t0, 1), "error": reason})
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row["error"] = next((line for line in first if line.strip()), type(exc).__name__)[:300]
+        row.update(load_before=load, load_after=_load())
+        if executed.is_file():
+            row["slowest_cells"] = cell_durations(executed)[:3]
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -228,20 +259,24 @@ def warm_up_row() -> dict[str, Any]:
     the cache) so the notebooks at their defaults train nothing; the row says how long that took."""
     from cxrbench.train.shared import prepare_shared_bundles
 
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), _load()
     bundles = prepare_shared_bundles()
-    return {"notebook": WARM_UP, "seconds": round(time.perf_counter() - t0, 1),
-            "bundles": {b["name"]: b["seconds"] for b in bundles}}
+    return {"notebook": WARM_UP, "seconds": round(time.perf_counter() - t0, 1), "load_before": load,
+            "load_after": _load(), "bundles": {b["name"]: b["seconds"] for b in bundles}}
 
 
 def runtimes_table(rows: Sequence[dict[str, Any]]) -> str:
-    """``runtimes.json`` as a Markdown table (notebook, seconds, result), the warm-up row first."""
-    lines = ["| notebook | seconds | result |", "|---|---:|---|"]
+    """``runtimes.json`` as a Markdown table (notebook, seconds, load average before / after, the slowest cell and
+    its share, result), the warm-up row first."""
+    lines = ["| notebook | seconds | load before / after | slowest cell (share) | result |", "|---|---:|---|---|---|"]
     for row in rows:
         result = f"failed: {row['error']}" if "error" in row else (
             "cache warm-up: " + ", ".join(f"{k} {v:.0f} s" for k, v in row.get("bundles", {}).items())
             if row["notebook"] == WARM_UP else "ok")
-        lines.append(f"| {row['notebook']} | {row['seconds']:.1f} | {result} |")
+        load = f"{row.get('load_before', '')} / {row.get('load_after', '')}" if "load_before" in row else ""
+        slow = row.get("slowest_cells") or []
+        cell = f"{slow[0]['cell']}: {slow[0]['seconds']:.1f} s ({100 * slow[0]['share']:.0f} %)" if slow else ""
+        lines.append(f"| {row['notebook']} | {row['seconds']:.1f} | {load} | {cell} | {result} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from cxrbench.explain.fusion import mask_fraction
 
 __all__ = ["FaithfulnessCurves", "MethodComparison", "boxes_to_mask", "compare_methods", "deletion_insertion",
-           "mass_fraction", "phantom_localisation_set", "pointing_game", "read_bbox_list",
+           "endpoint_scores", "mass_fraction", "phantom_localisation_set", "pointing_game", "read_bbox_list",
            "topk_iou", "topk_mask", "VARIANTS", "latent_shift_comparison", "localisation_sentence"]
 
 Box = Sequence[Any]  # (x, y, w, h) or (label, x, y, w, h)
@@ -178,12 +178,14 @@ class FaithfulnessCurves:
 
 
 class MethodComparison(NamedTuple):
-    """:func:`compare_methods` with ``return_details=True``: the per-method table, the per-image table and
-    each method's deletion/insertion curves (empty when ``curve_steps=0``)."""
+    """:func:`compare_methods` with ``return_details=True``: the per-method table, the per-image table,
+    each method's deletion/insertion curves (empty when ``curve_steps=0``) and its ``(N, H, W)`` maps (what the
+    scores were computed on, so a figure of the same maps need not compute them again)."""
 
     table: pd.DataFrame
     detail: pd.DataFrame
     curves: dict[str, FaithfulnessCurves]
+    maps: dict[str, np.ndarray]
 
 
 def _baseline(x: torch.Tensor, kind: str, sigma: float | None) -> torch.Tensor:
@@ -199,6 +201,29 @@ def _baseline(x: torch.Tensor, kind: str, sigma: float | None) -> torch.Tensor:
     raise ValueError(f"baseline must be 'blur', 'mean' or 'zero', got {kind!r}")
 
 
+def _scores(logits: torch.Tensor, score: str) -> np.ndarray:
+    values = logits.float()
+    return (torch.sigmoid(values) if score == "probability" else values).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def endpoint_scores(model: nn.Module, x: torch.Tensor, targets: Sequence[int], *, baseline: str = "blur",
+                    sigma: float | None = None, score: str = "probability") -> np.ndarray:
+    """``(N, 2)``: the target's score of each image and of its baseline (what :func:`deletion_insertion`'s curves
+    start and end on, whatever the map), in eval mode."""
+    if score not in ("probability", "logit"):
+        raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        base = _baseline(x, baseline, sigma)
+        rows = np.arange(x.shape[0])
+        pair = [_scores(model(v)[rows, torch.as_tensor([int(t) for t in targets])], score) for v in (x, base)]
+    finally:
+        model.train(was_training)
+    return np.stack(pair, axis=1)
+
+
 @torch.no_grad()
 def deletion_insertion(
     model: nn.Module,
@@ -211,6 +236,7 @@ def deletion_insertion(
     sigma: float | None = None,
     score: str = "probability",
     batch_size: int = 64,
+    endpoints: np.ndarray | None = None,
 ) -> FaithfulnessCurves:
     """Deletion and insertion curves (Petsiuk et al. 2018, RISE).
 
@@ -224,7 +250,9 @@ def deletion_insertion(
     baseline : what removed pixels become: ``"blur"`` (Gaussian blur of the image, sigma default
         H/16 pixels), ``"mean"`` (the image's mean) or ``"zero"``.
     score : ``"probability"`` (sigmoid of the logit) or ``"logit"``.
-    batch_size : images per forward pass (the 2 (steps + 1) variants of each image are batched).
+    batch_size : images per forward pass (the 2 (steps + 1) variants of all images are batched together).
+    endpoints : ``(N, 2)`` scores of each image and of its baseline (:func:`endpoint_scores`), which every map of
+        the image shares: the curves' ends (nothing or everything replaced) are then not computed again.
     """
     if score not in ("probability", "logit"):
         raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
@@ -244,20 +272,31 @@ def deletion_insertion(
     n_pixels = heat.shape[1] * heat.shape[2]
     counts = torch.as_tensor(np.round(fractions * n_pixels).astype(np.int64))
     base = _baseline(x, baseline, sigma)
+    if endpoints is not None and np.shape(endpoints) != (x.shape[0], 2):
+        raise ValueError(f"endpoints must be (N, 2) scores of the images and their baselines, got "
+                         f"{np.shape(endpoints)} for {x.shape[0]} images")
+    endpoints = None if endpoints is None else np.asarray(endpoints, dtype=np.float64)
+    inner = slice(1, steps) if endpoints is not None else slice(0, steps + 1)  # the fractions computed here
     curves = np.zeros((2, x.shape[0], steps + 1), dtype=np.float64)
+    n_inner = len(range(steps + 1)[inner])
     try:
+        variants = []
         for n in range(x.shape[0]):
             order = np.argsort(-heat[n].ravel(), kind="stable")
             rank = torch.empty(n_pixels, dtype=torch.int64)
             rank[torch.as_tensor(order)] = torch.arange(n_pixels)
-            salient = (rank.view(1, 1, *heat.shape[1:]) < counts.view(-1, 1, 1, 1))  # (S, 1, H, W)
-            deleted = torch.where(salient, base[n : n + 1], x[n : n + 1])
-            inserted = torch.where(salient, x[n : n + 1], base[n : n + 1])
-            variants = torch.cat([deleted, inserted])
-            logits = torch.cat([model(variants[i : i + batch_size]) for i in range(0, len(variants), batch_size)])
-            values = logits[:, int(targets[n])].float()
-            values = torch.sigmoid(values) if score == "probability" else values
-            curves[:, n] = values.view(2, steps + 1).cpu().numpy()
+            salient = (rank.view(1, 1, *heat.shape[1:]) < counts[inner].view(-1, 1, 1, 1))  # (S, 1, H, W)
+            variants += [torch.where(salient, base[n : n + 1], x[n : n + 1]),  # deleted
+                         torch.where(salient, x[n : n + 1], base[n : n + 1])]  # inserted
+        if n_inner:  # every image's variants in shared batches: fuller batches run faster per image
+            stacked = torch.cat(variants)
+            logits = torch.cat([model(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)])
+            for n in range(x.shape[0]):
+                rows = logits[2 * n_inner * n : 2 * n_inner * (n + 1), int(targets[n])]
+                curves[:, n, inner] = _scores(rows, score).reshape(2, n_inner)
+        if endpoints is not None:  # deletion runs from the image to its baseline, insertion the other way
+            curves[0, :, 0], curves[0, :, steps] = endpoints[:, 0], endpoints[:, 1]
+            curves[1, :, 0], curves[1, :, steps] = endpoints[:, 1], endpoints[:, 0]
     finally:
         model.train(was_training)
     aucs = [np.asarray(np.trapezoid(part, fractions, axis=-1)) for part in curves]
@@ -388,11 +427,15 @@ def compare_methods(
     rng = np.random.default_rng(seed)
     details: list[dict[str, Any]] = []
     all_curves: dict[str, FaithfulnessCurves] = {}
+    all_maps: dict[str, np.ndarray] = {}
+    # every method's curves start and end on the same two images (nothing / everything replaced): scored once
+    ends = endpoint_scores(model, images, targets, baseline=baseline) if curve_steps > 0 else None
     for method in [*methods, *(["random"] if include_random else [])]:
         explainer = None if method == "random" else get_explainer(method, model, **options.get(method, {}))
         maps, seconds = _method_maps(explainer, method, images, targets, rng)
-        curves = (deletion_insertion(model, images, maps, targets, steps=curve_steps, baseline=baseline)
-                  if curve_steps > 0 else None)
+        all_maps[method] = maps
+        curves = (deletion_insertion(model, images, maps, targets, steps=curve_steps, baseline=baseline,
+                                     endpoints=ends) if curve_steps > 0 else None)
         if curves is not None:
             all_curves[method] = curves
         for i in range(n):
@@ -409,7 +452,7 @@ def compare_methods(
             details.append(row)
     detail = pd.DataFrame(details)
     table = _method_table(detail, top_fraction)
-    return MethodComparison(table, detail, all_curves) if return_details else table
+    return MethodComparison(table, detail, all_curves, all_maps) if return_details else table
 
 
 # --------------------------------------------------------------------------------------------------

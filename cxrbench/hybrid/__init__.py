@@ -11,7 +11,13 @@ package is their public surface.
 
 from cxrbench.hybrid.backbone import FinetuneResult, cached_finetune, finetune_layer4, resnet18_backbone
 from cxrbench.hybrid.classifiers import CLASSIFIERS, LogisticBaseline, TorchMLPClassifier, make_classifier
-from cxrbench.hybrid.experiment import TABLE_COLUMNS, evaluate_scores, run_hybrid_experiment
+from cxrbench.hybrid.experiment import (
+    TABLE_COLUMNS,
+    TaskExperiment,
+    evaluate_scores,
+    run_hybrid_experiment,
+    run_task_experiment,
+)
 from cxrbench.hybrid.extraction import UnreadableImagesWarning, extract_features, extraction_errors
 from cxrbench.hybrid.features import (
     FEATURE_KINDS,
@@ -26,7 +32,8 @@ from cxrbench.hybrid.features import (
 from cxrbench.hybrid.tasks import REPORT_COMBOS, bundle_scores, hybrid_feature_blocks, load_task, task_folders
 
 __all__ = ["CLASSIFIERS", "FEATURE_KINDS", "REPORT_COMBOS", "TABLE_COLUMNS", "FeatureSpec", "FinetuneResult",
-           "LogisticBaseline", "TorchMLPClassifier", "UnreadableImagesWarning", "bundle_scores", "cached_finetune",
-           "cnn_embeddings", "evaluate_scores", "extract_features", "extraction_errors", "feature_maps",
-           "finetune_layer4", "hog_features", "hybrid_feature_blocks", "hybrid_vectors", "lbp_features", "load_task",
-           "make_classifier", "model_fingerprint", "resnet18_backbone", "run_hybrid_experiment", "task_folders"]
+           "LogisticBaseline", "TaskExperiment", "TorchMLPClassifier", "UnreadableImagesWarning", "bundle_scores",
+           "cached_finetune", "cnn_embeddings", "evaluate_scores", "extract_features", "extraction_errors",
+           "feature_maps", "finetune_layer4", "hog_features", "hybrid_feature_blocks", "hybrid_vectors",
+           "lbp_features", "load_task", "make_classifier", "model_fingerprint", "resnet18_backbone",
+           "run_hybrid_experiment", "run_task_experiment", "task_folders"]

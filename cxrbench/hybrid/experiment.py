@@ -13,7 +13,11 @@ report on the test split, which is used for nothing else.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +28,10 @@ from cxrbench.evaluation.degeneracy import degeneracy_check, holm_adjust
 from cxrbench.evaluation.metrics import evaluate_predictions
 from cxrbench.hybrid.classifiers import CLASSIFIERS, make_classifier
 from cxrbench.hybrid.features import hybrid_vectors
+from cxrbench.hybrid.tasks import REPORT_COMBOS, bundle_scores, hybrid_feature_blocks, load_task
+from cxrbench.models.bundle import Bundle
 
-__all__ = ["TABLE_COLUMNS", "evaluate_scores", "run_hybrid_experiment"]
+__all__ = ["TABLE_COLUMNS", "TaskExperiment", "evaluate_scores", "run_hybrid_experiment", "run_task_experiment"]
 
 TABLE_COLUMNS = ["Model", "Features", "Micro-F1", "Macro-F1", "Hamming loss", "Macro AUC", "Degenerate", "p-value",
                  "p (Holm)", "Informative findings", "Notes"]
@@ -157,3 +163,53 @@ def _fit_and_score(name: str, x: np.ndarray, y: np.ndarray, ok: np.ndarray, mask
     s = np.full(y.shape, np.nan)
     s[ok] = clf.predict_proba(x)
     return s
+
+
+@dataclass
+class TaskExperiment:
+    """One labelled task's run of the report's table (:func:`run_task_experiment`)."""
+
+    task: str
+    manifest: pd.DataFrame  # the (subsampled) manifest with its ``split`` column
+    findings: list[str]
+    table: pd.DataFrame  # :func:`run_hybrid_experiment`'s table
+    info: dict[str, Any]  # :func:`~cxrbench.hybrid.tasks.hybrid_feature_blocks`'s info (fine-tuning history, ...)
+    seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. why a reference bundle was left out
+
+    @property
+    def y_test(self) -> np.ndarray:
+        """The test split's labels ``(n_test, F)``, as the table's test rows were scored on."""
+        return self.manifest.loc[self.manifest["split"] == "test", self.findings].to_numpy()
+
+
+def run_task_experiment(task: str, folder: str | os.PathLike, features_dir: str | os.PathLike, *,
+                        max_images: int = 0, image_size: int = 224, finetune_epochs: int = 5, seed: int = 0,
+                        reference: Bundle | None = None, n_permutations: int = 1000,
+                        mlp_options: Mapping[str, Any] | None = None, manifest: pd.DataFrame | None = None,
+                        progress: bool = False) -> TaskExperiment:
+    """Notebook 06's experiment on one labelled data set: load and split it (:func:`load_task`, or ``manifest`` if
+    given), build the report's feature blocks (cached in ``features_dir/<task key>-s<seed>-<size>px``), and run the
+    report's table (:data:`REPORT_COMBOS`) with a degeneracy verdict per row.
+
+    ``reference``: a classifier bundle whose scores become an end-to-end reference row when it has an output for
+    every finding of the task (otherwise it is left out and ``notes`` says why). ``task``'s first word, lower-cased,
+    keys the feature cache (``"nih"``, ``"paediatric"``, or the folder kind).
+    """
+    t0 = time.perf_counter()
+    df = manifest if manifest is not None else load_task(folder, max_images=max_images, seed=seed)
+    findings = list(df.attrs["label_columns"])
+    key = task.split()[0].lower()
+    blocks, info = hybrid_feature_blocks(df, Path(features_dir) / f"{key}-s{seed}-{image_size}px",
+                                         image_size=image_size, finetune_epochs=finetune_epochs, seed=seed,
+                                         progress=progress)
+    references: dict[str, np.ndarray] = {}
+    notes: list[str] = []
+    if reference is not None and set(findings) <= set(reference.labels):
+        references[f"Reference: {reference.card.name or 'DenseNet bundle'}"] = bundle_scores(reference, df, findings)
+    elif reference is not None:
+        notes.append(f"reference bundle left out: it has no output for {sorted(set(findings) - set(reference.labels))}")
+    table = run_hybrid_experiment(blocks, df[findings].to_numpy(), df["split"], findings, combos=REPORT_COMBOS,
+                                  reference_scores=references, seed=seed, n_permutations=n_permutations,
+                                  mlp_options=mlp_options)
+    return TaskExperiment(task, df, findings, table, info, time.perf_counter() - t0, notes)

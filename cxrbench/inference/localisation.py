@@ -17,7 +17,13 @@ import pandas as pd
 import torch
 
 from cxrbench.data import bounding_boxes
-from cxrbench.explain.metrics import boxes_to_mask, compare_methods, latent_shift_comparison, phantom_localisation_set
+from cxrbench.explain.metrics import (
+    MethodComparison,
+    boxes_to_mask,
+    compare_methods,
+    latent_shift_comparison,
+    phantom_localisation_set,
+)
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.labels import canonical_finding
 from cxrbench.models.bundle import Bundle
@@ -94,16 +100,24 @@ def _phantom_batches(bundle: Bundle, findings: Sequence[str], n_images: int):
 
 def phantom_localisation_tables(bundle: Bundle, findings: Sequence[str], n_images: int, *,
                                 methods: Sequence[str], top_fraction: float = 0.05, curve_steps: int = 10,
-                                explainer_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                                explainer_options: Mapping[str, Any] | None = None,
+                                return_details: bool = False) -> pd.DataFrame | tuple[pd.DataFrame,
+                                                                                     dict[str, MethodComparison]]:
     """:func:`~cxrbench.explain.metrics.compare_methods` on ``n_images`` phantoms showing each finding, at the
-    bundle's input size; one table, with a ``finding`` column. Findings must be outputs of the bundle."""
-    tables = []
+    bundle's input size; one table, with a ``finding`` column. Findings must be outputs of the bundle.
+
+    ``return_details``: also ``{finding: MethodComparison}`` (its per-image rows, curves and maps, on the phantoms of
+    :func:`~cxrbench.explain.metrics.phantom_localisation_set` in their order), so a figure of the same phantoms
+    shows these maps instead of computing them again."""
+    tables, details = [], {}
     for finding, xs, lesions, lungs, target in _phantom_batches(bundle, findings, n_images):
-        t = cast(pd.DataFrame, compare_methods(
+        comparison = cast(MethodComparison, compare_methods(
             bundle.model, xs, target, lesions, methods=methods, lung_masks=lungs, top_fraction=top_fraction,
-            curve_steps=curve_steps, explainer_options=dict(explainer_options or {})))
-        tables.append(t.assign(finding=finding))
-    return pd.concat(tables, ignore_index=True)
+            curve_steps=curve_steps, explainer_options=dict(explainer_options or {}), return_details=True))
+        tables.append(comparison.table.assign(finding=finding))
+        details[finding] = comparison
+    table = pd.concat(tables, ignore_index=True)
+    return (table, details) if return_details else table
 
 
 def phantom_latent_shift_tables(bundle: Bundle, autoencoder: Bundle, findings: Sequence[str], n_images: int, *,

@@ -9,6 +9,7 @@ trains, it says first what it trains, where, on which data, and how long that sh
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,11 +19,11 @@ import torch
 
 from cxrbench.models.bundle import read_card
 from cxrbench.train.autoencoder import AutoencoderConfig, train_autoencoder
-from cxrbench.train.classifier import ClassifierConfig, train_classifier
+from cxrbench.train.classifier import ClassifierConfig, cxr_augmentation, train_classifier
 from cxrbench.train.common import RunConfig
 from cxrbench.train.folder import RunFolderError, inspect_run_folder, not_a_run_folder
 from cxrbench.train.ood import OODConfig, train_ood
-from cxrbench.train.runtime import pick_device
+from cxrbench.train.runtime import Precision, pick_device, precision_policy
 from cxrbench.train.unet import UNetConfig, train_unet
 
 __all__ = ["ensure_run", "estimate_training_seconds"]
@@ -71,29 +72,53 @@ def _model_and_batch(config: RunConfig, n_outputs: int) -> tuple[torch.nn.Module
     raise TypeError(f"cannot time {type(config).__name__}")
 
 
-def _seconds_per_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Seconds of an Adam step (forward, a stand-in loss, backward), timed after one warm-up step."""
-    model, x = model.to(device).train(), x.to(device)
+def _step_precision(config: RunConfig, device: torch.device) -> Precision:
+    """The precision the run's own steps use (:func:`precision_policy` with the config's amp / channels_last /
+    precision; families without those fields train in fp32), so the timed step is the step the run takes."""
+    return precision_policy(device, bool(getattr(config, "amp", False)), bool(getattr(config, "channels_last", False)),
+                            str(getattr(config, "precision", "auto")))
+
+
+def _seconds_per_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                      precision: Precision | None = None, *,
+                      augment: Callable[[torch.Tensor], torch.Tensor] | None = None, warm_up: int = 2,
+                      timed: int = 2) -> float:
+    """Seconds of an Adam step (the batch's per-image ``augment``, as the training set applies it; forward and a
+    stand-in loss under the run's autocast, backward, step) in the run's precision and memory format, the median
+    of ``timed`` steps after ``warm_up`` untimed ones (the first steps create oneDNN's kernels and are several
+    times slower)."""
+    precision = precision or Precision()
+    model = model.to(device).train()
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     times = []
-    for _ in range(2):
+    for _ in range(warm_up + timed):
         t0 = time.perf_counter()
-        out = model(x)
-        loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
+        batch = torch.stack([augment(image) for image in x]) if augment is not None else x
+        batch = batch.to(device)
+        if precision.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(device):
+            out = model(batch)
+            loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return times[-1]
+    return float(statistics.median(times[warm_up:]))
 
 
-def estimate_training_seconds(config: RunConfig, n_images: int, n_outputs: int = 14) -> dict[str, float]:
+def estimate_training_seconds(config: RunConfig, n_images: int, n_outputs: int = 14) -> dict[str, Any]:
     """How long training ``config`` on ``n_images`` (train + val + test) should take here, from a timed step.
 
-    Returns ``{"seconds", "seconds_per_step", "steps_per_epoch", "train_images"}``: the training steps only
-    (decoding, validation and the final evaluation come on top; a rough, honest lower bound).
+    The step is timed as the run takes it: with a classifier's per-image augmentation, in the precision and memory
+    format the run's precision policy picks (bf16 autocast + channels_last on CPUs with avx512_bf16,
+    :func:`~cxrbench.train.runtime.precision_policy`), after warm-up steps. Returns ``{"seconds",
+    "seconds_per_step", "steps_per_epoch", "train_images", "precision"}``: the training steps only (decoding,
+    validation and the final evaluation come on top).
     """
     fractions = getattr(config, "fractions", (0.7, 0.1, 0.2))
     n_train = max(1, round(n_images * fractions[0]))
@@ -102,9 +127,12 @@ def estimate_training_seconds(config: RunConfig, n_images: int, n_outputs: int =
     cap = getattr(config, "max_steps_per_epoch", None)
     steps = min(steps, cap) if cap else steps
     model, x = _model_and_batch(config, n_outputs)
-    per_step = _seconds_per_step(model, x, pick_device(getattr(config, "device", "auto")))
+    device = pick_device(getattr(config, "device", "auto"))
+    precision = _step_precision(config, device)
+    augment = cxr_augmentation(config) if isinstance(config, ClassifierConfig) and config.augment else None
+    per_step = _seconds_per_step(model, x, device, precision, augment=augment)
     return {"seconds": per_step * steps * int(getattr(config, "epochs")), "seconds_per_step": per_step,
-            "steps_per_epoch": steps, "train_images": n_train}
+            "steps_per_epoch": steps, "train_images": n_train, "precision": precision.describe()}
 
 
 def _duration(seconds: float) -> str:
@@ -124,7 +152,8 @@ def _announce(run: Path, config: RunConfig, word: str, manifest: pd.DataFrame, s
           f"of {estimate['steps_per_epoch']} steps (batch {getattr(config, 'batch_size')}, about "
           f"{estimate['train_images']} training images of {len(manifest)} from {source}); estimated "
           f"{_duration(estimate['seconds'])} of training steps on {pick_device(getattr(config, 'device', 'auto'))} "
-          f"({estimate['seconds_per_step']:.2f} s per step, measured; decoding and evaluation add to it)")
+          f"({estimate['seconds_per_step']:.2f} s per step, measured in {estimate['precision']}; decoding and "
+          "evaluation add to it)")
 
 
 def _why_missing(run: Path) -> str:

@@ -446,7 +446,7 @@ def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None,
             cached_export(classifier, announce=announce, saliency=saliency), threads=threads).classifier,
             path=Path(classifier)), warn)
         reason = "" if clf is not None else "its ONNX export failed"
-        if clf is not None and explain not in clf.model.explain_methods:  # type: ignore[operator]
+        if clf is not None and explain is not None and explain not in clf.model.explain_methods:  # type: ignore[operator]
             why = _missing_graph_reason(clf, explain)
             warn(f"{classifier}: ONNX Runtime is not used for {explain} ({why}); running it in PyTorch instead")
             clf, reason = None, f"its {explain} graph did not export"

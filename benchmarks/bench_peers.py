@@ -1,7 +1,9 @@
 """cxrbench next to its peers, measured side by side in one process (interleaved rounds, medians, ratios).
 
 * **Full report**, DenseNet-121 and ResNet18 at 224 px: cxrbench's ``Pipeline.analyze`` (read the PNG bytes,
-  OOD gate, 14 calibrated probabilities, Chester saliency) vs a torchxrayvision-style chain (``skimage`` read,
+  OOD gate, 14 calibrated probabilities, Chester saliency) on PyTorch (one pass) and on the auto backend (ONNX
+  Runtime: ``saliency.onnx``, forward + input gradient in one graph; its first-use export is timed too) vs a
+  torchxrayvision-style chain (``skimage`` read,
   ``xrv.datasets.normalize``, ``XRayCenterCrop``, ``XRayResizer``, forward, ``autograd.grad`` of the summed
   outputs): torchxrayvision's own ``DenseNet(weights=None)``, and for ResNet18 the same chain on the same network.
 * **Grad-CAM**, DenseNet-121, 1 and 3 targets: cxrbench's ``GradCAM`` vs pytorch-grad-cam and captum's
@@ -30,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,21 +125,49 @@ def bench_dicom(tmp: Path, blob: bytes, rounds: int) -> list[dict]:
              "median_ms": round(1e3 * total, 1), "ratio_to_cxrbench": 1.0}]
 
 
-def bench_reports(tmp: Path, blob: bytes, rounds: int, quick: bool = False) -> list[dict]:
+def bench_reports(tmp: Path, blob: bytes, rounds: int, threads: int, quick: bool = False) -> list[dict]:
+    """The report on PyTorch (one pass), on the auto backend (ONNX Runtime's ``saliency.onnx``, exported into a
+    fresh cache first: that export's seconds are a row too) and the torchxrayvision chain, interleaved."""
     import torchxrayvision as xrv
 
+    from cxrbench.export.onnx import ParityError, export_models
+    from cxrbench.export.runtime import BackendFallbackWarning, backend_note, load_pipeline, pipeline_from_export
     from cxrbench.inference.pipeline import Pipeline
     from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle
     from cxrbench.ood.untrained import untrained_ood_bundle
 
     ood = untrained_ood_bundle(tmp / "ood", description="benchmark: never rejects")
+    os.environ["CXRBENCH_CACHE"] = str(tmp / "cache")  # a first use: the export is timed, the user's cache untouched
     rows = []
     for arch in ("densenet121",) if quick else ("densenet121", "resnet18"):
-        pipe = Pipeline(load_bundle(untrained_classifier_bundle(tmp / arch, arch=arch)), load_bundle(ood))
+        bundle = untrained_classifier_bundle(tmp / arch, arch=arch)
+        pipe = Pipeline(load_bundle(bundle), load_bundle(ood))
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as fallback:
+            warnings.simplefilter("always", BackendFallbackWarning)
+            auto = load_pipeline(bundle, ood, backend="auto", explain="saliency", threads=threads)
+        export_s = time.perf_counter() - t0
+        contenders = {"cxrbench (PyTorch, one pass)": lambda: pipe.analyze(blob, name="x.png", explain="saliency"),
+                      f"cxrbench auto{backend_note(auto)}": lambda: auto.analyze(blob, name="x.png",
+                                                                               explain="saliency")}
+        if auto.backends()["classifier"] != "onnxruntime":  # the saliency graph failed its parity check on the
+            # default images: time ONNX Runtime anyway, on an export whose parity is checked on the timed image
+            try:
+                checked = export_models(load_bundle(bundle), tmp / f"{arch}-onnx", load_bundle(ood), images=[blob],
+                                        threads=threads)
+            except ParityError as exc:
+                print(f"{arch}: no ONNX Runtime saliency row ({exc})", file=sys.stderr)
+            else:
+                ort = pipeline_from_export(checked.path, threads=threads)
+                contenders["cxrbench ONNX Runtime saliency (parity on this image only)"] = lambda: ort.analyze(
+                    blob, name="x.png", explain="saliency")
         peer = xrv.models.DenseNet(weights=None).eval() if arch == "densenet121" else pipe.classifier.model
-        medians = interleaved({"cxrbench": lambda: pipe.analyze(blob, name="x.png", explain="saliency"),
-                               "torchxrayvision chain": xrv_chain(peer, blob)}, rounds)
-        rows += rows_of(f"full report, {arch} 224 px (gate + 14 calibrated + saliency)", medians, "cxrbench")
+        medians = interleaved({**contenders, "torchxrayvision chain": xrv_chain(peer, blob)}, rounds)
+        rows += rows_of(f"full report, {arch} 224 px (gate + 14 calibrated + saliency)", medians,
+                        "cxrbench (PyTorch, one pass)")
+        rows.append({"task": f"first-use ONNX export with the saliency graph, {arch} 224 px (parity-checked)",
+                     "contender": "cxrbench auto", "median_ms": round(1e3 * export_s, 1), "ratio_to_cxrbench": 1.0,
+                     "note": "; ".join(str(w.message) for w in fallback)})
     return rows
 
 
@@ -174,7 +205,7 @@ def bench_forward(tmp: Path, rounds: int, threads: int) -> list[dict]:
     from cxrbench.models.bundle import load_bundle, untrained_classifier_bundle
 
     bundle = load_bundle(untrained_classifier_bundle(tmp / "fwd", arch="densenet121"))
-    export_models(bundle, tmp / "onnx")
+    export_models(bundle, tmp / "onnx", saliency=False)  # the forward graph is timed here
     session = make_session(tmp / "onnx" / GRAPH_FILES["classifier"], threads)
     model = bundle.model.eval()
     rows = []
@@ -266,7 +297,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        jobs = {"report": lambda: bench_reports(tmp, sample_png(), args.rounds, args.quick),
+        jobs = {"report": lambda: bench_reports(tmp, sample_png(), args.rounds, args.threads, args.quick),
                 "dicom": lambda: bench_dicom(tmp, sample_png(), args.rounds),
                 "gradcam": lambda: bench_gradcam(args.rounds),
                 "forward": lambda: bench_forward(tmp, args.rounds, args.threads),

@@ -3,6 +3,7 @@ exported on first use into the fingerprinted cache, PyTorch (with one warning) w
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -110,23 +111,28 @@ def test_a_failing_export_falls_back_to_torch_with_one_warning(bundles, files, t
 
 
 @pytest.mark.slow
-def test_analyze_keeps_gradients_in_torch_and_runs_the_gate_and_ood_score_on_onnx_runtime(bundles, files, tmp_path,
-                                                                                          monkeypatch, capsys):
+def test_analyze_runs_saliency_on_onnx_runtime_keeps_other_gradients_in_torch_and_the_gate_on_onnx_runtime(
+        bundles, files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXRBENCH_THREADS", "2")
     common = ["--classifier", str(bundles / "clf"), "--ood", str(bundles / "ood"), *files[:2], "--allow-ood", "-q"]
     tables = {}
-    for name, extra in (("auto", []), ("torch", ["--backend", "torch"]), ("none", ["--explain", "none"])):
+    for name, extra in (("auto", []), ("torch", ["--backend", "torch"]), ("none", ["--explain", "none"]),
+                        ("gradcam", ["--explain", "gradcam"])):
         assert main(["analyze", *common, *extra, "--out", str(tmp_path / name)]) == 0
         tables[name] = pd.read_csv(tmp_path / name / "analysis.csv")
         tables[name + "_summary"] = capsys.readouterr().out.strip().splitlines()[-1]
-    assert tables["auto_summary"].endswith("(PyTorch: saliency needs gradients; gate on ONNX Runtime)")
+    assert tables["auto_summary"].endswith("(ONNX Runtime)")  # saliency.onnx: the report's saliency on ORT
+    assert tables["gradcam_summary"].endswith("(PyTorch: gradcam needs gradients; gate on ONNX Runtime)")
     assert tables["torch_summary"].endswith("(PyTorch)") and tables["none_summary"].endswith("(ONNX Runtime)")
-    assert (tables["auto"]["backend"] == "torch").all() and (tables["auto"]["gate_backend"] == "onnxruntime").all()
+    assert (tables["auto"][["backend", "gate_backend"]] == "onnxruntime").all().all()
+    assert (tables["gradcam"]["backend"] == "torch").all()
+    assert (tables["gradcam"]["gate_backend"] == "onnxruntime").all()
     assert (tables["none"][["backend", "gate_backend"]] == "onnxruntime").all().all()
     np.testing.assert_allclose(tables["auto"]["ood_score"], tables["torch"]["ood_score"], atol=TOLERANCE)
     numbers = [c for c in tables["torch"].columns if c.endswith("_raw") or c in ("Atelectasis", "ood_score")]
-    np.testing.assert_allclose(tables["none"][numbers], tables["torch"][numbers], atol=TOLERANCE)
+    for name in ("none", "auto"):
+        np.testing.assert_allclose(tables[name][numbers], tables["torch"][numbers], atol=TOLERANCE)
 
     pipe = load_pipeline(bundles / "clf", ood=bundles / "ood", backend="auto", explain="cam")
     assert backend_note(pipe) == " (ONNX Runtime)"
@@ -140,6 +146,38 @@ def test_analyze_keeps_gradients_in_torch_and_runs_the_gate_and_ood_score_on_onn
     auto, reference = pd.read_csv(tmp_path / "auto.csv"), pd.read_csv(tmp_path / "torch.csv")
     assert set(auto["backend"]) == {"onnxruntime"} and set(reference["backend"]) == {"torch"}
     np.testing.assert_allclose(_numbers(auto), _numbers(reference), atol=TOLERANCE)
+
+
+def test_a_saliency_graph_failing_its_parity_keeps_the_forward_graphs_and_explains_in_torch_with_one_warning(
+        bundles, files, tmp_path, monkeypatch, capsys):
+    from cxrbench.export import gradient
+
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gradient, "MAP_OUTSIDE_SHARE", -1.0)  # no map passes: the gradient graph fails its parity
+    with pytest.warns(BackendFallbackWarning) as record:
+        pipe = load_pipeline(bundles / "clf", backend="auto", explain="saliency", progress=True)
+    assert "exporting" in capsys.readouterr().err
+    (entry,) = [p for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]
+    manifest = json.loads((entry / MANIFEST).read_text())
+    reason = manifest["failed_graphs"]["saliency"]
+    assert reason.startswith(f"ParityError: ONNX export of {bundles / 'clf'} fails the parity check on 8 images: "
+                             "saliency/saliency_all")
+    assert [str(w.message) for w in record] == [
+        f"{bundles / 'clf'}: ONNX Runtime is not used for saliency ({reason}); running it in PyTorch instead"]
+    assert pipe.backends()["classifier"] == "torch" and backend_note(pipe) == \
+        " (PyTorch: its saliency graph did not export)"
+    assert not (entry / "saliency.onnx").exists() and set(manifest["graphs"]) == {"classifier", "cam"}
+    report = pipe.analyze(files[0], explain="saliency", allow_ood=True)
+    assert report.maps is not None and report.maps.max() == 1.0  # torch explains it
+
+    monkeypatch.undo()  # the recorded failure is not retried: no export, the forward graphs serve the rest
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(BackendFallbackWarning, match="ParityError") as record:
+        load_pipeline(bundles / "clf", backend="auto", explain="saliency", progress=True)
+    assert len(record) == 1 and "exporting" not in capsys.readouterr().err
+    assert load_pipeline(bundles / "clf", backend="auto", explain="cam").backends()["classifier"] == "onnxruntime"
+    with pytest.raises(ValueError, match="the saliency graph did not export \\(ParityError"):
+        load_pipeline(bundles / "clf", backend="onnx", explain="saliency")  # --backend onnx does not fall back
 
 
 def test_concurrent_first_uses_export_once_and_share_the_entry(bundles, tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ def test_onnx_backend_gives_the_same_report_as_torch(exported, files):
     # the same Pipeline, with the exported graphs as its backends
     assert type(onnx_pipe) is Pipeline and onnx_pipe.describe()["backend"] == "onnxruntime"
     assert isinstance(onnx_pipe.classifier_backend, OnnxClassifier) and isinstance(onnx_pipe.gate_backend, OnnxOODModel)
-    assert onnx_pipe.warm_up() > 0  # the default warm-up method (saliency) needs gradients: left out, no error
+    assert onnx_pipe.warm_up() > 0  # the default warm-up method (saliency) runs on saliency.onnx
     gate_verdicts = set()
     for f in files:
         a = torch_pipe.analyze(f, explain="cam", allow_ood=True)
@@ -135,8 +135,56 @@ def test_onnx_backend_gives_the_same_report_as_torch(exported, files):
         gate_verdicts.add(a.ood.in_distribution)
     rejected = onnx_pipe.analyze(files[0], explain=None)
     assert rejected.rejected == (not rejected.ood.in_distribution)
-    with pytest.raises(ValueError, match="torch backend"):
-        onnx_pipe.analyze(files[0], explain="saliency", allow_ood=True)
+    with pytest.raises(ValueError, match="'gradcam' needs gradients without a graph: use the torch backend"):
+        onnx_pipe.analyze(files[0], explain="gradcam", allow_ood=True)
+
+
+def _same_map(got, ref):
+    """The saliency graph's map rule (:func:`cxrbench.export.gradient.saliency_parity`): at most
+    MAP_OUTSIDE_SHARE of the pixels further than 1e-4 of the map's maximum from PyTorch's."""
+    from cxrbench.export.gradient import MAP_OUTSIDE_SHARE
+
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    diff = np.abs(got.astype(np.float64) - ref) / max(float(np.abs(ref).max()), 1e-12)
+    assert np.mean(diff > 1e-4) <= MAP_OUTSIDE_SHARE, np.mean(diff > 1e-4)
+
+
+def test_onnx_runtime_saliency_gives_torchs_report_from_one_run_per_image(exported, files, monkeypatch):
+    """saliency.onnx in the pipeline: the same probabilities and maps as the torch Pipeline (summed, one finding,
+    per finding), the logits and the summed map of a report from one ONNX Runtime run."""
+    torch_pipe = Pipeline.from_paths(exported / "clf", ood=exported / "ood")
+    onnx_pipe = pipeline_from_export(exported / "onnx", threads=1)
+    backend = onnx_pipe.classifier_backend
+    assert backend.explain_methods == ("cam", "saliency", "saliency_per_finding")
+    runs: list[np.ndarray] = []
+    graph = backend.saliency("saliency", normalize="minmax").graph
+    real = graph.gradient
+    monkeypatch.setattr(graph, "gradient", lambda x, w: runs.append(w) or real(x, w))
+    monkeypatch.setattr(backend, "outputs", lambda x: pytest.fail("classifier.onnx ran: not one pass"))
+    for f in files[:4]:
+        a = torch_pipe.analyze(f, explain="saliency", allow_ood=True)
+        runs.clear()
+        b = onnx_pipe.analyze(f, explain="saliency", allow_ood=True)
+        assert len(runs) == 1 and (runs[0] == 1).all()  # logits and map from one run, every finding weighted 1
+        np.testing.assert_allclose(b.raw, a.raw, atol=1e-5)
+        np.testing.assert_allclose(b.calibrated, a.calibrated, atol=1e-5)  # NaN for Hernia in both
+        assert b.map_labels == a.map_labels == ["all findings"] and b.maps.shape == (1, 64, 64)
+        _same_map(b.maps, a.maps)
+        assert b.maps.min() == 0.0 and b.maps.max() == 1.0  # min-max normalised as the torch explainer's
+        one = onnx_pipe.explain(b, "saliency", "Effusion")  # one finding: a one-hot weight
+        assert one.map_labels == ["Effusion"] and (runs[-1] == np.eye(14)[NIH_FINDINGS.index("Effusion")]).all()
+        _same_map(one.maps, torch_pipe.explain(a, "saliency", "Effusion").maps)
+        assert np.abs(one.maps - b.maps).max() > 0.1  # really another map than the summed one
+        each = onnx_pipe.analyze(f, explain="saliency_per_finding", targets=["Mass", "Effusion"], allow_ood=True)
+        ref = torch_pipe.analyze(f, explain="saliency_per_finding", targets=["Mass", "Effusion"], allow_ood=True)
+        assert each.map_labels == ref.map_labels == ["Mass", "Effusion"]
+        _same_map(each.maps, ref.maps)
+    x = torch_pipe.model_inputs(np.stack([torch_pipe.analyze(f, explain=None).image for f in files[:3]]))
+    per_image = [[0, 0, 3], [1, 2, 2], [5, 6, 7]]  # a batch, per-image targets, one output chosen twice
+    reference = torch_pipe.classifier_backend.explain(x, "saliency", per_image)
+    _same_map(backend.explain(x, "saliency", per_image), reference)
+    with pytest.raises(ValueError, match=r"takes one image of shape \(1, 1, 64, 64\), got \(1, 1, 32, 32\)"):
+        backend.explain(torch.zeros(1, 1, 32, 32), "saliency")
 
 
 def test_cli_predict_and_analyze_with_backend_onnx_match_torch(exported, files, tmp_path, monkeypatch):

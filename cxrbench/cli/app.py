@@ -112,8 +112,8 @@ def add_app_commands(sub: Subcommands) -> None:
     q.add_argument("files", nargs="+")
     q.add_argument("--out", required=True, help=f"folder for analysis.csv and overlays/<stem>.png ({OUTPUT_NAMING})")
     q.add_argument("--explain", default="saliency", choices=("none", *EXPLAINERS),
-                   help="explanation method for the overlays, or 'none' (ONNX Runtime explains with cam only: with "
-                        "--backend auto a gradient method keeps the classifier in PyTorch)")
+                   help="explanation method for the overlays, or 'none' (ONNX Runtime explains with cam and "
+                        "saliency: with --backend auto another gradient method keeps the classifier in PyTorch)")
     q.add_argument("--allow-ood", action="store_true",
                    help="give probabilities for rejected images too (not for images too small to see anything)")
     q.add_argument("--min-side", type=positive_int, default=None,

@@ -10,6 +10,12 @@ An entry is trusted only when :func:`entry_problem` finds nothing wrong: its ``e
 cxrbench version and the same cards, and every graph it needs is there with the size and SHA-256 the manifest
 recorded. Anything else (a missing or edited file, an older export) is exported again, not used.
 
+The saliency graph (``saliency.onnx``, forward + input gradient) is exported when a caller needs it
+(``saliency=True``: a report with Chester's saliency on ONNX Runtime); an entry without it is then exported again,
+with it. When the gradient export or its parity check fails, the entry keeps the forward graphs and records the
+reason in ``export.json`` (``failed_graphs``), so the failure is not retried on every use and the caller can say
+why saliency runs in PyTorch.
+
 Concurrent first uses (two ``cxrbench predict`` runs, several dashboard kernels) are serialised by a lock file
 per entry (``onnx/.locks/<key>.lock``, :mod:`filelock`): the second waits for the first and then uses its export.
 The export itself is written to a temporary folder and renamed into place
@@ -50,9 +56,10 @@ def cache_key(kind: str, cards: Mapping[str, str]) -> str:
 
 
 def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping[str, str]) -> str | None:
-    """Why the export folder ``path`` cannot be trusted to hold ``graphs`` (``"classifier"``, ``"cam"``, ``"ood"``)
-    of bundles whose cards have the fingerprints ``cards`` (role -> :func:`~cxrbench.export.onnx.card_fingerprint`);
-    None when it can. :data:`NOT_EXPORTED` for no folder."""
+    """Why the export folder ``path`` cannot be trusted to hold ``graphs`` (``"classifier"``, ``"cam"``, ``"ood"``,
+    ``"saliency"``) of bundles whose cards have the fingerprints ``cards`` (role ->
+    :func:`~cxrbench.export.onnx.card_fingerprint`); None when it can. :data:`NOT_EXPORTED` for no folder. A graph
+    whose export failed (``failed_graphs`` of the manifest, with the reason) counts as there: it is not retried."""
     path = Path(path)
     if not path.exists():
         return NOT_EXPORTED
@@ -67,7 +74,10 @@ def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping
                f"this is {__version__}"
     if manifest.get("card_sha256") != dict(cards):
         return "exported from another card or other weights than the bundle's"
+    failed = manifest.get("failed_graphs") or {}
     for graph in graphs:
+        if graph in failed:
+            continue
         info = (manifest.get("graphs") or {}).get(graph) or {}
         name = info.get("file", GRAPH_FILES[graph])
         file = path / name
@@ -79,9 +89,12 @@ def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping
 
 
 def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike | None = None, *,
-                  cache_dir: str | os.PathLike | None = None, announce: Callable[[str], None] | None = None) -> Path:
+                  cache_dir: str | os.PathLike | None = None, announce: Callable[[str], None] | None = None,
+                  saliency: bool = False) -> Path:
     """The cache folder holding the parity-checked export of ``classifier`` (+ ``ood``), or of ``ood`` alone when
     ``classifier`` is None; exported now when the entry is missing or untrusted (:func:`entry_problem`).
+    ``saliency``: the entry must also hold the classifier's ``saliency.onnx`` or the recorded reason why its export
+    failed (see the module doc); an entry exported without it is exported again.
 
     ``announce`` is called with one line before an export starts (what, where, why). Export failures
     (:class:`~cxrbench.export.onnx.ParityError`, an unsupported model, no onnxruntime) propagate; nothing is
@@ -92,7 +105,8 @@ def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike |
     roles = {"classifier": classifier, "ood": ood}
     cards = {role: card_fingerprint(read_card(path)) for role, path in roles.items() if path is not None}
     kind = "models" if classifier is not None else "gate"
-    graphs = (["classifier", "cam"] if classifier is not None else []) + (["ood"] if ood is not None else [])
+    graphs = (["classifier", "cam"] + (["saliency"] if saliency else []) if classifier is not None else []) + (
+        ["ood"] if ood is not None else [])
     root = onnx_cache_dir(cache_dir)
     out = root / cache_key(kind, cards)
     if entry_problem(out, graphs, cards) is None:
@@ -107,13 +121,14 @@ def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike |
         if announce is not None:
             what = " and ".join(str(p) for p in roles.values() if p is not None)
             why = "first use" if problem == NOT_EXPORTED else f"the cached export is not trusted: {problem}"
-            announce(f"exporting {what} to ONNX in {out} ({why}; parity-checked, once) ...")
+            graph = " with the saliency graph" if saliency and classifier is not None else ""
+            announce(f"exporting {what} to ONNX{graph} in {out} ({why}; parity-checked, once) ...")
         if out.exists():
             shutil.rmtree(out)
         if classifier is not None:
             export_models(load_bundle(classifier, kind="classifier"), out,
                           load_bundle(ood, kind="ood") if ood is not None else None, replace=False,
-                          saliency=False)  # the ONNX backend needs no gradient graph
+                          saliency="optional" if saliency else False)
         else:
             export_gate(load_bundle(ood, kind="ood"), out, replace=False)  # type: ignore[arg-type]
     return out

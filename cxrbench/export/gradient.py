@@ -8,14 +8,21 @@ never sees the backward. What works:
 1. :func:`torch.fx.experimental.proxy_tensor.make_fx` traces the whole function -- forward, then
    ``torch.autograd.grad`` -- into a graph of plain ATen operators, with a decomposition table that turns
    every backward operator into forward ones: ``convolution_backward`` (input gradient only) into a
-   transposed convolution, ``avg_pool2d_backward`` into a depthwise transposed convolution with a
+   convolution with the kernel flipped and its channel axes swapped where the stride is 1 (the same sums; ONNX
+   Runtime's Conv is faster than its ConvTranspose: ResNet18 224 px 136 vs 172 ms a run), else a transposed
+   convolution, ``avg_pool2d_backward`` into a depthwise transposed convolution with a
    ``1 / (kh kw)`` kernel (neither has a decomposition in torch, and the ONNX exporter has no translation:
    "No ONNX function found for <OpOverload(op='aten.convolution_backward', overload='default')>", the same for
    ``aten.avg_pool2d_backward``), and torch's own decompositions for ``threshold_backward`` (ReLU mask),
    ``native_batch_norm_backward`` (BN in eval: a per-channel scale); ``max_pool2d_with_indices_backward``
    recomputes PyTorch's first-maximum rule from the input (:func:`_max_pool2d_backward`: ties are common in
-   radiographs and ONNX does not fix which tied position MaxPool's indices name);
-2. the dynamo ONNX exporter (onnxscript) converts that graph: Conv, ConvTranspose, Where, ScatterElements, ...
+   radiographs and ONNX does not fix which tied position MaxPool's indices name). Eval-mode batch norms are
+   traced as the per-channel affine map they compute (in the operations of torch's own decomposition, so the
+   rounding is the same): their traced backward was ~25 operators a layer, two thirds of DenseNet-121's graph;
+2. the TorchScript-based ONNX exporter converts that graph of plain ATen operators: Conv, ConvTranspose, Where,
+   ... (the dynamo exporter gives the same graph, but re-traces and re-decomposes it first and then runs
+   onnxscript's optimizer: for DenseNet-121 at 224 px 222 s + 214 s against 23 s for this one, make_fx 39 s ->
+   27 s, on a loaded 2-core CPU, with the same ONNX Runtime speed and maps).
 
 The graph (``saliency.onnx``) has a fixed batch of 1 (the trace bakes shapes in; the browser analyses one
 image at a time):
@@ -72,6 +79,14 @@ def _convolution_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: tor
         raise NotImplementedError("only the input gradient of a plain 2-D convolution is decomposed "
                                   f"(transposed={transposed}, output_mask={list(output_mask)})")
     extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if groups == 1 and all(s == 1 for s in stride) and not any(extra):
+        # stride 1: the same sums as a plain convolution with the kernel flipped and its channel axes swapped
+        # (ONNX Runtime's Conv is several times faster than its ConvTranspose)
+        pad = [dilation[i] * (weight.shape[2 + i] - 1) - padding[i] for i in range(2)]
+        if all(p >= 0 for p in pad):
+            flipped = weight.transpose(0, 1).flip(2, 3).contiguous()
+            grad_in = _aten.convolution.default(grad_out, flipped, None, [1, 1], pad, dilation, False, [0, 0], 1)
+            return grad_in, None, None
     grad_in = _aten.convolution.default(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
     return grad_in, None, None
 
@@ -136,6 +151,47 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
     return table
 
 
+class _ChannelAffine(nn.Module):
+    """An eval-mode ``BatchNorm2d`` as the per-channel affine map it computes, in the operations of torch's own
+    decomposition (``(x - mean) * rsqrt(var + eps) * weight + bias``: the same rounding as before the swap)."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        assert bn.running_mean is not None and bn.running_var is not None  # eval statistics (checked by the caller)
+        n = bn.num_features
+        with torch.no_grad():
+            stats = {"mean": bn.running_mean, "invstd": torch.rsqrt(bn.running_var + bn.eps),
+                     "weight": bn.weight if bn.weight is not None else torch.ones(n),
+                     "bias": bn.bias if bn.bias is not None else torch.zeros(n)}
+        for name, value in stats.items():
+            self.register_buffer(name, value.detach().reshape(1, -1, 1, 1).clone())
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.invstd * self.weight + self.bias
+
+
+def _batch_norms_as_affine(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with every eval-mode ``BatchNorm2d`` replaced by :class:`_ChannelAffine`.
+
+    The traced batch-norm forward and backward (``native_batch_norm_backward``'s decomposition) are ~25 ATen
+    operators per layer, most of the graph of a DenseNet-121 (120 of them), and every later stage (the exporter's
+    re-trace and decompositions) pays per operator; the affine form is two, its input gradient one multiply.
+    """
+    import copy
+
+    net = copy.deepcopy(net)
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and child.track_running_stats and child.running_var is not None:
+                setattr(module, child_name, _ChannelAffine(child))
+    return net
+
+
 class _SaliencyFunction(nn.Module):
     """``(x, w) -> logits, probabilities, calibrated, saliency`` of a classifier graph module (eager, for tracing)."""
 
@@ -155,24 +211,20 @@ class _SaliencyFunction(nn.Module):
 def gradient_program(calibrated_classifier: nn.Module, channels: int, size: int, n_outputs: int) -> nn.Module:
     """The traced forward + input-gradient graph (an ``fx.GraphModule`` of forward ATen operators only).
 
-    ``calibrated_classifier``: :class:`cxrbench.export.onnx.CalibratedClassifier` (``cam=False``); its model's
-    in-place ReLUs are switched off for the trace and restored after. Inputs as in the module doc.
+    ``calibrated_classifier``: :class:`cxrbench.export.onnx.CalibratedClassifier` (``cam=False``), traced as a copy
+    with in-place ReLUs off and eval-mode batch norms as per-channel affine maps (:func:`_batch_norms_as_affine`).
+    Inputs as in the module doc.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from cxrbench.explain.base import prepared_model
 
-    net = calibrated_classifier.eval()
-    frozen = [p for p in net.parameters() if p.requires_grad]
-    for p in frozen:
+    net = _batch_norms_as_affine(calibrated_classifier.eval())  # a copy: the caller's model is left as it is
+    for p in net.parameters():
         p.requires_grad_(False)  # only the input gradient: no weight gradients in the graph
-    try:
-        with prepared_model(net):
-            example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
-            program = make_fx(_SaliencyFunction(net), decomposition_table=_decompositions())(*example)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with prepared_model(net):
+        example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
+        program = make_fx(_SaliencyFunction(net), decomposition_table=_decompositions())(*example)
     bad = sorted({str(n.target) for n in program.graph.nodes
                   if n.op == "call_function" and "backward" in str(n.target)})
     if bad:
@@ -203,20 +255,19 @@ def saliency_reference(model: nn.Module, x: torch.Tensor, weights: np.ndarray) -
 
 def write_saliency_onnx(program: nn.Module, channels: int, size: int, n_outputs: int, path: Path, *,
                         opset: int) -> None:
-    """Write the traced program (:func:`gradient_program`) to ``path`` with the dynamo exporter (opset >= 18)."""
-    import logging
+    """Write the traced program (:func:`gradient_program`) to ``path`` (opset >= 18).
 
+    The TorchScript-based exporter (``dynamo=False``) converts the graph of plain ATen operators directly; the
+    dynamo exporter re-traces and re-decomposes it first (DenseNet-121: ~220 s and another ~210 s in
+    onnxscript's optimizer on a loaded 2-core CPU, against seconds), for the same operators and the same maps.
+    No constant folding: the flipped kernels of :func:`_convolution_backward` stay ``Transpose``/``Slice`` of the
+    forward's weights (ONNX Runtime folds them when it loads the graph), so the file holds each weight once.
+    """
     example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(program.train(False), example, str(path), dynamo=True, opset_version=max(18, opset),
-                              input_names=["x", "w"], output_names=list(SALIENCY_OUTPUTS), external_data=False)
-    finally:
-        quiet.setLevel(level)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program.train(False), example, str(path), dynamo=False, opset_version=max(18, opset),
+                          input_names=["x", "w"], output_names=list(SALIENCY_OUTPUTS), do_constant_folding=False)
 
 
 def saliency_parity(session: Any, model: nn.Module, x: torch.Tensor, *, tolerance: float) -> list[dict[str, Any]]:

@@ -366,9 +366,10 @@ def _saliency_graph(classifier: Bundle, path: Path, *, opset: int) -> dict[str, 
     return entry
 
 
-def _write_graphs(classifier: Bundle, ood: Bundle | None, tmp: Path, *, opset: int, saliency: bool
-                  ) -> dict[str, dict[str, Any]]:
-    """Every graph of an export into ``tmp``; their manifest entries by graph kind."""
+def _write_graphs(classifier: Bundle, ood: Bundle | None, tmp: Path, *, opset: int, saliency: bool | str,
+                  failed: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every graph of an export into ``tmp``; their manifest entries by graph kind. With ``saliency="optional"``
+    a failing gradient export is recorded in ``failed`` (graph -> reason) instead of raised."""
     pp = classifier.preprocess
     example = torch.randn(2, pp.channels, pp.size, pp.size)
     graphs = {}
@@ -378,7 +379,13 @@ def _write_graphs(classifier: Bundle, ood: Bundle | None, tmp: Path, *, opset: i
         graphs[graph] = _export_graph(module, example, tmp / GRAPH_FILES[graph], outputs, graph=graph,
                                       card=classifier.card, opset=opset)
     if saliency:
-        graphs["saliency"] = _saliency_graph(classifier, tmp / GRAPH_FILES["saliency"], opset=opset)
+        try:
+            graphs["saliency"] = _saliency_graph(classifier, tmp / GRAPH_FILES["saliency"], opset=opset)
+        except Exception as exc:  # an operator without a decomposition, an exporter failure: torch explains instead
+            if saliency != "optional":
+                raise
+            failed["saliency"] = failure_reason(exc)
+            (tmp / GRAPH_FILES["saliency"]).unlink(missing_ok=True)
     if ood is not None:
         example64 = torch.rand(2, 1, ood.preprocess.size, ood.preprocess.size)
         graphs["ood"] = _export_graph(OODGraph(ood.model.eval()), example64, tmp / GRAPH_FILES["ood"], OOD_OUTPUTS,
@@ -404,12 +411,31 @@ def _move_into_place(tmp: Path, out: Path, *, replace: bool) -> None:
             raise
 
 
+def failure_reason(exc: BaseException) -> str:
+    """``"Type: first line of the message"``: why an export failed, for a manifest or a warning."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def _check_parity(parity: pd.DataFrame, what: str, n_images: int) -> None:
     failed = parity[~parity["passed"]]
     if len(failed):
         worst = "; ".join(f"{r.graph}/{r.output}: max |diff| {r.max_abs_diff:.3g} > {r.tolerance:.3g} "
                           f"on {r.outside_tolerance:.2%} of the values" for r in failed.itertuples())
         raise ParityError(f"ONNX export of {what} fails the parity check on {n_images} images: {worst}")
+
+
+def _drop_failed_saliency(parity: pd.DataFrame, tmp: Path, what: str, n_images: int, graphs: dict[str, Any],
+                          failed: dict[str, str]) -> pd.DataFrame:
+    """``saliency="optional"``: a saliency graph that fails its parity rows is removed from ``tmp`` and
+    ``graphs`` and its reason recorded in ``failed``; the rows stay in the table (they show the failure)."""
+    rows = parity["graph"] == "saliency"
+    try:
+        _check_parity(parity[rows], what, n_images)
+    except ParityError as exc:
+        failed["saliency"] = failure_reason(exc)
+        graphs.pop("saliency", None)
+        (tmp / GRAPH_FILES["saliency"]).unlink(missing_ok=True)
+    return parity[~rows]
 
 
 def _check_opset(opset: int) -> None:
@@ -437,7 +463,7 @@ def _finish_export(tmp: Path, out: Path, manifest: dict[str, Any], parity: pd.Da
 
 def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None = None, *,
                   images: Sequence[Any] | None = None, tolerance: float = 1e-4, opset: int = DEFAULT_OPSET,
-                  threads: int | None = None, replace: bool = True, saliency: bool = True) -> ExportResult:
+                  threads: int | None = None, replace: bool = True, saliency: bool | str = True) -> ExportResult:
     """Export a classifier bundle (and an OOD bundle) to ONNX in ``out`` and check parity.
 
     Parameters
@@ -450,7 +476,9 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
     replace : False keeps an ``out`` that another writer completed while this export ran (see
         :func:`_move_into_place`); the result then describes this export, which was discarded.
     saliency : also write ``saliency.onnx`` (forward + input gradient; its maps are held to ``tolerance``
-        relative to their maximum). DenseNet-121 at 224 px takes a few minutes to trace and convert.
+        relative to their maximum). ``"optional"`` (the cache of :mod:`cxrbench.export.cache`): when the gradient
+        export or its parity check fails, the export goes on without it and ``export.json``'s ``failed_graphs``
+        says why.
 
     Raises :class:`ParityError` (and writes nothing) when ONNX Runtime disagrees with PyTorch.
     """
@@ -463,9 +491,12 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
     tmp = _atomic_dir(out)
     try:
         pp, thresholds = classifier.preprocess, _thresholds(classifier.card)
-        graphs = _write_graphs(classifier, ood, tmp, opset=opset, saliency=saliency)
+        failed: dict[str, str] = {}
+        graphs = _write_graphs(classifier, ood, tmp, opset=opset, saliency=saliency, failed=failed)
         parity = parity_check(tmp, classifier, ood, images, tolerance=tolerance, threads=threads)
-        _check_parity(parity, str(classifier.path), len(images))
+        checked = parity if saliency != "optional" else _drop_failed_saliency(
+            parity, tmp, str(classifier.path), len(images), graphs, failed)
+        _check_parity(checked, str(classifier.path), len(images))
         import onnxruntime
 
         mean, std = pp.stats()
@@ -484,6 +515,7 @@ def export_models(classifier: Bundle, out: str | os.PathLike, ood: Bundle | None
             "ood_cutoff": ood.card.ood.get("cutoff") if ood is not None else None,
             "parity": {"images": len(images), "source": image_source, "tolerance": tolerance,
                        "rows": parity.to_dict(orient="records")},
+            **({"failed_graphs": failed} if failed else {}),
         }
         _finish_export(tmp, out, manifest, parity, replace=replace)
     finally:

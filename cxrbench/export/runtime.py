@@ -5,7 +5,9 @@ the protocols of :mod:`cxrbench.inference.backend`, so the pipeline runs them ex
 the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbench.inference.pipeline.Report`.
 
 - :class:`OnnxClassifier`: ``logits(x)`` from ``classifier.onnx``; ``explain(x, "cam", ...)`` through
-  ``cam.onnx`` (:class:`OnnxCAM`). Gradient methods (saliency, Grad-CAM, IG) need the torch backend.
+  ``cam.onnx`` (:class:`OnnxCAM`); ``explain(x, "saliency", ...)`` through ``saliency.onnx`` where the export
+  has it (:class:`OnnxSaliency`: forward and input gradient in one graph). The other gradient methods
+  (Grad-CAM, IG, ...) need the torch backend.
 - :class:`OnnxOODModel`: ``score(x)`` (every OOD score and the reconstruction) from ``ood.onnx``; also
   ``latent_mean`` / ``reconstruct`` of :class:`cxrbench.ood.scoring.OODModel`.
 
@@ -14,8 +16,9 @@ the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbenc
 
 :func:`load_pipeline` accepts bundle folders (exported once to ``$CXRBENCH_CACHE/onnx/<hash>``, parity
 checked, :mod:`cxrbench.export.cache`) or a folder written by ``cxrbench export``. ``backend="auto"`` (the CLI's
-default) runs on ONNX Runtime what needs no gradients -- the classifier without a gradient explanation, the gate
-always -- and on PyTorch the rest, or a model whose export fails (one warning naming the bundle and the reason);
+default) runs on ONNX Runtime what has a graph -- the classifier without an explanation, with CAM or with Chester's
+saliency (``saliency.onnx``), the gate always -- and on PyTorch the other gradient methods, or a model whose export
+fails (one warning naming the bundle and the reason);
 :func:`load_gate` does the same for ``ood-score``, :func:`backend_note` says what ran.
 """
 
@@ -28,7 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence, cast
 
 import numpy as np
 import torch
@@ -37,19 +40,24 @@ from torch import nn
 from cxrbench._threads import interactive_threads
 from cxrbench._types import to_numpy
 from cxrbench.explain.base import TargetChooser, Targets, postprocess_maps, resize_maps, target_matrix
+from cxrbench.explain.saliency import ChesterSaliency
 from cxrbench.export.cache import cached_export
-from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, make_session, read_onnx_card
+from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, failure_reason, make_session, read_onnx_card
 from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
 from cxrbench.models.bundle import Bundle, BundleError, load_bundle, read_card
 
-__all__ = ["BACKENDS", "BACKEND_NAMES", "GRADIENT_FREE_METHODS", "BackendFallbackWarning", "ExportedModels", "OnnxCAM",
-           "OnnxClassifier", "OnnxOODModel", "backend_agreement", "backend_note", "ensure_export", "latency_table",
-           "load_export", "load_gate", "load_gate_export", "load_pipeline", "make_session", "model_backend",
-           "pipeline_from_export"]
+__all__ = ["BACKENDS", "BACKEND_NAMES", "GRADIENT_FREE_METHODS", "ONNX_METHODS", "SALIENCY_METHODS",
+           "BackendFallbackWarning", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "OnnxSaliency",
+           "OnnxSaliencyGraph", "backend_agreement", "backend_note", "ensure_export", "latency_table", "load_export",
+           "load_gate", "load_gate_export", "load_pipeline", "make_session", "model_backend", "pipeline_from_export"]
 
 #: ``--backend`` choices of the CLI: ONNX Runtime where no gradients are needed (``auto``), PyTorch, or ONNX Runtime
 BACKENDS = ("auto", "torch", "onnx")
+
+
+#: the explainers :class:`OnnxSaliency` computes from ``saliency.onnx``
+SALIENCY_METHODS = ("saliency", "saliency_per_finding")
 
 
 class _OrtGraph(nn.Module):
@@ -73,21 +81,26 @@ class _OrtGraph(nn.Module):
 
 class OnnxClassifier(_OrtGraph):
     """``classifier.onnx`` as a :class:`~cxrbench.inference.backend.ClassifierBackend`: ``(B, C, S, S)`` model
-    input -> logits ``(B, F)``; CAM maps through ``cam.onnx`` when the export has it."""
+    input -> logits ``(B, F)``; CAM maps through ``cam.onnx`` and Chester's saliency through ``saliency.onnx``
+    when the export has them (``explain_methods`` says which)."""
 
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, cam_path: str | os.PathLike | None = None, *,
-                 threads: int | None = None) -> None:
+                 saliency_path: str | os.PathLike | None = None, threads: int | None = None) -> None:
         super().__init__(path, threads)
         shape = self.session.get_inputs()[0].shape
         self.in_channels, self.image_size = int(shape[1]), int(shape[-1])
         self.num_outputs = int(self.session.get_outputs()[0].shape[1])
         self.arch = "onnx"
         self.cam_path = Path(cam_path) if cam_path else None
-        self.explain_methods: tuple[str, ...] = ("cam",) if self.cam_path else ()
+        self.saliency_path = Path(saliency_path) if saliency_path else None
+        self.explain_methods: tuple[str, ...] = (("cam",) if self.cam_path else ()) + (
+            SALIENCY_METHODS if self.saliency_path else ())
         self.threads = threads
         self._cam: _OrtGraph | None = None
+        self._saliency: OnnxSaliencyGraph | None = None
+        self.explainers: dict[tuple[tuple[str, Any], ...], OnnxSaliency] = {}
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
         """``(B, F)`` float32 logits from ``classifier.onnx``."""
@@ -105,23 +118,122 @@ class OnnxClassifier(_OrtGraph):
             self._cam = _OrtGraph(self.cam_path, self.threads)
         return self._cam.outputs(x)
 
+    def saliency(self, method: str = "saliency", **options: Any) -> OnnxSaliency:
+        """The (cached) :class:`OnnxSaliency` explainer of ``method`` (``"saliency"``: the chosen findings summed
+        in one map; ``"saliency_per_finding"``: one map each) with post-processing ``options`` (``normalize``,
+        ``sigma``, ``relu``); ``ValueError`` when the export has no ``saliency.onnx``."""
+        if self.saliency_path is None:
+            raise ValueError(f"{self.path.parent}: no saliency graph ({GRAPH_FILES['saliency']}) in this export")
+        if self._saliency is None:
+            self._saliency = OnnxSaliencyGraph(self.saliency_path, threads=self.threads)
+        key = (("method", method), *sorted(options.items()))
+        if key not in self.explainers:
+            self.explainers[key] = OnnxSaliency(self._saliency, per_finding=method == "saliency_per_finding",
+                                                **options)
+        return self.explainers[key]
+
     def explain(self, x: torch.Tensor, method: str, targets: Targets = None, **options: Any) -> np.ndarray:
-        """CAM maps ``(B, K, S, S)`` (:class:`OnnxCAM` with ``options``); other methods raise ``ValueError``."""
-        _check_cam_only(method)
+        """CAM (:class:`OnnxCAM`) or saliency (:class:`OnnxSaliency`) maps ``(B, K, S, S)`` with ``options``;
+        other methods raise ``ValueError``."""
+        self._check_method(method)
+        if method in SALIENCY_METHODS:
+            return self.saliency(method, **options)(x, targets)
         return OnnxCAM(self, **options)(x, targets)
 
     def explain_with_logits(self, x: torch.Tensor, method: str, targets: Targets | TargetChooser = None,
                             **options: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and CAM maps from one run of ``cam.onnx`` (``targets`` may be a function of the logits)."""
-        _check_cam_only(method)
+        """Logits and maps from one run of ``cam.onnx`` or ``saliency.onnx`` per image (``targets`` may be a
+        function of the logits)."""
+        self._check_method(method)
+        if method in SALIENCY_METHODS:
+            return self.saliency(method, **options).explain_with_logits(x, targets)
         logits = self.cam(x)["logits"].copy()
         return logits, OnnxCAM(self, **options)(x, targets(logits.copy()) if callable(targets) else targets)
 
+    def _check_method(self, method: str) -> None:
+        if method not in self.explain_methods:
+            graphs = " and ".join(repr(m) for m in self.explain_methods) or "nothing"
+            raise ValueError(f"{self.path.parent}: the ONNX backend explains with {graphs} here (the exported "
+                             f"graphs); {method!r} needs gradients without a graph: use the torch backend")
 
-def _check_cam_only(method: str) -> None:
-    if method != "cam":
-        raise ValueError(f"the ONNX backend explains with 'cam' only (an exported forward graph); {method!r} "
-                         "needs gradients: use the torch backend")
+
+class OnnxSaliencyGraph(_OrtGraph):
+    """``saliency.onnx`` (:mod:`cxrbench.export.gradient`): one image ``(1, C, S, S)`` and logit weights ``(1, F)``
+    -> its logits and ``max(0, sum_c d(sum_i w_i logit_i) / dx_c)`` ``(1, 1, S, S)`` from one run."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        super().__init__(path, threads)
+        x, w = self.session.get_inputs()
+        self.input_shape = tuple(int(d) for d in x.shape)
+        self.num_outputs = int(w.shape[1])
+
+    def gradient(self, x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``((1, F) logits, (1, 1, S, S) saliency)`` of one image ``x`` for the logit ``weights`` ``(F,)``."""
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"{self.path}: the saliency graph takes one image of shape {self.input_shape}, "
+                             f"got {tuple(x.shape)}")
+        logits, saliency = self.session.run(["logits", "saliency"], {
+            "x": np.ascontiguousarray(x, dtype=np.float32), "w": weights.reshape(1, -1).astype(np.float32)})
+        return logits, saliency
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch, one image per run (the ``nn.Module`` interface)."""
+        ones = np.ones(self.num_outputs, np.float32)
+        arr = to_numpy(x, name="batch")
+        return torch.from_numpy(np.concatenate([self.gradient(arr[b:b + 1], ones)[0] for b in range(len(arr))]))
+
+
+class OnnxSaliency(ChesterSaliency):
+    """:class:`cxrbench.explain.ChesterSaliency` with the forward and input gradient from ``saliency.onnx``.
+
+    Targets, ``per_finding``, the non-finite guard and the post-processing (resize, ReLU, smoothing, min-max) are
+    :class:`~cxrbench.explain.base.Explainer`'s, so maps equal the torch explainer's up to the rounding of another
+    kernel (:func:`cxrbench.export.gradient.saliency_parity`). The graph has a batch of 1: each image runs once
+    with the weights of its chosen logits (``w_i`` = how often output i is chosen; one run per finding with
+    ``per_finding``). When the targets are a function of the logits (:data:`~cxrbench.explain.base.TargetChooser`,
+    the pipeline's one-pass report) the image first runs with the weights the previous call chose (all ones at
+    first), and runs again only when the chooser picks other ones: logits and map then come from one run.
+    """
+
+    needs_gradients: ClassVar[bool] = False  # ONNX Runtime computes them: fine inside torch.inference_mode()
+
+    def __init__(self, graph: OnnxSaliencyGraph, **kwargs: Any) -> None:
+        super().__init__(graph, **kwargs)
+        self.graph = graph
+        self._guess = np.ones(graph.num_outputs, np.float32)
+
+    def _compute(self, x: torch.Tensor, targets: Targets | TargetChooser) -> torch.Tensor:
+        arr = to_numpy(x, name="batch")
+        n = self.graph.num_outputs
+        runs: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(arr)
+        chosen = callable(targets)
+        if chosen:
+            for b in range(len(arr)):
+                runs[b] = (self._guess, *self.graph.gradient(arr[b:b + 1], self._guess))
+            index = self._target_index(torch.from_numpy(np.concatenate([r[1] for r in runs if r])), targets)
+        else:
+            index = target_matrix(cast(Targets, targets), len(arr), n)
+        rows = index.numpy()
+        if self.per_finding:
+            weights = [[np.eye(n, dtype=np.float32)[i] for i in row] for row in rows]
+        else:
+            weights = [[np.bincount(row, minlength=n).astype(np.float32)] for row in rows]
+        if chosen:  # the next report's guess (explaining other findings of a report does not change it)
+            self._guess = weights[0][0]
+        maps, logits = [], []
+        for b, image_weights in enumerate(weights):
+            run = runs[b]
+            image_maps: list[np.ndarray] = []
+            for w in image_weights:
+                if run is None or not np.array_equal(run[0], w):
+                    run = (w, *self.graph.gradient(arr[b:b + 1], w))
+                if not image_maps:
+                    logits.append(run[1][0])
+                image_maps.append(run[2][0, 0])
+            maps.append(np.stack(image_maps))
+        if self._logits is None:
+            self._logits = np.stack(logits).astype(np.float32)
+        return torch.from_numpy(np.stack(maps))
 
 
 class OnnxOODModel(_OrtGraph):
@@ -197,8 +309,9 @@ def load_export(path: str | os.PathLike, *, threads: int | None = None) -> Expor
                          "run 'cxrbench export' first")
     manifest = json.loads((path / MANIFEST).read_text())
     card, _ = read_onnx_card(path / GRAPH_FILES["classifier"])
-    cam = path / GRAPH_FILES["cam"]
-    model = OnnxClassifier(path / GRAPH_FILES["classifier"], cam if cam.is_file() else None, threads=threads)
+    cam, saliency = path / GRAPH_FILES["cam"], path / GRAPH_FILES["saliency"]
+    model = OnnxClassifier(path / GRAPH_FILES["classifier"], cam if cam.is_file() else None,
+                           saliency_path=saliency if saliency.is_file() else None, threads=threads)
     classifier = Bundle(model, card, path)
     ood = None
     if (path / GRAPH_FILES["ood"]).is_file():
@@ -208,13 +321,15 @@ def load_export(path: str | os.PathLike, *, threads: int | None = None) -> Expor
 
 
 def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None = None, *,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+                  cache_dir: str | os.PathLike | None = None, progress: bool = False, saliency: bool = False
+                  ) -> Path:
     """An export folder for ``classifier`` (+ ``ood``): the folder itself if it is one, else a cached export.
 
     Bundle folders are exported (with the parity check) once into ``cache_dir`` (default
     ``$CXRBENCH_CACHE/onnx``), keyed by the weights' SHA-256 and the cxrbench version; an entry that is
     incomplete or does not match its checksums is exported again (:func:`cxrbench.export.cache.cached_export`).
-    With ``progress`` the export is announced on stderr.
+    With ``progress`` the export is announced on stderr; with ``saliency`` the entry must hold ``saliency.onnx``
+    (a failure of the gradient export raises).
     """
     classifier = Path(classifier)
     if (classifier / MANIFEST).is_file():
@@ -222,7 +337,13 @@ def ensure_export(classifier: str | os.PathLike, ood: str | os.PathLike | None =
             raise ValueError(f"{classifier} is already an ONNX export; export the OOD bundle into it instead of "
                              "passing --ood")
         return classifier
-    return cached_export(classifier, ood, cache_dir=cache_dir, announce=_to_stderr if progress else None)
+    path = cached_export(classifier, ood, cache_dir=cache_dir, announce=_to_stderr if progress else None,
+                         saliency=saliency)
+    failed = json.loads((path / MANIFEST).read_text()).get("failed_graphs") or {}
+    if saliency and "saliency" in failed:
+        raise ValueError(f"{classifier}: the saliency graph did not export ({failed['saliency']}); use "
+                         "--backend auto or torch for saliency")
+    return path
 
 
 def _to_stderr(line: str) -> None:
@@ -233,8 +354,8 @@ def pipeline_from_export(path: str | os.PathLike, *, unet: str | os.PathLike | N
                          threads: int | None = None) -> Pipeline:
     """A :class:`~cxrbench.inference.pipeline.Pipeline` on an export folder's graphs (ONNX Runtime, CPU).
 
-    Explanations: ``"cam"`` only (the exported forward graph); other methods raise ``ValueError``. A lung
-    U-Net bundle (``unet``) runs in PyTorch.
+    Explanations: ``"cam"`` and, where the export has ``saliency.onnx``, ``"saliency"``; other methods raise
+    ``ValueError``. A lung U-Net bundle (``unet``) runs in PyTorch.
     """
     models = load_export(path, threads=threads)
     return Pipeline(models.classifier, models.ood, load_bundle(unet, kind="segmentation") if unet else None)
@@ -252,8 +373,10 @@ def load_gate_export(path: str | os.PathLike, *, threads: int | None = None, bun
     return Bundle(OnnxOODModel(graph, threads=threads), card, Path(bundle) if bundle else path)
 
 
-#: the explanation methods the ONNX Runtime classifier computes (None: no explanation)
+#: the explanation methods the ONNX Runtime classifier computes without gradients (None: no explanation)
 GRADIENT_FREE_METHODS: tuple[str | None, ...] = (None, "cam")
+#: ... and with them, where the export has the gradient graph (``saliency.onnx``)
+ONNX_METHODS: tuple[str | None, ...] = (*GRADIENT_FREE_METHODS, *SALIENCY_METHODS)
 #: the names of :attr:`ClassifierBackend.name <cxrbench.inference.backend.ClassifierBackend.name>` in output text
 BACKEND_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 
@@ -287,7 +410,7 @@ def _try_onnx(bundle: str | os.PathLike, load: Callable[[], Bundle], warn: Calla
     except BundleError:
         raise
     except Exception as exc:  # ParityError, an unsupported model, a broken onnxruntime: torch is the reference
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = failure_reason(exc)
         warn(f"{bundle}: ONNX Runtime is not used ({reason}); running it in PyTorch instead")
         return None
 
@@ -304,8 +427,8 @@ def _onnxruntime_missing(bundles: Sequence[str | os.PathLike | None], warn: Call
 def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None, unet: str | os.PathLike | None,
                    *, explain: str | None, threads: int | None, progress: bool,
                    warn: Callable[[str], None]) -> Pipeline:
-    """ONNX Runtime for what needs no gradients (the classifier unless ``explain`` needs them; the gate), PyTorch
-    for the rest and for anything whose export or session fails (one ``warn`` per bundle)."""
+    """ONNX Runtime for what has a graph (the classifier when ``explain`` is None, CAM or saliency; the gate),
+    PyTorch for the rest and for anything whose export or session fails (one ``warn`` per bundle)."""
     announce = _to_stderr if progress else None
     threads = _ort_threads(threads)
     _check_kind(classifier, "classifier")
@@ -313,14 +436,20 @@ def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None,
         _check_kind(ood, "ood")
     no_ort = _onnxruntime_missing([classifier, ood], warn)
     clf: Bundle | None = None
-    if explain not in GRADIENT_FREE_METHODS:
+    if explain not in ONNX_METHODS:
         reason = f"{explain} needs gradients"
     elif no_ort:
         reason = "onnxruntime is not installed"
     else:
+        saliency = explain in SALIENCY_METHODS
         clf = _try_onnx(classifier, lambda: replace(load_export(
-            cached_export(classifier, announce=announce), threads=threads).classifier, path=Path(classifier)), warn)
+            cached_export(classifier, announce=announce, saliency=saliency), threads=threads).classifier,
+            path=Path(classifier)), warn)
         reason = "" if clf is not None else "its ONNX export failed"
+        if clf is not None and explain is not None and explain not in clf.model.explain_methods:  # type: ignore[operator]
+            why = _missing_graph_reason(clf, explain)
+            warn(f"{classifier}: ONNX Runtime is not used for {explain} ({why}); running it in PyTorch instead")
+            clf, reason = None, f"its {explain} graph did not export"
     gate: Bundle | None = None
     if ood is not None and not no_ort:
         gate = _try_onnx(ood, lambda: load_gate_export(cached_export(None, ood, announce=announce), threads=threads,
@@ -332,6 +461,16 @@ def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None,
     return pipe
 
 
+def _missing_graph_reason(classifier: Bundle, method: str | None) -> str:
+    """Why an export folder has no graph for ``method``: the failure its manifest recorded, else "not exported"."""
+    path = Path(str(getattr(classifier.model, "path", classifier.path))).parent
+    try:
+        failed = json.loads((path / MANIFEST).read_text()).get("failed_graphs") or {}
+    except (OSError, ValueError):
+        failed = {}
+    return str(failed.get(method) or f"{path} has no {method} graph")
+
+
 def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None = None,
                   unet: str | os.PathLike | None = None, *, backend: str = "torch", device: str = "cpu",
                   threads: int | None = None, progress: bool = False, explain: str | None = "saliency",
@@ -339,13 +478,17 @@ def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     """The pipeline of bundle folders on ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime) or ``"auto"``.
 
     - ``"onnx"``: ``classifier`` may also be an export folder; bundle folders are exported once into the cache
-      (:func:`ensure_export`, parity-checked); export failures raise. ``device`` must be ``"cpu"``.
-    - ``"auto"``: ONNX Runtime where no gradients are needed -- the classifier when ``explain`` (the method the
-      caller will ask :meth:`~cxrbench.inference.pipeline.Pipeline.analyze` for) is None or ``"cam"``, and the OOD
-      gate always -- PyTorch otherwise, and PyTorch for a model whose export, parity check or session fails, after
-      one ``warn`` (default: a :class:`BackendFallbackWarning`) naming the bundle and the reason. On a
-      ``device`` other than the CPU everything runs in PyTorch. ``pipeline.backend_reason`` says why the classifier
-      runs in PyTorch (``""`` when it does not); :func:`backend_note` puts it into words.
+      (:func:`ensure_export`, parity-checked, with the saliency graph when ``explain`` is ``"saliency"``); export
+      failures raise. ``device`` must be ``"cpu"``.
+    - ``"auto"``: ONNX Runtime where there is a graph -- the classifier when ``explain`` (the method the caller
+      will ask :meth:`~cxrbench.inference.pipeline.Pipeline.analyze` for) is None, ``"cam"`` or ``"saliency"``
+      (``saliency.onnx``: forward and input gradient in one graph), and the OOD gate always -- PyTorch otherwise,
+      and PyTorch for a model whose export, parity check or session fails, after one ``warn`` (default: a
+      :class:`BackendFallbackWarning`) naming the bundle and the reason; a saliency graph that failed to export
+      or its parity check leaves the forward graphs in the cache and the classifier in PyTorch (one ``warn``
+      with the recorded reason). On a ``device`` other than the CPU everything runs in PyTorch.
+      ``pipeline.backend_reason`` says why the classifier runs in PyTorch (``""`` when it does not);
+      :func:`backend_note` puts it into words.
 
     ``threads``: ONNX Runtime's intra-op threads; default the interactive choice of :mod:`cxrbench._threads` (the
     free cores, ``$CXRBENCH_THREADS``). ``progress`` announces a first-use export on stderr.
@@ -363,8 +506,9 @@ def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None =
                               warn=warn or _warn_fallback)
     if str(device) != "cpu":
         raise ValueError(f"the ONNX Runtime backend runs on the CPU; got device={device!r}")
-    return pipeline_from_export(ensure_export(classifier, ood, progress=progress), unet=unet,
-                                threads=_ort_threads(threads))
+    return pipeline_from_export(ensure_export(classifier, ood, progress=progress,
+                                              saliency=explain in SALIENCY_METHODS),
+                                unet=unet, threads=_ort_threads(threads))
 
 
 def load_gate(ood: str | os.PathLike, *, backend: str = "torch", threads: int | None = None, progress: bool = False,

@@ -249,7 +249,7 @@ class Pipeline:
         if min_side is not None:
             self.guard = replace(self.guard, min_side=int(min_side))
         #: why the classifier runs on its backend when a chooser picked it (``backend="auto"`` of
-        #: :func:`cxrbench.export.runtime.load_pipeline`: "saliency needs gradients"); ``""`` otherwise
+        #: :func:`cxrbench.export.runtime.load_pipeline`: "gradcam needs gradients"); ``""`` otherwise
         self.backend_reason = ""
         self.findings = classifier.labels
         #: outputs the weights never trained (card ``untrained``): NaN probabilities, never explained

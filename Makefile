@@ -56,11 +56,13 @@ test-fast: venv
 
 # The dashboard on the demo bundles (trained by `cxrbench demo prepare` on $$CXRBENCH_DATA, default
 # ../shared/data/cxr, else synthetic phantoms; cached in build/demo), served by Voila on 127.0.0.1.
+# COUNTERFACTUAL=1 also trains the Latent Shift autoencoder (once; about 2 min more) for the counterfactual panel.
+DEMO_FLAGS = $(if $(COUNTERFACTUAL),--counterfactual)
 demo: venv
-	$(VENV)/bin/cxrbench demo serve --port $(PORT)
+	$(VENV)/bin/cxrbench demo serve --port $(PORT) $(DEMO_FLAGS)
 
 demo-prepare: venv
-	$(VENV)/bin/cxrbench demo prepare
+	$(VENV)/bin/cxrbench demo prepare $(DEMO_FLAGS)
 
 bundles: venv
 	$(VENV)/bin/cxrbench bundles prepare

@@ -84,6 +84,46 @@ def test_refused_without_an_autoencoder_or_at_another_resolution():
         ConvAutoencoder(image_size=40)
 
 
+class _MinusOneOne(nn.Module):
+    """An autoencoder on [-1, 1] (input and output): the same network as ``_autoencoder()`` on another scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _autoencoder()
+        self.image_size = SIDE
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode((x + 1) / 2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(z) * 2 - 1
+
+
+def test_the_autoencoders_scale_comes_from_its_preprocess_and_mismatches_name_both_models():
+    from cxrbench.explain.latent_shift import ScaleMismatchError, check_scales
+
+    xrv = Preprocess(size=SIDE, normalize="xrv")  # a torchxrayvision classifier's [-1024, 1024]
+    unit = _image()
+    x = torch.from_numpy(xrv.normalize_array(unit.numpy()))
+    plain = LatentShift(_classifier(), autoencoder=_autoencoder(), preprocess=xrv, n_frames=3).counterfactual(x, 1)
+    other = LatentShift(_classifier(), autoencoder=_MinusOneOne(), preprocess=xrv, n_frames=3,
+                        autoencoder_preprocess=Preprocess(size=SIDE, normalize="minus1_1")).counterfactual(x, 1)
+    np.testing.assert_allclose(other.frames, plain.frames, atol=1e-5)
+    np.testing.assert_allclose(other.probabilities, plain.probabilities, atol=1e-5)
+    with torch.no_grad():  # the probabilities are the classifier's on its own scale, not on the [0, 1] frames
+        p = torch.sigmoid(_classifier()(torch.from_numpy(xrv.normalize_array(plain.frames[:, None])))[:, 1]).numpy()
+    np.testing.assert_allclose(plain.probabilities, p, atol=1e-5)
+    wrong = LatentShift(_classifier(), autoencoder=_MinusOneOne(), preprocess=xrv, n_frames=3).counterfactual(x, 1)
+    assert np.abs(wrong.frames - plain.frames).max() > 1e-2  # [-1, 1] taken for [0, 1]: other frames
+    with pytest.raises(ScaleMismatchError, match=r"ae/ \(autoencoder\) and clf/ \(classifier\): .* differs in "
+                                                 r"equalize \(hist vs none\); .*--like clf/"):
+        check_scales(xrv, Preprocess(size=SIDE, equalize="hist", normalize="zero_one"), classifier_name="clf/",
+                     autoencoder_name="ae/")
+    with pytest.raises(ScaleMismatchError, match="channels \\(3: an autoencoder of one grey channel"):
+        LatentShift(_classifier(), autoencoder=_autoencoder(), preprocess=xrv,
+                    autoencoder_preprocess=Preprocess(size=SIDE, normalize="imagenet", channels=3))
+
+
 def _autoencoder_card(**preprocess) -> ModelCard:
     pp = {"size": SIDE, "normalize": "zero_one", **preprocess}
     return ModelCard(kind="autoencoder", builder="autoencoder",
@@ -158,7 +198,8 @@ def test_pipeline_counterfactual_and_its_refusals(phantom_runs, tmp_path):
         kind="autoencoder", builder="autoencoder", builder_kwargs={"latent_dim": 8, "base_channels": 4,
                                                                    "image_size": 48},
         preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
-    with pytest.raises(ValueError, match=r"differs from the classifier's in size \(48 vs 32\)"):
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'ae48'} \(autoencoder\) and {clf_path} \(classifier\): "
+                                         r".* differs in size \(48 vs 32\)"):
         Pipeline.from_paths(clf_path, autoencoder=wrong)
 
 

@@ -256,6 +256,54 @@ def test_demo_bundles_are_trained_once_and_reused(tmp_path):
     assert pipe.analyze(list(info["examples"].values())[0], explain=None).ood is not None
 
 
+def test_demo_counterfactual_opt_in_trains_the_autoencoder_once_and_the_dashboard_uses_it(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """`cxrbench demo prepare --counterfactual` adds an autoencoder like the classifier to a cached demo (the
+    classifier and gate are not retrained), and the demo dashboard's counterfactual panel then works."""
+    import json
+
+    from cxrbench.app.counterfactual import NO_AUTOENCODER_NOTE
+    from cxrbench.app.dashboard import Dashboard, dashboard_from_environment
+    from cxrbench.app.demo import DemoSettings, prepare_demo
+    from cxrbench.cli import main
+    from cxrbench.data.synthetic import write_phantom_set
+
+    monkeypatch.delenv("CXRBENCH_DEMO", raising=False)
+    data = write_phantom_set(tmp_path / "ph", 30, size=64, seed=2, prevalence={"Effusion": 0.5})
+    settings = DemoSettings(arch="resnet18", image_size=32, epochs=1, batch_size=8, ood_epochs=1, autoencoder_epochs=1)
+    plain = prepare_demo(tmp_path / "demo", data=data, settings=settings, progress=False)
+    assert plain["autoencoder"] is None
+    without = dashboard_from_environment(demo_info=tmp_path / "demo" / "demo.json")
+    assert isinstance(without, Dashboard) and without.counterfactual.button.disabled
+    assert NO_AUTOENCODER_NOTE in without.counterfactual.status.value  # says how to get one
+    card_mtime = (Path(plain["classifier"]) / "card.json").stat().st_mtime_ns
+    info = prepare_demo(tmp_path / "demo", data=data, settings=settings, progress=False, counterfactual=True)
+    ae = load_bundle(info["autoencoder"], kind="autoencoder")
+    assert ae.card.training["like"] == plain["classifier"] and info["autoencoder_seconds"] > 0
+    assert (Path(plain["classifier"]) / "card.json").stat().st_mtime_ns == card_mtime  # not retrained
+    assert {k: info[k] for k in ("classifier", "ood", "examples")} == {k: plain[k] for k in ("classifier", "ood",
+                                                                                               "examples")}
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["autoencoder"] == info["autoencoder"]
+    assert prepare_demo(tmp_path / "demo", data=data, settings=settings, progress=False, counterfactual=True) == info
+    import pandas as pd
+
+    def split(bundle: str) -> pd.Series:
+        return pd.read_csv(Path(bundle).parent / "split.csv", dtype=str).set_index("image_id")["split"]
+
+    assert split(info["autoencoder"]).equals(split(plain["classifier"]))  # the examples stay unseen by it too
+    dash = dashboard_from_environment(demo_info=tmp_path / "demo" / "demo.json")  # what `make demo` serves
+    assert isinstance(dash, Dashboard) and not dash.counterfactual.button.disabled
+    report = dash.analyze_path(list(info["examples"].values())[0])
+    assert report is not None and report.raw is not None
+    dash.counterfactual.button.click()
+    cf = dash.counterfactual.result
+    assert cf is not None and len(dash.counterfactual.frames.children) == min(4, len(cf.frames))
+    assert "Latent Shift for" in dash.counterfactual.status.value
+    with pytest.raises(SystemExit):
+        main(["demo", "prepare", "--help"])
+    assert "--counterfactual" in capsys.readouterr().out
+
+
 def test_demo_data_folder_that_is_missing_or_empty_is_named(tmp_path, monkeypatch):
     from cxrbench.app.demo import prepare_demo
 

@@ -250,3 +250,62 @@ def test_notebook_04s_box_set_takes_only_boxes_of_trained_findings(chex_bundle, 
         only_untrained = manifest[boxes.str.contains("|".join(pipe.untrained))
                                   & ~boxes.str.contains("|".join(set(pipe.findings) - set(pipe.untrained)))]
         box_localisation_set(pipe, only_untrained, 4)
+
+
+def test_operating_points_read_in_plain_english(chex_bundle) -> None:
+    from dataclasses import replace
+
+    from cxrbench.app.dashboard import model_summary
+    from cxrbench.models.card import operating_points_sentence
+
+    card = load_bundle(chex_bundle).card
+    assert operating_points_sentence(card) == (
+        "Operating points as published by torchxrayvision with these weights, fitted on torchxrayvision's own data, "
+        "not on images from here (cxrbench calibrate re-fits them on a validation split).")
+    summary = model_summary(Pipeline.from_paths(chex_bundle))  # the dashboard's "About these models"
+    assert "as published by torchxrayvision" in summary
+    assert "publisher's split" not in summary and "op_threshs" not in summary
+    youden = "(Youden's J, the threshold that best separates positives from negatives)"
+    own = replace(card, source={}, operating_points={"method": "youden", "fitted_on": "validation",
+                                                     "thresholds": {"Effusion": 0.3}})
+    assert operating_points_sentence(own) == f"Operating points fitted on the validation split {youden}."
+    refit = replace(own, operating_points={**own.operating_points, "fitted_on": "/data/val",
+                                           "published": card.operating_points})
+    assert operating_points_sentence(refit) == (f"Operating points fitted on /data/val {youden}. "
+                                                "They replace the ones published with the weights.")
+    assert operating_points_sentence(replace(own, operating_points={})) == ""
+
+
+@pytest.mark.slow
+def test_latent_shift_of_an_imported_xrv_bundle_converts_between_the_two_cards_scales(
+        chex_bundle, nih_dir, images, tmp_path) -> None:
+    """An autoencoder trained --like the xrv classifier takes [0, 1] (its card) while the classifier takes
+    [-1024, 1024] (its card): the frames' probabilities are the classifier's on its own scale (about 7 s)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = pd.read_csv(nih_dir / "manifest.csv").head(12)
+    for name in manifest["file"]:
+        os.symlink(nih_dir / name, data / name)
+    manifest.to_csv(data / "manifest.csv", index=False)
+    assert main(["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "ae"), "--like", str(chex_bundle),
+                 "--epochs", "1", "--max-steps", "2", "--latent", "8", "--width", "4", "--batch-size", "4", "-q"]) == 0
+    clf, ae = load_bundle(chex_bundle), load_bundle(tmp_path / "ae" / "bundle", kind="autoencoder")
+    assert (clf.preprocess.normalize, ae.preprocess.normalize) == ("xrv", "zero_one")
+    pipe = Pipeline.from_paths(chex_bundle, autoencoder=tmp_path / "ae" / "bundle")
+    report = pipe.analyze(images[0], explain=None, use_gate=False)
+    cf = pipe.counterfactual(report, "Effusion", n_frames=3)
+    effusion = NIH_FINDINGS.index("Effusion")
+    # the same conversion, done here from the two cards: classifier input -> grey -> autoencoder -> grey -> classifier
+    x = pipe.model_inputs(report.image).numpy()
+    assert x.min() < -100  # the classifier's input really is on xrv's scale
+    with torch.no_grad():
+        grey_input = clf.preprocess.denormalize(x)
+        recon = ae.model.eval().reconstruct(torch.from_numpy(ae.preprocess.normalize_array(grey_input)))
+        grey = ae.preprocess.denormalize(recon.numpy())
+        p = torch.sigmoid(clf.model.eval()(torch.from_numpy(clf.preprocess.normalize_array(grey))))[0, effusion]
+        unconverted = torch.sigmoid(clf.model(recon))[0, effusion]  # the reconstruction fed as it comes out
+    assert cf.probabilities[0] == pytest.approx(float(p), abs=1e-5)
+    assert abs(float(unconverted) - float(p)) > 1e-3  # so the check above can tell the scales apart
+    np.testing.assert_allclose(cf.frames[0], grey[0, 0], atol=1e-5)
+    assert 0 <= cf.frames.min() and cf.frames.max() <= 1
+    assert cf.input_probability == pytest.approx(float(report.raw[effusion]), abs=1e-5)

@@ -37,6 +37,7 @@ from cxrbench.explain.targets import ALL_FINDINGS, is_summed
 from cxrbench.inference.pipeline import Pipeline, Report
 from cxrbench.io import ImageReadError
 from cxrbench.models.bundle import format_metric
+from cxrbench.models.card import operating_points_sentence
 from cxrbench.plots.app import probability_figure
 
 __all__ = ["CALIBRATION_NOTE", "WEAK_MACRO_AUC", "Dashboard", "colour_bar_html", "dashboard_from_environment",
@@ -67,10 +68,8 @@ def model_summary(pipeline: Pipeline) -> str:
         n_all = card.training.get("n_images", "?")
         lines[-1] += (f"; trained on {n_train} of {n_all}" if n_train else f"; trained on {n_all}") + \
             f" images from {esc(str(card.training['data']))}"
-    ops = card.operating_points
-    if ops.get("thresholds"):
-        method = f" ({esc(str(ops['method']))})" if ops.get("method") else ""
-        lines.append(f"Operating points fitted on the {esc(str(ops.get('fitted_on', '?')))} split{method}.")
+    if sentence := operating_points_sentence(card):
+        lines.append(esc(sentence))
     test = card.test_metrics
     macro = (test.get("summary") or {}).get("macro_auc")
     if macro is None:

@@ -3,8 +3,11 @@
 ``cxrbench demo prepare`` trains the demo bundles once (a classifier and an OOD gate) on the data
 in ``$CXRBENCH_DATA`` — by default ``../shared/data/cxr`` when it exists, else synthetic phantoms —
 and caches them under ``build/demo`` (a fingerprint of the data and the settings decides whether to
-retrain). ``cxrbench demo serve`` starts Voila on 127.0.0.1 with the dashboard notebook and prints
-its URL. ``make demo`` does both.
+retrain). With ``counterfactual=True`` (``cxrbench demo prepare --counterfactual``, ``make demo
+COUNTERFACTUAL=1``) it also trains an autoencoder like the classifier, once, so that the dashboard's
+"Counterfactual (slow)" panel works; it is opt-in because it adds minutes to the first prepare.
+``cxrbench demo serve`` starts Voila on 127.0.0.1 with the dashboard notebook and prints its URL; ``make demo``
+does both.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ class DemoSettings:
     ood_epochs: int = 8
     ood_percentile: float = 95.0
     seed: int = 0
+    #: the Latent Shift autoencoder's (``counterfactual=True``); not in the fingerprint of the other bundles
+    autoencoder_epochs: int = 8
+
+
+#: settings of the opt-in autoencoder only: changing them retrains neither the classifier nor the gate
+_AUTOENCODER_SETTINGS = ("autoencoder_epochs",)
 
 
 def demo_data(data: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -121,19 +130,43 @@ def demo_examples(train_dir: Path, kind: str, n_chest: int = 4, bundles: tuple[s
 
 
 def _fingerprint(train_dir: Path, settings: DemoSettings) -> str:
-    h = hashlib.sha1(json.dumps(asdict(settings), sort_keys=True).encode())
+    shared = {k: v for k, v in asdict(settings).items() if k not in _AUTOENCODER_SETTINGS}
+    h = hashlib.sha1(json.dumps(shared, sort_keys=True).encode())
     manifest = train_dir / "manifest.csv"
     h.update(manifest.read_bytes() if manifest.is_file() else str(sorted(os.listdir(train_dir))[:1000]).encode())
     h.update(str(train_dir.resolve()).encode())
     return h.hexdigest()[:16]
 
 
-def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLike | None = None,
-                 settings: DemoSettings | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) the demo bundles; returns ``{"classifier": path, "ood": path, "examples": {...}}``.
+def _demo_autoencoder(out: Path, classifier: str, manifest: Any, settings: DemoSettings,
+                      progress: bool) -> tuple[str, float]:
+    """The autoencoder like the demo classifier (``cxrbench train autoencoder --like``), on the classifier's own
+    split (the held-out examples stay unseen); returns its bundle and the seconds it took."""
+    from cxrbench.data import load_split
+    from cxrbench.train.autoencoder import AutoencoderConfig, classifier_preprocess, train_autoencoder
 
-    The result is also written to ``out/demo.json``, which the dashboard notebook reads. Bundles that are up to
-    date are reused without importing torch (``cxrbench demo serve`` only starts Voila, whose kernels load them).
+    t0 = time.perf_counter()
+    if progress:
+        print(f"training the demo's Latent Shift autoencoder like {classifier} ...")
+    cfg = AutoencoderConfig(epochs=settings.autoencoder_epochs, seed=settings.seed,
+                            preprocess_like=classifier_preprocess(classifier), like=classifier)
+    split = load_split(Path(classifier).parent / "split.csv", manifest)
+    result = train_autoencoder(manifest, out / "autoencoder_run", cfg, split=split, progress=progress, resume=True)
+    if result.bundle is None:
+        raise RuntimeError(f"demo training in {out} wrote no autoencoder bundle (run it as one process)")
+    return str(result.bundle), round(time.perf_counter() - t0, 1)
+
+
+def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLike | None = None,
+                 settings: DemoSettings | None = None, force: bool = False, progress: bool = True,
+                 counterfactual: bool = False) -> dict[str, Any]:
+    """Train (or reuse) the demo bundles; returns ``{"classifier": path, "ood": path, "autoencoder": path or None,
+    "examples": {...}}``.
+
+    ``counterfactual``: also train (once, then reuse) the Latent Shift autoencoder like the classifier (its
+    training time in ``"autoencoder_seconds"``); added to a cached demo without retraining the others. The result
+    is also written to ``out/demo.json``, which the dashboard notebook reads. Bundles that are up to date are reused
+    without importing torch (``cxrbench demo serve`` only starts Voila, whose kernels load them).
     """
     settings = settings or DemoSettings()
     out = Path(out).resolve()
@@ -143,8 +176,14 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
     if info_path.is_file() and not force:
         cached: dict[str, Any] = json.loads(info_path.read_text())
         if cached.get("fingerprint") == fingerprint and all(
-                Path(cached[k], "card.json").is_file() for k in ("classifier", "ood") if cached.get(k)):
-            if progress:
+                Path(cached[k], "card.json").is_file() for k in ("classifier", "ood", "autoencoder") if cached.get(k)):
+            if counterfactual and not cached.get("autoencoder"):
+                from cxrbench.data import load_manifest
+
+                cached["autoencoder"], cached["autoencoder_seconds"] = _demo_autoencoder(
+                    out, cached["classifier"], load_manifest(train_dir, on_missing="drop"), settings, progress)
+                info_path.write_text(json.dumps(cached, indent=1) + "\n")
+            elif progress:
                 print(f"demo bundles up to date in {out} (data: {train_dir}, {kind})")
             return cached
     from cxrbench.data import load_manifest
@@ -173,6 +212,10 @@ def prepare_demo(out: str | os.PathLike = "build/demo", *, data: str | os.PathLi
         raise RuntimeError(f"demo training in {out} wrote no bundle (run it as one process, not under torchrun)")
     info["ood"] = str(ood.bundle)
     info["examples"] = demo_examples(train_dir, kind, bundles=(clf.bundle, ood.bundle))
+    info["autoencoder"] = None
+    if counterfactual:
+        info["autoencoder"], info["autoencoder_seconds"] = _demo_autoencoder(out, str(clf.bundle), manifest, settings,
+                                                                             progress)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     if progress:

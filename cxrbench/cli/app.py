@@ -17,8 +17,10 @@ __all__ = ["add_app_commands"]
 def _demo_prepare(args: argparse.Namespace) -> int:
     from cxrbench.app.demo import prepare_demo
 
-    info = prepare_demo(args.out, data=args.data, force=args.force, progress=not args.quiet)
+    info = prepare_demo(args.out, data=args.data, force=args.force, progress=not args.quiet,
+                        counterfactual=args.counterfactual)
     print(f"classifier: {info['classifier']}\nood gate:   {info.get('ood')}\n"
+          f"autoencoder (counterfactuals): {info.get('autoencoder') or 'none (--counterfactual trains one)'}\n"
           f"examples:   {len(info.get('examples', {}))}")
     return 0
 
@@ -27,7 +29,7 @@ def _demo_serve(args: argparse.Namespace) -> int:
     from cxrbench.app.demo import prepare_demo, run_until_stopped, serve
 
     t0 = time.perf_counter()
-    info = prepare_demo(args.out, data=args.data, progress=not args.quiet)
+    info = prepare_demo(args.out, data=args.data, progress=not args.quiet, counterfactual=args.counterfactual)
     proc = serve(info, port=args.port)
     print(f"\ncxrbench dashboard ready in {time.perf_counter() - t0:.1f} s: http://127.0.0.1:{args.port}/\n"
           "(local only; images never leave this machine. Ctrl-C stops it.)", flush=True)
@@ -99,6 +101,9 @@ def add_app_commands(sub: Subcommands) -> None:
         q.add_argument("--data", default=None,
                        help="data folder (default $CXRBENCH_DATA, ../shared/data/cxr, else phantoms)")
         q.add_argument("--out", default="build/demo", help="where the demo bundles are cached")
+        q.add_argument("--counterfactual", action="store_true",
+                       help="also train an autoencoder like the classifier (once, cached) for the dashboard's "
+                            "'Counterfactual (slow)' panel; adds minutes to the first prepare")
         q.add_argument("-q", "--quiet", action="store_true")
         if name == "prepare":
             q.add_argument("--force", action="store_true", help="retrain even if cached")

@@ -11,6 +11,13 @@ has fallen by ``pred_diff``, falls below 0.05, stops falling, the image has chan
 that bound. Here the direction is the unit gradient scaled by the code's norm, so ``lambda = -0.5`` moves the
 code by half its length whatever the autoencoder's scale.
 
+The classifier and the autoencoder each take the image on their own scale (an imported torchxrayvision
+classifier [-1024, 1024], cxrbench's autoencoder [0, 1]): both are read from their :class:`Preprocess` (the
+two bundles' cards), the image goes classifier input -> grey [0, 1] -> autoencoder input, and every decoded
+frame back the same way, so the probabilities along the sweep are the classifier's on its own scale.
+:func:`check_scales` refuses two preprocessings between which no conversion exists (another crop, resampling or
+equalisation: the equalised image cannot be undone), naming both models.
+
 The map of the explainer is the difference ``|D(z) - D(z + lambda* g)|`` between the reconstruction and the
 last frame (captum's ``"mm"``; ``heatmap="int"``, ``"mean"``, ``"max"`` give its other choices): the pixels that
 change where the prediction has fallen. :meth:`LatentShift.counterfactual` returns the frames and the
@@ -33,7 +40,7 @@ from torch import nn
 from cxrbench.explain.base import Explainer, Targets, prepared_model, target_matrix
 from cxrbench.preprocess import Preprocess
 
-__all__ = ["HEATMAPS", "Counterfactual", "LatentShift", "NoAutoencoderError"]
+__all__ = ["HEATMAPS", "Counterfactual", "LatentShift", "NoAutoencoderError", "ScaleMismatchError", "check_scales"]
 
 HEATMAPS: tuple[str, ...] = ("mm", "int", "mean", "max")
 Heatmap = Literal["mm", "int", "mean", "max"]
@@ -48,16 +55,41 @@ NO_AUTOENCODER = ("latent_shift needs an autoencoder at the classifier's input r
                   "none was given")
 
 
+class ScaleMismatchError(ValueError):
+    """The autoencoder's input cannot be converted to the classifier's (or back): :func:`check_scales`."""
+
+
+#: the settings two inputs must share for one to be converted into the other (only the normalisation may differ)
+SHARED_SETTINGS: tuple[str, ...] = ("size", "crop", "resample", "equalize", "clahe_clip")
+
+
+def check_scales(classifier: Preprocess, autoencoder: Preprocess, *, classifier_name: str = "the classifier",
+                 autoencoder_name: str = "the autoencoder") -> None:
+    """Raise :class:`ScaleMismatchError`, naming both models, unless the autoencoder's input converts to the
+    classifier's: the same pixels (:data:`SHARED_SETTINGS`) on a normalisation of their own, one grey channel for
+    the autoencoder. Both normalisations are affine maps of the [0, 1] grey image, so those always convert."""
+    differ = [k for k in SHARED_SETTINGS if getattr(autoencoder, k) != getattr(classifier, k)]
+    if autoencoder.channels != 1:
+        differ.append(f"channels ({autoencoder.channels}: an autoencoder of one grey channel is needed)")
+    if differ:
+        detail = ", ".join(d if "(" in d else f"{d} ({getattr(autoencoder, d)} vs {getattr(classifier, d)})"
+                           for d in differ)
+        raise ScaleMismatchError(
+            f"{autoencoder_name} (autoencoder) and {classifier_name} (classifier): the autoencoder's input cannot be "
+            f"converted to the classifier's, it differs in {detail}; train one with cxrbench train autoencoder "
+            f"--like {classifier_name}")
+
+
 @dataclass
 class Counterfactual:
     """The Latent Shift of one image for one finding.
 
-    ``frames``: ``(T, H, W)`` float32 in [0, 1] (the autoencoder's space: the classifier input before its
-    normalisation), ``frames[0]`` the reconstruction (``lambda = 0``), ``frames[-1]`` the counterfactual;
+    ``frames``: ``(T, H, W)`` float32 in [0, 1] (the grey image both models' inputs are normalised from: the
+    displayed crop), ``frames[0]`` the reconstruction (``lambda = 0``), ``frames[-1]`` the counterfactual;
     ``lambdas`` ``(T,)`` from 0 to the bound found; ``probabilities`` ``(T,)`` the classifier's sigmoid of the
-    target logit for each frame; ``difference`` ``(H, W)`` float32 (see the module doc); ``input_probability``
-    that of the image itself; ``reconstruction_error`` the mean ``|x - D(E(x))|``; ``stop`` why the search
-    stopped.
+    target logit for each frame (normalised as the classifier's card says); ``difference`` ``(H, W)`` float32
+    (see the module doc); ``input_probability`` that of the image itself; ``reconstruction_error`` the mean
+    ``|x - D(E(x))|``; ``stop`` why the search stopped.
     """
 
     target: int
@@ -90,10 +122,13 @@ class LatentShift(Explainer):
     Parameters
     ----------
     model : classifier returning (B, N) logits.
-    autoencoder : ``encode((B, 1, S, S) [0, 1]) -> (B, Z)``, ``decode -> (B, 1, S, S) [0, 1]`` at the classifier's
-        input side S (:class:`~cxrbench.models.autoencoder.ConvAutoencoder` with ``image_size=S``). Required.
-    preprocess : the classifier's :class:`~cxrbench.preprocess.Preprocess`: how its input maps to and from the
-        autoencoder's [0, 1] grey image (default: the input already is that image).
+    autoencoder : ``encode((B, 1, S, S)) -> (B, Z)``, ``decode -> (B, 1, S, S)`` at the classifier's input side S
+        (:class:`~cxrbench.models.autoencoder.ConvAutoencoder` with ``image_size=S``). Required.
+    preprocess : the classifier's :class:`~cxrbench.preprocess.Preprocess` (its card's): how its input maps to
+        and from the [0, 1] grey image (default: the input already is that image).
+    autoencoder_preprocess : the autoencoder's (its card's): how that grey image maps to and from the
+        autoencoder's input and output (default: [0, 1], one channel, the pixels of ``preprocess``: what
+        ``cxrbench train autoencoder --like`` records). Checked against ``preprocess`` by :func:`check_scales`.
     n_frames : frames of the sweep (>= 2). pred_diff, max_shift, step, max_pixel_change: the search (module doc).
     heatmap : ``"mm"`` (default), ``"int"``, ``"mean"`` or ``"max"``.
     keep_residual : add the reconstruction's residual ``x - D(E(x))`` to every frame (not in the paper or
@@ -105,9 +140,9 @@ class LatentShift(Explainer):
     name: ClassVar[str] = "latent_shift"
 
     def __init__(self, model: nn.Module, *, autoencoder: nn.Module | None = None, preprocess: Preprocess | None = None,
-                 n_frames: int = 6, pred_diff: float = 0.8, max_shift: float = 2.0, step: float = 0.05,
-                 max_pixel_change: float = 0.1, heatmap: Heatmap = "mm", keep_residual: bool = False,
-                 **options: Any) -> None:
+                 autoencoder_preprocess: Preprocess | None = None, n_frames: int = 6, pred_diff: float = 0.8,
+                 max_shift: float = 2.0, step: float = 0.05, max_pixel_change: float = 0.1, heatmap: Heatmap = "mm",
+                 keep_residual: bool = False, **options: Any) -> None:
         super().__init__(model, **options)
         self.autoencoder: Any = _check_autoencoder(autoencoder)  # encode / decode, checked
         if heatmap not in HEATMAPS:
@@ -119,10 +154,11 @@ class LatentShift(Explainer):
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
         pp = preprocess or Preprocess(size=int(getattr(self.autoencoder, "image_size", 64)), normalize="zero_one")
-        mean, std = pp.stats()
+        ae_pp = autoencoder_preprocess or pp.replace(normalize="zero_one", channels=1)
+        check_scales(pp, ae_pp)
         self.channels = pp.channels
-        self._mean = torch.as_tensor(mean).view(1, -1, 1, 1)
-        self._std = torch.as_tensor(std).view(1, -1, 1, 1)
+        self._mean, self._std = (torch.as_tensor(v).view(1, -1, 1, 1) for v in pp.stats())
+        self._ae_mean, self._ae_std = (float(v[0]) for v in ae_pp.stats())
         self.n_frames, self.pred_diff, self.max_shift, self.step = n_frames, pred_diff, max_shift, step
         self.max_pixel_change, self.heatmap, self.keep_residual = max_pixel_change, heatmap, bool(keep_residual)
         #: the :class:`Counterfactual` of every image and target of the last call, in batch then target order
@@ -136,6 +172,14 @@ class LatentShift(Explainer):
     def to_model(self, unit: torch.Tensor) -> torch.Tensor:
         """The autoencoder's ``(B, 1, S, S)`` [0, 1] -> classifier input ``(B, C, S, S)``."""
         return (unit.expand(-1, self.channels, -1, -1) - self._mean.to(unit)) / self._std.to(unit)
+
+    def _encode(self, unit: torch.Tensor) -> torch.Tensor:
+        """The grey image [0, 1] -> the autoencoder's input (its card's normalisation) -> its latent code."""
+        return self.autoencoder.encode((unit - self._ae_mean) / self._ae_std)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """A latent code -> the autoencoder's output (its card's normalisation) -> the grey image [0, 1]."""
+        return (self.autoencoder.decode(z) * self._ae_std + self._ae_mean).clamp(0.0, 1.0)
 
     def _probability(self, unit: torch.Tensor, target: int) -> torch.Tensor:
         return torch.sigmoid(self.model(self.to_model(unit))[:, target])
@@ -162,8 +206,8 @@ class LatentShift(Explainer):
 
     def _counterfactual(self, x: torch.Tensor, target: int) -> Counterfactual:
         unit = self.to_unit(x)
-        z = self.autoencoder.encode(unit).detach().requires_grad_(True)
-        recon = self.autoencoder.decode(z)
+        z = self._encode(unit).detach().requires_grad_(True)
+        recon = self._decode(z)
         residual = (unit - recon).detach() if self.keep_residual else torch.zeros_like(unit)
         grad = torch.autograd.grad(self._probability(recon + residual, target).sum(), z)[0]
         norm = float(grad.norm())
@@ -172,7 +216,7 @@ class LatentShift(Explainer):
 
         @torch.no_grad()
         def shifted(lambdas: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-            frames = self.autoencoder.decode(z + torch.as_tensor(lambdas, dtype=z.dtype).view(-1, 1) * direction)
+            frames = self._decode(z + torch.as_tensor(lambdas, dtype=z.dtype).view(-1, 1) * direction)
             frames = (frames + residual).clamp(0.0, 1.0) if self.keep_residual else frames
             return frames, self._probability(frames, target).double().cpu().numpy()
 

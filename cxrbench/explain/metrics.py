@@ -462,15 +462,17 @@ VARIANTS: dict[str, bool] = {"latent_shift": False, "latent_shift_residual": Tru
 
 
 def latent_shift_comparison(model: nn.Module, images: torch.Tensor, targets: Any, regions: Any, *,
-                            autoencoder: nn.Module, preprocess: Any = None,
+                            autoencoder: nn.Module, preprocess: Any = None, autoencoder_preprocess: Any = None,
                             variants: dict[str, bool] | None = None, **compare: Any) -> Any:
     """:func:`~cxrbench.explain.metrics.compare_methods` rows for Latent Shift (one per entry of ``variants``,
     default :data:`VARIANTS`: name -> ``keep_residual``), on the same images, targets and regions, with the same
-    scores (``compare``: ``lung_masks``, ``top_fraction``, ``curve_steps``, ...). No ``random`` row: the other
+    scores (``compare``: ``lung_masks``, ``top_fraction``, ``curve_steps``, ...); ``preprocess`` and
+    ``autoencoder_preprocess`` the two models' (:class:`~cxrbench.explain.LatentShift`). No ``random`` row: the other
     methods' table has it."""
     rows = []
     for name, residual in (variants or VARIANTS).items():
-        options = {"autoencoder": autoencoder, "preprocess": preprocess, "keep_residual": residual}
+        options = {"autoencoder": autoencoder, "preprocess": preprocess,
+                   "autoencoder_preprocess": autoencoder_preprocess, "keep_residual": residual}
         table = compare_methods(model, images, targets, regions, methods=["latent_shift"], include_random=False,
                                 explainer_options={"latent_shift": options}, **compare)
         rows.append(pd.DataFrame(table).assign(method=name))

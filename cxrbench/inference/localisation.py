@@ -127,7 +127,8 @@ def phantom_latent_shift_tables(bundle: Bundle, autoencoder: Bundle, findings: S
     tables = []
     for finding, xs, lesions, lungs, target in _phantom_batches(bundle, findings, n_images):
         t = latent_shift_comparison(bundle.model, xs, target, lesions, autoencoder=autoencoder.model,
-                                    preprocess=bundle.preprocess, lung_masks=lungs, top_fraction=top_fraction,
+                                    preprocess=bundle.preprocess, autoencoder_preprocess=autoencoder.preprocess,
+                                    lung_masks=lungs, top_fraction=top_fraction,
                                     curve_steps=curve_steps)
         tables.append(pd.DataFrame(t).assign(finding=finding))
     return pd.concat(tables, ignore_index=True)

@@ -36,7 +36,7 @@ import torch
 from cxrbench._types import check_unit_range
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
 from cxrbench.explain import COUNTERFACTUAL_EXPLAINERS
-from cxrbench.explain.latent_shift import NO_AUTOENCODER, Counterfactual, LatentShift, NoAutoencoderError
+from cxrbench.explain.latent_shift import NO_AUTOENCODER, Counterfactual, LatentShift, NoAutoencoderError, check_scales
 from cxrbench.explain.targets import (
     DEFAULT_TOP,
     ExplanationTargets,
@@ -435,7 +435,8 @@ class Pipeline:
             raise ValueError(f"{self.classifier.path}: Latent Shift needs the classifier's gradients, which the "
                              f"{type(model).__name__} backend does not give; load the PyTorch bundle")
         self.autoencoder.model.to(self.device).eval()
-        return LatentShift(model, autoencoder=self.autoencoder.model, preprocess=self.classifier.preprocess, **options)
+        return LatentShift(model, autoencoder=self.autoencoder.model, preprocess=self.classifier.preprocess,
+                           autoencoder_preprocess=self.autoencoder.preprocess, **options)
 
     def counterfactual(self, report: Report, finding: str | None = None, **options: Any) -> Counterfactual:
         """Latent Shift of ``report``'s image for ``finding`` (default: the most probable one): the frames, the
@@ -519,12 +520,7 @@ def _checked_autoencoder(autoencoder: Bundle | None, classifier: Bundle) -> Bund
     if autoencoder.card.kind != "autoencoder":
         raise ValueError(f"{autoencoder.path}: expected an autoencoder bundle (cxrbench train autoencoder), got "
                          f"{autoencoder.card.kind}")
-    theirs, ours = autoencoder.preprocess, classifier.preprocess
-    differ = [k for k in ("size", "crop", "resample", "equalize", "clahe_clip")
-              if getattr(theirs, k) != getattr(ours, k)]
-    if differ:
-        raise ValueError(f"{autoencoder.path}: the autoencoder's input differs from the classifier's in "
-                         + ", ".join(f"{k} ({getattr(theirs, k)} vs {getattr(ours, k)})" for k in differ)
-                         + "; train one with cxrbench train autoencoder --like " + str(classifier.path or "CLASSIFIER"))
+    check_scales(classifier.preprocess, autoencoder.preprocess, classifier_name=str(classifier.path or "CLASSIFIER"),
+                 autoencoder_name=str(autoencoder.path or "the autoencoder"))
     return autoencoder
 

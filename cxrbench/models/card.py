@@ -24,7 +24,7 @@ from cxrbench import __version__
 from cxrbench.preprocess import Preprocess, PreprocessError
 
 __all__ = ["BUILDERS", "BUNDLE_FORMAT", "KINDS", "OOD_SCORERS", "BundleError", "ModelCard", "describe_card",
-           "format_metric", "versions"]
+           "format_metric", "operating_points_sentence", "versions"]
 
 BUNDLE_FORMAT = 1
 
@@ -373,6 +373,33 @@ def _describe_calibration(card: ModelCard) -> list[str]:
     if card.kind == "ood":
         lines.append(_describe_guard(card.ood.get("guard")))
     return lines
+
+
+#: how each ``operating_points["method"]`` reads in a sentence
+_OP_METHODS = {"youden": "Youden's J, the threshold that best separates positives from negatives"}
+
+
+def operating_points_sentence(card: ModelCard) -> str:
+    """Where the card's operating points come from, in plain English; ``""`` when it has none.
+
+    Published ones (an imported bundle, card ``method`` "published ...") say who published them and that they
+    were fitted on the publisher's own data; fitted ones say on which split and how, and that they replaced the
+    published ones when ``cxrbench calibrate`` re-fitted an imported bundle."""
+    ops = card.operating_points
+    if not ops.get("thresholds"):
+        return ""
+    method = str(ops.get("method") or "")
+    if method.startswith("published"):
+        publisher = str(card.source.get("origin") or "the publisher")
+        return (f"Operating points as published by {publisher} with these weights, fitted on {publisher}'s own "
+                "data, not on images from here (cxrbench calibrate re-fits them on a validation split).")
+    where = str(ops.get("fitted_on") or "an unrecorded")
+    where = f"the {where} split" if where in ("validation", "val", "train", "test", "an unrecorded") else where
+    how = _OP_METHODS.get(method, method)
+    sentence = f"Operating points fitted on {where}" + (f" ({how})" if how else "") + "."
+    if ops.get("published"):
+        sentence += " They replace the ones published with the weights."
+    return sentence
 
 
 def _describe_guard(g: dict[str, Any] | None) -> str:

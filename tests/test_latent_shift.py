@@ -318,7 +318,7 @@ def test_cli_explain_latent_shift_writes_difference_maps_and_frames(phantom_runs
                                                                    "image_size": 48},
         preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
     bad.append((["--method", "latent_shift", "--autoencoder", str(wrong)],
-                [str(wrong), "differs from the classifier's in size (48 vs 32)", f"--like {clf_path}"]))
+                [str(wrong), "differs in size (48 vs 32)", f"--like {clf_path}"]))
     for options, words in bad:
         refused = tmp_path / "refused"
         assert main(["explain", "--bundle", str(clf_path), *options, image, "--out", str(refused), "-q"]) == 1

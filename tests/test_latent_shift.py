@@ -325,3 +325,20 @@ def test_cli_explain_latent_shift_writes_difference_maps_and_frames(phantom_runs
         err = capsys.readouterr().err
         assert err.startswith("cxrbench: error: ") and all(w in err for w in words), err
         assert not refused.exists()
+
+
+def test_an_onnx_runtime_classifier_is_refused_for_latent_shift(phantom_runs, tmp_path):
+    """The ONNX Runtime adapter is an nn.Module (it runs inside torch code) but gives no gradients: Latent Shift on
+    it must be refused with the reason, not run on a graph whose backward does not exist."""
+    from cxrbench.export.onnx import export_models
+    from cxrbench.export.runtime import pipeline_from_export
+    from cxrbench.inference import Pipeline
+
+    clf_path, ae_path, _ = phantom_runs
+    export_models(load_bundle(clf_path), tmp_path / "onnx", saliency=False)
+    pipe = pipeline_from_export(tmp_path / "onnx")
+    image = np.asarray(load_bundle(clf_path).preprocess.geometry(np.linspace(0, 1, 64 * 64).reshape(64, 64)))
+    report = pipe.analyze(image, explain=None, use_gate=False)
+    ort = Pipeline(pipe.classifier, autoencoder=load_bundle(ae_path, kind="autoencoder"))
+    with pytest.raises(ValueError, match="Latent Shift needs the classifier's gradients.*OnnxClassifier"):
+        ort.counterfactual(report, "Effusion")

@@ -226,7 +226,7 @@ def test_onnx_export_of_imported_bundle_keeps_parity_and_the_mask(chex_bundle, i
     from cxrbench.export.runtime import load_pipeline
 
     result = export_models(load_bundle(chex_bundle), tmp_path / "onnx", images=[str(p) for p in images[:2]],
-                           saliency=False)  # the forward graphs are under test; DenseNet's gradient graph takes minutes
+                           saliency=False)  # the forward graphs are under test (the gradient graph has its own tests)
     assert result is not None
     onnx_pipe = load_pipeline(tmp_path / "onnx", backend="onnx")
     torch_report = Pipeline.from_paths(chex_bundle).analyze(images[0], explain=None)

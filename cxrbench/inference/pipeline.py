@@ -431,7 +431,8 @@ class Pipeline:
         if self.autoencoder is None:
             raise NoAutoencoderError(NO_AUTOENCODER)
         model = self.classifier.model
-        if not isinstance(model, torch.nn.Module):
+        # an ONNX Runtime adapter is an nn.Module too (it runs inside torch code), but gives no gradients
+        if not isinstance(model, torch.nn.Module) or isinstance(model, ClassifierBackend):
             raise ValueError(f"{self.classifier.path}: Latent Shift needs the classifier's gradients, which the "
                              f"{type(model).__name__} backend does not give; load the PyTorch bundle")
         self.autoencoder.model.to(self.device).eval()

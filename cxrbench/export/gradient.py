@@ -137,7 +137,7 @@ def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
     for v in windows:
         hit = (v == best) & ~taken
         taken = taken | hit
-        parts.append(torch.where(hit, grad_out, torch.zeros_like(grad_out)))
+        parts.append(grad_out * hit.to(grad_out.dtype))  # as Where, exact for finite gradients: ORT's Mul is faster
     stacked = torch.stack(parts, dim=2).flatten(1, 2)  # (B, C * K, oh, ow), channel c * K + k
     weight = torch.eye(kh * kw, dtype=grad_out.dtype).reshape(kh * kw, 1, kh, kw).repeat(channels, 1, 1, 1)
     extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], [kh, kw], [sh, sw], [ph, pw], [1, 1])

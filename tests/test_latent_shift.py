@@ -141,6 +141,15 @@ def test_autoencoder_bundle_round_trip_and_card_checks(tmp_path):
         _autoencoder_card(normalize="minus1_1").validate(require_checksum=False)
 
 
+def _autoencoder_bundle_48px(path):
+    """An autoencoder bundle at 48 px: another resolution than the phantom classifier's 32 px."""
+    model = ConvAutoencoder(latent_dim=8, base_channels=4, image_size=48)
+    return save_bundle(path, model, ModelCard(
+        kind="autoencoder", builder="autoencoder", builder_kwargs={"latent_dim": 8, "base_channels": 4,
+                                                                   "image_size": 48},
+        preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
+
+
 @pytest.fixture(scope="module")
 def phantom_runs(tmp_path_factory):
     """A tiny phantom classifier bundle and an autoencoder trained --like it through the CLI (about 10 s)."""
@@ -193,11 +202,7 @@ def test_pipeline_counterfactual_and_its_refusals(phantom_runs, tmp_path):
     explained = pipe.explain(report, "latent_shift", "Effusion")
     assert explained.maps.shape == (1, SIDE, SIDE) and explained.map_labels == ["Effusion"]
     assert explained.maps.max() == pytest.approx(1.0)  # min-max scaled like every report map
-    other = ConvAutoencoder(latent_dim=8, base_channels=4, image_size=48)
-    wrong = save_bundle(tmp_path / "ae48", other, ModelCard(
-        kind="autoencoder", builder="autoencoder", builder_kwargs={"latent_dim": 8, "base_channels": 4,
-                                                                   "image_size": 48},
-        preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
+    wrong = _autoencoder_bundle_48px(tmp_path / "ae48")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'ae48'} \(autoencoder\) and {clf_path} \(classifier\): "
                                          r".* differs in size \(48 vs 32\)"):
         Pipeline.from_paths(clf_path, autoencoder=wrong)
@@ -312,11 +317,7 @@ def test_cli_explain_latent_shift_writes_difference_maps_and_frames(phantom_runs
     bad = [(["--method", "latent_shift"], [str(clf_path), "needs an autoencoder at the classifier's input resolution",
                                            f"--like {clf_path} --data", "--autoencoder"]),
            (["--method", "saliency", "--autoencoder", str(ae_path)], [str(ae_path), "not saliency"])]
-    other = ConvAutoencoder(latent_dim=8, base_channels=4, image_size=48)
-    wrong = save_bundle(tmp_path / "ae48", other, ModelCard(
-        kind="autoencoder", builder="autoencoder", builder_kwargs={"latent_dim": 8, "base_channels": 4,
-                                                                   "image_size": 48},
-        preprocess=Preprocess(size=48, normalize="zero_one").to_dict()))
+    wrong = _autoencoder_bundle_48px(tmp_path / "ae48")
     bad.append((["--method", "latent_shift", "--autoencoder", str(wrong)],
                 [str(wrong), "differs in size (48 vs 32)", f"--like {clf_path}"]))
     for options, words in bad:
@@ -342,3 +343,14 @@ def test_an_onnx_runtime_classifier_is_refused_for_latent_shift(phantom_runs, tm
     ort = Pipeline(pipe.classifier, autoencoder=load_bundle(ae_path, kind="autoencoder"))
     with pytest.raises(ValueError, match="Latent Shift needs the classifier's gradients.*OnnxClassifier"):
         ort.counterfactual(report, "Effusion")
+
+
+def test_phantom_latent_shift_tables_refuses_an_autoencoder_of_another_scale(phantom_runs, tmp_path):
+    """The package's phantom table takes two bundles like the Pipeline and refuses the same mismatches."""
+    from cxrbench.inference.localisation import phantom_latent_shift_tables
+
+    clf_path, _, _ = phantom_runs
+    wrong = _autoencoder_bundle_48px(tmp_path / "ae48")
+    with pytest.raises(ValueError, match=r"ae48 \(autoencoder\) and .* \(classifier\): .* differs in size \(48 "
+                                         r"vs 32\)"):
+        phantom_latent_shift_tables(load_bundle(clf_path), load_bundle(wrong, kind="autoencoder"), ["Effusion"], 2)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from cxrbench.data import bounding_boxes
+from cxrbench.explain.latent_shift import check_scales
 from cxrbench.explain.metrics import (
     MethodComparison,
     boxes_to_mask,
@@ -123,7 +124,10 @@ def phantom_localisation_tables(bundle: Bundle, findings: Sequence[str], n_image
 def phantom_latent_shift_tables(bundle: Bundle, autoencoder: Bundle, findings: Sequence[str], n_images: int, *,
                                 top_fraction: float = 0.05, curve_steps: int = 10) -> pd.DataFrame:
     """The Latent Shift rows (:func:`~cxrbench.explain.metrics.latent_shift_comparison`, plain and with the
-    residual) on the same phantoms as :func:`phantom_localisation_tables`; one table, with a ``finding`` column."""
+    residual) on the same phantoms as :func:`phantom_localisation_tables`; one table, with a ``finding`` column.
+    An autoencoder whose input does not convert to the classifier's is refused as by the pipeline."""
+    check_scales(bundle.preprocess, autoencoder.preprocess, classifier_name=str(bundle.path or "the classifier"),
+                 autoencoder_name=str(autoencoder.path or "the autoencoder"))
     tables = []
     for finding, xs, lesions, lungs, target in _phantom_batches(bundle, findings, n_images):
         t = latent_shift_comparison(bundle.model, xs, target, lesions, autoencoder=autoencoder.model,

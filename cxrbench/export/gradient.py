@@ -17,12 +17,12 @@ never sees the backward. What works:
    per-channel scale), ``threshold_backward`` (the ReLU mask) as
    ``grad * float(y > 0)`` (:func:`_threshold_backward`); ``max_pool2d_with_indices_backward``
    recomputes PyTorch's first-maximum rule from the input (:func:`_max_pool2d_backward`: ties are common in
-   radiographs and ONNX does not fix which tied position MaxPool's indices name). Eval-mode batch norms are
-   traced as the per-channel affine map they compute (in the operations of torch's own decomposition, so the
-   rounding is the same: the fused ``x * scale + shift``, which ONNX Runtime folds into the Conv before it, was
-   7 % faster for DenseNet-121 but moved 0.1 % of the map's pixels by up to 0.5 % of its maximum, near-ties
-   that the four-operator form keeps within 7e-7): their traced backward was ~25 operators a layer, two thirds
-   of DenseNet-121's graph;
+   radiographs and ONNX does not fix which tied position MaxPool's indices name). The classifier is traced as
+   rewritten by :func:`cxrbench.export.units.rewrite_for_gradient`: eval-mode batch norms as the per-channel
+   affine map they compute (their traced backward was ~25 operators a layer, two thirds of DenseNet-121's
+   graph), conv -> BN and BN -> ReLU -> conv chains as units whose backward folds the BN scale into the
+   transposed convolution, and DenseNet blocks grown one concatenation at a time (the same forward, bit for
+   bit; DenseNet-121's graph 8,968 -> 4,398 ONNX nodes, export 49 -> 8 s);
 2. the TorchScript-based ONNX exporter converts that graph of plain ATen operators: Conv, ConvTranspose, Where,
    ... (the dynamo exporter gives the same graph, but re-traces and re-decomposes it first and then runs
    onnxscript's optimizer: for DenseNet-121 at 224 px 222 s + 214 s against 23 s for this one, make_fx 39 s ->
@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrbench.export.units import conv_input_grad, rewrite_for_gradient, transposed_padding
+
 __all__ = ["MAP_OUTSIDE_SHARE", "SALIENCY_OUTPUTS", "gradient_program", "saliency_parity", "saliency_reference",
            "write_saliency_onnx"]
 
@@ -68,13 +70,6 @@ MAP_OUTSIDE_SHARE = 0.005
 _aten = torch.ops.aten
 
 
-def _transposed_padding(in_size: Any, out_size: Any, kernel: Any, stride: Any, padding: Any, dilation: Any
-                        ) -> list[int]:
-    """The output padding that makes a transposed convolution give back ``in_size`` (H, W)."""
-    return [int(in_size[i]) - ((int(out_size[i]) - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1)
-                               + 1) for i in range(2)]
-
-
 def _convolution_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
                           stride: Any, padding: Any, dilation: Any, transposed: bool, output_padding: Any,
                           groups: int, output_mask: Any) -> tuple[Any, None, None]:
@@ -82,17 +77,7 @@ def _convolution_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: tor
     if transposed or output_mask[1] or output_mask[2] or weight.ndim != 4:
         raise NotImplementedError("only the input gradient of a plain 2-D convolution is decomposed "
                                   f"(transposed={transposed}, output_mask={list(output_mask)})")
-    extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], weight.shape[2:], stride, padding, dilation)
-    if groups == 1 and all(s == 1 for s in stride) and not any(extra):
-        # stride 1: the same sums as a plain convolution with the kernel flipped and its channel axes swapped
-        # (ONNX Runtime's Conv is several times faster than its ConvTranspose)
-        pad = [dilation[i] * (weight.shape[2 + i] - 1) - padding[i] for i in range(2)]
-        if all(p >= 0 for p in pad):
-            flipped = weight.transpose(0, 1).flip(2, 3).contiguous()
-            grad_in = _aten.convolution.default(grad_out, flipped, None, [1, 1], pad, dilation, False, [0, 0], 1)
-            return grad_in, None, None
-    grad_in = _aten.convolution.default(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
-    return grad_in, None, None
+    return conv_input_grad(grad_out, inp.shape, weight, stride, padding, dilation, groups), None, None
 
 
 def _avg_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any, stride: Any, padding: Any,
@@ -106,7 +91,7 @@ def _avg_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
                                   f"count_include_pad={count_include_pad} and padding {padding} is not decomposed")
     channels = inp.shape[1]
     weight = torch.full((channels, 1, kernel[0], kernel[1]), 1.0 / (kernel[0] * kernel[1]), dtype=grad_out.dtype)
-    extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], kernel, stride, padding, [1, 1])
+    extra = transposed_padding(inp.shape[2:], grad_out.shape[2:], kernel, stride, padding, [1, 1])
     return _aten.convolution.default(grad_out, weight, None, stride, padding, [1, 1], True, extra, channels)
 
 
@@ -140,7 +125,7 @@ def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
         parts.append(grad_out * hit.to(grad_out.dtype))  # as Where, exact for finite gradients: ORT's Mul is faster
     stacked = torch.stack(parts, dim=2).flatten(1, 2)  # (B, C * K, oh, ow), channel c * K + k
     weight = torch.eye(kh * kw, dtype=grad_out.dtype).reshape(kh * kw, 1, kh, kw).repeat(channels, 1, 1, 1)
-    extra = _transposed_padding(inp.shape[2:], grad_out.shape[2:], [kh, kw], [sh, sw], [ph, pw], [1, 1])
+    extra = transposed_padding(inp.shape[2:], grad_out.shape[2:], [kh, kw], [sh, sw], [ph, pw], [1, 1])
     return _aten.convolution.default(stacked, weight, None, [sh, sw], [ph, pw], [1, 1], True, extra, channels)
 
 
@@ -176,47 +161,6 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
     return table
 
 
-class _ChannelAffine(nn.Module):
-    """An eval-mode ``BatchNorm2d`` as the per-channel affine map it computes, in the operations of torch's own
-    decomposition (``(x - mean) * rsqrt(var + eps) * weight + bias``: the same rounding as before the swap)."""
-
-    def __init__(self, bn: nn.BatchNorm2d) -> None:
-        super().__init__()
-        assert bn.running_mean is not None and bn.running_var is not None  # eval statistics (checked by the caller)
-        n = bn.num_features
-        with torch.no_grad():
-            stats = {"mean": bn.running_mean, "invstd": torch.rsqrt(bn.running_var + bn.eps),
-                     "weight": bn.weight if bn.weight is not None else torch.ones(n),
-                     "bias": bn.bias if bn.bias is not None else torch.zeros(n)}
-        for name, value in stats.items():
-            self.register_buffer(name, value.detach().reshape(1, -1, 1, 1).clone())
-
-    mean: torch.Tensor
-    invstd: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.invstd * self.weight + self.bias
-
-
-def _batch_norms_as_affine(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with every eval-mode ``BatchNorm2d`` replaced by :class:`_ChannelAffine`.
-
-    The traced batch-norm forward and backward (``native_batch_norm_backward``'s decomposition) are ~25 ATen
-    operators per layer, most of the graph of a DenseNet-121 (120 of them), and every later stage (the exporter's
-    re-trace and decompositions) pays per operator; the affine form is two, its input gradient one multiply.
-    """
-    import copy
-
-    net = copy.deepcopy(net)
-    for name, module in list(net.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.BatchNorm2d) and child.track_running_stats and child.running_var is not None:
-                setattr(module, child_name, _ChannelAffine(child))
-    return net
-
-
 class _SaliencyFunction(nn.Module):
     """``(x, w) -> logits, probabilities, calibrated, saliency`` of a classifier graph module (eager, for tracing)."""
 
@@ -236,15 +180,16 @@ class _SaliencyFunction(nn.Module):
 def gradient_program(calibrated_classifier: nn.Module, channels: int, size: int, n_outputs: int) -> nn.Module:
     """The traced forward + input-gradient graph (an ``fx.GraphModule`` of forward ATen operators only).
 
-    ``calibrated_classifier``: :class:`cxrbench.export.onnx.CalibratedClassifier` (``cam=False``), traced as a copy
-    with in-place ReLUs off and eval-mode batch norms as per-channel affine maps (:func:`_batch_norms_as_affine`).
-    Inputs as in the module doc.
+    ``calibrated_classifier``: :class:`cxrbench.export.onnx.CalibratedClassifier` (``cam=False``), traced as the
+    copy :func:`cxrbench.export.units.rewrite_for_gradient` makes (in-place ReLUs off, batch norms as per-channel
+    affine maps, the units with folded backward). Inputs as in the module doc.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from cxrbench.explain.base import prepared_model
 
-    net = _batch_norms_as_affine(calibrated_classifier.eval())  # a copy: the caller's model is left as it is
+    probe = (torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0)),)
+    net = rewrite_for_gradient(calibrated_classifier.eval(), probe)  # a copy: the caller's model is left as it is
     for p in net.parameters():
         p.requires_grad_(False)  # only the input gradient: no weight gradients in the graph
     with prepared_model(net):

@@ -1,0 +1,96 @@
+"""cxrbench.export.units: the classifier rewrites traced for the saliency graph keep the forward bit for bit and
+give the same input gradient with a shorter backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cxrbench.export.units import (
+    AffineReluConv,
+    ChannelAffine,
+    ConvAffine,
+    IncrementalDenseBlock,
+    conv_input_grad,
+    plain_for_gradient,
+    rewrite_for_gradient,
+)
+from cxrbench.models.classifier import build_classifier
+
+
+def _seeded(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_classifier(arch, num_outputs=14, in_channels=1, pretrained=False).eval()
+    for m in model.modules():  # batch-norm statistics as a trained model has them, not the 0 / 1 of a fresh one
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+def _input_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    image = x.clone().requires_grad_(True)
+    logits = model(image)
+    (grad,) = torch.autograd.grad(logits.sum(), image)
+    return logits.detach(), grad
+
+
+@pytest.mark.parametrize("arch, units", [("densenet121", {AffineReluConv: 119, ConvAffine: 1,
+                                                          IncrementalDenseBlock: 4}),
+                                         ("resnet18", {ConvAffine: 20})])
+def test_rewrite_keeps_the_forward_and_the_gradient(arch, units):
+    model = _seeded(arch)
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    rewritten = rewrite_for_gradient(model, (x[:1],))
+    counts = {kind: sum(type(m) is kind for m in rewritten.modules()) for kind in units}
+    assert counts == units  # every conv -> BN and BN -> ReLU -> conv chain became one unit
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in rewritten.modules())
+    plain = plain_for_gradient(model)  # batch norms as ChannelAffine only: the forward the graph had before
+    ref_logits, ref_grad = _input_gradient(plain, x)
+    logits, grad = _input_gradient(rewritten, x)
+    assert torch.equal(logits, ref_logits)  # the same forward operations: the same ReLU masks
+    rel = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
+    assert rel < 1e-5, rel  # the same sums, rounded differently (the scale folded into the transposed conv)
+    assert float(ref_grad.abs().max()) > 0
+
+
+class _ConvOutputUsedTwice(nn.Module):
+    """``bn(conv(x)) + conv(x)``: a conv -> BN chain whose conv output is also used elsewhere (a ConvAffine unit
+    would change the forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4).eval()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean((2, 3)))
+
+
+def test_a_rewrite_that_would_change_the_forward_is_not_used():
+    model = _ConvOutputUsedTwice().eval()
+    x = torch.rand(1, 1, 16, 16)
+    rewritten = rewrite_for_gradient(model, (x,))
+    assert not any(isinstance(m, ConvAffine) for m in rewritten.modules())
+    assert sum(isinstance(m, ChannelAffine) for m in rewritten.modules()) == 1
+    assert torch.equal(rewritten(x), plain_for_gradient(model)(x))
+    assert isinstance(model.bn, nn.BatchNorm2d)  # the caller's model is left as it was
+
+
+@pytest.mark.parametrize("stride, padding, groups, kernel", [(1, 1, 1, 3), (2, 1, 1, 3), (2, 3, 1, 7), (1, 0, 1, 1),
+                                                             (2, 0, 1, 1), (1, 1, 4, 3)])
+def test_conv_input_grad_is_torchs_convolution_backward(stride, padding, groups, kernel):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 8, 15, 15, generator=g, requires_grad=True)
+    weight = torch.randn(12, 8 // groups, kernel, kernel, generator=g)
+    out = nn.functional.conv2d(x, weight, None, stride, padding, 1, groups)
+    grad_out = torch.randn(out.shape, generator=g)
+    (ref,) = torch.autograd.grad(out, x, grad_out)
+    got = conv_input_grad(grad_out, x.shape, weight, [stride] * 2, [padding] * 2, [1, 1], groups)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ from cxrbench.export.units import (
     ChannelAffine,
     ConvAffine,
     IncrementalDenseBlock,
+    autograd_backward,
     conv_input_grad,
     plain_for_gradient,
     rewrite_for_gradient,
@@ -39,22 +40,26 @@ def _input_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 @pytest.mark.parametrize("arch, units", [("densenet121", {AffineReluConv: 119, ConvAffine: 1,
-                                                          IncrementalDenseBlock: 4}),
+                                                          IncrementalDenseBlock: 4, "batch_norm_op": 61}),
                                          ("resnet18", {ConvAffine: 20})])
 def test_rewrite_keeps_the_forward_and_the_gradient(arch, units):
     model = _seeded(arch)
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
     rewritten = rewrite_for_gradient(model, (x[:1],))
-    counts = {kind: sum(type(m) is kind for m in rewritten.modules()) for kind in units}
+    counts = {kind: sum(type(m) is kind for m in rewritten.modules()) for kind in units if kind != "batch_norm_op"}
+    if "batch_norm_op" in units:  # the pre-activation BNs after a concatenation or a pooling, not after a conv
+        counts["batch_norm_op"] = sum(isinstance(m, AffineReluConv) and m.affine is None for m in rewritten.modules())
     assert counts == units  # every conv -> BN and BN -> ReLU -> conv chain became one unit
     assert not any(isinstance(m, nn.BatchNorm2d) for m in rewritten.modules())
-    plain = plain_for_gradient(model)  # batch norms as ChannelAffine only: the forward the graph had before
-    ref_logits, ref_grad = _input_gradient(plain, x)
+    with autograd_backward():  # the same forward operations, the backward derived by autograd
+        ref_logits, ref_grad = _input_gradient(rewritten, x)
     logits, grad = _input_gradient(rewritten, x)
-    assert torch.equal(logits, ref_logits)  # the same forward operations: the same ReLU masks
+    assert torch.equal(logits, ref_logits)  # the same forward: the same ReLU masks
     rel = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
     assert rel < 1e-5, rel  # the same sums, rounded differently (the scale folded into the transposed conv)
     assert float(ref_grad.abs().max()) > 0
+    plain_logits, _ = _input_gradient(plain_for_gradient(model), x)  # every BN in four operations: rounding only
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
 
 
 class _ConvOutputUsedTwice(nn.Module):
@@ -94,3 +99,34 @@ def test_conv_input_grad_is_torchs_convolution_backward(stride, padding, groups,
     got = conv_input_grad(grad_out, x.shape, weight, [stride] * 2, [padding] * 2, [1, 1], groups)
     assert got.shape == x.shape
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_exported_relu_mask_and_batch_norm_are_torchs(tmp_path):
+    """``relu_mask`` and ``batch_norm_eval`` as exported (HardSigmoid, BatchNormalization) run in ONNX Runtime as
+    in torch: the mask 0 / 1 on the edge values, the batch norm within float rounding."""
+    import onnxruntime as ort
+
+    from cxrbench.export.units import batch_norm_eval, onnx_symbolics, relu_mask
+
+    bn = nn.BatchNorm2d(3).eval().requires_grad_(False)
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([0.25, 4.0, 1.0]))
+
+    class Both(nn.Module):
+        def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return relu_mask(a), batch_norm_eval(a, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+    a = torch.tensor([-1.0, -0.0, 0.0, 1e-30, 1.1754944e-38, 3e38, float("inf"), 0.7]).repeat(3, 1)[None, :, :, None]
+    symbolics = onnx_symbolics()
+    for name, fn in symbolics.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, 18)
+    try:
+        torch.onnx.export(Both(), (a,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=18)
+    finally:
+        for name in symbolics:
+            torch.onnx.unregister_custom_op_symbolic(name, 18)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    mask, normed = session.run(None, {session.get_inputs()[0].name: a.numpy()})
+    assert mask[0, 0, :, 0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1] == relu_mask(a)[0, 0, :, 0].tolist()
+    finite = torch.isfinite(a) & (a.abs() < 1e30)
+    torch.testing.assert_close(torch.from_numpy(normed)[finite], bn(a)[finite], rtol=1e-6, atol=1e-6)

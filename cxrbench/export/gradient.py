@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrbench.export.units import conv_input_grad, rewrite_for_gradient, transposed_padding
+from cxrbench.export.units import conv_input_grad, onnx_symbolics, relu_mask, rewrite_for_gradient, transposed_padding
 
 __all__ = ["MAP_OUTSIDE_SHARE", "SALIENCY_OUTPUTS", "gradient_program", "saliency_parity", "saliency_reference",
            "write_saliency_onnx"]
@@ -133,7 +133,10 @@ def _threshold_backward(grad_out: torch.Tensor, inp: torch.Tensor, threshold: fl
     """ReLU backward as ``grad * float(inp > threshold)``: the same values as torch's ``where(inp <= threshold,
     0, grad)`` for finite gradients, but ONNX Runtime's Where (with a broadcast 0) is ~7x slower than
     Greater + Cast + Mul (one (1, 128, 56, 56) map, 2 threads: 2.2 vs 0.30 ms; DenseNet-121 has 121 of them).
-    The cast is ``aten::_to_copy``, exported by :func:`_to_copy_symbolic`."""
+    The mask is :func:`cxrbench.export.units.relu_mask` (one HardSigmoid in ONNX) for the ReLU's threshold 0, else
+    ``aten::_to_copy`` of the comparison, exported by :func:`_to_copy_symbolic`."""
+    if threshold == 0:
+        return grad_out * relu_mask(inp)
     return grad_out * (inp > threshold).to(grad_out.dtype)
 
 
@@ -235,14 +238,17 @@ def write_saliency_onnx(program: nn.Module, channels: int, size: int, n_outputs:
     """
     example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
     opset = max(18, opset)
-    torch.onnx.register_custom_op_symbolic("aten::_to_copy", _to_copy_symbolic, opset)
+    symbolics = {"aten::_to_copy": _to_copy_symbolic, **onnx_symbolics()}
+    for name, fn in symbolics.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, opset)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(program.train(False), example, str(path), dynamo=False, opset_version=opset,
                               input_names=["x", "w"], output_names=list(SALIENCY_OUTPUTS), do_constant_folding=False)
         finally:
-            torch.onnx.unregister_custom_op_symbolic("aten::_to_copy", opset)
+            for name in symbolics:
+                torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 def saliency_parity(session: Any, model: nn.Module, x: torch.Tensor, *, tolerance: float) -> list[dict[str, Any]]:

@@ -20,17 +20,67 @@ The forward operations and their order are unchanged (the ReLU masks, which deci
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AffineReluConv", "ChannelAffine", "ConvAffine", "IncrementalDenseBlock", "conv_input_grad",
-           "plain_for_gradient", "rewrite_for_gradient", "transposed_padding"]
+__all__ = ["RELU_MASK_ALPHA", "AffineReluConv", "ChannelAffine", "ConvAffine", "IncrementalDenseBlock",
+           "autograd_backward", "batch_norm_eval", "conv_input_grad", "onnx_symbolics", "plain_for_gradient",
+           "relu_mask", "rewrite_for_gradient", "transposed_padding"]
 
 _aten = torch.ops.aten
+#: ``HardSigmoid(a) = max(0, min(1, alpha * a + beta))`` with this alpha and beta 0 is 1 for every ``a >= 2**-127``
+#: (every normal float and the larger denormals; ``alpha * a`` may overflow to inf: min gives 1) and 0 for ``a <= 0``
+RELU_MASK_ALPHA = 2.0 ** 127
+
+
+@torch.library.custom_op("cxrbench::relu_mask", mutates_args=())
+def relu_mask(a: torch.Tensor) -> torch.Tensor:
+    """``float(a > 0)``: a ReLU's backward mask. In ONNX one ``HardSigmoid`` (alpha :data:`RELU_MASK_ALPHA`, beta 0)
+    instead of ``Greater`` + ``Cast``: ONNX Runtime runs HardSigmoid and the Mul after it in its blocked (NCHWc)
+    layout, next to the convolutions, so no reorders around them. The same 0/1 except for positive denormals
+    below ``2**-127`` (there a fraction)."""
+    return (a > 0).to(a.dtype)
+
+
+@relu_mask.register_fake
+def _(a: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(a)
+
+
+@torch.library.custom_op("cxrbench::batch_norm_eval", mutates_args=())
+def batch_norm_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                    var: torch.Tensor, eps: float) -> torch.Tensor:
+    """An eval-mode batch norm as PyTorch computes it; in ONNX one ``BatchNormalization``, which ONNX Runtime runs
+    in its blocked layout (the four-operator form of :class:`ChannelAffine` runs in plain NCHW, with reorders to
+    and from every convolution). Used where no convolution comes just before: there ONNX Runtime would fold it into
+    the convolution's weights and round the forward differently."""
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
+@batch_norm_eval.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+      eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def onnx_symbolics() -> dict[str, Any]:
+    """TorchScript-exporter symbolics of this module's custom operators (``name -> function``)."""
+    from torch.onnx import symbolic_helper
+
+    def mask(g: Any, a: Any) -> Any:
+        return g.op("HardSigmoid", a, alpha_f=RELU_MASK_ALPHA, beta_f=0.0)
+
+    def batch_norm(g: Any, x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: Any) -> Any:
+        return g.op("BatchNormalization", x, weight, bias, mean, var,
+                    epsilon_f=float(symbolic_helper._maybe_get_const(eps, "f")))
+
+    return {"cxrbench::relu_mask": mask, "cxrbench::batch_norm_eval": batch_norm}
 
 
 def transposed_padding(in_size: Any, out_size: Any, kernel: Any, stride: Any, padding: Any, dilation: Any
@@ -85,6 +135,20 @@ class ChannelAffine(nn.Module):
         return (x - self.mean) * self.invstd * self.weight + self.bias
 
 
+_HAND_WRITTEN = [True]  # False inside autograd_backward()
+
+
+@contextlib.contextmanager
+def autograd_backward() -> Iterator[None]:
+    """Run the units with their forward as plain operations, so that autograd derives the backward (the
+    reference the hand-written backward is tested against)."""
+    _HAND_WRITTEN[0] = False
+    try:
+        yield
+    finally:
+        _HAND_WRITTEN[0] = True
+
+
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -109,7 +173,8 @@ class _ConvAffineFunction(torch.autograd.Function):
 class _AffineReluConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, unit: AffineReluConv) -> torch.Tensor:
-        a = unit.affine(x)
+        a = (batch_norm_eval(x, unit.bn_weight, unit.bn_bias, unit.bn_mean, unit.bn_var, unit.eps)
+             if unit.affine is None else unit.affine(x))
         ctx.unit, ctx.in_shape = unit, x.shape
         ctx.save_for_backward(a)
         return _conv(unit.conv, torch.relu(a))
@@ -117,8 +182,8 @@ class _AffineReluConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         unit, (a,) = ctx.unit, ctx.saved_tensors  # scale * mask * conv^T(g) = mask * conv^T with W's inputs scaled
-        weight = unit.conv.weight * unit.affine.scale.reshape(1, -1, 1, 1)
-        return _grad_through(unit.conv, g, ctx.in_shape, weight) * (a > 0).to(g.dtype), None
+        weight = unit.conv.weight * unit.scale.reshape(1, -1, 1, 1)
+        return _grad_through(unit.conv, g, ctx.in_shape, weight) * relu_mask(a), None
 
 
 class ConvAffine(nn.Module):
@@ -130,18 +195,42 @@ class ConvAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``affine(conv(x))``; its backward is one transposed convolution."""
+        if not _HAND_WRITTEN[0]:
+            return self.affine(_conv(self.conv, x))
         return _ConvAffineFunction.apply(x, self)
 
 
 class AffineReluConv(nn.Module):
-    """``conv(relu(affine(x)))``: a pre-activation batch norm, its ReLU and the convolution, folded backward."""
+    """``conv(relu(bn(x)))``: an eval-mode batch norm, its ReLU and the convolution, with the folded backward.
 
-    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    ``batch_norm_op``: the batch norm as :func:`batch_norm_eval` (one ONNX BatchNormalization, run in ONNX
+    Runtime's blocked layout); False (a batch norm right after a convolution, which ONNX Runtime would fold into
+    that convolution's weights): as :class:`ChannelAffine`."""
+
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    bn_mean: torch.Tensor
+    bn_var: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, *, batch_norm_op: bool = True) -> None:
         super().__init__()
-        self.affine, self.conv = ChannelAffine(bn), conv
+        self.conv, self.eps = conv, float(bn.eps)
+        self.affine = None if batch_norm_op else ChannelAffine(bn)
+        assert bn.running_mean is not None and bn.running_var is not None and bn.weight is not None
+        assert bn.bias is not None  # an eval-mode BN with its affine (checked by the caller)
+        with torch.no_grad():  # scale: the batch norm's input gradient, weight / sqrt(var + eps) per channel
+            stats = {"bn_weight": bn.weight, "bn_bias": bn.bias, "bn_mean": bn.running_mean, "bn_var": bn.running_var,
+                     "scale": bn.weight * torch.rsqrt(bn.running_var + bn.eps)}
+        for name, value in stats.items():
+            self.register_buffer(name, value.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv(relu(affine(x)))``; its backward is one transposed convolution and the ReLU mask."""
+        """``conv(relu(bn(x)))``; its backward is one transposed convolution and the ReLU mask."""
+        if not _HAND_WRITTEN[0]:
+            a = (F.batch_norm(x, self.bn_mean, self.bn_var, self.bn_weight, self.bn_bias, False, 0.0, self.eps)
+                 if self.affine is None else self.affine(x))
+            return _conv(self.conv, torch.relu(a))
         return _AffineReluConvFunction.apply(x, self)
 
 
@@ -199,6 +288,7 @@ def _units(calls: list[tuple[nn.Module, Any, Any]]) -> list[tuple[str, tuple[nn.
     """The conv -> BN and BN -> ReLU -> conv chains among the calls (each module called once, each output the
     next module's input)."""
     once = {id(m) for m, *_ in calls if sum(c[0] is m for c in calls) == 1}
+    conv_outputs = {id(out) for m, _inp, out in calls if isinstance(m, nn.Conv2d)}
     units: list[tuple[str, tuple[nn.Module, ...]]] = []
     used: set[int] = set()
     for i, (m, _inp, out) in enumerate(calls):
@@ -206,9 +296,12 @@ def _units(calls: list[tuple[nn.Module, Any, Any]]) -> list[tuple[str, tuple[nn.
             continue
         nxt = calls[i + 1] if i + 1 < len(calls) else None
         nxt2 = calls[i + 2] if i + 2 < len(calls) else None
-        if (_is_eval_bn(m) and nxt and nxt2 and isinstance(nxt[0], nn.ReLU) and isinstance(nxt2[0], nn.Conv2d)
+        if (_is_eval_bn(m) and m.weight is not None and m.bias is not None
+                and nxt and nxt2 and isinstance(nxt[0], nn.ReLU) and isinstance(nxt2[0], nn.Conv2d)
                 and nxt[1] is out and nxt2[1] is nxt[2] and id(nxt[0]) in once and id(nxt2[0]) in once):
-            units.append(("bn_relu_conv", (m, nxt[0], nxt2[0])))
+            # after a convolution the four-operator form (ONNX Runtime would fold a BatchNormalization into it)
+            kind = "affine_relu_conv" if id(_inp) in conv_outputs else "bn_relu_conv"
+            units.append((kind, (m, nxt[0], nxt2[0])))
             used |= {id(m), id(nxt[0]), id(nxt2[0])}
         elif isinstance(m, nn.Conv2d) and nxt and _is_eval_bn(nxt[0]) and nxt[1] is out and id(nxt[0]) in once:
             units.append(("conv_bn", (m, nxt[0])))
@@ -218,33 +311,54 @@ def _units(calls: list[tuple[nn.Module, Any, Any]]) -> list[tuple[str, tuple[nn.
 
 def rewrite_for_gradient(net: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module:
     """A copy of ``net`` (eval mode, no in-place ReLUs) with the units of the module doc and the other batch norms
-    as :class:`ChannelAffine`; or with only the batch norms swapped (:func:`plain_for_gradient`) when the units' forward
-    differs from that in any bit on ``example`` (an architecture whose modules are not called as the hooks saw)."""
-    from torchvision.models.densenet import _DenseBlock
-
-    out = copy.deepcopy(net).eval()
-    for module in out.modules():
-        if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False  # type: ignore[assignment]
-    for name, module in list(out.named_modules()):
-        if isinstance(module, _DenseBlock):
-            _set(out, module, IncrementalDenseBlock(module))
-    for kind, mods in _units(_execution_order(out, example)):
+    as :class:`ChannelAffine`; or :func:`plain_for_gradient`'s copy when the units' forward differs in any bit on
+    ``example`` from the same copy without units (an architecture whose modules are not called as the hooks saw).
+    """
+    out = _prepared_copy(net)
+    units = _units(_execution_order(out, example))
+    names = {id(m): name for name, m in out.named_modules()}
+    as_op = {names[id(mods[0])] for kind, mods in units if kind == "bn_relu_conv"}
+    for kind, mods in units:
         if kind == "conv_bn":
             conv, bn = mods
             _set(out, conv, ConvAffine(conv, bn))  # type: ignore[arg-type]
             _set(out, bn, nn.Identity())
         else:
             bn, relu, conv = mods
-            _set(out, conv, AffineReluConv(bn, conv))  # type: ignore[arg-type]
+            _set(out, conv, AffineReluConv(bn, conv, batch_norm_op=kind == "bn_relu_conv"))  # type: ignore[arg-type]
             _set(out, bn, nn.Identity())
             _set(out, relu, nn.Identity())
+    _swap_batch_norms(out)
+    reference = _prepared_copy(net)  # the same forward operations, without the units' backward
+    _swap_batch_norms(reference, keep=as_op)
+    return out if _same_forward(reference, out, example) else plain_for_gradient(net)
+
+
+def _without_inplace(net: nn.Module) -> nn.Module:
+    out = copy.deepcopy(net).eval()
+    for module in out.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False  # type: ignore[assignment]
+    return out
+
+
+def _prepared_copy(net: nn.Module) -> nn.Module:
+    """An eval-mode copy without in-place activations and with DenseNet blocks as :class:`IncrementalDenseBlock`."""
+    from torchvision.models.densenet import _DenseBlock
+
+    out = _without_inplace(net)
     for module in list(out.modules()):
+        if isinstance(module, _DenseBlock):
+            _set(out, module, IncrementalDenseBlock(module))
+    return out
+
+
+def _swap_batch_norms(net: nn.Module, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """Every eval-mode batch norm but those named in ``keep`` becomes a :class:`ChannelAffine`, in place."""
+    for name, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
-            if _is_eval_bn(child):
-                setattr(module, child_name, ChannelAffine(child))  # type: ignore[arg-type]
-    plain = plain_for_gradient(net)
-    return out if _same_forward(plain, out, example) else plain
+            if _is_eval_bn(child) and f"{name}.{child_name}".lstrip(".") not in keep:
+                setattr(module, child_name, ChannelAffine(child))
 
 
 def _same_forward(a: nn.Module, b: nn.Module, example: tuple[torch.Tensor, ...]) -> bool:
@@ -256,12 +370,6 @@ def _same_forward(a: nn.Module, b: nn.Module, example: tuple[torch.Tensor, ...])
 
 def plain_for_gradient(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with only the batch norms as :class:`ChannelAffine` (the rewrite that always holds)."""
-    out = copy.deepcopy(net).eval()
-    for module in out.modules():
-        if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False  # type: ignore[assignment]
-    for module in list(out.modules()):
-        for child_name, child in list(module.named_children()):
-            if _is_eval_bn(child):
-                setattr(module, child_name, ChannelAffine(child))  # type: ignore[arg-type]
+    out = _without_inplace(net)
+    _swap_batch_norms(out)
     return out

@@ -251,7 +251,7 @@ class ClassifierFamily:
             evaluation.to_csv(out / "evaluation.csv", index=False)
             result.evaluation, result.summary = evaluation, summary
             metrics["test"] = {**_test_metrics(evaluation, summary, len(test.labels)),
-                               "source": f"{PREDICT_PATH}, on {ctx.device}"}
+                               "source": f"{PREDICT_PATH}; the network in fp32 on {ctx.device}"}
         card = ModelCard(
             kind="classifier", builder="classifier",
             builder_kwargs={"arch": cfg.arch, "num_outputs": len(self.labels), "in_channels": cfg.in_channels,

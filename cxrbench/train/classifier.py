@@ -236,6 +236,8 @@ class ClassifierFamily:
     def finish(self, model: nn.Module, result: TrainResult, ctx: RunContext) -> None:
         """Operating points on val -> predictions and evaluation on test -> bundle, from :meth:`predicted`."""
         cfg, out = self.config, result.out_dir
+        if ctx.progress:
+            print("predicting the val and test files as `cxrbench predict` reads them (operating points, test metrics)")
         parts = {name: self.predicted(model, name, ctx) for name in ("val", "test")}
         ops = fit_operating_points(parts["val"].labels, parts["val"].probabilities, self.labels, fitted_on="validation")
         for name, res in parts.items():

@@ -14,16 +14,19 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
+import torch
 
 from cxrbench.evaluation.calibration import fit_operating_points
 from cxrbench.inference.pipeline import Pipeline
 from cxrbench.models.bundle import Bundle, load_bundle, save_bundle
 from cxrbench.models.card import ModelCard
+from cxrbench.preprocess import Preprocess
 
-__all__ = ["LabelledOutputs", "labelled_outputs", "refit_operating_points", "trained_findings"]
+__all__ = ["LabelledOutputs", "labelled_outputs", "manifest_outputs", "refit_operating_points", "trained_findings"]
 
 
 def trained_findings(card: ModelCard) -> list[str]:
@@ -48,24 +51,13 @@ def labelled_outputs(bundle: Bundle, data: str | os.PathLike, *, split: str | os
                      subset: str = "val", batch_size: int = 32, progress: bool = False,
                      max_images: int = 0) -> LabelledOutputs:
     """Predict every readable image of the labelled folder ``data`` (``subset`` of ``split`` when given; of
-    its first ``max_images`` rows when > 0).
-
-    The images go through the path of ``cxrbench predict`` (:meth:`Pipeline.predict`: each file read and
-    preprocessed in float), so the probabilities evaluated or calibrated on are the ones ``predict`` reports;
-    the training cache's 8-bit resized pixels moved a seeded DenseNet's probabilities by about 2e-3 (4 NIH
-    images), enough to reorder near ties and change an AUC. Unreadable files are left out with a warning naming
-    each.
+    its first ``max_images`` rows when > 0) through :func:`manifest_outputs`.
 
     Raises ``ValueError`` when the data has no label column for a trained finding, or no images.
     """
     from cxrbench.data import load_manifest, load_split
-    from cxrbench.inference.predict import predict_files
 
-    findings = trained_findings(bundle.card)
     manifest = load_manifest(data, on_missing="drop")
-    absent = [c for c in findings if c not in manifest.columns]
-    if absent:
-        raise ValueError(f"{data}: no label columns for {absent}; this data cannot evaluate this model")
     if split:
         s = load_split(split, manifest)
         manifest = manifest[(s == subset).to_numpy()].reset_index(drop=True)
@@ -73,17 +65,42 @@ def labelled_outputs(bundle: Bundle, data: str | os.PathLike, *, split: str | os
             raise ValueError(f"{split}: no '{subset}' images")
     if max_images > 0:
         manifest = manifest.head(max_images).reset_index(drop=True)
-    pipe = Pipeline(bundle)
-    logits, errors = predict_files(pipe.classifier_backend, bundle.preprocess, manifest["path"].tolist(),
-                                   batch_size=batch_size, progress=progress)
+    return manifest_outputs(Pipeline(bundle).classifier_backend, bundle.preprocess, manifest, bundle.labels,
+                            untrained=bundle.card.untrained, batch_size=batch_size, progress=progress, where=data)
+
+
+def manifest_outputs(model: Any, preprocess: Preprocess, manifest: pd.DataFrame, labels: Sequence[str], *,
+                     untrained: Sequence[str] = (), batch_size: int = 32, device: str | torch.device = "cpu",
+                     progress: bool = False, where: str | os.PathLike = "the manifest") -> LabelledOutputs:
+    """The outputs of the classifier ``model`` (``labels`` its outputs, ``untrained`` those its weights never
+    trained) on every readable row of a labelled ``manifest`` (``path``, ``image_id`` and a 0/1 column per trained
+    finding), in manifest order.
+
+    The images go through the path of ``cxrbench predict`` (:func:`~cxrbench.inference.predict.predict_files`, as
+    :meth:`Pipeline.predict`: each file read and preprocessed in float), so the probabilities evaluated or
+    calibrated on are the ones ``predict`` reports; the training cache's 8-bit resized pixels moved a seeded
+    DenseNet's probabilities by about 2e-3 (4 NIH images), enough to reorder near ties and change an AUC.
+    ``cxrbench evaluate`` and ``calibrate`` use it, and so does a training run for its operating points and test
+    metrics. Unreadable files are left out with a warning naming each.
+
+    Raises ``ValueError`` naming ``where`` when the manifest has no label column for a trained finding.
+    """
+    from cxrbench.inference.predict import predict_files
+
+    findings = [f for f in labels if f not in untrained]
+    absent = [c for c in findings if c not in manifest.columns]
+    if absent:
+        raise ValueError(f"{where}: no label columns for {absent}; this data cannot evaluate this model")
+    logits, errors = predict_files(model, preprocess, manifest["path"].tolist(), batch_size=batch_size,
+                                   device=device, progress=progress)
     for pos, reason in errors.items():
         print(f"warning: {manifest['path'].iloc[pos]}: left out, unreadable: {reason}", file=sys.stderr)
     ok = np.array([i not in errors for i in range(len(manifest))], dtype=bool)
     logits = logits[ok]
-    keep = [bundle.labels.index(f) for f in findings]
+    keep = [list(labels).index(f) for f in findings]
     probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     return LabelledOutputs(logits, manifest.loc[ok, findings].to_numpy(dtype=np.float32), probabilities[:, keep],
-                           findings, manifest.loc[ok, "image_id"].astype(str).tolist(), list(bundle.card.untrained))
+                           findings, manifest.loc[ok, "image_id"].astype(str).tolist(), list(untrained))
 
 
 def refit_operating_points(bundle_path: str | os.PathLike, data: str | os.PathLike, *,

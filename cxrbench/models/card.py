@@ -425,6 +425,8 @@ def _describe_test(card: ModelCard) -> list[str]:
         lines = [f"test: macro AUC {num(summary['macro_auc'])} on {test.get('n_images', '?')} images, "
                  f"micro-F1 {num(summary.get('micro_f1'))}, macro-F1 {num(summary.get('macro_f1'))}, "
                  f"Hamming {num(summary.get('hamming_loss'))}"]
+        if test.get("source"):  # which inputs the numbers were computed on (a training run's: as `predict` reads)
+            lines.append(f"  predicted by: {test['source']}")
         for finding, m in (test.get("per_finding") or {}).items():
             lines.append(f"  {finding:<20} AUC {num(m.get('auc'))} [{num(m.get('auc_ci_low'))}, "
                          f"{num(m.get('auc_ci_high'))}], {int(m.get('n_pos') or 0)} positive(s)")

@@ -15,6 +15,12 @@ What a run writes to its output folder::
     evaluation.csv    per-finding AUC with half-split spread and bootstrap CI on the test split
     bundle/           the model bundle: best weights + card (operating points fitted on val, metrics on test)
 
+The epochs validate on the uint8 cache (fast); the operating points, the test metrics and the predictions CSVs
+come from the val and test files read as ``cxrbench predict`` reads them (:func:`~cxrbench.inference.recalibrate.
+manifest_outputs`, the function of ``cxrbench evaluate`` and ``calibrate``), so ``predict`` on a test file gives
+its row of ``predictions_test.csv`` and ``evaluate`` on the test split the card's AUCs; ``metrics.test.source``
+says so.
+
 The epochs run in the one training loop (:mod:`cxrbench.train.loop`): interrupted runs resume from
 ``checkpoint.pt`` with ``resume=True`` and end with the same weights and metrics as an uninterrupted
 run. Under ``torchrun`` the loop runs data-parallel (DDP; gloo on CPU, nccl on CUDA); rank 0 writes.
@@ -37,6 +43,7 @@ from cxrbench.data import CXRDataset
 from cxrbench.evaluation.calibration import fit_operating_points
 from cxrbench.evaluation.metrics import evaluate_predictions
 from cxrbench.inference.predict import predict_dataset, predictions_table
+from cxrbench.inference.recalibrate import LabelledOutputs, manifest_outputs
 from cxrbench.models.bundle import ModelCard, save_bundle
 from cxrbench.models.classifier import build_classifier
 from cxrbench.preprocess import Preprocess
@@ -45,7 +52,12 @@ from cxrbench.train.family import LoopResult, LoopSettings, TrainingParts
 from cxrbench.train.loop import run_training
 from cxrbench.train.runtime import RunContext
 
-__all__ = ["ClassifierConfig", "ClassifierFamily", "TrainResult", "cxr_augmentation", "train_classifier"]
+__all__ = ["PREDICT_PATH", "ClassifierConfig", "ClassifierFamily", "TrainResult", "cxr_augmentation",
+           "train_classifier"]
+
+#: where a run's operating points, test metrics and ``predictions_*.csv`` come from (``metrics.test.source``)
+PREDICT_PATH = ("float path (as cxrbench predict): each val and test file read and preprocessed in float, "
+                "not the 8-bit training cache")
 
 
 @dataclass
@@ -222,28 +234,26 @@ class ClassifierFamily:
         return _validate(model, self.val_set, self.criterion, self.labels, ctx.device, self.config)
 
     def finish(self, model: nn.Module, result: TrainResult, ctx: RunContext) -> None:
-        """Operating points on val -> predictions and evaluation on test -> bundle."""
+        """Operating points on val -> predictions and evaluation on test -> bundle, from :meth:`predicted`."""
         cfg, out = self.config, result.out_dir
-        parts = {}
-        for name in ("val", "test"):
-            ds = self._part(name)
-            parts[name] = (ds, predict_dataset(model, ds, batch_size=max(cfg.batch_size, 32), device=ctx.device))
-        val_preds = parts["val"][1]
-        ops = fit_operating_points(val_preds.labels, val_preds.probabilities, self.labels, fitted_on="validation")
-        for name, (ds, preds) in parts.items():
-            assert preds.labels is not None  # a CXRDataset always has labels
-            table = predictions_table(ds.manifest["image_id"].tolist(), preds.logits, self.labels, ops)
+        if ctx.progress:
+            print("predicting the val and test files as `cxrbench predict` reads them (operating points, test metrics)")
+        parts = {name: self.predicted(model, name, ctx) for name in ("val", "test")}
+        ops = fit_operating_points(parts["val"].labels, parts["val"].probabilities, self.labels, fitted_on="validation")
+        for name, res in parts.items():
+            table = predictions_table(res.image_ids, res.logits, self.labels, ops)
             for j, f in enumerate(self.labels):
-                table[f"{f}_label"] = preds.labels[:, j].astype(int)
+                table[f"{f}_label"] = res.labels[:, j].astype(int)
             table.to_csv(out / f"predictions_{name}.csv", index=False)
         metrics: dict[str, Any] = {"best_epoch": result.best_epoch, f"best_{cfg.monitor}": _num(result.best_value)}
-        test_ds, test_preds = parts["test"]
-        if len(test_ds):
-            evaluation, summary = evaluate_predictions(test_preds.labels, test_preds.probabilities, self.labels, ops,
+        test = parts["test"]
+        if len(test.labels):
+            evaluation, summary = evaluate_predictions(test.labels, test.probabilities, self.labels, ops,
                                                        n_boot=cfg.eval_bootstrap, seed=cfg.seed)
             evaluation.to_csv(out / "evaluation.csv", index=False)
             result.evaluation, result.summary = evaluation, summary
-            metrics["test"] = _test_metrics(evaluation, summary, len(test_ds))
+            metrics["test"] = {**_test_metrics(evaluation, summary, len(test.labels)),
+                               "source": f"{PREDICT_PATH}; the network in fp32 on {ctx.device}"}
         card = ModelCard(
             kind="classifier", builder="classifier",
             builder_kwargs={"arch": cfg.arch, "num_outputs": len(self.labels), "in_channels": cfg.in_channels,
@@ -255,6 +265,14 @@ class ClassifierFamily:
             metrics=metrics, name=f"{cfg.arch}-{len(self.labels)}",
             description="trained with cxrbench train classifier")
         result.bundle = save_bundle(out / "bundle", model, card)
+
+    def predicted(self, model: nn.Module, name: str, ctx: RunContext) -> LabelledOutputs:
+        """The best weights' outputs on the split ``name``, each file read as ``cxrbench predict`` reads it (not the
+        uint8 cache the epochs validate on), by the network in fp32 and the memory layout of a loaded bundle."""
+        model = model.to(memory_format=torch.contiguous_format)
+        return manifest_outputs(model, self.preprocess, self._part(name).manifest, self.labels,
+                                batch_size=max(self.config.batch_size, 32), device=ctx.device,
+                                progress=ctx.progress, where=f"the {name} split")
 
 
 @torch.no_grad()

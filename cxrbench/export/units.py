@@ -13,9 +13,17 @@ layer's gradient back as a split into one slice per earlier feature, each added 
   the same sums, rounded once less; the weights are scaled when ONNX Runtime folds the graph's constants.
 * :class:`IncrementalDenseBlock` concatenates each new feature map onto the block's running concatenation
   (``x = cat(x, layer(x))``, as torchxrayvision's own DenseNet does), so each layer's input gradient is one Add.
+* Two custom operators keep ONNX Runtime in its blocked (NCHWc) layout, where its convolutions run, instead of
+  reordering to plain NCHW and back around every elementwise operator: :func:`relu_mask` (one HardSigmoid
+  instead of Greater + Cast) and :func:`batch_norm_eval` for the batch norms that follow a concatenation or a
+  pooling (one BatchNormalization; after a convolution ORT would fold it into the convolution's weights, which
+  rounds the forward differently and moved a seeded ResNet18's maps by up to 18 % of their maximum, so those
+  stay :class:`ChannelAffine`). DenseNet-121's graph as ORT runs it: 2,699 -> 1,548 nodes, 479 -> 357 reorders.
 
-The forward operations and their order are unchanged (the ReLU masks, which decide the map, are the same), and
-:func:`rewrite_for_gradient` checks that: a rewrite whose forward differs in any bit is not used.
+The forward is PyTorch's up to float rounding, and the ReLU masks, which decide the map, are the same as without
+the units: :func:`rewrite_for_gradient` runs both forwards and uses the units only when they agree in every bit.
+Measured (DenseNet-121, 224 px, 2 threads, ``saliency.onnx`` alone, interleaved): 8,968 -> 3,964 ONNX nodes,
+export 49 -> 8-11 s, a run 98.5 -> 85.4 ms (minimum of 30; the median 161 -> 138 ms at load 2.7).
 """
 
 from __future__ import annotations

@@ -130,3 +130,18 @@ def test_the_exported_relu_mask_and_batch_norm_are_torchs(tmp_path):
     assert mask[0, 0, :, 0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1] == relu_mask(a)[0, 0, :, 0].tolist()
     finite = torch.isfinite(a) & (a.abs() < 1e30)
     torch.testing.assert_close(torch.from_numpy(normed)[finite], bn(a)[finite], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 2, 0), (1, 2, 0)])
+def test_max_pool_backward_is_torchs_first_maximum_rule(kernel, stride, padding):
+    """The saliency graph's max-pool backward (the first maximum recomputed from the input) on ties (flat regions,
+    as the black borders of radiographs have them) and odd sizes: PyTorch's gradient."""
+    from cxrbench.export.gradient import _max_pool2d_backward
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(2, 3, 13, 11, generator=g) * 4).floor().requires_grad_(True)  # values 0..3: many ties
+    out = nn.functional.max_pool2d(x, kernel, stride, padding)
+    grad_out = torch.randn(out.shape, generator=g)
+    (ref,) = torch.autograd.grad(out, x, grad_out)
+    got = _max_pool2d_backward(grad_out, x.detach(), [kernel], [stride], [padding], [1, 1], False, torch.empty(0))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)

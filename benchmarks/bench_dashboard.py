@@ -15,8 +15,10 @@ Each thread setting (``--threads 1 2 auto``; ``auto`` is cxrbench/_threads.py's 
 only, the rule before it: the cores minus the 1-minute load average, this process's own work included) is a
 contender; rounds are interleaved (one of each per round) and the table gives medians over ``--rounds`` rounds;
 the in-process rows' ``torch_threads`` is the count each upload got (``2x5 1x4``: 2 threads in 5 rounds, 1 in 4).
-``--load N`` runs N busy-loop processes for the whole run (the header's load average then shows them). The
-table's header line has the CPU, the load average before and after, and the torch version.
+``--steady S`` uploads back to back for S seconds before the timed in-process rounds (a dashboard in steady
+use, whose own work is then in the load average). ``--load N`` runs N busy-loop processes for the whole run (the
+header's load average then shows them). The table's header line has the CPU, the load average before and after,
+and the torch version.
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         info = {**shared_demo_info(), "examples": {}}
     images = _images(args.rounds + 1)
     settings = list(args.threads)
-    rows, threads = in_process_rows(info, images, settings, args.rounds)
+    rows, threads = in_process_rows(info, images, settings, args.rounds, args.steady)
     rows += dicom_rows(info, images[0], settings, args.rounds, threads)
     print(markdown(_frame(rows)), flush=True)
     served = [s for s in settings if s != LOADAVG]  # a Voila kernel follows its own rule, not the bench's
@@ -305,11 +307,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def in_process_rows(info: dict[str, Any], images: list[Path], settings: list[str], rounds: int
-                    ) -> tuple[list[dict], dict[str, int]]:
+def in_process_rows(info: dict[str, Any], images: list[Path], settings: list[str], rounds: int,
+                    steady: float = 0.0) -> tuple[list[dict], dict[str, int]]:
     app = InProcess(info)
     threads = {s: app.threads_now(s) for s in settings}
     app.upload(images[-1], settings[0])  # the first image's figure and PNG set-up are not timed
+    end, k = time.monotonic() + steady, 0
+    while time.monotonic() < end:  # a dashboard in steady use: its own work is in the load average
+        app.upload(images[k % len(images)], settings[k % len(settings)])
+        k += 1
     app.chosen.clear()
     up = interleaved(rounds, settings, lambda k, s: app.upload(images[k], s))
     find = interleaved(rounds, settings, app.finding)
@@ -386,6 +392,8 @@ def main() -> None:
     p.add_argument("--threads", nargs="+", default=["1", "2", "auto"],
                    help=f"contenders: fixed counts (CXRBENCH_THREADS), 'auto' (the interactive rule), "
                         f"'{LOADAVG}' (the rule before: cores minus the load average)")
+    p.add_argument("--steady", type=float, default=0.0,
+                   help="seconds of untimed back-to-back uploads (contenders in turn) before the in-process rounds")
     p.add_argument("--load", type=int, default=0, help="busy-loop processes running during the whole benchmark")
     p.add_argument("--no-browser", dest="browser", action="store_false", help="only the in-process rows")
     p.add_argument("--name", default="", help="table name (default dashboard[_loadN])")

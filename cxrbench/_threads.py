@@ -11,9 +11,14 @@ The other processes' demand (:class:`OtherDemand`) is the CPU time spent on this
 call, divided by that time. The first call (and the first in a forked child) measures a short sample instead;
 a call within :data:`MIN_WINDOW_S` of the previous one repeats its answer. Unlike the 1-minute load average, this
 leaves out this process's own work: a dashboard that just served a few uploads, or a notebook that just trained,
-no longer sees its own load and drops to 1 thread on an idle machine. Where per-CPU times cannot be read, the
-1-minute load average stands in (it counts this process too). ``OMP_WAIT_POLICY`` is left alone: at 1 thread
-there is no team to spin, and ``PASSIVE`` costs about 1.9x on a quiet machine.
+no longer sees its own load and drops to 1 thread on an idle machine. It measures what the others *used*: after
+a long pause a job that started just before the report counts from the next report on (the load average took
+about 40 s to show one), and while this process ran more threads than the others left free they got less than
+they wanted, so on a larger machine the count can be one too high for a report before it settles. Where per-CPU
+times cannot be read, the 1-minute load average stands in (it counts this process too).
+
+``OMP_WAIT_POLICY`` is left alone: at 1 thread there is no team to spin, and ``PASSIVE`` costs about 1.9x on a
+quiet machine.
 
 ``CXRBENCH_THREADS=N`` fixes the count (``0``: leave torch's own setting).
 """

@@ -11,15 +11,20 @@ prepare``: ResNet18 at 128 px, the 64 px autoencoder gate) and real NIH PNGs:
 - ``dicom``: a 3000 px, 12-bit DICOM report end to end in process (read -> gate -> classify -> saliency), with the
   dashboard's models and with DenseNet-121 at 224 px (random weights: timing does not depend on them).
 
-Each thread setting (``--threads 1 2 auto``; ``auto`` is cxrbench/_threads.py's rule) is a contender; rounds are
-interleaved (one of each per round) and the table gives medians over ``--rounds`` rounds. ``--load N`` runs N
-busy-loop processes for the whole run (the header's load average then shows them). The table's header line has
-the CPU, the load average before and after, and the torch version.
+Each thread setting (``--threads 1 2 auto``; ``auto`` is cxrbench/_threads.py's rule; ``loadavg``, in process
+only, the rule before it: the cores minus the 1-minute load average, this process's own work included) is a
+contender; rounds are interleaved (one of each per round) and the table gives medians over ``--rounds`` rounds;
+the in-process rows' ``torch_threads`` is the count each upload got (``2x5 1x4``: 2 threads in 5 rounds, 1 in 4).
+``--steady S`` uploads back to back for S seconds before the timed in-process rounds (a dashboard in steady
+use, whose own work is then in the load average). ``--load N`` runs N busy-loop processes for the whole run (the
+header's load average then shows them). The table's header line has the CPU, the load average before and after,
+and the torch version.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import io
@@ -37,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # dicom_
 import numpy as np  # noqa: E402
 from _common import machine, markdown  # noqa: E402
 
-from cxrbench._threads import THREADS_ENV  # noqa: E402
+from cxrbench._threads import THREADS_ENV, interactive_threads  # noqa: E402
 from cxrbench.data import load_manifest, shared_data_root  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,10 +51,15 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 #: the per-finding method whose finding change is timed (the default, saliency, sums all findings)
 FINDING_METHOD = "gradcam"
 TARGETS_S = {"upload": 0.5, "finding": 0.3, "dicom": 0.5}
+#: the contender that follows the rule before the other-process demand: cores minus the 1-minute load average
+LOADAVG = "loadavg"
 
 
 def _thread_env(setting: str) -> dict[str, str]:
-    """The environment of one contender: CXRBENCH_THREADS fixed, or unset for the ``auto`` rule."""
+    """The environment of one contender: CXRBENCH_THREADS fixed (for ``loadavg``: to that rule's count now), or
+    unset for the ``auto`` rule."""
+    if setting == LOADAVG:
+        return {THREADS_ENV: str(interactive_threads(load=os.getloadavg()[0], environ={}))}
     return {THREADS_ENV: setting} if setting != "auto" else {}
 
 
@@ -105,6 +115,7 @@ class InProcess:
         pipeline = Pipeline.from_paths(info["classifier"], ood=info["ood"], unet=info["unet"])
         pipeline.warm_up()
         self.dash = Dashboard(pipeline)
+        self.chosen: dict[str, list[int]] = {}  # setting -> torch's thread count after each timed upload
 
     def upload(self, path: Path, setting: str) -> float:
         content = path.read_bytes()
@@ -115,6 +126,7 @@ class InProcess:
             t0 = time.perf_counter()
             self.dash.upload.value = (item,)
             seconds = time.perf_counter() - t0
+        self.chosen.setdefault(setting, []).append(self.torch.get_num_threads())
         assert self.dash.report is not None and self.dash.report.maps is not None, path
         assert self.dash.bars.outputs and self.dash.overlay.value, f"{path.name}: no bars or overlay"
         return seconds
@@ -286,24 +298,31 @@ def run(args: argparse.Namespace) -> list[dict]:
         info = {**shared_demo_info(), "examples": {}}
     images = _images(args.rounds + 1)
     settings = list(args.threads)
-    rows, threads = in_process_rows(info, images, settings, args.rounds)
+    rows, threads = in_process_rows(info, images, settings, args.rounds, args.steady)
     rows += dicom_rows(info, images[0], settings, args.rounds, threads)
     print(markdown(_frame(rows)), flush=True)
-    if args.browser:
-        rows += browser_rows(info, images, settings, args.rounds, threads)
+    served = [s for s in settings if s != LOADAVG]  # a Voila kernel follows its own rule, not the bench's
+    if args.browser and served:
+        rows += browser_rows(info, images, served, args.rounds, threads)
     return rows
 
 
-def in_process_rows(info: dict[str, Any], images: list[Path], settings: list[str], rounds: int
-                    ) -> tuple[list[dict], dict[str, int]]:
+def in_process_rows(info: dict[str, Any], images: list[Path], settings: list[str], rounds: int,
+                    steady: float = 0.0) -> tuple[list[dict], dict[str, int]]:
     app = InProcess(info)
     threads = {s: app.threads_now(s) for s in settings}
     app.upload(images[-1], settings[0])  # the first image's figure and PNG set-up are not timed
+    end, k = time.monotonic() + steady, 0
+    while time.monotonic() < end:  # a dashboard in steady use: its own work is in the load average
+        app.upload(images[k % len(images)], settings[k % len(settings)])
+        k += 1
+    app.chosen.clear()
     up = interleaved(rounds, settings, lambda k, s: app.upload(images[k], s))
     find = interleaved(rounds, settings, app.finding)
     rows = []
     for s in settings:
-        rows.append(_row("in-process", "upload -> result", s, up[s], threads[s]))
+        counts = collections.Counter(app.chosen[s])
+        rows.append(_row("in-process", "upload -> result", s, up[s], " ".join(f"{n}x{c}" for n, c in counts.items())))
         rows.append(_row("in-process", f"finding change ({FINDING_METHOD})", s, find[s], threads[s]))
     return rows, threads
 
@@ -371,14 +390,17 @@ def main() -> None:
     p.add_argument("--out", default="build/benchmarks")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", nargs="+", default=["1", "2", "auto"],
-                   help="contenders: fixed counts (CXRBENCH_THREADS) and/or 'auto' (the interactive rule)")
+                   help=f"contenders: fixed counts (CXRBENCH_THREADS), 'auto' (the interactive rule), "
+                        f"'{LOADAVG}' (the rule before: cores minus the load average)")
+    p.add_argument("--steady", type=float, default=0.0,
+                   help="seconds of untimed back-to-back uploads (contenders in turn) before the in-process rounds")
     p.add_argument("--load", type=int, default=0, help="busy-loop processes running during the whole benchmark")
     p.add_argument("--no-browser", dest="browser", action="store_false", help="only the in-process rows")
     p.add_argument("--name", default="", help="table name (default dashboard[_loadN])")
     args = p.parse_args()
     for s in args.threads:
-        if s != "auto" and not s.isdigit():
-            p.error(f"--threads {s!r}: expected a whole number or 'auto'")
+        if s not in ("auto", LOADAVG) and not s.isdigit():
+            p.error(f"--threads {s!r}: expected a whole number, 'auto' or '{LOADAVG}'")
     if args.browser and not os.path.exists(CHROMIUM):
         sys.exit(f"{CHROMIUM} is missing (apt-get install chromium), or run with --no-browser")
     import torch

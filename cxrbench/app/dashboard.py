@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cxrbench._threads import use_interactive_threads
+from cxrbench._threads import other_demand, use_interactive_threads
 from cxrbench.app.counterfactual import CounterfactualPanel
 from cxrbench.app.pictures import png_bytes
 from cxrbench.app.snapshot import dashboard_html, served_by_voila
@@ -160,6 +160,7 @@ class Dashboard:
         self.model_warning = model_warning(test)
         self._build_inputs()
         self._build_outputs()
+        other_demand()  # the thread rule's first, 0.1 s sample is taken here, not in the first upload
         self.counterfactual = CounterfactualPanel(pipeline, lambda: self.report, lambda: self.finding.value)
         self._observe()
         self.widget = self._layout()

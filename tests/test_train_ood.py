@@ -73,6 +73,29 @@ def test_training_writes_metrics_scores_and_a_bundle_with_the_percentile_cutoff(
     assert {"torch", "cxrbench"} <= set(card.versions)
 
 
+def test_the_runs_recorded_scores_and_verdicts_are_what_ood_score_gives(tmp_path):
+    """scores_val.csv / scores_test.csv (and so the cutoff fitted on val) come from the files read as
+    ``cxrbench ood-score`` reads them, not from the training's 8-bit cache (96 px phantoms resized to 64: the
+    cache's rounding moved them by up to 2e-5 before): the same scores to 1e-6."""
+    phantoms = write_phantom_set(tmp_path / "set96", 40, size=96, seed=2)
+    torch.manual_seed(0)
+    run = train_ood(load_manifest(phantoms), tmp_path / "run", OODConfig(epochs=1, **TINY), progress=False,
+                    cache_dir=tmp_path / "cache")
+    manifest = load_manifest(phantoms).set_index("image_id")
+    for name in ("val", "test"):
+        recorded = pd.read_csv(run.out_dir / f"scores_{name}.csv", dtype={"image_id": str})
+        files = [str(manifest.loc[i, "path"]) for i in recorded["image_id"]]
+        csv = tmp_path / f"{name}.csv"
+        assert main(["ood-score", "--bundle", str(run.bundle), *files, "--out", str(csv), "--backend", "torch"]) == 0
+        scored = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+        assert len(scored) == len(recorded) and scored["error"].isna().all()
+        passed = scored["check"].isna() | (scored["check"] == "reconstruction")  # not stopped by the blank guard
+        for col in ("l1", "l2", "ssim", "latent"):
+            np.testing.assert_allclose(scored.loc[passed, col], recorded.loc[passed.to_numpy(), col],
+                                       rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(scored.loc[passed, "is_ood"], recorded.loc[passed.to_numpy(), "is_ood"])
+
+
 def _classifier_bundle(root: Path) -> Path:
     torch.manual_seed(0)
     clf = build_classifier("resnet18", 14, 1).eval()

@@ -13,7 +13,9 @@ What a run writes to its output folder::
     metrics.csv       one row per epoch: losses, val median SSIM, val L1/L2, seconds, images/s
     checkpoint.pt     last finished epoch (model, optimizers, generators, RNG states) for --resume
     best.safetensors  weights of the epoch with the highest validation median SSIM
-    scores_val.csv / scores_test.csv   per-image scores of the best weights (higher = more OOD)
+    scores_val.csv / scores_test.csv   per-image scores of the best weights (higher = more OOD), the files read
+                      in float as ``cxrbench ood-score`` and the Pipeline's gate read them (not the 8-bit
+                      training cache), so the cutoff fitted on them is the one those apply
     bundle/           kind "ood": weights + card (scorer, cutoff, how it was chosen, val score summary, and the
                       blank-image guard fitted on the val images: ``ood["guard"]``,
                       :func:`cxrbench.ood.guard.fit_guard`)
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -256,10 +259,22 @@ def _validate(model: OODModel, val_set: CXRDataset, device: torch.device) -> dic
             "val_l2": float(scores["l2"].mean()), "val_latent_median": float(np.median(scores["latent"]))}
 
 
+def _file_batches(paths: list[str], preprocess: Preprocess, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """``(B, 1, S, S)`` batches of the files read and preprocessed in float, as ``cxrbench ood-score`` and the
+    Pipeline's gate read them (not the training's 8-bit cache)."""
+    from cxrbench.io import read_image
+
+    for i in range(0, len(paths), batch_size):
+        yield torch.as_tensor(np.stack([preprocess(read_image(p).pixels) for p in paths[i:i + batch_size]]))
+
+
 def _scores_table(model: OODModel, ds: CXRDataset, name: str, device: torch.device) -> pd.DataFrame:
+    """Per-image scores of ``ds``'s files through the float path (:func:`_file_batches`): the run's recorded
+    scores and cutoff are what ``ood-score`` gives for the same files."""
     if len(ds) == 0:
         return pd.DataFrame(columns=["image_id", "split", *SCORE_COLUMNS])
-    scores = score_batches(model, _loader(ds), device=device)
+    scores = score_batches(model, _file_batches(ds.manifest["path"].astype(str).tolist(), ds.preprocess),
+                           device=device)
     table = pd.DataFrame({"image_id": ds.manifest["image_id"].astype(str).to_numpy(), "split": name})
     for col in SCORE_COLUMNS:
         table[col] = scores[col]

@@ -141,7 +141,11 @@ class ChannelAffine(nn.Module):
     decomposition (``(x - mean) * rsqrt(var + eps) * weight + bias``: the same rounding as before the swap; the
     fused ``x * scale + shift``, which ONNX Runtime folds into the Conv before it, was 7 % faster for DenseNet-121
     but moved 0.1 % of the map's pixels by up to 0.5 % of its maximum, near-ties that this form keeps within
-    7e-7). ``scale`` (``weight * rsqrt(var + eps)``) is its input gradient."""
+    7e-7). ``scale`` (``weight * rsqrt(var + eps)``) is its input gradient.
+
+    ``depthwise``: inside a unit (:class:`ConvAffine`, :class:`AffineReluConv` after a convolution) the map is
+    :func:`channel_affine` instead, ``x * scale + shift`` with the shift rounded once from float64, which ONNX
+    Runtime runs as a blocked depthwise convolution."""
 
     def __init__(self, bn: nn.BatchNorm2d, *, depthwise: bool = False) -> None:
         super().__init__()
@@ -178,7 +182,7 @@ class ChannelAffine(nn.Module):
         return x * self.dw_scale.reshape(1, -1, 1, 1) + self.dw_shift.reshape(1, -1, 1, 1)
 
 
-_HAND_WRITTEN = [True]  # False inside autograd_backward()
+_HAND_WRITTEN = [True]  # False inside autograd_backward() (tests: not thread-safe, and not meant to be)
 
 
 @contextlib.contextmanager

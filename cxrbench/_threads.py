@@ -1,4 +1,8 @@
-"""How many threads one interactive report (the dashboard, a notebook's ``Pipeline.analyze``) should use.
+"""How many threads one interactive report should use: the dashboard sets torch's count by this rule before each
+upload and each change of explained finding, and ONNX Runtime sessions opened without a thread count
+(``cxrbench.export.runtime``) size their pool by it. ``Pipeline.analyze`` itself leaves torch's setting alone (a
+library call that changed a notebook's global thread count would surprise); call :func:`use_interactive_threads`
+before it to get the same rule.
 
 PyTorch's CPU kernels split each layer across an OpenMP team and wait for its slowest thread. On a machine
 whose cores are all taken by other processes a second thread waits for a core most of the time, and a report

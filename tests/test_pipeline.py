@@ -504,5 +504,10 @@ def test_the_lung_mask_of_a_report_is_predict_lung_mask(bundles, image, tmp_path
     unsegmented = pipe.analyze(image, explain=None, segment=False)  # the dashboard's: it shows no mask
     assert unsegmented.lung_mask is None and "segment" not in unsegmented.timings
     np.testing.assert_array_equal(unsegmented.calibrated, r.calibrated)
+    calls: list[int] = []  # the dashboard's warm-up skips the U-Net its reports skip; the default runs it
+    hook = unet.model.register_forward_hook(lambda *_: calls.append(1))
+    assert pipe.warm_up(explain=None, segment=False) > 0 and calls == []
+    assert pipe.warm_up(explain=None) > 0 and calls == [1]
+    hook.remove()
     with pytest.raises(ValueError, match="expected a segmentation bundle"):
         Pipeline(load_bundle(bundles / "clf"), unet=load_bundle(bundles / "clf"))

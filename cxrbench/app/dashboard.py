@@ -517,7 +517,8 @@ def dashboard_from_environment(classifier: str = "", ood: str = "", unet: str = 
     pipeline = Pipeline.from_paths(classifier, ood=ood or info.get("ood") or None,
                                    unet=unet or info.get("unet") or None,
                                    autoencoder=autoencoder or info.get("autoencoder") or None)
-    pipeline.warm_up()  # before the page shows: the first upload then costs what every later one does
+    pipeline.warm_up(segment=False)  # before the page shows: the first upload then costs what every later one
+    # does (its reports skip the U-Net, so the warm-up does too)
     return Dashboard(pipeline, examples=info.get("examples") or {})
 
 

@@ -269,14 +269,15 @@ class Pipeline:
                    load_bundle(unet, kind="segmentation") if unet else None, device=device, min_side=min_side,
                    autoencoder=load_bundle(autoencoder, kind="autoencoder") if autoencoder else None)
 
-    def warm_up(self, explain: str | None = "saliency") -> float:
+    def warm_up(self, explain: str | None = "saliency", *, segment: bool = True) -> float:
         """Run the whole chain once on a synthetic image so that the first real one does not pay for
         torch's first-call set-up (about 0.5 s on a 2-core CPU); returns the seconds it took. A method the
-        backend cannot compute (gradients on ONNX Runtime) is left out of the warm-up."""
+        backend cannot compute (gradients on ONNX Runtime) is left out of the warm-up; ``segment=False`` leaves
+        out the U-Net too (for a caller whose reports skip it, as the dashboard's do)."""
         t0 = time.perf_counter()
         explain = explain if explain in self.classifier_backend.explain_methods else None
         ramp = np.linspace(0.1, 0.9, 256, dtype=np.float32)
-        self.analyze(np.outer(ramp, ramp[::-1]), name="<warm-up>", explain=explain, allow_ood=True)
+        self.analyze(np.outer(ramp, ramp[::-1]), name="<warm-up>", explain=explain, allow_ood=True, segment=segment)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------

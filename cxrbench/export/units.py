@@ -159,10 +159,11 @@ class ChannelAffine(nn.Module):
                      "scale": invstd * weight}
         for name, value in stats.items():
             self.register_buffer(name, value.detach().reshape(1, -1, 1, 1).clone())
-        with torch.no_grad():  # the depthwise form's weights: (C, 1, 1, 1) and (C,), the shift rounded once
-            shift = (bias.double() - bn.running_mean.double() * self.scale.reshape(-1).double()).float()
-        self.register_buffer("dw_scale", self.scale.reshape(-1, 1, 1, 1).clone())
-        self.register_buffer("dw_shift", shift.detach().clone())
+        if depthwise:
+            with torch.no_grad():  # the depthwise form's weights: (C, 1, 1, 1) and (C,), the shift rounded once
+                shift = (bias.double() - bn.running_mean.double() * self.scale.reshape(-1).double()).float()
+            self.register_buffer("dw_scale", self.scale.reshape(-1, 1, 1, 1).clone())
+            self.register_buffer("dw_shift", shift.detach().clone())
 
     mean: torch.Tensor
     invstd: torch.Tensor
@@ -267,8 +268,10 @@ class AffineReluConv(nn.Module):
         assert bn.running_mean is not None and bn.running_var is not None and bn.weight is not None
         assert bn.bias is not None  # an eval-mode BN with its affine (checked by the caller)
         with torch.no_grad():  # scale: the batch norm's input gradient, weight / sqrt(var + eps) per channel
-            stats = {"bn_weight": bn.weight, "bn_bias": bn.bias, "bn_mean": bn.running_mean, "bn_var": bn.running_var,
-                     "scale": bn.weight * torch.rsqrt(bn.running_var + bn.eps)}
+            stats = {"scale": bn.weight * torch.rsqrt(bn.running_var + bn.eps)}
+            if batch_norm_op:  # the statistics batch_norm_eval reads (else the ChannelAffine holds its own)
+                stats |= {"bn_weight": bn.weight, "bn_bias": bn.bias, "bn_mean": bn.running_mean,
+                          "bn_var": bn.running_var}
         for name, value in stats.items():
             self.register_buffer(name, value.detach().clone())
 

@@ -20,6 +20,10 @@ layer's gradient back as a split into one slice per earlier feature, each added 
   rounds the forward differently and moved a seeded ResNet18's maps by up to 18 % of their maximum, so there
   :func:`channel_affine`, a depthwise 1x1 Conv that ORT does not fold). DenseNet-121's graph as ORT runs it:
   2,699 -> 1,138 nodes, 479 -> 125 reorders.
+* :class:`AffineReluConv` reads its backward's mask from the ReLU's output (``r > 0`` exactly where ``a > 0``), so
+  the batch norm's output has the ReLU as its one reader and ORT fuses the ReLU into that depthwise Conv or
+  BatchNormalization: DenseNet-121's graph 1,138 -> 1,019 nodes, the same maps in every bit, 90.8 -> 84.9 ms
+  (minimum of 60 interleaved runs; 25th percentile 100.4 -> 97.2).
 
 The forward is PyTorch's up to float rounding, and the ReLU masks, which decide the map, are the same as without
 the units: :func:`rewrite_for_gradient` runs both forwards and uses the units only when they agree in every bit.
@@ -223,15 +227,16 @@ class _AffineReluConvFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, unit: AffineReluConv) -> torch.Tensor:
         a = (batch_norm_eval(x, unit.bn_weight, unit.bn_bias, unit.bn_mean, unit.bn_var, unit.eps)
              if unit.affine is None else unit.affine(x))
-        ctx.unit, ctx.in_shape = unit, x.shape
-        ctx.save_for_backward(a)
-        return _conv(unit.conv, torch.relu(a))
+        r = torch.relu(a)  # the mask is read from the ReLU's output (r > 0 exactly where a > 0), so that the
+        ctx.unit, ctx.in_shape = unit, x.shape  # batch norm's output has one reader and ORT fuses the ReLU into it
+        ctx.save_for_backward(r)
+        return _conv(unit.conv, r)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        unit, (a,) = ctx.unit, ctx.saved_tensors  # scale * mask * conv^T(g) = mask * conv^T with W's inputs scaled
+        unit, (r,) = ctx.unit, ctx.saved_tensors  # scale * mask * conv^T(g) = mask * conv^T with W's inputs scaled
         weight = unit.conv.weight * unit.scale.reshape(1, -1, 1, 1)
-        return _grad_through(unit.conv, g, ctx.in_shape, weight) * relu_mask(a), None
+        return _grad_through(unit.conv, g, ctx.in_shape, weight) * relu_mask(r), None
 
 
 class ConvAffine(nn.Module):

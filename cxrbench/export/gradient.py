@@ -96,48 +96,6 @@ def _avg_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
     return _aten.convolution.default(grad_out, weight, None, stride, padding, [1, 1], True, extra, channels)
 
 
-@torch.library.custom_op("cxrbench::space_to_depth", mutates_args=())
-def space_to_depth(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``(N, C, H, W) -> (N, b*b*C, H/b, W/b)``, channel ``(i * b + j) * C + c`` holding ``x[..., c, b*u + i, b*v + j]``
-    (ONNX ``SpaceToDepth``, one operator; the same values as ``block * block`` strided slices, which ONNX Runtime
-    copies element by element)."""
-    n, c, h, w = x.shape
-    return (x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
-            .reshape(n, block * block * c, h // block, w // block).contiguous())
-
-
-@space_to_depth.register_fake
-def _(x: torch.Tensor, block: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return x.new_empty(n, block * block * c, h // block, w // block)
-
-
-def _space_to_depth_symbolic(g: Any, x: Any, block: Any) -> Any:
-    from torch.onnx import symbolic_helper
-
-    return g.op("SpaceToDepth", x, blocksize_i=int(symbolic_helper._maybe_get_const(block, "i")))
-
-
-def _pool_windows(inp: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-                  out_size: tuple[int, int]) -> list[torch.Tensor]:
-    """The ``kh * kw`` window positions of a max pool as ``(N, C, oh, ow)`` tensors in row-major order, the input
-    padded with -inf (as max pooling pads). Equal strides > 1: slices of :func:`space_to_depth`, each a block of
-    whole rows; else strided slices."""
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = kernel, stride, padding, out_size
-    if sh == sw > 1:
-        s = sh
-        rows, cols = s * (oh + (kh - 1) // s), s * (ow + (kw - 1) // s)  # whole blocks covering every window
-    else:
-        s, rows, cols = 1, sh * (oh - 1) + kh, sw * (ow - 1) + kw
-    x = inp[:, :, :rows - ph, :cols - pw]  # rows and columns no window reaches are left out
-    x = torch.nn.functional.pad(x, [pw, cols - pw - x.shape[3], ph, rows - ph - x.shape[2]], value=float("-inf"))
-    if s == 1:
-        return [x[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] for i in range(kh) for j in range(kw)]
-    blocks, c = space_to_depth(x, s), inp.shape[1]
-    return [blocks[:, ((i % s) * s + j % s) * c:((i % s) * s + j % s + 1) * c, i // s:i // s + oh, j // s:j // s + ow]
-            for i in range(kh) for j in range(kw)]
-
-
 def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any, stride: Any, padding: Any,
                          dilation: Any, ceil_mode: bool, indices: torch.Tensor) -> torch.Tensor:
     """Max-pool backward with PyTorch's rule, the *first* maximum of each window in row-major order, recomputed
@@ -145,11 +103,14 @@ def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
 
     ONNX MaxPool's arg-max indices are not specified for ties, and radiographs have them (flat black borders
     give equal values in a window): onnxruntime-web's kernel picked other positions than PyTorch's, which moved
-    the saliency map by up to 3.5 % of its maximum. ONNX's ArgMax is specified to name the first maximum: over the
-    stacked windows it gives each window's position, and one ``ScatterElements`` (reduction add, in the order of
-    the windows, as PyTorch adds) sends the gradient there. Measured alone (ONNX Runtime, 2 threads, (1, 64, 112,
-    112) -> 56 px, the stem of ResNet18 and DenseNet-121): 5.7 / 7.7 ms (min / median of 200) against 6.5 / 9.1 for
-    the comparisons, masks and one-hot transposed convolution used before.
+    the saliency map by up to 3.5 % of its maximum. Here a grouped convolution with one-hot kernels lays out every
+    window's values (exact: one product by 1, the others by 0; the input padded with float32's lowest value, as
+    max pooling pads with -inf), ONNX's ArgMax, specified to name the first maximum, gives each window's
+    position, and one ``ScatterElements`` (reduction add, in the order of the windows, as PyTorch adds) sends the
+    gradient there. Measured alone (ONNX Runtime, 2 threads, (1, 64, 112, 112) -> 56 px, the stem of ResNet18
+    and DenseNet-121, 300 interleaved runs): 3.5 / 4.8 ms (min / median) against 4.9 / 6.1 with strided windows
+    and a Gather of the offsets, and 6.5 / 9.1 for the comparisons, masks and one-hot transposed convolution
+    used before. Inputs with an infinity in a window are not PyTorch's (0 * inf): a network gives none.
     """
     kh, kw = (list(kernel) * 2)[:2] if len(kernel) == 1 else list(kernel)
     sh, sw = (list(stride or kernel) * 2)[:2] if len(stride or kernel) == 1 else list(stride or kernel)
@@ -158,15 +119,17 @@ def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
         raise NotImplementedError(f"max_pool2d backward with ceil_mode={ceil_mode}, dilation={list(dilation)}")
     n, c, h, w = inp.shape
     oh, ow = grad_out.shape[2:]
-    windows = _pool_windows(inp, (kh, kw), (sh, sw), (ph, pw), (oh, ow))
-    first = torch.argmax(torch.stack(windows, 2), 2)  # (N, C, oh, ow): k = i * kw + j of the first maximum
-    offsets = ((torch.arange(kh, dtype=torch.int64).reshape(kh, 1) - ph) * w  # window position k -> flat offset
-               + torch.arange(kw, dtype=torch.int64).reshape(1, kw) - pw).reshape(-1)
+    padded = torch.nn.functional.pad(inp, [pw, pw, ph, ph], value=float(torch.finfo(inp.dtype).min))
+    one_hot = torch.eye(kh * kw, dtype=inp.dtype).reshape(kh * kw, 1, kh, kw).repeat(c, 1, 1, 1)
+    windows = _aten.convolution.default(padded, one_hot, None, [sh, sw], [0, 0], [1, 1], False, [0, 0], c)
+    first = torch.argmax(windows.reshape(n, c, kh * kw, oh, ow), 2)  # k = i * kw + j of the first maximum
+    row = torch.div(first, kw, rounding_mode="trunc")
+    offset = row * (w - kw) + first - (ph * w + pw)  # (i - ph) * w + (j - pw) with j = k - i * kw
     base = (torch.arange(n * c, dtype=torch.int64).reshape(n, c, 1, 1) * (h * w)
             + (torch.arange(oh, dtype=torch.int64) * (sh * w)).reshape(1, 1, oh, 1)
             + (torch.arange(ow, dtype=torch.int64) * sw).reshape(1, 1, 1, ow))
-    flat = (base + offsets.index_select(0, first.reshape(-1)).reshape(first.shape)).reshape(-1)
-    grad = torch.zeros(n * c * h * w, dtype=grad_out.dtype).scatter_add(0, flat, grad_out.reshape(-1))
+    grad = torch.zeros(n * c * h * w, dtype=grad_out.dtype).scatter_add(0, (base + offset).reshape(-1),
+                                                                         grad_out.reshape(-1))
     return grad.reshape(n, c, h, w)
 
 
@@ -279,8 +242,7 @@ def write_saliency_onnx(program: nn.Module, channels: int, size: int, n_outputs:
     """
     example = (torch.zeros(1, channels, size, size), torch.ones(1, n_outputs))
     opset = max(18, opset)
-    symbolics = {"aten::_to_copy": _to_copy_symbolic, "cxrbench::space_to_depth": _space_to_depth_symbolic,
-                 **onnx_symbolics()}
+    symbolics = {"aten::_to_copy": _to_copy_symbolic, **onnx_symbolics()}
     for name, fn in symbolics.items():
         torch.onnx.register_custom_op_symbolic(name, fn, opset)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -108,7 +108,7 @@ def _max_pool2d_backward(grad_out: torch.Tensor, inp: torch.Tensor, kernel: Any,
     max pooling pads with -inf), ONNX's ArgMax, specified to name the first maximum, gives each window's
     position, and one ``ScatterElements`` (reduction add, in the order of the windows, as PyTorch adds) sends the
     gradient there. Measured alone (ONNX Runtime, 2 threads, (1, 64, 112, 112) -> 56 px, the stem of ResNet18
-    and DenseNet-121, 300 interleaved runs): 3.5 / 4.8 ms (min / median) against 4.9 / 6.1 with strided windows
+    and DenseNet-121, 300 interleaved runs): 3.5 / 4.8 ms (min / median) against 4.9 / 6.1 with SpaceToDepth windows
     and a Gather of the offsets, and 6.5 / 9.1 for the comparisons, masks and one-hot transposed convolution
     used before. Inputs with an infinity in a window are not PyTorch's (0 * inf): a network gives none.
     """

@@ -234,7 +234,7 @@ def make_session(path: str | os.PathLike, threads: int | None = None):
     # Threads spin between the operators of a run (without it, each of the ~2,600 operators of DenseNet-121's
     # saliency graph waits for a woken thread: 136 -> 125 ms a run, 2 threads) and stop when the run returns, so
     # that idle ORT threads do not spin and slow PyTorch in the same process (2 shared cores: the torch step
-    # after a run took 128 ms with spinning left on, 74 ms with it off or stopped; benchmarks/NOTES)
+    # after a run took 128 ms with spinning left on, 74 ms with it off or stopped)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:

@@ -279,8 +279,10 @@ def _read_raster(data: bytes, label: str, max_pixels: int) -> Image:
 
 def is_low_dynamic_range(pixels: np.ndarray) -> bool:
     """True when the 1st to 99th percentile of ``pixels`` ((H, W) in [0, 1]) span less than
-    :data:`LOW_DYNAMIC_RANGE_SPREAD` (nearly flat or nearly black); computed on at most ~65k pixels."""
-    step = max(1, int(np.sqrt(pixels.size / 65536)))
+    :data:`LOW_DYNAMIC_RANGE_SPREAD` (nearly flat or nearly black); computed on every k-th row and column, ~16k
+    pixels or more (a 256 px image's 65k 8-bit pixels took 0.48 ms, most of a report's read: np.partition is slow
+    on many equal values; every other row and column 0.1 ms)."""
+    step = max(1, int(np.sqrt(pixels.size / 16384)))
     lo, hi = np.percentile(pixels[::step, ::step], [1, 99])
     return bool(hi - lo < LOW_DYNAMIC_RANGE_SPREAD)
 

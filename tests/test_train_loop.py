@@ -32,7 +32,7 @@ from cxrbench.train import (
 from cxrbench.train.classifier import ClassifierFamily
 from cxrbench.train.common import CHECKPOINT, RunConfig, load_checkpoint, save_checkpoint
 from cxrbench.train.ood import OODFamily
-from cxrbench.train.runtime import precision_policy
+from cxrbench.train.runtime import pick_device, precision_policy, process_group_backend
 from cxrbench.train.unet import UNetFamily
 
 
@@ -259,3 +259,16 @@ def test_settings_are_checked():
         LoopSettings(epochs=1, batch_size=1, monitor="val_loss", mode="lowest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="patience >= 0"):
         LoopSettings(epochs=1, batch_size=1, monitor="val_loss", mode="min", patience=-1)
+
+
+def test_torchrun_processes_that_share_a_gpu_use_gloo_and_the_gpus_there_are(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert process_group_backend(cuda, local_processes=2, gpus=2) == "nccl"  # a GPU each
+    assert process_group_backend(cuda, local_processes=2, gpus=1) == "gloo"  # NCCL refuses a shared GPU
+    assert process_group_backend(cpu, local_processes=2, gpus=0) == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of `torchrun --nproc_per_node 2` on one GPU
+    assert pick_device("auto") == cuda
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda", 1)

@@ -197,7 +197,7 @@ class ClassifierFamily:
         self.split = ctx.main_first(lambda write: run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed,
                                                             self.given_split, write=write))
         self.full = CXRDataset(self.manifest, self.preprocess, label_columns=self.labels, cache_dir=self.cache_dir)
-        ctx.main_first(lambda write: decode_all(self.full, ctx.progress) if write else None)
+        ctx.main_first(lambda write: decode_all(self.full, ctx.progress, cfg.num_workers) if write else None)
         self.train_set = self._part("train")
         if cfg.augment:
             self.train_set.transform = cxr_augmentation(cfg)

@@ -278,9 +278,11 @@ def run_split(manifest: pd.DataFrame, out: Path, fractions: tuple[float, float, 
     return s
 
 
-def decode_all(dataset: CXRDataset, progress: bool) -> None:
-    """Decode every file of ``dataset`` once into its uint8 cache; one warning lists the unreadable ones."""
-    report = dataset.build_cache(workers=2, progress=progress)
+def decode_all(dataset: CXRDataset, progress: bool, workers: int = 0) -> None:
+    """Decode every file of ``dataset`` once into its uint8 cache, in ``max(2, workers)`` threads (a run's
+    DataLoader workers: a machine given 12 for training has the cores to decode with); one warning lists the
+    unreadable ones."""
+    report = dataset.build_cache(workers=max(2, workers), progress=progress)
     if report.n_failed:
         print(f"warning: {report.summary()}")
 

@@ -196,7 +196,7 @@ class OODFamily:
         cfg = self.config
         self.split = run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed, self.given_split)
         self.full = CXRDataset(self.manifest, cfg.preprocess(), label_columns=[], cache_dir=self.cache_dir)
-        decode_all(self.full, ctx.progress)
+        decode_all(self.full, ctx.progress, cfg.num_workers)
         train_set, self.val_set = self._part("train"), self._part("val")
         if len(train_set) < 2 or len(self.val_set) < 1:
             raise ValueError(f"need >= 2 readable train and >= 1 val images, got {len(train_set)} and "

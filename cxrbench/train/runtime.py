@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRECISION_MODES", "DistInfo", "Precision", "RunContext", "autocast", "cpu_flags", "cpu_has_fast_bf16",
-           "dist_info", "init_distributed", "pick_device", "precision_policy"]
+           "dist_info", "init_distributed", "pick_device", "precision_policy", "process_group_backend"]
 
 T = TypeVar("T")
 
@@ -33,8 +33,8 @@ def pick_device(device: str = "auto") -> torch.device:
     Mac) is a :class:`ValueError` naming it, before any data are read: never a torch traceback mid-run.
     """
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available():  # more processes than GPUs (torchrun on one GPU): they share them
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
@@ -148,13 +148,21 @@ def dist_info() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def process_group_backend(device: torch.device, local_processes: int, gpus: int) -> str:
+    """``nccl`` when each of this node's ``local_processes`` has a GPU of its own, else ``gloo`` (the CPU, and
+    processes sharing a GPU, which NCCL refuses: "Duplicate GPU detected"; gloo reduces CUDA tensors too)."""
+    return "nccl" if device.type == "cuda" and local_processes <= gpus else "gloo"
+
+
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op for one process."""
+    """Join the process group torchrun describes (:func:`process_group_backend`); no-op for one process."""
     info = dist_info()
     if info.enabled and not torch.distributed.is_initialized():
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        torch.distributed.init_process_group(backend=process_group_backend(device, local, gpus))
     return info
 
 

@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=60, help="times the training rows are repeated (an epoch)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="auto", help="auto: under torchrun, each process its GPU (k mod count)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch")
     p.add_argument("--workdir", default=None, help="run folders and cache (kept); default a temporary one")
     p.add_argument("--tag", default="", help="a label for the rows (e.g. torchrun-2)")
@@ -117,7 +117,7 @@ def main() -> None:
         args.arch, args.size, args.batch, args.workers, args.repeat = "resnet18", 64, [8], 0, 1
         args.epochs, args.device, args.max_steps, args.tag = 1, "cpu", 3, args.tag or "smoke"
         torch.set_num_threads(2)
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+    elif args.device != "cpu" and not torch.cuda.is_available():
         sys.exit("gpu_train.py: no CUDA device here (run it on a GPU machine, or --smoke for a CPU check)")
     dist = dist_info()
     manifest, split = repeated_manifest(args.repeat)
@@ -145,7 +145,7 @@ def main() -> None:
                 continue
             last = result.history[-1]
             rate = float(last["images_per_s"])
-            device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu (2 threads)"
+            device = torch.cuda.get_device_name() if args.device != "cpu" else "cpu (2 threads)"
             rows.append({"device": device, "processes": int(last.get("world_size", 1)), "tag": args.tag,
                          "arch": args.arch, "size": args.size, "batch": batch, "workers": args.workers,
                          "precision": result.precision,

@@ -20,6 +20,7 @@ run (validation and the test evaluation included), ``nih_epoch_s`` the time one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -126,17 +127,16 @@ def main() -> None:
     tmp = Path(args.workdir or Path(tempfile.gettempdir()) / f"cxrbench-gpu-train-{run_id()}")
     try:
         cache = tmp / "cache"
+        base = ClassifierConfig(arch=args.arch, image_size=args.size, epochs=args.epochs, early_stopping_patience=0,
+                                num_workers=args.workers, device=args.device, precision=args.precision,
+                                max_steps_per_epoch=args.max_steps, eval_bootstrap=20)
         if dist.is_main:  # decode once, with every core, before the timed runs (which then find it done)
             t0 = time.perf_counter()
-            config = ClassifierConfig(arch=args.arch, image_size=args.size)
-            CXRDataset(manifest, config.preprocess(), cache_dir=cache).build_cache(workers=os.cpu_count() or 1)
+            CXRDataset(manifest, base.preprocess(), cache_dir=cache).build_cache(workers=os.cpu_count() or 1)
             print(f"uint8 cache of {len(manifest)} rows: {time.perf_counter() - t0:.1f} s", flush=True)
         for batch in args.batch:
             out = tmp / f"run-{batch}"
-            config = ClassifierConfig(arch=args.arch, image_size=args.size, batch_size=batch, epochs=args.epochs,
-                                      early_stopping_patience=0, num_workers=args.workers, device=args.device,
-                                      precision=args.precision, max_steps_per_epoch=args.max_steps,
-                                      eval_bootstrap=20)
+            config = dataclasses.replace(base, batch_size=batch)
             t0 = time.perf_counter()
             with GpuSampler() as gpu:
                 result = train_classifier(manifest, out, config, split=split, cache_dir=cache, progress=False,

@@ -223,6 +223,35 @@ def test_chester_saliency_equals_autograd(in_channels: int) -> None:
         )
 
 
+@pytest.mark.parametrize("name", ["saliency", "saliency_per_finding", "integrated_gradients", "smoothgrad", "gradcam"])
+def test_input_gradient_methods_run_cxrbench_classifiers_with_inplace_relus_and_the_same_maps(name: str) -> None:
+    """Saliency, IG and SmoothGrad need no hook, so a cxrbench classifier runs with in-place ReLUs (fewer
+    tensors) and gives the maps of the same network with hooks on it (which keeps every ReLU out of place);
+    Grad-CAM hooks a layer and keeps them out of place."""
+    from cxrbench.models.classifier import build_classifier
+
+    torch.manual_seed(6)
+    model = build_classifier("resnet18", num_outputs=4, in_channels=1).eval()
+    flags: list[bool] = []
+    forward = model.forward
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        flags.append(all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU)))
+        return forward(x)
+
+    model.forward = spy  # type: ignore[method-assign]
+    x = torch.rand(2, 1, SIZE, SIZE)
+    options = FAST_OPTIONS.get(name, {})
+    logits, fast = get_explainer(name, model, **options).explain_with_logits(x, targets=[0, 2])
+    assert flags and all(flags) == (name != "gradcam") and not any(inplace_flags(model))
+    handle = model.conv1.register_forward_hook(lambda *_args: None)  # a hook: the ReLUs stay out of place
+    flags.clear()
+    hooked_logits, reference = get_explainer(name, model, **options).explain_with_logits(x, targets=[0, 2])
+    handle.remove()
+    assert flags and not any(flags)
+    assert np.array_equal(logits, hooked_logits) and np.array_equal(fast, reference) and fast.max() > 0
+
+
 class QuadrantNet(nn.Module):
     """Outputs depend only on the top-left quadrant of the input (the rest is masked to zero)."""
 

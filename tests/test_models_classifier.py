@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -21,6 +22,7 @@ from cxrbench.models.classifier import (
     embed,
     feature_layer,
     from_torchxrayvision,
+    inplace_relus,
 )
 from cxrbench.models.weights import (
     WeightsUnavailableError,
@@ -117,6 +119,57 @@ def test_torchvision_densenet_breaks_backward_hooks_which_is_why_we_wrap() -> No
     reference.features.register_full_backward_hook(lambda *args: None)
     with pytest.raises(RuntimeError, match="inplace"):
         reference(torch.rand(1, 3, 32, 32)).sum().backward()
+
+
+def _relu_flags(model: nn.Module) -> list[bool]:
+    return [m.inplace for m in model.modules() if isinstance(m, nn.ReLU)]
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "resnet18"])
+def test_inplace_relus_give_the_same_bits_in_the_forward_the_input_gradient_and_a_training_step(arch) -> None:
+    torch.manual_seed(4)
+    model = _randomise_batchnorm(build_classifier(arch, num_outputs=5, in_channels=1))
+    twin = build_classifier(arch, num_outputs=5, in_channels=1)
+    twin.load_state_dict(model.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+
+    def step(net: nn.Module, fast: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        image = x.clone().requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        with inplace_relus(net) if fast else contextlib.nullcontext():
+            if fast:  # they really run in place inside, and only there
+                assert all(_relu_flags(net))
+            logits = net(image)
+            logits[:, [1, 3]].sum().backward()
+        return logits.detach(), image.grad, [p.grad for p in net.parameters()]
+
+    for training in (False, True):  # eval: logits and saliency; train: batch statistics and weight gradients
+        model.train(training), twin.train(training)
+        (a_logits, a_image, a_params), (b_logits, b_image, b_params) = step(model, False), step(twin, True)
+        assert torch.equal(a_logits, b_logits) and torch.equal(a_image, b_image)
+        assert all(torch.equal(a, b) for a, b in zip(a_params, b_params))
+        assert not any(_relu_flags(twin))  # restored
+    # the running statistics the training forwards updated are the same too
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
+
+
+def test_inplace_relus_leave_hooked_and_foreign_models_alone_and_restore_after_errors() -> None:
+    torch.manual_seed(5)
+    model = build_classifier("resnet18", num_outputs=2, in_channels=1).eval()
+    seen: list[torch.Tensor] = []
+    handle = model.bn1.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad(), inplace_relus(model):
+        assert not any(_relu_flags(model))  # a hook may keep a tensor a ReLU would overwrite: left as it is
+        model(torch.rand(1, 1, 64, 64))
+    assert (seen[0] < 0).any()  # the batch norm's output the hook kept was not rectified afterwards
+    handle.remove()
+    foreign = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with inplace_relus(foreign):
+        assert not any(_relu_flags(foreign))
+    with pytest.raises(ZeroDivisionError), inplace_relus(model):
+        assert all(_relu_flags(model))
+        1 / 0  # noqa: B018
+    assert not any(_relu_flags(model))
 
 
 def test_disable_inplace_relu_on_any_module() -> None:

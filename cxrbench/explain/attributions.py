@@ -59,6 +59,7 @@ class IntegratedGradients(Explainer):
     """
 
     name: ClassVar[str] = "integrated_gradients"
+    input_gradients_only: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -131,6 +132,7 @@ class SmoothGrad(Explainer):
     """
 
     name: ClassVar[str] = "smoothgrad"
+    input_gradients_only: ClassVar[bool] = True
 
     def __init__(
         self,

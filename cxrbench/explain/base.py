@@ -17,7 +17,10 @@ implements :meth:`Explainer._compute`. The base class owns everything that is ea
   :func:`torch.autograd.grad` on the captured tensor (no module backward hooks are used).
 * **Model state untouched.** The model runs in ``eval()`` mode during a call and every module's
   ``training`` flag and every ``inplace`` flag is restored afterwards; parameters'
-  ``requires_grad`` and ``.grad`` are never modified.
+  ``requires_grad`` and ``.grad`` are never modified. A method that only differentiates with respect to the
+  input (:attr:`Explainer.input_gradients_only`: saliency, Integrated Gradients, SmoothGrad) runs a cxrbench
+  classifier with its ReLUs in place instead (:func:`cxrbench.models.classifier.inplace_relus`: the same bits,
+  fewer tensors; not while a hook is registered).
 * **Finite maps at input resolution.** Maps are upsampled bilinearly to the input size and
   returned as ``(B, F, H, W)`` float32 NumPy arrays without NaN or Inf.
 """
@@ -271,6 +274,9 @@ class Explainer(abc.ABC):
     #: Whether ``_compute`` runs the plain model once and hands its logits to :meth:`_target_index`
     #: (saliency, CAM, Grad-CAM): then :meth:`explain_with_logits` needs no forward pass of its own.
     records_logits: ClassVar[bool] = False
+    #: Whether the maps need only gradients with respect to the input (no hook on a layer): a cxrbench classifier
+    #: then runs with in-place ReLUs (:func:`cxrbench.models.classifier.inplace_relus`, the same values)
+    input_gradients_only: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -343,7 +349,7 @@ class Explainer(abc.ABC):
             )
         x = x.detach()
         self._logits: np.ndarray | None = None
-        with prepared_model(self.model), torch.enable_grad():
+        with prepared_model(self.model), torch.enable_grad(), self._activations():
             if callable(targets) and not self.records_logits:
                 targets = targets(self._plain_logits(x))
             raw = self._compute(x, cast(Targets, targets))
@@ -357,6 +363,14 @@ class Explainer(abc.ABC):
             )
             maps = np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
         return logits, postprocess_maps(maps, relu=self.relu, sigma=self.sigma, normalize=self.normalize)
+
+    def _activations(self) -> contextlib.AbstractContextManager[object]:
+        """In-place ReLUs for a method that needs only input gradients (see :attr:`input_gradients_only`)."""
+        if not self.input_gradients_only:
+            return contextlib.nullcontext()
+        from cxrbench.models.classifier import inplace_relus  # torchvision's import only where it is used
+
+        return inplace_relus(self.model)
 
     def _plain_logits(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():

@@ -42,6 +42,7 @@ class ChesterSaliency(Explainer):
 
     name: ClassVar[str] = "saliency"
     records_logits: ClassVar[bool] = True
+    input_gradients_only: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, *, per_finding: bool = False, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)

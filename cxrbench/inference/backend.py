@@ -96,7 +96,10 @@ class TorchClassifier:
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> np.ndarray:
         """``(B, F)`` float32 logits of the batch ``x``, computed on the model's device."""
-        return self.model(x.to(self.device)).float().cpu().numpy()
+        from cxrbench.models.classifier import inplace_relus  # torchvision's import only where it is used
+
+        with inplace_relus(self.model):  # the same logits, fewer tensors (a cxrbench classifier without hooks)
+            return self.model(x.to(self.device)).float().cpu().numpy()
 
     def explainer(self, method: str, **options: Any) -> Explainer:
         """The (cached) explainer for ``method`` with post-processing ``options``."""

@@ -17,6 +17,7 @@ _LAZY: dict[str, str] = {
     "build_classifier": "cxrbench.models.classifier",
     "classifier_layer": "cxrbench.models.classifier",
     "disable_inplace_relu": "cxrbench.models.classifier",
+    "inplace_relus": "cxrbench.models.classifier",
     "embed": "cxrbench.models.classifier",
     "feature_layer": "cxrbench.models.classifier",
     "from_torchxrayvision": "cxrbench.models.classifier",

@@ -15,7 +15,8 @@
   and its stages (read, gate, classify, explain).
 
 Every contender of a comparison runs once per round, the rounds interleaved, so a machine whose load changes
-affects all of them alike; the table gives the median seconds, the ratio to cxrbench (peer / cxrbench: > 1 means
+affects all of them alike, each after 20 ms of quiet (:data:`SETTLE_S`: the threads of the one before stop
+spinning); the table gives the median seconds, the ratio to cxrbench (peer / cxrbench: > 1 means
 cxrbench is faster) and, in its header, the CPU, its bf16 flags, the threads and the load average before and
 after. Weights are random everywhere (``weights=None``): speed does not depend on them.
 
@@ -47,13 +48,24 @@ Contenders = dict[str, Callable[[], object]]
 JOBS = ("report", "dicom", "gradcam", "forward", "train")
 
 
+#: seconds of quiet before each timed call: PyTorch's OpenMP threads (libgomp) spin for a few ms after each parallel
+#: region, so whatever runs right after a PyTorch contender shares the 2 cores with them. Measured (ResNet18 report on
+#: ONNX Runtime alternating with the torchxrayvision chain, 2-core Zen 5 EPYC, 31 rounds): 28.6 ms right after the
+#: chain, 27.2 after 3 ms of quiet, 26.5 after 5 ms, 26.1 after 20 ms (24.1 with no chain in the process); the chain
+#: 36.1 ms without pauses, 37.0-39.1 with them (its cores idle for a moment too). Ratio 0.79 -> 0.68.
+SETTLE_S = 0.02
+
+
 def interleaved(contenders: Contenders, rounds: int) -> dict[str, float]:
-    """Median seconds of each contender over ``rounds`` rounds, one call of each per round (after a warm-up)."""
+    """Median seconds of each contender over ``rounds`` rounds, one call of each per round (after a warm-up), each
+    call after :data:`SETTLE_S` of quiet (not timed), so that no contender is timed with the one before still
+    spinning."""
     for fn in contenders.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -82,7 +82,9 @@ def inplace_relus(model: nn.Module) -> Iterator[nn.Module]:
     to the system); ResNet18's report and a training step (128 px, batch 16, bf16 + channels_last: 252.4 vs
     252.3 ms, so the trainer does not use it): no change.
 
-    Another model, or one with a module hook registered (on it, a submodule, or globally), runs unchanged.
+    Another model, or one with a module hook registered (on it, a submodule, or globally), runs unchanged. The
+    flags are the model's, so one call at a time per model (as for the explainers' eval-mode switch): two threads
+    sharing a model could leave it with in-place ReLUs.
     """
     try:
         _unwrap(model)

@@ -55,16 +55,22 @@ def disable_inplace_relu(model: nn.Module) -> nn.Module:
     return model
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    """Whether a module hook is registered on ``model``, on one of its modules or globally."""
+def _relus_to_switch(model: nn.Module) -> list[nn.ReLU]:
+    """The out-of-place ``nn.ReLU`` modules of ``model``, in one walk over its modules; none when a module hook is
+    registered on ``model``, one of its modules or globally."""
     from torch.nn.modules import module as torch_module
 
     if any(getattr(torch_module, name, None) for name in (
             "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
             "_global_backward_pre_hooks")):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in model.modules())
+        return []
+    relus = []
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return []
+        if isinstance(m, nn.ReLU) and not m.inplace:
+            relus.append(m)
+    return relus
 
 
 @contextlib.contextmanager
@@ -91,14 +97,16 @@ def inplace_relus(model: nn.Module) -> Iterator[nn.Module]:
     except TypeError:
         relus: list[nn.ReLU] = []
     else:
-        relus = [] if _has_hooks(model) else [m for m in model.modules() if isinstance(m, nn.ReLU) and not m.inplace]
+        relus = _relus_to_switch(model)
+    # a plain attribute: object.__setattr__ stores it as nn.Module.__setattr__ would, 10x faster (120 ReLUs in
+    # DenseNet-121; this runs on every logits call)
     for relu in relus:
-        relu.inplace = True
+        object.__setattr__(relu, "inplace", True)
     try:
         yield model
     finally:
         for relu in relus:
-            relu.inplace = False
+            object.__setattr__(relu, "inplace", False)
 
 
 class _HeadMixin(nn.Module):

@@ -111,11 +111,19 @@ def test_the_train_commands_share_their_data_options():
         args = parser.parse_args(["train", command, "--data", "d", "--out", "o", *argv])
         assert tuple(getattr(args, d) for d in dests) == ("s.csv", 5, 2, "cuda:1", 3), command
         defaults = parser.parse_args(["train", command, "--data", "d", "--out", "o"])
-        assert tuple(getattr(defaults, d) for d in dests) == (None, 0, 0, "auto", None), command
+        assert tuple(getattr(defaults, d) for d in dests) == (None, 0, None, "auto", None), command  # workers: auto
+        assert parser.parse_args(["train", command, "--data", "d", "--out", "o", "--workers", "AUTO"]).workers is None
         actions = [a for a in commands[command]._actions if a.dest in dests]
         definitions.append([(a.option_strings, a.default, a.help) for a in actions])
     assert definitions[0] == definitions[1] == definitions[2] and len(definitions[0]) == len(dests)
     assert definitions[0][0] == (["--split"], None, "split CSV to use (default: patient split 70/10/20)")
+
+
+@pytest.mark.parametrize("given", ["-1", "two", "1.5"])
+def test_workers_must_be_auto_or_a_count(given, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "classifier", "--data", "d", "--out", "o", "--workers", given])
+    assert "--workers" in capsys.readouterr().err
 
 
 def test_data_list(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +70,34 @@ def test_the_precision_choice_is_recorded_in_the_card(phantoms, tmp_path):
     assert training["precision_choice"].startswith("auto: ") and training["config"]["precision"] == "auto"
     with pytest.raises(ValueError, match="precision must be"):
         ClassifierConfig(precision="half")
+
+
+def test_the_loader_workers_reach_the_dataloader_and_the_card(phantoms, tmp_path, monkeypatch):
+    """auto: no workers on the CPU (the card says why); a number asked for is the DataLoader's, in worker
+    processes that really load the batches."""
+    import cxrbench.train.loop as loop
+
+    made: list[int] = []
+
+    class Spy(loop.DataLoader):  # type: ignore[misc,name-defined]
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "DataLoader", Spy)
+    df = load_manifest(phantoms)
+    auto = train_classifier(df, tmp_path / "auto", ClassifierConfig(epochs=1, max_steps_per_epoch=1, **TINY),
+                            progress=False, cache_dir=tmp_path / "c")
+    training = load_bundle(auto.bundle).card.training
+    assert made == [0] and auto.loader_workers == 0 and training["config"]["num_workers"] is None
+    assert training["loader_workers"] == 0 and training["loader_workers_choice"] == "auto: none on the CPU"
+    two = train_classifier(df, tmp_path / "two", ClassifierConfig(epochs=1, max_steps_per_epoch=2, num_workers=2,
+                                                                  **TINY), progress=False, cache_dir=tmp_path / "c")
+    training = load_bundle(two.bundle).card.training
+    assert made == [0, 2] and training["loader_workers"] == 2 and training["loader_workers_choice"] == "2 asked for"
+    assert two.history[-1]["train_images"] == 16 and math.isfinite(two.history[-1]["train_loss"])
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        ClassifierConfig(num_workers=-1)
 
 
 def test_the_training_estimate_times_the_runs_own_step_within_2x_of_a_measured_run(nih_dir, tmp_path):

@@ -32,7 +32,7 @@ from cxrbench.train import (
 from cxrbench.train.classifier import ClassifierFamily
 from cxrbench.train.common import CHECKPOINT, RunConfig, load_checkpoint, save_checkpoint
 from cxrbench.train.ood import OODFamily
-from cxrbench.train.runtime import pick_device, precision_policy, process_group_backend
+from cxrbench.train.runtime import loader_workers, pick_device, precision_policy, process_group_backend
 from cxrbench.train.unet import UNetFamily
 
 
@@ -259,6 +259,22 @@ def test_settings_are_checked():
         LoopSettings(epochs=1, batch_size=1, monitor="val_loss", mode="lowest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="patience >= 0"):
         LoopSettings(epochs=1, batch_size=1, monitor="val_loss", mode="min", patience=-1)
+
+
+def test_auto_loader_workers_are_none_on_the_cpu_and_a_share_of_the_cores_on_a_gpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_workers(None, cpu, cpus=64) == (0, "auto: none on the CPU")  # the training threads use the cores
+    assert loader_workers(None, cuda, 1, cpus=16) == (8, "auto: cuda, 16 CPUs")  # at most LOADER_WORKERS_CAP
+    assert loader_workers(None, cuda, 2, cpus=16) == (7, "auto: cuda, 16 CPUs for each of 2 processes")
+    assert loader_workers(None, cuda, 1, cpus=4)[0] == 3  # one core for the process itself
+    assert loader_workers(None, cuda, 4, cpus=2)[0] == 1  # at least one
+    assert loader_workers(None, torch.device("mps"), 1, cpus=1)[0] == 1
+    assert loader_workers(3, cuda, cpus=16) == (3, "3 asked for") and loader_workers(0, cuda, cpus=16)[0] == 0
+    assert loader_workers(5, cpu) == (5, "5 asked for")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's count of this node's processes
+    assert loader_workers(None, cuda, cpus=16) == (3, "auto: cuda, 16 CPUs for each of 4 processes")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        loader_workers(-1, cuda)
 
 
 def test_torchrun_processes_that_share_a_gpu_use_gloo_and_the_gpus_there_are(monkeypatch):

@@ -51,15 +51,20 @@ class UsageError(CommandError):
     ``cxrbench <command>: error: ...``, exit code 2, like argparse's own usage errors."""
 
 
-def positive_int(text: str) -> int:
-    """``type=`` of counts that must be at least 1 (``--batch-size``, ``--top``)."""
+def _whole_number(text: str, minimum: int, alternative: str = "") -> int:
+    what = f"{alternative} or a whole number >= {minimum}" if alternative else f"a whole number >= {minimum}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``type=`` of counts that must be at least 1 (``--batch-size``, ``--top``)."""
+    return _whole_number(text, 1)
 
 
 def probability(text: str) -> float:
@@ -75,6 +80,12 @@ def probability(text: str) -> float:
 
 #: what ``--device`` accepts (torch's device names this package runs on)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def worker_count(text: str) -> int | None:
+    """``type=`` of ``--workers``: ``auto`` (None: :func:`cxrbench.train.runtime.loader_workers` decides) or a
+    whole number >= 0."""
+    return None if text.strip().lower() == "auto" else _whole_number(text, 0, "auto")
 
 
 def device_name(text: str) -> str:
@@ -99,6 +110,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     order, as its ``--help`` lists them): what ``train classifier``, ``train ood`` and ``train autoencoder`` share."""
     parser.add_argument("--split", default=None, help="split CSV to use (default: patient split 70/10/20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=worker_count, default="auto", metavar="N|auto",
+                        help="DataLoader worker processes (auto: none on the CPU; on a GPU this process's share of "
+                             "the cores less one, at most 8)")
     parser.add_argument("--device", type=device_name, default="auto")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (smoke runs)")

@@ -85,7 +85,8 @@ class AutoencoderFamily(OODFamily):
             preprocess=cfg.preprocess().to_dict(), metrics=metrics,
             training=training_record(result.out_dir, self.full.manifest, self.split, cfg, result.epochs_run,
                                      self.data_description, train_seconds=result.train_seconds,
-                                     precision=result.precision, like=cfg.like or None),
+                                     precision=result.precision, loader_workers=result.loader_workers,
+                                     loader_workers_choice=result.loader_workers_reason, like=cfg.like or None),
             name=f"autoencoder-{cfg.image_size}px-z{cfg.latent_dim}-w{cfg.width}",
             description=f"autoencoder at {cfg.image_size} px for Latent Shift counterfactuals "
                         f"(cxrbench train autoencoder{' --like ' + cfg.like if cfg.like else ''})")

@@ -89,7 +89,7 @@ class ClassifierConfig(RunConfig):
     scale_range: tuple[float, float] = (0.95, 1.05)
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # None: auto (:func:`cxrbench.train.runtime.loader_workers`: 0 on the CPU)
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -108,6 +108,8 @@ class ClassifierConfig(RunConfig):
             raise ValueError("epochs and batch_size must be >= 1")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (auto), got {self.num_workers}")
 
     def preprocess(self) -> Preprocess:
         """The preprocessing the training inputs, and so the bundle, use."""
@@ -197,7 +199,7 @@ class ClassifierFamily:
         self.split = ctx.main_first(lambda write: run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed,
                                                             self.given_split, write=write))
         self.full = CXRDataset(self.manifest, self.preprocess, label_columns=self.labels, cache_dir=self.cache_dir)
-        ctx.main_first(lambda write: decode_all(self.full, ctx.progress, cfg.num_workers) if write else None)
+        ctx.main_first(lambda write: decode_all(self.full, ctx.progress, ctx.workers) if write else None)
         self.train_set = self._part("train")
         if cfg.augment:
             self.train_set.transform = cxr_augmentation(cfg)
@@ -261,7 +263,9 @@ class ClassifierFamily:
             labels=list(self.labels), preprocess=self.preprocess.to_dict(), operating_points=ops.to_dict(),
             training=training_record(out, self.full.manifest, self.split, cfg, result.epochs_run,
                                      self.data_description, precision=result.precision,
-                                     precision_choice=result.precision_reason),
+                                     precision_choice=result.precision_reason,
+                                     loader_workers=result.loader_workers,
+                                     loader_workers_choice=result.loader_workers_reason),
             metrics=metrics, name=f"{cfg.arch}-{len(self.labels)}",
             description="trained with cxrbench train classifier")
         result.bundle = save_bundle(out / "bundle", model, card)

@@ -42,7 +42,7 @@ class LoopSettings:
     seed: int = 0
     device: str = "auto"
     patience: int = 0
-    num_workers: int = 0
+    num_workers: int | None = 0  # None: auto (:func:`~cxrbench.train.runtime.loader_workers`)
     max_steps_per_epoch: int | None = None
     amp: bool = False
     channels_last: bool = False
@@ -85,6 +85,8 @@ class LoopResult:
     train_seconds: float = 0.0  # training steps only, summed over every epoch (also before a resume)
     precision: str = "fp32"
     precision_reason: str = ""  # why (:attr:`cxrbench.train.runtime.Precision.reason`)
+    loader_workers: int = 0  # the training DataLoader's workers (:func:`~cxrbench.train.runtime.loader_workers`)
+    loader_workers_reason: str = ""  # why
 
 
 R = TypeVar("R", bound=LoopResult)

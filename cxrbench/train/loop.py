@@ -56,7 +56,14 @@ from cxrbench.train.common import (
 )
 from cxrbench.train.family import Family, LoopResult, LoopSettings, TrainingParts
 from cxrbench.train.folder import prepare_run_folder
-from cxrbench.train.runtime import RunContext, dist_info, init_distributed, pick_device, precision_policy
+from cxrbench.train.runtime import (
+    RunContext,
+    dist_info,
+    init_distributed,
+    loader_workers,
+    pick_device,
+    precision_policy,
+)
 
 __all__ = ["PENDING_BEST", "run_training"]
 
@@ -120,7 +127,8 @@ def _open(family: Family, out: Path, resume: bool, overwrite: bool,
     dist = init_distributed(device)
     seed_everything(settings.seed + dist.rank)
     precision = precision_policy(device, settings.amp, settings.channels_last, settings.precision)
-    ctx = RunContext(out, device, dist, precision, progress)
+    workers, why = loader_workers(settings.num_workers, device)
+    ctx = RunContext(out, device, dist, precision, progress, workers=workers, workers_reason=why)
     ckpt = open_run(out, family.config, resume, write=ctx.is_main)
     ctx.resuming = ckpt is not None
     ctx.barrier()  # the folder exists before any rank reads or writes in it
@@ -136,7 +144,7 @@ def _train_loader(train_set: Dataset, settings: LoopSettings, ctx: RunContext,
     if ctx.dist.enabled:
         sampler = DistributedSampler(train_set, shuffle=True, seed=settings.seed)
     loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=generator, num_workers=settings.num_workers, drop_last=n > settings.batch_size,
+                        generator=generator, num_workers=ctx.workers, drop_last=n > settings.batch_size,
                         pin_memory=ctx.device.type == "cuda")
     return loader, sampler
 
@@ -292,7 +300,8 @@ def run_training(family: Family[R], out_dir: str | os.PathLike, *, resume: bool 
         result = family.result_class(out_dir=ctx.out, epochs_run=epoch, best_epoch=tracker.best_epoch,
                                      best_value=tracker.best_value, history=history, stopped_early=stop,
                                      train_seconds=tracker.train_seconds, precision=ctx.precision.describe(),
-                                     precision_reason=ctx.precision.reason)
+                                     precision_reason=ctx.precision.reason, loader_workers=ctx.workers,
+                                     loader_workers_reason=ctx.workers_reason)
         if ctx.is_main:
             family.finish(load_best(parts.model, ctx.out), result, ctx)
         ctx.barrier()

@@ -90,7 +90,7 @@ class OODConfig(RunConfig):
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: auto (:func:`cxrbench.train.runtime.loader_workers`: 0 on the CPU)
     max_steps_per_epoch: int | None = None
     far_reference: str = ""
 
@@ -107,6 +107,8 @@ class OODConfig(RunConfig):
             raise ValueError(f"percentile must lie in (0, 100], got {self.percentile}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"need epochs >= 1 and batch_size >= 2 (batch norm), got {self.epochs}, {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (auto), got {self.num_workers}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.model]
 
@@ -196,7 +198,7 @@ class OODFamily:
         cfg = self.config
         self.split = run_split(self.manifest, ctx.out, cfg.fractions, cfg.seed, self.given_split)
         self.full = CXRDataset(self.manifest, cfg.preprocess(), label_columns=[], cache_dir=self.cache_dir)
-        decode_all(self.full, ctx.progress, cfg.num_workers)
+        decode_all(self.full, ctx.progress, ctx.workers)
         train_set, self.val_set = self._part("train"), self._part("val")
         if len(train_set) < 2 or len(self.val_set) < 1:
             raise ValueError(f"need >= 2 readable train and >= 1 val images, got {len(train_set)} and "
@@ -345,7 +347,9 @@ def _finish(result: OODTrainResult, model: OODModel, family: OODFamily, device: 
         kind="ood", builder=cfg.model, builder_kwargs=cfg.builder_kwargs(), labels=[],
         preprocess=cfg.preprocess().to_dict(), ood=ood_info,
         training=training_record(out, family.full.manifest, s, cfg, result.epochs_run, family.data_description,
-                                 train_seconds=result.train_seconds, precision=result.precision),
+                                 train_seconds=result.train_seconds, precision=result.precision,
+                                 loader_workers=result.loader_workers,
+                                 loader_workers_choice=result.loader_workers_reason),
         metrics=metrics, name=f"{cfg.model}-z{cfg.latent_dim}-w{cfg.width}",
         description="OOD gate trained with cxrbench train ood; an image is OOD when its score > cutoff")
     result.bundle = save_bundle(out / "bundle", cast(nn.Module, model), card)

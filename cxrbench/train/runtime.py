@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["PRECISION_MODES", "DistInfo", "Precision", "RunContext", "autocast", "cpu_flags", "cpu_has_fast_bf16",
-           "dist_info", "init_distributed", "pick_device", "precision_policy", "process_group_backend"]
+__all__ = ["LOADER_WORKERS_CAP", "PRECISION_MODES", "DistInfo", "Precision", "RunContext", "autocast", "cpu_flags",
+           "cpu_has_fast_bf16", "dist_info", "init_distributed", "loader_workers", "pick_device", "precision_policy",
+           "process_group_backend"]
 
 T = TypeVar("T")
 
@@ -154,6 +155,44 @@ def process_group_backend(device: torch.device, local_processes: int, gpus: int)
     return "nccl" if device.type == "cuda" and local_processes <= gpus else "gloo"
 
 
+#: the most DataLoader workers ``auto`` gives a process (:func:`loader_workers`)
+LOADER_WORKERS_CAP = 8
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int | None, device: torch.device, local_processes: int | None = None,
+                   cpus: int | None = None) -> tuple[int, str]:
+    """The training DataLoader's worker processes and why: ``requested`` when given (``--workers N``); ``None``
+    is ``auto``.
+
+    ``auto``: none on the CPU, where the training threads use the cores and the augmentation is a few % of a step.
+    On a GPU (CUDA, MPS), this process's share of the ``cpus`` (default: those it may run on) among the
+    ``local_processes`` of this node (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1), less one for the
+    process itself, between 1 and :data:`LOADER_WORKERS_CAP`. In the main process, the decoding and augmentation
+    (~0.6 ms an image on one core) serialise with the kernel launches: an H200 trains DenseNet-121 at 2,461 img/s
+    with 12 workers (README), which one process could not feed.
+    """
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"the number of DataLoader workers must be >= 0 (or auto), got {requested}")
+        return int(requested), f"{requested} asked for"
+    if device.type == "cpu":
+        return 0, "auto: none on the CPU"
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info().world_size))
+    cpus = _usable_cpus() if cpus is None else cpus
+    share = max(1, cpus // max(1, local_processes))
+    n = max(1, min(LOADER_WORKERS_CAP, share - 1))
+    per = f" for each of {local_processes} processes" if local_processes > 1 else ""
+    return n, f"auto: {device.type}, {cpus} CPUs{per}"
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (:func:`process_group_backend`); no-op for one process."""
     info = dist_info()
@@ -184,6 +223,10 @@ class RunContext:
     precision: Precision
     progress: bool
     resuming: bool = False
+    #: the training DataLoader's worker processes (:func:`loader_workers`; the cache decodes in max(2, this)
+    #: threads) and why
+    workers: int = 0
+    workers_reason: str = ""
 
     @property
     def is_main(self) -> bool:

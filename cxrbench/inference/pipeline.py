@@ -23,6 +23,7 @@ the gate, :meth:`Pipeline.model_inputs`, the backend's logits, calibration, :met
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from cxrbench._types import check_unit_range
 from cxrbench.evaluation.calibration import OperatingPoints, calibrate
@@ -243,6 +245,13 @@ class Pipeline:
         self.gate_backend: GateBackend | None = gate_backend(ood.model, self.device) if ood is not None else None
         if unet is not None:
             unet.model.to(self.device).eval()
+        #: the network :meth:`analyze` segments with: on the CPU a channels_last copy of the U-Net's (the same
+        #: masks; its probabilities within ~1e-6; 128 px: 10.7 -> 7.7 ms a report here), so that the bundle's
+        #: model keeps its layout (safetensors saves only contiguous tensors)
+        self.segmenter: nn.Module | None = None
+        if unet is not None:
+            self.segmenter = (copy.deepcopy(unet.model).to(memory_format=torch.channels_last)
+                              if self.device.type == "cpu" else unet.model)
         #: the blank-image guard every image passes first: ``guard``, else the OOD card's fitted one, else the
         #: defaults (no OOD bundle, or an older card); ``min_side`` replaces its minimum short side
         self.guard = guard or ImageGuard.from_dict(ood.card.ood.get("guard") if ood is not None else None)
@@ -361,7 +370,8 @@ class Pipeline:
             report = self._classify_and_explain(report, explain, targets, top, explain_options)
             if self.unet is not None and segment:
                 t = time.perf_counter()
-                report.lung_mask = predict_lung_mask(self.unet.model, self.unet.preprocess, report.image,
+                assert self.segmenter is not None
+                report.lung_mask = predict_lung_mask(self.segmenter, self.unet.preprocess, report.image,
                                                      device=self.device)[0]
                 report.timings["segment"] = time.perf_counter() - t
         report.timings["total"] = time.perf_counter() - t0

@@ -203,3 +203,68 @@ def test_concurrent_first_uses_export_once_and_share_the_entry(bundles, tmp_path
         "exported from another card or other weights than the bundle's"
     assert export_cache.entry_problem(tmp_path / "absent", ["ood"], weights) == export_cache.NOT_EXPORTED
     assert [p.name for p in tmp_path.glob(".*")] == [".locks"]  # no temporary export folder left behind
+
+
+def _unet_bundle(path):
+    import torch
+
+    from cxrbench.models.bundle import ModelCard, save_bundle
+    from cxrbench.models.unet import UNet
+
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 1, "base_channels": 4, "depth": 2}
+    save_bundle(path, UNet(**kwargs), ModelCard(kind="segmentation", builder="unet", builder_kwargs=kwargs,
+                                                labels=["lung"], preprocess=Preprocess(size=32).to_dict()))
+    return path
+
+
+def test_the_lung_unet_runs_on_onnx_runtime_with_torchs_masks_and_falls_back_with_one_warning(
+        bundles, files, tmp_path, monkeypatch, capsys):
+    from cxrbench.models.bundle import BundleError
+    from cxrbench.models.unet import predict_lung_mask
+
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache"))
+    unet = _unet_bundle(tmp_path / "unet")
+    pipe = load_pipeline(bundles / "clf", bundles / "ood", unet, backend="auto", explain=None, progress=True)
+    assert pipe.backends() == {"classifier": "onnxruntime", "gate": "onnxruntime", "segmenter": "onnxruntime"}
+    assert f"exporting {unet} to ONNX in " in capsys.readouterr().err and backend_note(pipe) == " (ONNX Runtime)"
+    entry = next(p for p in (tmp_path / "cache" / "onnx").iterdir()
+                 if (p / MANIFEST).is_file() and json.loads((p / MANIFEST).read_text()).get("kind") == "segmentation")
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["card_sha256"] == {"unet": card_fingerprint(load_pipeline(bundles / "clf", unet=unet).unet.card)}
+    assert [(r["graph"], r["passed"]) for r in manifest["parity"]["rows"]] == [("unet", True)]
+    reference = load_pipeline(bundles / "clf", bundles / "ood", unet, backend="torch")
+    assert reference.backends()["segmenter"] == "torch"
+    for f in files:
+        report = pipe.analyze(f, explain=None, allow_ood=True)
+        ref_mask, ref_prob = predict_lung_mask(reference.unet.model, reference.unet.preprocess, report.image)
+        prob = predict_lung_mask(pipe.segmenter, pipe.unet.preprocess, report.image)[1]
+        np.testing.assert_allclose(prob, ref_prob, rtol=0, atol=1e-5)
+        decided = np.abs(ref_prob - 0.5) > 1e-5  # a pixel can only flip where torch's probability is that near 0.5
+        np.testing.assert_array_equal(report.lung_mask[decided], ref_mask[decided])
+    load_pipeline(bundles / "clf", bundles / "ood", unet, backend="auto", explain=None, progress=True)
+    assert "exporting" not in capsys.readouterr().err  # the cached entries
+
+    def fails(bundle, out, **kwargs):
+        raise ParityError(f"ONNX export of {bundle.path} fails the parity check on 8 images: unet/logits 0.1 > 1e-4")
+
+    monkeypatch.setattr(export_cache, "export_segmenter", fails)
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache2"))
+    with pytest.warns(BackendFallbackWarning) as record:
+        fallback = load_pipeline(bundles / "clf", unet=unet, backend="auto", explain=None)
+    assert [str(w.message) for w in record] == [
+        f"{unet}: ONNX Runtime is not used (ParityError: ONNX export of {unet} fails the parity check on 8 images: "
+        "unet/logits 0.1 > 1e-4); running it in PyTorch instead"]
+    assert fallback.backends()["segmenter"] == "torch"
+    assert backend_note(fallback) == " (ONNX Runtime; lung U-Net on PyTorch)"
+    assert fallback.analyze(files[0], explain=None, allow_ood=True).lung_mask is not None
+    with pytest.raises(ParityError):  # an explicit --backend onnx does not fall back
+        load_pipeline(bundles / "clf", unet=unet, backend="onnx", explain=None)
+    with pytest.raises(BundleError, match="a 'segmentation' bundle is needed"):
+        load_pipeline(bundles / "clf", unet=bundles / "ood", backend="auto", explain=None)
+    from cxrbench.export.onnx import export_segmenter
+    from cxrbench.models.bundle import load_bundle
+
+    with pytest.raises(ValueError, match="expected a segmentation bundle"):
+        export_segmenter(load_bundle(bundles / "clf"), tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()

@@ -110,6 +110,25 @@ def test_segment_writes_one_mask_per_input_and_each_row_names_its_own(bundles, t
         assert Image.open(mask).size == (side, side), (f, mask)  # the row's mask is made from the row's image
 
 
+def test_segment_runs_the_unet_on_onnx_runtime_by_default_with_torchs_masks(bundles, nih_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setenv("CXRBENCH_CACHE", str(tmp_path / "cache"))
+    files = sorted(str(p) for p in nih_dir.glob("*.png"))[:3]
+    masks = {}
+    for backend in ("auto", "torch", "onnx"):
+        code, out, err = _run(["segment", "--bundle", bundles["seg"], *files, "--out", tmp_path / backend, "-q",
+                               *(["--backend", backend] if backend != "auto" else [])], capsys)
+        names = {"auto": "ONNX Runtime", "torch": "PyTorch", "onnx": "ONNX Runtime"}
+        assert code == 0 and out.rstrip().endswith(f"(0 unreadable) ({names[backend]})") and "warning" not in err
+        table = pd.read_csv(tmp_path / backend / "segment_summary.csv", keep_default_na=False)
+        masks[backend] = [np.asarray(Image.open(m)) for m in table["mask"]]
+    # the same masks (0 pixels differed when written); a pixel whose logit is within ORT's rounding (~1e-6) of 0
+    # could flip, so at most 0.1 % of them may
+    for backend in ("auto", "onnx"):
+        for got, ref in zip(masks[backend], masks["torch"]):
+            assert got.shape == ref.shape and np.mean(got != ref) <= 1e-3
+
+
 def test_explain_and_analyze_write_one_set_of_files_per_input(bundles, tmp_path, capsys):
     files = _colliding_inputs(tmp_path)
     code, _, _ = _run([*_command("explain", bundles), *files, "--out", tmp_path / "e", "-q"], capsys)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxrbench.cli.options import Subcommands, device_name, positive_int, probability
+from cxrbench.cli.options import Subcommands, add_backend_argument, device_name, positive_int, probability
 from cxrbench.cli.outputs import OUTPUT_NAMING, output_stems, refuse_overwriting_inputs, report_problems
 
 if TYPE_CHECKING:
@@ -37,8 +37,10 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, threshold: float = 0.5,
-                  progress: bool = False) -> pd.DataFrame:
-    """Lung masks for image files with a segmentation bundle.
+                  progress: bool = False, backend: str = "torch") -> pd.DataFrame:
+    """Lung masks for image files with a segmentation bundle, its U-Net on ``backend``
+    (:func:`cxrbench.export.runtime.load_segmenter`: ``auto``, the CLI's default, runs ``unet.onnx`` on ONNX
+    Runtime, exported once into the cache and parity-checked; PyTorch where that fails, after one warning).
 
     Each mask is written as ``OUT/<stem>_lung.png`` (uint8 0/255) at the size of the displayed crop
     (the image's central square, source pixels); ``stem`` is unique per input
@@ -48,8 +50,9 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
     """
     import pandas as pd
 
+    from cxrbench.cli.classifier import print_to_stderr
+    from cxrbench.export.runtime import load_segmenter, model_backend
     from cxrbench.io import ImageReadError, read_image
-    from cxrbench.models.bundle import load_bundle
     from cxrbench.models.unet import predict_lung_mask
 
     if not 0.0 < threshold < 1.0:
@@ -57,7 +60,7 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
     out = Path(out_dir)
     stems = output_stems(files)
     refuse_overwriting_inputs(files, [out / "segment_summary.csv", *(out / f"{s}_lung.png" for s in stems)])
-    bundle = load_bundle(bundle_path, kind="segmentation")
+    bundle = load_segmenter(bundle_path, backend=backend, progress=progress, warn=print_to_stderr)
     out.mkdir(parents=True, exist_ok=True)
     pp = bundle.preprocess
     rows: list[dict[str, Any]] = []
@@ -84,21 +87,24 @@ def segment_files(bundle_path: str, files: Sequence[str], out_dir: str, *, thres
         rows.append(row)
     table = pd.DataFrame(rows, columns=["file", "mask", "side", "lung_fraction", "seconds", "error"])
     table["side"] = table["side"].astype("Int64")
+    table.attrs["backend"] = model_backend(bundle.model)
     table.to_csv(out / "segment_summary.csv", index=False)
     return table
 
 
 def _segment(args: argparse.Namespace) -> int:
     from cxrbench.cli.classifier import expand_files
+    from cxrbench.export.runtime import BACKEND_NAMES
 
     files = expand_files(args.files)
     if not files:
         raise ValueError("no input files")
-    table = segment_files(args.bundle, files, args.out, threshold=args.threshold, progress=not args.quiet)
+    table = segment_files(args.bundle, files, args.out, threshold=args.threshold, progress=not args.quiet,
+                          backend=args.backend)
     report_problems(table, ("error",))
     failed = table[table["error"] != ""]
     print(f"wrote {len(table) - len(failed)} masks and {Path(args.out) / 'segment_summary.csv'} "
-          f"({len(failed)} unreadable)")
+          f"({len(failed)} unreadable) ({BACKEND_NAMES[table.attrs['backend']]})")
     return 0 if len(failed) < len(table) else 1
 
 
@@ -322,6 +328,7 @@ def add_explain_commands(sub: Subcommands) -> None:
     q.add_argument("--out", required=True, help=f"folder for <stem>_lung.png and segment_summary.csv ({OUTPUT_NAMING})")
     q.add_argument("--threshold", type=probability, default=0.5,
                    help="probability above which a pixel is lung (strictly between 0 and 1)")
+    add_backend_argument(q, what="the U-Net")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_segment)
 

@@ -35,11 +35,12 @@ class CommandError(Exception):
     """A command failed for a reason the user can act on; printed as one line."""
 
 
-def add_backend_argument(parser: argparse.ArgumentParser, *, gate_only: bool = False) -> None:
+def add_backend_argument(parser: argparse.ArgumentParser, *, gate_only: bool = False, what: str = "") -> None:
     """Give a command ``--backend {auto,torch,onnx}`` (default auto): its handler builds the same
-    :class:`~cxrbench.inference.pipeline.Pipeline` (or gate) on PyTorch, on ONNX Runtime, or on each where it wins."""
-    what = "the gate" if gate_only else ("the classifier (also for --explain cam and saliency, which have graphs; "
-                                         "not for gradcam, integrated_gradients, ...), and the gate")
+    :class:`~cxrbench.inference.pipeline.Pipeline` (or gate, or U-Net: ``what`` runs there) on PyTorch, on ONNX
+    Runtime, or on each where it wins."""
+    what = what or ("the gate" if gate_only else ("the classifier (also for --explain cam and saliency, which have "
+                                                  "graphs; not for gradcam, integrated_gradients, ...), and the gate"))
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help=f"auto (default): ONNX Runtime for {what}, PyTorch otherwise or where the export fails "
                              "(with a warning); torch: PyTorch only; onnx: ONNX Runtime only. A bundle folder is "

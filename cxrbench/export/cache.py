@@ -2,9 +2,10 @@
 
 One folder per export, ``$CXRBENCH_CACHE/onnx/<key>/`` (default ``~/.cache/cxrbench/onnx``), where ``key`` is a
 hash of the cxrbench version, the export's kind (``models``: a classifier, optionally with its gate; ``gate``: an
-OOD bundle alone) and each bundle's card (:func:`~cxrbench.export.onnx.card_fingerprint`: the weights' SHA-256,
-preprocessing, operating points, cutoff, ...). New weights, a recalibrated card or a new cxrbench get a new folder;
-delete the folder (or all of ``onnx/``) to clear it.
+OOD bundle alone; ``segmentation``: a lung U-Net, :func:`cached_segmenter_export`) and each bundle's card
+(:func:`~cxrbench.export.onnx.card_fingerprint`: the weights' SHA-256, preprocessing, operating points, cutoff,
+...). New weights, a recalibrated card or a new cxrbench get a new folder; delete the folder (or all of ``onnx/``)
+to clear it.
 
 An entry is trusted only when :func:`entry_problem` finds nothing wrong: its ``export.json`` reads, names this
 cxrbench version and the same cards, and every graph it needs is there with the size and SHA-256 the manifest
@@ -34,10 +35,10 @@ from typing import Callable, Mapping, Sequence
 
 from cxrbench import __version__
 from cxrbench.data import default_cache_dir
-from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, card_fingerprint, export_gate, export_models
+from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, card_fingerprint, export_gate, export_models, export_segmenter
 from cxrbench.models.bundle import file_sha256, load_bundle, read_card
 
-__all__ = ["NOT_EXPORTED", "cache_key", "cached_export", "entry_problem", "onnx_cache_dir"]
+__all__ = ["NOT_EXPORTED", "cache_key", "cached_export", "cached_segmenter_export", "entry_problem", "onnx_cache_dir"]
 
 #: what :func:`entry_problem` says of an entry that does not exist yet
 NOT_EXPORTED = "not exported yet"
@@ -49,15 +50,16 @@ def onnx_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def cache_key(kind: str, cards: Mapping[str, str]) -> str:
-    """20 hex digits naming the export of ``kind`` (``"models"`` or ``"gate"``) of bundles whose cards have the
-    fingerprints ``cards`` (role -> :func:`~cxrbench.export.onnx.card_fingerprint`) under this cxrbench version."""
+    """20 hex digits naming the export of ``kind`` (``"models"``, ``"gate"`` or ``"segmentation"``) of bundles
+    whose cards have the fingerprints ``cards`` (role -> :func:`~cxrbench.export.onnx.card_fingerprint`) under
+    this cxrbench version."""
     identity = json.dumps([__version__, kind, sorted(cards.items())])
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
 def entry_problem(path: str | os.PathLike, graphs: Sequence[str], cards: Mapping[str, str]) -> str | None:
     """Why the export folder ``path`` cannot be trusted to hold ``graphs`` (``"classifier"``, ``"cam"``, ``"ood"``,
-    ``"saliency"``) of bundles whose cards have the fingerprints ``cards`` (role ->
+    ``"saliency"``, ``"unet"``) of bundles whose cards have the fingerprints ``cards`` (role ->
     :func:`~cxrbench.export.onnx.card_fingerprint`); None when it can. :data:`NOT_EXPORTED` for no folder. A graph
     whose export failed (``failed_graphs`` of the manifest, with the reason) counts as there: it is not retried."""
     path = Path(path)
@@ -107,7 +109,35 @@ def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike |
     kind = "models" if classifier is not None else "gate"
     graphs = (["classifier", "cam"] + (["saliency"] if saliency else []) if classifier is not None else []) + (
         ["ood"] if ood is not None else [])
-    root = onnx_cache_dir(cache_dir)
+    what = " and ".join(str(p) for p in roles.values() if p is not None)
+    graph = " with the saliency graph" if saliency and classifier is not None else ""
+
+    def export(out: Path) -> None:
+        if classifier is not None:
+            export_models(load_bundle(classifier, kind="classifier"), out,
+                          load_bundle(ood, kind="ood") if ood is not None else None, replace=False,
+                          saliency="optional" if saliency else False)
+        else:
+            export_gate(load_bundle(ood, kind="ood"), out, replace=False)  # type: ignore[arg-type]
+
+    return _entry(onnx_cache_dir(cache_dir), kind, cards, graphs, export, f"{what} to ONNX{graph}", announce)
+
+
+def cached_segmenter_export(unet: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                            announce: Callable[[str], None] | None = None) -> Path:
+    """The cache folder holding the parity-checked ``unet.onnx`` of a lung U-Net bundle
+    (:func:`~cxrbench.export.onnx.export_segmenter`), exported now when missing or untrusted; as
+    :func:`cached_export` otherwise (the same lock, announcement and failures)."""
+    cards = {"unet": card_fingerprint(read_card(unet))}
+    return _entry(onnx_cache_dir(cache_dir), "segmentation", cards, ["unet"],
+                  lambda out: export_segmenter(load_bundle(unet, kind="segmentation"), out, replace=False),
+                  f"{unet} to ONNX", announce)
+
+
+def _entry(root: Path, kind: str, cards: Mapping[str, str], graphs: Sequence[str], export: Callable[[Path], object],
+           what: str, announce: Callable[[str], None] | None) -> Path:
+    """The trusted entry of ``kind`` for ``cards`` under ``root``; ``export(folder)`` writes it first when there
+    is none (or an untrusted one), one process at a time (the entry's lock)."""
     out = root / cache_key(kind, cards)
     if entry_problem(out, graphs, cards) is None:
         return out
@@ -119,16 +149,9 @@ def cached_export(classifier: str | os.PathLike | None, ood: str | os.PathLike |
         if problem is None:  # another process exported it while this one waited for the lock
             return out
         if announce is not None:
-            what = " and ".join(str(p) for p in roles.values() if p is not None)
             why = "first use" if problem == NOT_EXPORTED else f"the cached export is not trusted: {problem}"
-            graph = " with the saliency graph" if saliency and classifier is not None else ""
-            announce(f"exporting {what} to ONNX{graph} in {out} ({why}; parity-checked, once) ...")
+            announce(f"exporting {what} in {out} ({why}; parity-checked, once) ...")
         if out.exists():
             shutil.rmtree(out)
-        if classifier is not None:
-            export_models(load_bundle(classifier, kind="classifier"), out,
-                          load_bundle(ood, kind="ood") if ood is not None else None, replace=False,
-                          saliency="optional" if saliency else False)
-        else:
-            export_gate(load_bundle(ood, kind="ood"), out, replace=False)  # type: ignore[arg-type]
+        export(out)
     return out

@@ -10,6 +10,7 @@ the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbenc
   (Grad-CAM, IG, ...) need the torch backend.
 - :class:`OnnxOODModel`: ``score(x)`` (every OOD score and the reconstruction) from ``ood.onnx``; also
   ``latent_mean`` / ``reconstruct`` of :class:`cxrbench.ood.scoring.OODModel`.
+- :class:`OnnxSegmenter`: a lung U-Net's logits from ``unet.onnx`` (the pipeline's ``segmenter``).
 
 >>> pipe = load_pipeline("bundles/classifier", ood="bundles/ood", backend="onnx")   # doctest: +SKIP
 >>> pipe.analyze("chest.png", explain="cam").table()                               # doctest: +SKIP
@@ -17,8 +18,8 @@ the same reading, preprocessing, gate, calibration, targets and :class:`~cxrbenc
 :func:`load_pipeline` accepts bundle folders (exported once to ``$CXRBENCH_CACHE/onnx/<hash>``, parity
 checked, :mod:`cxrbench.export.cache`) or a folder written by ``cxrbench export``. ``backend="auto"`` (the CLI's
 default) runs on ONNX Runtime what has a graph -- the classifier without an explanation, with CAM or with Chester's
-saliency (``saliency.onnx``), the gate always -- and on PyTorch the other gradient methods, or a model whose export
-fails (one warning naming the bundle and the reason);
+saliency (``saliency.onnx``), the gate and the lung U-Net always -- and on PyTorch the other gradient methods, or a
+model whose export fails (one warning naming the bundle and the reason);
 :func:`load_gate` does the same for ``ood-score``, :func:`backend_note` says what ran.
 """
 
@@ -41,7 +42,7 @@ from cxrbench._threads import interactive_threads
 from cxrbench._types import to_numpy
 from cxrbench.explain.base import TargetChooser, Targets, postprocess_maps, resize_maps, target_matrix
 from cxrbench.explain.saliency import ChesterSaliency
-from cxrbench.export.cache import cached_export
+from cxrbench.export.cache import cached_export, cached_segmenter_export
 from cxrbench.export.onnx import GRAPH_FILES, MANIFEST, failure_reason, make_session, read_onnx_card
 from cxrbench.inference.backend import GateOutput
 from cxrbench.inference.pipeline import Pipeline
@@ -49,8 +50,10 @@ from cxrbench.models.bundle import Bundle, BundleError, load_bundle, read_card
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "GRADIENT_FREE_METHODS", "ONNX_METHODS", "SALIENCY_METHODS",
            "BackendFallbackWarning", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "OnnxSaliency",
-           "OnnxSaliencyGraph", "backend_agreement", "backend_note", "ensure_export", "latency_table", "load_export",
-           "load_gate", "load_gate_export", "load_pipeline", "make_session", "model_backend", "pipeline_from_export"]
+           "OnnxSaliencyGraph", "OnnxSegmenter", "backend_agreement", "backend_note", "ensure_export", "latency_table",
+           "load_export", "load_gate", "load_gate_export", "load_pipeline", "load_segmenter", "load_segmenter_export",
+           "make_session",
+           "model_backend", "pipeline_from_export"]
 
 #: ``--backend`` choices of the CLI: ONNX Runtime where no gradients are needed (``auto``), PyTorch, or ONNX Runtime
 BACKENDS = ("auto", "torch", "onnx")
@@ -236,6 +239,19 @@ class OnnxSaliency(ChesterSaliency):
         return torch.from_numpy(np.stack(maps))
 
 
+class OnnxSegmenter(_OrtGraph):
+    """``unet.onnx`` as the segmenter of a :class:`~cxrbench.inference.pipeline.Pipeline`: model input
+    ``(B, 1, S, S)`` -> logits ``(B, 1, S, S)`` (the ``nn.Module`` interface that
+    :func:`cxrbench.models.unet.predict_lung_mask` calls)."""
+
+    name = "onnxruntime"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits as a tensor on ``x``'s device."""
+        arr = np.ascontiguousarray(to_numpy(x, name="batch"), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {"x": arr})[0]).to(x.device)
+
+
 class OnnxOODModel(_OrtGraph):
     """``ood.onnx`` as a :class:`~cxrbench.inference.backend.GateBackend` (and a
     :class:`cxrbench.ood.scoring.OODModel`): ``(B, 1, 64, 64)`` in [0, 1] in."""
@@ -365,12 +381,24 @@ def load_gate_export(path: str | os.PathLike, *, threads: int | None = None, bun
                      ) -> Bundle:
     """The OOD bundle of an export folder (``ood.onnx``: a gate-only or a full export) on ONNX Runtime;
     ``bundle`` is the path its messages name (default the export folder)."""
+    return _exported_bundle(path, "ood", "OOD", OnnxOODModel, threads, bundle)
+
+
+def load_segmenter_export(path: str | os.PathLike, *, threads: int | None = None,
+                          bundle: str | os.PathLike | None = None) -> Bundle:
+    """The lung U-Net bundle of an export folder (``unet.onnx``) on ONNX Runtime; ``bundle`` is the path its
+    messages name (default the export folder)."""
+    return _exported_bundle(path, "unet", "U-Net", OnnxSegmenter, threads, bundle)
+
+
+def _exported_bundle(path: str | os.PathLike, graph_name: str, what: str, adapter: Callable[..., _OrtGraph],
+                     threads: int | None, bundle: str | os.PathLike | None) -> Bundle:
     path = Path(path)
-    graph = path / GRAPH_FILES["ood"]
+    graph = path / GRAPH_FILES[graph_name]
     if not graph.is_file():
-        raise ValueError(f"{path}: no OOD graph ({GRAPH_FILES['ood']}) in this export")
+        raise ValueError(f"{path}: no {what} graph ({GRAPH_FILES[graph_name]}) in this export")
     card, _ = read_onnx_card(graph)
-    return Bundle(OnnxOODModel(graph, threads=threads), card, Path(bundle) if bundle else path)
+    return Bundle(adapter(graph, threads=threads), card, Path(bundle) if bundle else path)
 
 
 #: the explanation methods the ONNX Runtime classifier computes without gradients (None: no explanation)
@@ -427,14 +455,16 @@ def _onnxruntime_missing(bundles: Sequence[str | os.PathLike | None], warn: Call
 def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None, unet: str | os.PathLike | None,
                    *, explain: str | None, threads: int | None, progress: bool,
                    warn: Callable[[str], None]) -> Pipeline:
-    """ONNX Runtime for what has a graph (the classifier when ``explain`` is None, CAM or saliency; the gate),
-    PyTorch for the rest and for anything whose export or session fails (one ``warn`` per bundle)."""
+    """ONNX Runtime for what has a graph (the classifier when ``explain`` is None, CAM or saliency; the gate; the
+    lung U-Net), PyTorch for the rest and for anything whose export or session fails (one ``warn`` per bundle)."""
     announce = _to_stderr if progress else None
     threads = _ort_threads(threads)
     _check_kind(classifier, "classifier")
     if ood is not None:
         _check_kind(ood, "ood")
-    no_ort = _onnxruntime_missing([classifier, ood], warn)
+    if unet is not None:
+        _check_kind(unet, "segmentation")
+    no_ort = _onnxruntime_missing([classifier, ood, unet], warn)
     clf: Bundle | None = None
     if explain not in ONNX_METHODS:
         reason = f"{explain} needs gradients"
@@ -457,6 +487,10 @@ def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None,
     pipe = Pipeline(clf or load_bundle(classifier, kind="classifier"),
                     gate or (load_bundle(ood, kind="ood") if ood is not None else None),
                     load_bundle(unet, kind="segmentation") if unet else None)
+    if unet is not None and not no_ort:
+        segmenter = load_segmenter(unet, backend="auto", threads=threads, progress=progress, warn=warn)
+        if model_backend(segmenter.model) == "onnxruntime":
+            pipe.segmenter = segmenter.model
     pipe.backend_reason = reason
     return pipe
 
@@ -478,11 +512,13 @@ def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     """The pipeline of bundle folders on ``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime) or ``"auto"``.
 
     - ``"onnx"``: ``classifier`` may also be an export folder; bundle folders are exported once into the cache
-      (:func:`ensure_export`, parity-checked, with the saliency graph when ``explain`` is ``"saliency"``); export
-      failures raise. ``device`` must be ``"cpu"``.
+      (:func:`ensure_export`, parity-checked, with the saliency graph when ``explain`` is ``"saliency"``; a lung
+      U-Net ``unet`` as ``unet.onnx``, :func:`~cxrbench.export.cache.cached_segmenter_export`); export failures
+      raise. ``device`` must be ``"cpu"``.
     - ``"auto"``: ONNX Runtime where there is a graph -- the classifier when ``explain`` (the method the caller
       will ask :meth:`~cxrbench.inference.pipeline.Pipeline.analyze` for) is None, ``"cam"`` or ``"saliency"``
-      (``saliency.onnx``: forward and input gradient in one graph), and the OOD gate always -- PyTorch otherwise,
+      (``saliency.onnx``: forward and input gradient in one graph), the OOD gate and the lung U-Net always --
+      PyTorch otherwise,
       and PyTorch for a model whose export, parity check or session fails, after one ``warn`` (default: a
       :class:`BackendFallbackWarning`) naming the bundle and the reason; a saliency graph that failed to export
       or its parity check leaves the forward graphs in the cache and the classifier in PyTorch (one ``warn``
@@ -506,9 +542,12 @@ def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None =
                               warn=warn or _warn_fallback)
     if str(device) != "cpu":
         raise ValueError(f"the ONNX Runtime backend runs on the CPU; got device={device!r}")
-    return pipeline_from_export(ensure_export(classifier, ood, progress=progress,
+    pipe = pipeline_from_export(ensure_export(classifier, ood, progress=progress,
                                               saliency=explain in SALIENCY_METHODS),
                                 unet=unet, threads=_ort_threads(threads))
+    if unet is not None:
+        pipe.segmenter = load_segmenter(unet, backend="onnx", threads=threads, progress=progress).model
+    return pipe
 
 
 def load_gate(ood: str | os.PathLike, *, backend: str = "torch", threads: int | None = None, progress: bool = False,
@@ -516,23 +555,43 @@ def load_gate(ood: str | os.PathLike, *, backend: str = "torch", threads: int | 
     """An OOD bundle (for :func:`cxrbench.ood.scoring.score_files`) on ``backend``: ``"torch"``, ``"onnx"`` (exported
     alone into the cache, parity-checked; failures raise) or ``"auto"`` (ONNX Runtime, else PyTorch after one
     ``warn``). An export folder holding ``ood.onnx`` runs on ONNX Runtime. :func:`model_backend` names the result's."""
+    return _load_one(ood, "ood", load_gate_export, lambda path, announce: cached_export(None, path, announce=announce),
+                     backend=backend, threads=threads, progress=progress, warn=warn)
+
+
+def load_segmenter(unet: str | os.PathLike, *, backend: str = "torch", threads: int | None = None,
+                   progress: bool = False, warn: Callable[[str], None] | None = None) -> Bundle:
+    """A lung U-Net bundle (``cxrbench segment``, a pipeline's ``segmenter``) on ``backend``, as :func:`load_gate`
+    loads a gate: ``"onnx"`` exports ``unet.onnx`` into the cache (parity-checked,
+    :func:`~cxrbench.export.cache.cached_segmenter_export`; failures raise), ``"auto"`` falls back to PyTorch
+    after one ``warn``; an export folder holding ``unet.onnx`` runs on ONNX Runtime."""
+    return _load_one(unet, "segmentation", load_segmenter_export,
+                     lambda path, announce: cached_segmenter_export(path, announce=announce),
+                     backend=backend, threads=threads, progress=progress, warn=warn)
+
+
+def _load_one(path: str | os.PathLike, kind: str, from_export: Callable[..., Bundle],
+              cached: Callable[[str | os.PathLike, Callable[[str], None] | None], Path], *, backend: str,
+              threads: int | None, progress: bool, warn: Callable[[str], None] | None) -> Bundle:
+    """One bundle of ``kind`` on ``backend`` (see :func:`load_gate`): ``from_export(folder, threads=, bundle=)``
+    loads its graph from an export folder, ``cached(path, announce)`` exports it into the cache."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    if (Path(ood) / MANIFEST).is_file() and backend != "torch":
-        return load_gate_export(ood, threads=_ort_threads(threads))
+    if (Path(path) / MANIFEST).is_file() and backend != "torch":
+        return from_export(path, threads=_ort_threads(threads))
     if backend == "torch":
-        return load_bundle(ood, kind="ood")
-    _check_kind(ood, "ood")
+        return load_bundle(path, kind=kind)
+    _check_kind(path, kind)
     announce = _to_stderr if progress else None
 
-    def onnx_gate() -> Bundle:
-        return load_gate_export(cached_export(None, ood, announce=announce), threads=_ort_threads(threads), bundle=ood)
+    def onnx_model() -> Bundle:
+        return from_export(cached(path, announce), threads=_ort_threads(threads), bundle=path)
 
     if backend == "onnx":
-        return onnx_gate()
+        return onnx_model()
     warn = warn or _warn_fallback
-    gate = None if _onnxruntime_missing([ood], warn) else _try_onnx(ood, onnx_gate, warn)
-    return gate or load_bundle(ood, kind="ood")
+    model = None if _onnxruntime_missing([path], warn) else _try_onnx(path, onnx_model, warn)
+    return model or load_bundle(path, kind=kind)
 
 
 def model_backend(model: object) -> str:
@@ -542,7 +601,7 @@ def model_backend(model: object) -> str:
 
 def backend_note(pipeline: Pipeline) -> str:
     """What produced a pipeline's results, for a summary line: ``" (ONNX Runtime)"``, ``" (PyTorch)"``,
-    ``" (PyTorch: saliency needs gradients; gate on ONNX Runtime)"``."""
+    ``" (PyTorch: gradcam needs gradients; gate on ONNX Runtime; lung U-Net on ONNX Runtime)"``."""
     names = pipeline.backends()
     classifier = str(names["classifier"])
     text = BACKEND_NAMES.get(classifier, classifier)
@@ -551,6 +610,9 @@ def backend_note(pipeline: Pipeline) -> str:
     gate = names.get("gate")
     if gate and gate != classifier:
         text += f"; gate on {BACKEND_NAMES.get(gate, gate)}"
+    segmenter = names.get("segmenter")
+    if segmenter and segmenter != classifier:
+        text += f"; lung U-Net on {BACKEND_NAMES.get(segmenter, segmenter)}"
     return f" ({text})"
 
 

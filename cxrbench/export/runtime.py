@@ -52,8 +52,7 @@ __all__ = ["BACKENDS", "BACKEND_NAMES", "GRADIENT_FREE_METHODS", "ONNX_METHODS",
            "BackendFallbackWarning", "ExportedModels", "OnnxCAM", "OnnxClassifier", "OnnxOODModel", "OnnxSaliency",
            "OnnxSaliencyGraph", "OnnxSegmenter", "backend_agreement", "backend_note", "ensure_export", "latency_table",
            "load_export", "load_gate", "load_gate_export", "load_pipeline", "load_segmenter", "load_segmenter_export",
-           "make_session",
-           "model_backend", "pipeline_from_export"]
+           "make_session", "model_backend", "pipeline_from_export"]
 
 #: ``--backend`` choices of the CLI: ONNX Runtime where no gradients are needed (``auto``), PyTorch, or ONNX Runtime
 BACKENDS = ("auto", "torch", "onnx")
@@ -518,11 +517,11 @@ def load_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None =
     - ``"auto"``: ONNX Runtime where there is a graph -- the classifier when ``explain`` (the method the caller
       will ask :meth:`~cxrbench.inference.pipeline.Pipeline.analyze` for) is None, ``"cam"`` or ``"saliency"``
       (``saliency.onnx``: forward and input gradient in one graph), the OOD gate and the lung U-Net always --
-      PyTorch otherwise,
-      and PyTorch for a model whose export, parity check or session fails, after one ``warn`` (default: a
-      :class:`BackendFallbackWarning`) naming the bundle and the reason; a saliency graph that failed to export
-      or its parity check leaves the forward graphs in the cache and the classifier in PyTorch (one ``warn``
-      with the recorded reason). On a ``device`` other than the CPU everything runs in PyTorch.
+      PyTorch otherwise, and PyTorch for a model whose export, parity check or session fails, after one
+      ``warn`` (default: a :class:`BackendFallbackWarning`) naming the bundle and the reason; a saliency graph
+      that failed to export or its parity check leaves the forward graphs in the cache and the classifier in
+      PyTorch (one ``warn`` with the recorded reason). On a ``device`` other than the CPU everything runs in
+      PyTorch.
       ``pipeline.backend_reason`` says why the classifier runs in PyTorch (``""`` when it does not);
       :func:`backend_note` puts it into words.
 

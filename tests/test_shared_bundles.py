@@ -47,6 +47,10 @@ def test_the_key_changes_with_the_config_and_a_changed_setting_is_a_new_entry(tm
     assert shared_bundle_key("phantom-classifier") == key  # deterministic
     assert shared_bundle_key("phantom-classifier", settings={"epochs": 2}) != key
     assert shared_bundle_key("phantom-classifier", settings={"n_images": 50}) != key
+    # the DataLoader workers make no other bundle (and auto, the default now, keeps the keys of entries trained
+    # when the default was 0)
+    assert shared_bundle_key("phantom-classifier", settings={"num_workers": 2}) == key
+    assert shared_bundle_key("phantom-classifier", settings={"num_workers": 0}) == key
     a = shared_bundle("phantom-classifier", cache_dir=tmp_path, settings={"epochs": 2})
     b = shared_bundle("phantom-classifier", cache_dir=tmp_path, settings={"epochs": 3})
     assert a != b and len(fake_training) == 2

@@ -3,7 +3,7 @@
 :func:`shared_bundle` returns the bundle folder of a named entry — ``"nih-classifier"`` (the demo classifier),
 ``"ood-autoencoder"`` (the demo OOD gate), ``"lung-unet"`` and ``"phantom-classifier"`` — training it once into
 ``<cache>/bundles/<name>-<key>/run/`` (announced first with an estimate, with a ``tqdm.auto`` bar) and reusing it
-thereafter. The key is a hash of the entry's config, its data (the manifest's bytes and folder, or the phantom
+thereafter. The key is a hash of the entry's config (less its DataLoader workers), its data (the manifest's bytes and folder, or the phantom
 settings) and the cxrbench version, so changing any of them trains a new entry beside the old one. A file lock
 per entry makes a concurrent second caller wait and then reuse what the first trained; an entry is complete only
 when its ``entry.json`` has been written (atomically, last), so an interrupted training is resumed, never used.
@@ -163,7 +163,10 @@ def _resolve(name: str, data: Any, settings: dict[str, Any] | None) -> tuple[Sha
             config = _made_like(config, Path(named))
     folder, kind = _data_folder(spec, data)
     config = _far_reference(spec, config, folder, kind)
-    h = hashlib.sha1(json.dumps({"name": name, "config": config.to_dict(), "extra": extra, "version": __version__},
+    identity = config.to_dict()
+    if "num_workers" in identity:  # how many processes load the data makes no other bundle; 0 was the default
+        identity["num_workers"] = 0  # before ``auto`` (None), so the entries trained then keep their keys
+    h = hashlib.sha1(json.dumps({"name": name, "config": identity, "extra": extra, "version": __version__},
                                 sort_keys=True, default=str).encode())
     if folder is not None:
         manifest = folder / "manifest.csv"

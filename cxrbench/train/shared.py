@@ -3,10 +3,11 @@
 :func:`shared_bundle` returns the bundle folder of a named entry — ``"nih-classifier"`` (the demo classifier),
 ``"ood-autoencoder"`` (the demo OOD gate), ``"lung-unet"`` and ``"phantom-classifier"`` — training it once into
 ``<cache>/bundles/<name>-<key>/run/`` (announced first with an estimate, with a ``tqdm.auto`` bar) and reusing it
-thereafter. The key is a hash of the entry's config (less its DataLoader workers), its data (the manifest's bytes and folder, or the phantom
-settings) and the cxrbench version, so changing any of them trains a new entry beside the old one. A file lock
-per entry makes a concurrent second caller wait and then reuse what the first trained; an entry is complete only
-when its ``entry.json`` has been written (atomically, last), so an interrupted training is resumed, never used.
+thereafter. The key is a hash of the entry's config (less its DataLoader workers), its data (the manifest's bytes
+and folder, or the phantom settings) and the cxrbench version, so changing any of them trains a new entry beside
+the old one. A file lock per entry makes a concurrent second caller wait and then reuse what the first trained; an
+entry is complete only when its ``entry.json`` has been written (atomically, last), so an interrupted training is
+resumed, never used.
 
 ``cxrbench bundles prepare`` warms the whole cache once (``make notebooks-html`` runs it first).
 """

@@ -483,13 +483,15 @@ def _auto_pipeline(classifier: str | os.PathLike, ood: str | os.PathLike | None,
     if ood is not None and not no_ort:
         gate = _try_onnx(ood, lambda: load_gate_export(cached_export(None, ood, announce=announce), threads=threads,
                                                        bundle=ood), warn)
+    segmenter = None if unet is None else load_segmenter(unet, backend="torch" if no_ort else "auto",
+                                                         threads=threads, progress=progress, warn=warn)
+    on_ort = segmenter is not None and model_backend(segmenter.model) == "onnxruntime"
     pipe = Pipeline(clf or load_bundle(classifier, kind="classifier"),
                     gate or (load_bundle(ood, kind="ood") if ood is not None else None),
-                    load_bundle(unet, kind="segmentation") if unet else None)
-    if unet is not None and not no_ort:
-        segmenter = load_segmenter(unet, backend="auto", threads=threads, progress=progress, warn=warn)
-        if model_backend(segmenter.model) == "onnxruntime":
-            pipe.segmenter = segmenter.model
+                    # the torch bundle (its preprocessing, its card) also when ORT segments; a fallback's is it
+                    load_bundle(unet, kind="segmentation") if on_ort and unet is not None else segmenter)
+    if on_ort:
+        pipe.segmenter = cast(Bundle, segmenter).model
     pipe.backend_reason = reason
     return pipe
 

@@ -190,10 +190,11 @@ def bench_reports(tmp: Path, blob: bytes, rounds: int, threads: int, quick: bool
 
 
 def floor_row(task: str, graph: Path, threads: int, medians: dict[str, float]) -> dict:
-    """The fp32 floor of the ONNX Runtime report: the saliency graph's convolution FLOPs at ORT's best
-    ``MatMul`` rate on this CPU and these threads (no report on ORT can run faster than that in float32; the rest
-    of the graph, reading, the gate and post-processing come on top), and that floor as a fraction of the
-    torchxrayvision chain's median (the 0.6x target cannot be met where this reads above 0.6)."""
+    """An estimate of the fp32 floor of the ONNX Runtime report: the saliency graph's convolution FLOPs at ORT's
+    best ``MatMul`` rate on this CPU and these threads, and that floor as a fraction of the torchxrayvision
+    chain's median. An estimate, not a bound: ORT's blocked convolution kernels can run somewhat above its
+    ``MatMul`` rate (on a 2-core Zen 4, ResNet18's whole saliency graph ran at 186 GFLOP/s against a best MatMul of
+    194). The rest of the graph, reading, the gate and post-processing come on top."""
     gflop, peak = conv_gflop(graph), ort_matmul_gflops(threads)
     floor_s = gflop / peak
     return {"task": task, "contender": f"fp32 floor: {gflop:.2f} GFLOP of convolutions at ORT's MatMul peak "

@@ -121,7 +121,8 @@ def conv_gflop(path: str | os.PathLike, threads: int = 1) -> float:
 
 def ort_matmul_gflops(threads: int, n: int = 1024, runs: int = 20) -> float:
     """The best GFLOP/s of ONNX Runtime's float32 ``MatMul`` (``n`` x ``n`` by ``n`` x ``n``) on ``threads``
-    intra-op threads over ``runs`` runs: this CPU's practical fp32 peak for ORT's convolution kernels."""
+    intra-op threads over ``runs`` runs: what ORT's fp32 kernels reach on this CPU (its blocked convolutions can
+    run a little above it, so a floor from this rate is an estimate, not a bound)."""
     import numpy as np
     import onnx
     import onnxruntime as ort

@@ -28,7 +28,10 @@ def test_gpu_train_smoke_trains_through_the_real_trainer_and_writes_its_table(sh
     assert row["epoch_images"] == 24 and row["processes"] == 1 and row["batch"] == 8
     assert row["precision"] == precision_policy(torch.device("cpu")).describe()
     assert row["images_per_s"] > 0
-    assert abs(row["nih_epoch_s"] - 78_484 / row["images_per_s"]) <= 0.05 + 1e-3 * row["nih_epoch_s"]
+    # nih_epoch_s comes from the unrounded rate, images_per_s is rounded to 0.1: at r img/s that rounding moves
+    # 78,484 / r by up to nih_epoch_s * 0.05 / r (2.6 s at 38 img/s on a loaded CI machine), plus its own 0.05
+    slack = 0.05 + row["nih_epoch_s"] * 0.05 / row["images_per_s"] + 1e-6
+    assert abs(row["nih_epoch_s"] - 78_484 / row["images_per_s"]) <= slack
     assert not bool(row["cudnn_benchmark"]) and row["gpu_util"] == "n/a (no nvidia-smi)"
     assert "smoke" in (tmp_path / "gpu_train_smoke.md").read_text()
 
